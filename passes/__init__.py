@@ -1,0 +1,59 @@
+"""FX graph passes: find linear sites, group them into blocks, plan with the policy,
+rewrite. `run_passes` is the whole pipeline for one Dynamo graph."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch.fx as fx
+
+from .find_sites import Site, find_sites
+from .graphs import scopes
+from .group_blocks import Block, Skipped, group_blocks
+from .plan import PlannedBlock, plan_blocks
+from .rewrite import Rewriter
+
+
+@dataclass
+class PassReport:
+    found: list[Block] = field(default_factory=list)
+    planned: list[PlannedBlock] = field(default_factory=list)
+    skipped: list[Skipped] = field(default_factory=list)
+    extra_inputs: list = field(default_factory=list)
+
+    @property
+    def min_layer(self):
+        layers = [p.block.layer for p in self.planned if p.block.layer is not None]
+        return min(layers) if layers else None
+
+    def flops_saved_estimate(self) -> float:
+        """Fraction of the found blocks' base FLOPs removed, if every token were context."""
+        dense = sparse = 0
+        for pb in self.planned:
+            d, s = pb.base_flops_per_token()
+            dense, sparse = dense + d, sparse + s
+        total = dense + sum(_dense_flops(b) for b in self.found if all(p.block is not b for p in self.planned))
+        return 0.0 if total == 0 else (dense - sparse) / total
+
+
+def _dense_flops(block: Block) -> int:
+    return sum(2 * s.in_features * s.out_features for s in block.sites.values())
+
+
+def run_passes(gm: fx.GraphModule, example_inputs, policy, state_id: int, factor_fn,
+               rewrite: bool = True) -> PassReport:
+    report = PassReport()
+    for scope in list(scopes(gm)):
+        grouping = group_blocks(find_sites(scope))
+        report.found += grouping.blocks
+        report.skipped += grouping.skipped
+    report.planned, skipped = plan_blocks(report.found, policy)
+    report.skipped += skipped
+    if rewrite and report.planned:
+        rw = Rewriter(gm, example_inputs, state_id, factor_fn)
+        for pb in report.planned:
+            rw.rewrite(pb)
+        for scope in scopes(gm):
+            scope.gm.graph.lint()
+            scope.gm.recompile()
+        report.extra_inputs = rw.extra_inputs
+    return report

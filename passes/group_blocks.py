@@ -1,0 +1,192 @@
+"""Group sites into blocks the method knows.
+
+Gated MLP:  down(act(gate(x)) * up(x))      -> Block(kind="mlp", gate, up, down)
+Attention:  o(sdpa(q(x), k(x), v(x)) ...)   -> Block(kind="attention", q, k, v, o)
+
+Matching is structural on the FX graph (networkx for reachability); anything that does
+not fit is reported as skipped with the reason and left alone.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import networkx as nx
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+
+from .find_sites import Site
+from .graphs import MUL, SDPA, SHAPE_METHODS, example_value, is_call, strip_casts
+
+ACTIVATIONS = {F.silu: "silu", torch.nn.functional.silu: "silu"}
+
+
+@dataclass(eq=False)
+class Block:
+    kind: str
+    name: str
+    layer: int | None
+    sites: dict[str, Site]
+    mul: fx.Node | None = None          # mlp: the act(gate) * up node
+    sdpa: fx.Node | None = None
+    heads: tuple[int, int, int] | None = None  # attention: n_heads, n_kv_heads, head_dim
+
+    @property
+    def scope(self):
+        return next(iter(self.sites.values())).scope
+
+    @property
+    def channels(self) -> int:
+        if self.kind == "mlp":
+            return self.sites["gate"].out_features
+        return self.sites["k"].out_features
+
+
+@dataclass
+class Skipped:
+    where: str
+    reason: str
+
+
+@dataclass
+class Grouping:
+    blocks: list[Block] = field(default_factory=list)
+    skipped: list[Skipped] = field(default_factory=list)
+
+
+def _layer_index(path: str) -> int | None:
+    nums = re.findall(r"\.(\d+)(?=\.)", "." + path + ".")
+    return int(nums[-1]) if nums else None
+
+
+def _common_prefix(paths) -> str:
+    parts = [p.split(".") for p in paths]
+    out = []
+    for cols in zip(*parts):
+        if len(set(cols)) != 1:
+            break
+        out.append(cols[0])
+    return ".".join(out)
+
+
+def _dataflow_cut_at(graph: fx.Graph, stops) -> nx.DiGraph:
+    """Dataflow graph with the inputs of `stops` cut, so ancestry stops at them."""
+    g = nx.DiGraph()
+    for n in graph.nodes:
+        g.add_node(n)
+        if n not in stops:
+            g.add_edges_from((a, n) for a in n.all_input_nodes)
+    return g
+
+
+def _sites_feeding(flow: nx.DiGraph, node: fx.Node, by_output: dict) -> set:
+    """Sites whose result reaches `node` without crossing another linear site."""
+    reach = nx.ancestors(flow, node) | {node}
+    return {by_output[n] for n in reach if n in by_output}
+
+
+def _shape_successor(node: fx.Node, target: fx.Node, depth: int = 12) -> bool:
+    """True if `target` is reached from `node` through re-views and casts only."""
+    n = target
+    for _ in range(depth):
+        if n is node:
+            return True
+        if n.op == "call_method" and n.target in SHAPE_METHODS or n.op == "call_function" and (
+                n.target in (torch.reshape, torch.transpose, torch.permute, torch.flatten)):
+            n = n.args[0]
+            continue
+        return False
+    return False
+
+
+def group_blocks(sites: list[Site]) -> Grouping:
+    out = Grouping()
+    if not sites:
+        return out
+    graph = sites[0].scope.gm.graph
+    by_output = {s.output: s for s in sites}
+    used: set[int] = set()
+    _group_mlps(sites, by_output, out, used)
+    _group_attention(graph, sites, by_output, out, used)
+    for s in sites:
+        if id(s) not in used:
+            out.skipped.append(Skipped(s.path, "linear is not part of a recognised MLP or attention block"))
+    return out
+
+
+def _group_mlps(sites, by_output, out: Grouping, used: set) -> None:
+    for down in sites:
+        mul = strip_casts(down.x)
+        if not is_call(mul, MUL) or len(mul.args) != 2:
+            continue
+        a, b = (strip_casts(x) for x in mul.args)
+        if not isinstance(a, fx.Node) or not isinstance(b, fx.Node):
+            continue
+        for act, up_out in ((a, b), (b, a)):
+            if act.op == "call_function" and act.target in ACTIVATIONS:
+                gate = by_output.get(strip_casts(act.args[0]))
+                up = by_output.get(up_out)
+                break
+            if act.op == "call_function" and act.target in (F.gelu, F.relu, torch.relu, F.gelu):
+                out.skipped.append(_skip(down, f"gated MLP with activation {act.target.__name__}: the estimator supports silu"))
+                gate = up = None
+                break
+        else:
+            continue
+        if gate is None or up is None:
+            continue
+        name = _common_prefix([gate.path, up.path, down.path])
+        if strip_casts(gate.x) is not strip_casts(up.x):
+            out.skipped.append(Skipped(name, "gate and up read different inputs"))
+            continue
+        outside = [u for u in mul.users if not _within(u, down)]
+        if outside:
+            out.skipped.append(Skipped(name, "the gated product is used outside down_proj"))
+            continue
+        blk = Block("mlp", name, _layer_index(name), {"gate": gate, "up": up, "down": down}, mul=mul)
+        out.blocks.append(blk)
+        used.update(id(s) for s in blk.sites.values())
+
+
+def _within(node: fx.Node, site: Site) -> bool:
+    from .graphs import module_path
+    p = module_path(node)
+    return node is site.base or (p is not None and (p == site.path or p.startswith(site.path + ".")))
+
+
+def _skip(site, reason):
+    return Skipped(site.path, reason)
+
+
+def _group_attention(graph, sites, by_output, out: Grouping, used: set) -> None:
+    flow = _dataflow_cut_at(graph, set(by_output))
+    for node in graph.nodes:
+        if not is_call(node, SDPA):
+            continue
+        args = list(node.args[:3]) + [node.kwargs.get(k) for k in ("query", "key", "value")][len(node.args[:3]):]
+        feeds = [_sites_feeding(flow, a, by_output) for a in args]
+        o_sites = [s for s in sites if _shape_successor(node, strip_casts(s.x))]
+        where = f"attention at {node.name}"
+        if any(len(f) != 1 for f in feeds) or len(o_sites) != 1:
+            out.skipped.append(Skipped(where, "q/k/v/o projections could not be traced to one linear each"))
+            continue
+        q, k, v = (next(iter(f)) for f in feeds)
+        o = o_sites[0]
+        name = _common_prefix([q.path, k.path, v.path, o.path])
+        if len({id(q), id(k), id(v)}) != 3 or not (strip_casts(q.x) is strip_casts(k.x) is strip_casts(v.x)):
+            out.skipped.append(Skipped(name, "q, k and v do not read the same input (fused or cross attention)"))
+            continue
+        qv = example_value(args[0])
+        n_heads, head_dim = qv.shape[-3], qv.shape[-1]
+        if k.out_features % head_dim or q.out_features != n_heads * head_dim:
+            out.skipped.append(Skipped(name, "head layout of q/k does not match the attention call"))
+            continue
+        n_kv = k.out_features // head_dim
+        if v.out_features != k.out_features or n_heads % n_kv or o.in_features != q.out_features:
+            out.skipped.append(Skipped(name, "q/k/v/o shapes are not grouped-query attention"))
+            continue
+        blk = Block("attention", name, _layer_index(name), {"q": q, "k": k, "v": v, "o": o},
+                    sdpa=node, heads=(n_heads, n_kv, head_dim))
+        out.blocks.append(blk)
+        used.update(id(s) for s in blk.sites.values())

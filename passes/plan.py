@@ -1,0 +1,57 @@
+"""Ask the policy what each block gets; decide k, or why a block stays dense."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sparselora_compile.policy import BlockInfo, Policy
+
+from .group_blocks import Block, Skipped
+
+
+@dataclass
+class PlannedBlock:
+    block: Block
+    info: BlockInfo
+    sparsity: float
+    k: int
+
+    def base_flops_per_token(self) -> tuple[int, int]:
+        """(dense, sparse) FLOPs per context token of the block's base products."""
+        h, c, k = self.info.in_features, self.info.channels, self.k
+        if self.block.kind == "mlp":
+            return 2 * 3 * h * c, 2 * 3 * h * k
+        n_heads, n_kv, _ = self.block.heads
+        rep = n_heads // n_kv
+        return 2 * h * c * (2 * rep + 2), 2 * h * k * (2 * rep + 2)
+
+
+def block_info(block: Block, num_layers: int | None) -> BlockInfo:
+    first = next(iter(block.sites.values()))
+    heads = block.heads or (None, None, None)
+    return BlockInfo(name=block.name, layer=block.layer, kind=block.kind,
+                     in_features=first.in_features, channels=block.channels,
+                     num_layers=num_layers, n_heads=heads[0], n_kv_heads=heads[1],
+                     head_dim=heads[2])
+
+
+def plan_blocks(blocks: list[Block], policy: Policy) -> tuple[list[PlannedBlock], list[Skipped]]:
+    layers = [b.layer for b in blocks if b.layer is not None]
+    policy.check_layers(layers)
+    num_layers = max(layers) + 1 if layers else None
+    planned, skipped = [], []
+    for block in blocks:
+        info = block_info(block, num_layers)
+        thawed = [s.path for s in block.sites.values() if not s.frozen()]
+        if thawed:
+            skipped.append(Skipped(block.name, f"base weight requires grad: {', '.join(thawed)}"))
+            continue
+        s = policy.sparsity_for(info)
+        if s <= 0:
+            skipped.append(Skipped(block.name, "policy: dense"))
+            continue
+        k = policy.kept_channels(info, s)
+        if k >= info.channels:
+            skipped.append(Skipped(block.name, f"sparsity {s} keeps every channel after rounding"))
+            continue
+        planned.append(PlannedBlock(block, info, s, k))
+    return planned, skipped

@@ -1,0 +1,105 @@
+"""Replace each planned block's base products with the runtime's custom ops.
+
+MLP:       idx = select_mlp(x); gate/up base -> out_sparse_linear(x, W, b, idx);
+           h = mask_channels(act(gate) * up, idx) when down's LoRA also reads h;
+           down base -> in_sparse_linear(h, W, b, idx)
+Attention: idx_q/k/v/o = select_attention(x); q/k/v base -> out_sparse_linear;
+           o base -> in_sparse_linear
+LoRA branches are not touched. Estimator factors enter as new graph inputs.
+"""
+from __future__ import annotations
+
+import operator
+import re
+
+import torch
+import torch.fx as fx
+
+from .graphs import GraphScope, add_input, example_value, placeholders, resolve_real, thread
+from .plan import PlannedBlock
+
+ops = torch.ops.sparselora
+
+
+def find_labels(top: fx.GraphModule) -> fx.Node | None:
+    for ph in placeholders(top.graph):
+        v = example_value(ph)
+        if re.search(r"labels", ph.name) and v is not None and not v.is_floating_point():
+            return ph
+    return None
+
+
+class Rewriter:
+    def __init__(self, top: fx.GraphModule, example_inputs, state_id: int, factor_fn):
+        self.top, self.example_inputs, self.sid = top, example_inputs, state_id
+        self.factor_fn = factor_fn          # (weight tensor, site path) -> (A, B)
+        self.extra_inputs: list[torch.Tensor] = []
+        self.labels = find_labels(top)
+        self._cache: dict = {}
+
+    def _factors(self, site, scope: GraphScope):
+        w = resolve_real(site.weight, scope, self.example_inputs)
+        if w is None:
+            raise RuntimeError(f"sparselora: cannot find the weight tensor of {site.path}")
+        a, b = self.factor_fn(w, site.path)
+        tag = re.sub(r"\W", "_", site.path)[-60:]
+        return (add_input(scope, f"sparselora_A_{tag}", self.extra_inputs, a, self._cache),
+                add_input(scope, f"sparselora_B_{tag}", self.extra_inputs, b, self._cache))
+
+    def _prologue(self, scope: GraphScope, x: fx.Node):
+        graph = scope.gm.graph
+        labels = thread(scope, self.labels, "sparselora_labels", self._cache) if self.labels else None
+        xd = graph.call_method("detach", (x,))
+        rows = graph.call_function(ops.token_rows.default, (labels, xd, self.sid))
+        return xd, rows
+
+    def _swap_base(self, site, op, idx, rows):
+        graph = site.scope.gm.graph
+        with graph.inserting_before(site.base):
+            new = graph.call_function(op, (site.base.args[0], site.weight, site.bias, idx, rows, self.sid))
+        new.meta.update(site.base.meta)
+        site.base.replace_all_uses_with(new)
+        graph.erase_node(site.base)
+        site.base = new
+
+    def rewrite(self, pb: PlannedBlock) -> None:
+        blk, scope = pb.block, pb.block.scope
+        graph = scope.gm.graph
+        s = blk.sites
+        first = min((site.base for site in s.values()), key=_order(graph))
+        x = (s["gate"] if blk.kind == "mlp" else s["q"]).x
+        factors = [f for role in (("gate", "up") if blk.kind == "mlp" else ("q", "k", "v"))
+                   for f in self._factors(s[role], scope)]
+        with graph.inserting_before(first):
+            xd, rows = self._prologue(scope, x)
+            if blk.kind == "mlp":
+                idx = graph.call_function(ops.select_mlp.default,
+                                          (xd, *factors, rows, pb.k, self.sid, blk.name))
+                self._rewrite_mlp(pb, idx, rows)
+                return
+            n_heads, n_kv, head_dim = blk.heads
+            sel = graph.call_function(ops.select_attention.default,
+                                      (xd, *factors, rows, pb.k, pb.k, n_heads, n_kv, head_dim,
+                                       self.sid, blk.name))
+            iq, ik, iv, io = (graph.call_function(operator.getitem, (sel, i)) for i in range(4))
+        for role, idx in (("q", iq), ("k", ik), ("v", iv)):
+            self._swap_base(s[role], ops.out_sparse_linear.default, idx, rows)
+        self._swap_base(s["o"], ops.in_sparse_linear.default, io, rows)
+
+    def _rewrite_mlp(self, pb, idx, rows):
+        s, mul = pb.block.sites, pb.block.mul
+        graph = pb.block.scope.gm.graph
+        self._swap_base(s["gate"], ops.out_sparse_linear.default, idx, rows)
+        self._swap_base(s["up"], ops.out_sparse_linear.default, idx, rows)
+        if len(mul.users) > 1:  # down's LoRA reads h too: it must see h with 1_S applied
+            with graph.inserting_after(mul):
+                masked = graph.call_function(ops.mask_channels.default, (mul, idx, rows))
+            for user in list(mul.users):
+                if user is not masked:
+                    user.replace_input_with(mul, masked)
+        self._swap_base(s["down"], ops.in_sparse_linear.default, idx, rows)
+
+
+def _order(graph: fx.Graph):
+    pos = {n: i for i, n in enumerate(graph.nodes)}
+    return lambda n: pos[n]

@@ -1,0 +1,32 @@
+"""Shared bits of the Triton kernels: availability, interpreter detection, dtypes."""
+import os
+
+import torch
+
+
+def interpreting() -> bool:
+    # Triton reads TRITON_INTERPRET at import; callers must set it before importing triton.
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def triton_available() -> bool:
+    """True when triton imports and can run here: on CUDA, or under the CPU interpreter."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return torch.cuda.is_available() or interpreting()
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    # fp32 inputs follow torch's own TF32 switch so the kernel matches F.linear's numerics.
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
+def autotune_bench(kernel_call, quantiles):
+    # Shorter than triton's default (25/100 ms): new (M, N, K) keys appear as k changes.
+    import triton.testing
+
+    return triton.testing.do_bench(kernel_call, warmup=5, rep=20, quantiles=quantiles)

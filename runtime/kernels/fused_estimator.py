@@ -1,0 +1,128 @@
+"""Fused SparseLoRA estimator: per-channel squared L2 norms over tokens of a rank-r product.
+
+The unfused estimator materialises x@A@B as [M, F] (F = 14336 for LLaMA-3-8B's MLP), then
+silu, mul and a norm: five passes over a tensor as large as the layer's activations. Here the
+rank-r projection xa = x@A is one small torch matmul ([M, r]); then one kernel, tiled over F,
+keeps its B tile in registers, loops over tokens and reduces (silu(g) * u)^2 in fp32 without
+writing any [M, F] tensor. Tokens are split across programs into an [S, F] fp32 partial sum
+(S small) that torch adds up: deterministic, unlike atomics.
+
+Squared norms rank channels exactly as norms do, so top-k over these scores is the paper's.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from ._common import autotune_bench, interpreting
+
+
+_empty = torch.empty  # module attribute so tests can poison the partial sums with NaN
+
+
+def _configs():
+    if interpreting():
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_F": 32}, num_warps=4, num_stages=1)]
+    c = triton.Config
+    return [c({"BLOCK_M": bm, "BLOCK_F": bf}, num_warps=w, num_stages=3)
+            for bm, bf, w in [(64, 128, 4), (128, 128, 8), (64, 256, 8), (32, 128, 4)]]
+
+
+@triton.autotune(configs=_configs(), key=["F", "R", "ROWS_PER_PROG", "GATED"], do_bench=autotune_bench)
+@triton.jit
+def _channel_scores_kernel(
+    ag_ptr, bg_ptr, au_ptr, bu_ptr, part_ptr,
+    M, F, R, ROWS_PER_PROG,
+    stride_am, stride_ar, stride_bn_r, stride_bn_f, stride_um, stride_ur, stride_bu_r, stride_bu_f,
+    GATED: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_F: tl.constexpr,
+):
+    pid_f = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    offs_f = pid_f * BLOCK_F + tl.arange(0, BLOCK_F)
+    offs_r = tl.arange(0, BLOCK_R)
+    f_ok = offs_f < F
+    r_ok = offs_r < R
+    # B tiles stay in registers for the whole token loop; padded r rows/cols load as zero.
+    b_mask = r_ok[:, None] & f_ok[None, :]
+    bg = tl.load(bg_ptr + offs_r[:, None] * stride_bn_r + offs_f[None, :] * stride_bn_f, mask=b_mask, other=0.0)
+    if GATED:
+        bu = tl.load(bu_ptr + offs_r[:, None] * stride_bu_r + offs_f[None, :] * stride_bu_f, mask=b_mask, other=0.0)
+
+    acc = tl.zeros((BLOCK_F,), dtype=tl.float32)
+    m_start = pid_s * ROWS_PER_PROG
+    m_stop = tl.minimum(m_start + ROWS_PER_PROG, M - 1)
+    for m0 in range(m_start, m_stop, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        a_mask = (offs_m < m_stop)[:, None] & r_ok[None, :]
+        # Rows past the end load as zero, so g = u = 0 and they add nothing: no mask on the sum.
+        xg = tl.load(ag_ptr + offs_m[:, None].to(tl.int64) * stride_am + offs_r[None, :] * stride_ar,
+                     mask=a_mask, other=0.0)
+        g = tl.dot(xg, bg)
+        if GATED:
+            xu = tl.load(au_ptr + offs_m[:, None].to(tl.int64) * stride_um + offs_r[None, :] * stride_ur,
+                         mask=a_mask, other=0.0)
+            u = tl.dot(xu, bu)
+            p = g * tl.sigmoid(g) * u
+        else:
+            p = g
+        acc += tl.sum(p * p, axis=0)
+    tl.store(part_ptr + pid_s * F + offs_f, acc, mask=f_ok)
+
+
+def _rows_per_prog(m, f, device):
+    # Enough token splits to fill the GPU about four times over; chunks a multiple of any BLOCK_M.
+    if interpreting() or device.type != "cuda":
+        splits = 2
+    else:
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        splits = max(1, (4 * sms) // triton.cdiv(f, 128))
+    return max(128, triton.cdiv(triton.cdiv(m, splits), 128) * 128)
+
+
+def _scores(xg, bg, xu, bu):
+    m, r = xg.shape
+    f = bg.shape[1]
+    assert bg.shape[0] == r and xg.dtype == bg.dtype
+    if m == 0 or f == 0:
+        return torch.zeros(f, device=xg.device, dtype=torch.float32)
+    rpp = _rows_per_prog(m, f, xg.device)
+    splits = triton.cdiv(m, rpp)
+    part = _empty((splits, f), device=xg.device, dtype=torch.float32)
+    gated = xu is not None
+    if not gated:
+        xu, bu = xg, bg
+    grid = lambda meta: (triton.cdiv(f, meta["BLOCK_F"]), splits)
+    _channel_scores_kernel[grid](
+        xg, bg, xu, bu, part, m, f, r, rpp,
+        xg.stride(0), xg.stride(1), bg.stride(0), bg.stride(1),
+        xu.stride(0), xu.stride(1), bu.stride(0), bu.stride(1),
+        GATED=gated, BLOCK_R=max(16, triton.next_power_of_2(r)),  # tl.dot needs K >= 16
+    )
+    return part.sum(0) if splits > 1 else part[0]
+
+
+def mlp_channel_scores(x, Ag, Bg, Au, Bu):
+    """Gated-MLP channel scores [F] fp32: sum over rows of (silu(x@Ag@Bg) * (x@Au@Bu))^2.
+
+    x [M, H]; A* [H, r]; B* [r, F]. One [M, 2r] matmul, then one fused kernel.
+    """
+    r = Ag.shape[1]
+    xa = x @ torch.cat([Ag, Au], dim=1)  # read x once for both projections
+    return _scores(xa[:, :r], Bg, xa[:, r:], Bu)
+
+
+def channel_sq_norms(xa, B):
+    """Squared column norms over rows of xa @ B, [N] fp32, without materialising it. xa [M, r]; B [r, N]."""
+    return _scores(xa, B, None, None)
+
+
+# ---- plain-PyTorch references (fp32 math; they do materialise [M, F]) ----
+
+def mlp_channel_scores_reference(x, Ag, Bg, Au, Bu):
+    xf = x.float()
+    g = xf @ Ag.float() @ Bg.float()
+    u = xf @ Au.float() @ Bu.float()
+    return (torch.nn.functional.silu(g) * u).pow(2).sum(0)
+
+
+def channel_sq_norms_reference(xa, B):
+    return (xa.float() @ B.float()).pow(2).sum(0)

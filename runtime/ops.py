@@ -1,0 +1,209 @@
+"""torch.library custom ops that the rewritten graph calls.
+
+Everything data-dependent (the token split, the dense warm-up switch, top-k) happens
+inside these opaque ops, so the compiled graph keeps static shapes and never recompiles
+when the step schedule flips from dense to sparse. Each op has a fake (meta) kernel;
+the sparse products have autograd (their backward is an op too, so AOT tracing never
+sees the data-dependent row split) and an autocast rule that follows the active
+autocast dtype.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import selection, sparse_linear
+from .state import get_state
+
+_lib = torch.library.Library("sparselora", "FRAGMENT")
+
+
+# ---- token split ----------------------------------------------------------------------
+
+def dense_token_rows(labels: Tensor) -> Tensor:
+    """Output tokens: supervised positions (labels != -100) and the position before each
+    of them, which predicts it (HF shifts labels inside the loss)."""
+    sup = labels != -100
+    nxt = torch.zeros_like(sup)
+    nxt[..., :-1] = sup[..., 1:]
+    return sup | nxt
+
+
+@torch.library.custom_op("sparselora::token_rows", mutates_args=())
+def token_rows(labels: Optional[Tensor], x: Tensor, state_id: int) -> Tensor:
+    """Bool [*x.shape[:-1]]: True for rows computed densely."""
+    st = get_state(state_id)
+    shape = x.shape[:-1]
+    if not st.sparse_now():
+        return torch.ones(shape, dtype=torch.bool, device=x.device)
+    if labels is None and st.labels is not None and tuple(st.labels.shape) == tuple(shape):
+        labels = st.labels.to(x.device)
+    if labels is None or not st.dense_output_tokens:
+        return torch.zeros(shape, dtype=torch.bool, device=x.device)
+    return dense_token_rows(labels).reshape(shape).clone()
+
+
+@token_rows.register_fake
+def _(labels, x, state_id):
+    return x.new_empty(x.shape[:-1], dtype=torch.bool)
+
+
+# ---- selection ----------------------------------------------------------------------
+
+def _record(state_id, name, **tensors):
+    st = get_state(state_id)
+    if st.record is not None:
+        st.record[name] = {k: v.detach().clone() for k, v in tensors.items()}
+
+
+@torch.library.custom_op("sparselora::select_mlp", mutates_args=())
+def select_mlp(x: Tensor, a_gate: Tensor, b_gate: Tensor, a_up: Tensor, b_up: Tensor,
+               dense_rows: Tensor, k: int, state_id: int, name: str) -> Tensor:
+    from .scores import mlp_scores
+    idx = selection.top_channels(mlp_scores(x, a_gate, b_gate, a_up, b_up, dense_rows), k)
+    _record(state_id, name, idx=idx, dense_rows=dense_rows)
+    return idx
+
+
+@select_mlp.register_fake
+def _(x, a_gate, b_gate, a_up, b_up, dense_rows, k, state_id, name):
+    return x.new_empty((k,), dtype=torch.int64)
+
+
+@torch.library.custom_op("sparselora::select_attention", mutates_args=())
+def select_attention(x: Tensor, a_q: Tensor, b_q: Tensor, a_k: Tensor, b_k: Tensor,
+                     a_v: Tensor, b_v: Tensor, dense_rows: Tensor, k_qk: int, k_v: int,
+                     n_heads: int, n_kv_heads: int, head_dim: int, state_id: int,
+                     name: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    from .scores import column_sq_norms
+    out = selection.attention_selection(
+        x, ((a_q, b_q), (a_k, b_k), (a_v, b_v)), dense_rows, k_qk, k_v,
+        n_heads, n_kv_heads, head_dim, norms=column_sq_norms)
+    _record(state_id, name, idx_q=out[0], idx_k=out[1], idx_v=out[2], idx_o=out[3],
+            dense_rows=dense_rows)
+    return out
+
+
+@select_attention.register_fake
+def _(x, a_q, b_q, a_k, b_k, a_v, b_v, dense_rows, k_qk, k_v, n_heads, n_kv_heads,
+      head_dim, state_id, name):
+    n_rep = n_heads // n_kv_heads
+    e = lambda n: x.new_empty((n,), dtype=torch.int64)  # noqa: E731
+    return e(k_qk * n_rep), e(k_qk), e(k_v), e(k_v * n_rep)
+
+
+# ---- sparse products ------------------------------------------------------------------
+
+def _count(state_id, dense_rows, m_cols, n_full, k):
+    """FLOPs of one base product: dense rows pay n_full, context rows pay k."""
+    rows = dense_rows.numel()
+    n_dense = int(dense_rows.sum())
+    get_state(state_id).count_flops(2 * rows * n_full * m_cols,
+                                    2 * (n_dense * n_full + (rows - n_dense) * k) * m_cols)
+
+
+@torch.library.custom_op("sparselora::out_sparse_linear", mutates_args=())
+def out_sparse_linear(x: Tensor, w: Tensor, b: Optional[Tensor], idx: Tensor,
+                      dense_rows: Tensor, state_id: int) -> Tensor:
+    _count(state_id, dense_rows, w.shape[1], w.shape[0], idx.numel())
+    return sparse_linear.out_sparse_forward(x, w, b, idx, dense_rows)
+
+
+@out_sparse_linear.register_fake
+def _(x, w, b, idx, dense_rows, state_id):
+    return x.new_empty((*x.shape[:-1], w.shape[0]))
+
+
+@torch.library.custom_op("sparselora::out_sparse_grad", mutates_args=())
+def out_sparse_grad(gy: Tensor, w: Tensor, idx: Tensor, dense_rows: Tensor) -> Tensor:
+    return sparse_linear.out_sparse_grad_input(gy, w.to(gy.dtype), idx, dense_rows)
+
+
+@out_sparse_grad.register_fake
+def _(gy, w, idx, dense_rows):
+    return gy.new_empty((*gy.shape[:-1], w.shape[1]))
+
+
+@torch.library.custom_op("sparselora::in_sparse_linear", mutates_args=())
+def in_sparse_linear(h: Tensor, w: Tensor, b: Optional[Tensor], idx: Tensor,
+                     dense_rows: Tensor, state_id: int) -> Tensor:
+    _count(state_id, dense_rows, w.shape[0], w.shape[1], idx.numel())
+    return sparse_linear.in_sparse_forward(h, w, b, idx, dense_rows)
+
+
+@in_sparse_linear.register_fake
+def _(h, w, b, idx, dense_rows, state_id):
+    return h.new_empty((*h.shape[:-1], w.shape[0]))
+
+
+@torch.library.custom_op("sparselora::in_sparse_grad", mutates_args=())
+def in_sparse_grad(gy: Tensor, w: Tensor, idx: Tensor, dense_rows: Tensor) -> Tensor:
+    return sparse_linear.in_sparse_grad_input(gy, w.to(gy.dtype), idx, dense_rows)
+
+
+@in_sparse_grad.register_fake
+def _(gy, w, idx, dense_rows):
+    return gy.new_empty((*gy.shape[:-1], w.shape[1]))
+
+
+@torch.library.custom_op("sparselora::mask_channels", mutates_args=())
+def mask_channels(h: Tensor, idx: Tensor, dense_rows: Tensor) -> Tensor:
+    return sparse_linear.mask_forward(h, idx, dense_rows)
+
+
+@mask_channels.register_fake
+def _(h, idx, dense_rows):
+    return torch.empty_like(h)
+
+
+# ---- autograd: the frozen weight passes dY @ W_kept back to its input ---------------------
+
+def _save_wd(ctx, inputs, output):
+    x, w, b, idx, dense_rows = inputs[:5]
+    ctx.save_for_backward(w, idx, dense_rows)
+    ctx.x_dtype = x.dtype
+
+
+def _out_backward(ctx, gy):
+    w, idx, dense_rows = ctx.saved_tensors
+    return out_sparse_grad(gy, w, idx, dense_rows).to(ctx.x_dtype), None, None, None, None, None
+
+
+def _in_backward(ctx, gy):
+    w, idx, dense_rows = ctx.saved_tensors
+    return in_sparse_grad(gy, w, idx, dense_rows).to(ctx.x_dtype), None, None, None, None, None
+
+
+def _mask_setup(ctx, inputs, output):
+    ctx.save_for_backward(inputs[1], inputs[2])
+
+
+def _mask_backward(ctx, gy):
+    idx, dense_rows = ctx.saved_tensors
+    return mask_channels(gy, idx, dense_rows), None, None
+
+
+out_sparse_linear.register_autograd(_out_backward, setup_context=_save_wd)
+in_sparse_linear.register_autograd(_in_backward, setup_context=_save_wd)
+mask_channels.register_autograd(_mask_backward, setup_context=_mask_setup)
+
+
+# ---- autocast: follow the active autocast dtype, like F.linear does ----------------------
+
+def _autocast_kernel(op, device_type):
+    key = getattr(torch._C.DispatchKey, "Autocast" + torch._C._dispatch_key_for_device(device_type))
+
+    def kernel(_keyset, x, w, b, idx, dense_rows, state_id):
+        dtype = torch.get_autocast_dtype(device_type)
+        cast = lambda t: t.to(dtype) if t is not None and t.is_floating_point() else t  # noqa: E731
+        with torch._C._ExcludeDispatchKeyGuard(torch._C.DispatchKeySet(key)):
+            return op(cast(x), cast(w), cast(b), idx, dense_rows, state_id)
+    return kernel
+
+
+for _op, _name in ((out_sparse_linear, "out_sparse_linear"), (in_sparse_linear, "in_sparse_linear")):
+    for _dev in ("cpu", "cuda"):
+        _lib.impl(_name, _autocast_kernel(_op._opoverload, _dev),
+                  "Autocast" + torch._C._dispatch_key_for_device(_dev), with_keyset=True)

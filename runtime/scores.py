@@ -1,0 +1,22 @@
+"""Estimator scores with dispatch: the fused Triton estimator on CUDA (no [tokens x d_ff]
+tensor), the plain PyTorch version of `selection` elsewhere."""
+from __future__ import annotations
+
+from . import selection
+from .gathered import _use_triton
+
+
+def mlp_scores(x, a_gate, b_gate, a_up, b_up, dense_rows):
+    if _use_triton(x):
+        from .kernels.fused_estimator import mlp_channel_scores
+        xc = selection._context_rows(x, dense_rows)
+        return mlp_channel_scores(xc, a_gate, b_gate, a_up, b_up)
+    return selection.mlp_scores(x, a_gate, b_gate, a_up, b_up, dense_rows)
+
+
+def column_sq_norms(x, a, b, dense_rows):
+    if _use_triton(x):
+        from .kernels.fused_estimator import channel_sq_norms
+        xc = selection._context_rows(x, dense_rows)
+        return channel_sq_norms(xc @ a, b)
+    return selection.column_sq_norms(x, a, b, dense_rows)

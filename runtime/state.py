@@ -1,0 +1,86 @@
+"""Per-policy runtime state read by the custom ops at run time.
+
+The ops are opaque to the compiler, so anything data-dependent that may change between
+steps without a recompile lives here: the step counter (dense warm-up), labels handed in
+from outside the graph, FLOP counters, and optional recording for equivalence tests.
+"""
+from __future__ import annotations
+
+import itertools
+import threading
+from dataclasses import dataclass, field
+
+import torch
+
+_STATES: dict[int, "RuntimeState"] = {}
+_ids = itertools.count(1)
+_lock = threading.Lock()
+
+
+@dataclass
+class RunStats:
+    """Base-product FLOPs of training forwards (the backward's input-gradient products
+    keep the same ratio). `saved_fraction` is what sparsity removed."""
+
+    steps: int = 0
+    base_flops_dense: int = 0
+    base_flops_executed: int = 0
+
+    @property
+    def saved_fraction(self) -> float:
+        if self.base_flops_dense == 0:
+            return 0.0
+        return 1.0 - self.base_flops_executed / self.base_flops_dense
+
+    def as_dict(self) -> dict:
+        return {
+            "steps": self.steps,
+            "base_flops_dense": self.base_flops_dense,
+            "base_flops_executed": self.base_flops_executed,
+            "saved_fraction": self.saved_fraction,
+        }
+
+    def reset(self) -> None:
+        self.steps = self.base_flops_dense = self.base_flops_executed = 0
+
+
+@dataclass
+class RuntimeState:
+    state_id: int
+    warmup_steps: int = 0
+    dense_output_tokens: bool = True
+    step: int = 0        # index of the current training forward
+    next_step: int = 0
+    force_dense: bool = False
+    labels: torch.Tensor | None = None  # set from outside the graph when it has none
+    first_layer: int | None = None  # the graph holding this layer counts the steps
+    stats: RunStats = field(default_factory=RunStats)
+    record: dict | None = None  # block name -> selections, when recording
+
+    def begin_forward(self) -> None:
+        self.step = self.next_step
+        self.next_step += 1
+        self.stats.steps += 1
+
+    def sparse_now(self) -> bool:
+        return not self.force_dense and self.step >= self.warmup_steps
+
+    def count_flops(self, dense: int, executed: int) -> None:
+        if torch.is_grad_enabled() or self.record is not None:
+            self.stats.base_flops_dense += dense
+            self.stats.base_flops_executed += executed
+
+
+def new_state(**kwargs) -> RuntimeState:
+    with _lock:
+        sid = next(_ids)
+        state = RuntimeState(state_id=sid, **kwargs)
+        _STATES[sid] = state
+    return state
+
+
+def get_state(state_id: int) -> RuntimeState:
+    try:
+        return _STATES[state_id]
+    except KeyError:
+        raise RuntimeError(f"sparselora: unknown runtime state {state_id}") from None

@@ -1,0 +1,133 @@
+"""The `sparselora` torch.compile backend.
+
+Dynamo hands us a torch-level FX graph; `passes` rewrites the recognised LoRA blocks into
+the runtime's custom ops, and the result goes to Inductor (or `aot_eager` / `eager` for
+fast debugging). Unknown graphs compile exactly as under the inner backend.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass, fields
+
+import torch
+
+from . import presets
+from .policy import Policy
+
+log = logging.getLogger("sparselora_compile")
+INNER = ("inductor", "aot_eager", "eager")
+
+
+@dataclass
+class BackendOptions:
+    policy: Policy | None = None
+    inner: str = "inductor"
+    record: bool = False        # keep each block's last selection (for equivalence tests)
+    cache_dir: str | None = None  # estimator factor cache; None: the default directory
+    verbose: bool = True
+
+    @classmethod
+    def parse(cls, options) -> "BackendOptions":
+        options = dict(options or {})
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(options) - names)
+        if unknown:
+            raise ValueError(f"sparselora: unknown option(s) {unknown}; valid options: {sorted(names)}")
+        opts = cls(**options)
+        if isinstance(opts.policy, dict):
+            opts.policy = Policy.from_dict(opts.policy)
+        elif isinstance(opts.policy, str):
+            opts.policy = _named_policy(opts.policy)
+        elif opts.policy is not None and not isinstance(opts.policy, Policy):
+            raise TypeError(f"sparselora: options['policy'] must be a Policy, dict, preset name or "
+                            f"YAML path, got {type(opts.policy).__name__}")
+        if opts.inner not in INNER:
+            raise ValueError(f"sparselora: options['inner']={opts.inner!r}; expected one of {INNER}")
+        return opts
+
+
+def _named_policy(name: str) -> Policy:
+    if name in presets.PRESETS:
+        return presets.PRESETS[name]()
+    if name.endswith((".yaml", ".yml")):
+        return Policy.from_yaml(name)
+    raise ValueError(f"sparselora: policy {name!r} is neither a preset {sorted(presets.PRESETS)} nor a YAML file")
+
+
+_DEFAULT_POLICY: Policy | None = None
+
+
+def _default_policy() -> Policy:
+    global _DEFAULT_POLICY
+    if _DEFAULT_POLICY is None:
+        _DEFAULT_POLICY = presets.default()
+    return _DEFAULT_POLICY
+
+
+def copy_graph_module(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    new = copy.deepcopy(gm)
+    # fx does not copy Dynamo's per-placeholder source; AOT autograd asks for it.
+    for scope_old, scope_new in zip(_all_gms(gm), _all_gms(new)):
+        for a, b in zip(scope_old.graph.find_nodes(op="placeholder"),
+                        scope_new.graph.find_nodes(op="placeholder")):
+            if hasattr(a, "_dynamo_source"):
+                b._dynamo_source = a._dynamo_source
+    return new
+
+
+def _all_gms(gm):
+    yield gm
+    for _, sub in sorted(gm.named_children()):
+        if isinstance(sub, torch.fx.GraphModule):
+            yield from _all_gms(sub)
+
+
+def _inner_compile(name, gm, example_inputs):
+    if name == "eager":
+        return gm.forward
+    if name == "aot_eager":
+        from torch._dynamo.backends.registry import lookup_backend
+        return lookup_backend("aot_eager")(gm, example_inputs)
+    from torch._inductor.compile_fx import compile_fx
+    return compile_fx(gm, example_inputs)
+
+
+def sparselora_backend(gm: torch.fx.GraphModule, example_inputs, options=None):
+    from sparselora_compile.passes import run_passes
+    from .factors import factor_provider
+
+    opts = BackendOptions.parse(options)
+    policy = opts.policy or _default_policy()
+    policy.validate()
+    state = policy.runtime_state()
+    if opts.record and state.record is None:
+        state.record = {}
+    rewrite = torch.is_grad_enabled() or not policy.dense_eval
+    original = gm
+    if rewrite:  # Dynamo keeps using its own graph after we return: rewrite a copy
+        gm = copy_graph_module(gm)
+    report = run_passes(gm, example_inputs, policy, state.state_id,
+                        factor_provider(policy, opts.cache_dir), rewrite=rewrite)
+    if opts.verbose:
+        log.info("sparselora: %d blocks found, %d rewritten%s, estimated base FLOPs saved %.1f%%",
+                 len(report.found), len(report.planned) if rewrite else 0,
+                 "" if rewrite else " (no grad: dense)",
+                 100 * report.flops_saved_estimate() if rewrite else 0.0)
+    if not (rewrite and report.planned):
+        return _inner_compile(opts.inner, original, example_inputs)
+
+    extra = report.extra_inputs
+    compiled = _inner_compile(opts.inner, gm, [*example_inputs, *extra])
+    min_layer = report.min_layer
+    if min_layer is not None and (state.first_layer is None or min_layer < state.first_layer):
+        state.first_layer = min_layer
+
+    def run(*args):
+        # One training step per forward: the graph holding the first sparse layer counts.
+        if torch.is_grad_enabled() and min_layer == state.first_layer:
+            state.begin_forward()
+        return compiled(*args, *extra)
+
+    run._sparselora_report = report
+    return run

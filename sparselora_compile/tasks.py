@@ -1,0 +1,195 @@
+"""Supervised data for the fine-tune: a built-in arithmetic task, the user's JSONL, and
+encoding with the prompt masked out of the loss (SparseLoRA keeps exactly the supervised
+tokens dense, so the mask must be right)."""
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+IGNORE = -100
+
+
+@dataclass(frozen=True)
+class Example:
+    prompt: str
+    response: str
+
+
+class DataError(ValueError):
+    """A data file that cannot be used; the message names the file and line."""
+
+
+# ---- built-in task: multi-step arithmetic word problems -------------------------------
+
+_NAMES = ["Tom", "Ana", "Li", "Sam", "Maya", "Omar", "Eva", "Ken", "Zoe", "Raj", "Ida", "Leo"]
+_ITEMS = ["apples", "pens", "coins", "books", "cards", "eggs", "shells", "stamps", "marbles",
+          "cookies", "stickers", "balloons"]
+_ADD = ["buys {n} more", "finds {n} more", "gets {n} more", "is given {n} more"]
+_SUB = ["gives {n} away", "loses {n}", "sells {n}", "uses {n}"]
+
+
+def _split_of(prompt: str, eval_fraction: float = 0.2) -> str:
+    """Stable train/eval assignment by hash, so the two splits can never share a problem
+    whatever the seed or sizes."""
+    h = int.from_bytes(hashlib.sha256(prompt.encode()).digest()[:8], "big")
+    return "eval" if h / 2**64 < eval_fraction else "train"
+
+
+def _problem(rng: random.Random) -> Example:
+    name, item = rng.choice(_NAMES), rng.choice(_ITEMS)
+    start = total = rng.randint(2, 20)
+    clauses = []
+    for _ in range(rng.randint(2, 3)):
+        if total > 1 and rng.random() < 0.5:
+            n = rng.randint(1, total - 1)  # the count stays positive
+            total -= n
+            clauses.append(rng.choice(_SUB).format(n=n))
+        else:
+            n = rng.randint(1, 9)
+            total += n
+            clauses.append(rng.choice(_ADD).format(n=n))
+    prompt = f"{name} has {start} {item}, {', '.join(clauses)}. How many {item} now?"
+    return Example(prompt, str(total))
+
+
+def arithmetic_task(n: int, split: str = "train", seed: int = 0) -> list[Example]:
+    """`n` distinct seeded problems from `split` ("train" or "eval"); the splits are
+    disjoint by construction (hash-assigned)."""
+    if split not in ("train", "eval"):
+        raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
+    rng = random.Random(f"{seed}-{split}")
+    out, seen = [], set()
+    for _ in range(200 * n + 1000):
+        if len(out) == n:
+            return out
+        ex = _problem(rng)
+        if ex.prompt not in seen and _split_of(ex.prompt) == split:
+            seen.add(ex.prompt)
+            out.append(ex)
+    raise RuntimeError(f"could not generate {n} distinct {split} problems")
+
+
+# ---- user data ------------------------------------------------------------------------
+
+def load_jsonl(path: str | Path) -> list[Example]:
+    """Read {"prompt": str, "response": str} objects, one per line (blank lines skipped)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{i}: invalid JSON ({e.msg} at column {e.colno})") from e
+            if not isinstance(obj, dict):
+                raise DataError(f"{path}:{i}: expected an object with \"prompt\" and "
+                                f"\"response\", got {type(obj).__name__}")
+            for key in ("prompt", "response"):
+                if key not in obj:
+                    raise DataError(f"{path}:{i}: missing key {key!r} (keys: {sorted(obj)})")
+                if not isinstance(obj[key], str):
+                    raise DataError(f"{path}:{i}: {key!r} must be a string, got "
+                                    f"{type(obj[key]).__name__}")
+            out.append(Example(obj["prompt"], obj["response"]))
+    if not out:
+        raise DataError(f"{path}: no examples")
+    return out
+
+
+def split_examples(examples: list[Example], eval_size: int, seed: int = 0):
+    """(train, eval): a seeded shuffle, the first `eval_size` held out."""
+    if not 0 <= eval_size < len(examples):
+        raise DataError(f"eval size {eval_size} leaves no training data "
+                        f"({len(examples)} examples)")
+    ex = list(examples)
+    random.Random(seed).shuffle(ex)
+    return ex[eval_size:], ex[:eval_size]
+
+
+# ---- encoding -------------------------------------------------------------------------
+
+def prompt_text(tokenizer, prompt: str) -> str:
+    """The text the model sees before its answer: the chat template if the tokenizer has
+    one, else a plain Question/Answer format."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
+                                             tokenize=False, add_generation_prompt=True)
+    return f"Question: {prompt}\nAnswer:"
+
+
+def _response_text(tokenizer, response: str) -> str:
+    return response if getattr(tokenizer, "chat_template", None) else " " + response
+
+
+def encode_example(tokenizer, prompt: str, response: str, max_len: int) -> dict:
+    """input_ids, attention_mask, labels (lists); labels are -100 on prompt tokens, so only
+    the response and EOS are supervised. Prompt and response are tokenized separately so
+    the prompt ids equal what generation starts from. Too long: the prompt loses its
+    start."""
+    p = tokenizer(prompt_text(tokenizer, prompt), add_special_tokens=False)["input_ids"]
+    r = tokenizer(_response_text(tokenizer, response), add_special_tokens=False)["input_ids"]
+    r = r + [tokenizer.eos_token_id]
+    r = r[:max_len - 1]  # keep at least one context token to predict from
+    p = p[len(p) + len(r) - max_len:] if len(p) + len(r) > max_len else p
+    ids = p + r
+    return {"input_ids": ids, "attention_mask": [1] * len(ids),
+            "labels": [IGNORE] * len(p) + r}
+
+
+def collate(encoded: list[dict], pad_id: int, pad_to_multiple_of: int = 1) -> dict:
+    """Right-pad to the longest (rounded up); padding is masked and unsupervised."""
+    n = max(len(e["input_ids"]) for e in encoded)
+    n = -(-n // pad_to_multiple_of) * pad_to_multiple_of
+    batch = {"input_ids": [], "attention_mask": [], "labels": []}
+    for e in encoded:
+        pad = n - len(e["input_ids"])
+        batch["input_ids"].append(e["input_ids"] + [pad_id] * pad)
+        batch["attention_mask"].append(e["attention_mask"] + [0] * pad)
+        batch["labels"].append(e["labels"] + [IGNORE] * pad)
+    return {k: torch.tensor(v, dtype=torch.long) for k, v in batch.items()}
+
+
+# ---- scoring --------------------------------------------------------------------------
+
+def normalize_answer(text: str) -> str:
+    lines = text.strip().splitlines()
+    return lines[0].strip() if lines else ""
+
+
+def exact_match(predictions: list[str], references: list[str]) -> float:
+    """Fraction of predictions whose first line equals the reference (whitespace-trimmed)."""
+    if len(predictions) != len(references):
+        raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
+    if not references:
+        return 0.0
+    hits = sum(normalize_answer(p) == r.strip() for p, r in zip(predictions, references))
+    return hits / len(references)
+
+
+@torch.no_grad()
+def generate_answers(model, tokenizer, prompts: list[str], max_new_tokens: int = 8,
+                     batch_size: int = 16, device=None) -> list[str]:
+    """Greedy answers, from the same prompt ids as training (left-padded batches)."""
+    device = device or next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    out = []
+    for i in range(0, len(prompts), batch_size):
+        ids = [tokenizer(prompt_text(tokenizer, p), add_special_tokens=False)["input_ids"]
+               for p in prompts[i:i + batch_size]]
+        n = max(map(len, ids))
+        input_ids = torch.tensor([[pad] * (n - len(x)) + x for x in ids], device=device)
+        mask = torch.tensor([[0] * (n - len(x)) + [1] * len(x) for x in ids], device=device)
+        gen = model.generate(input_ids=input_ids, attention_mask=mask, do_sample=False,
+                             max_new_tokens=max_new_tokens, pad_token_id=pad,
+                             eos_token_id=tokenizer.eos_token_id, use_cache=True)
+        out += tokenizer.batch_decode(gen[:, n:], skip_special_tokens=True)
+    return out

@@ -1,0 +1,180 @@
+"""Triton kernels against their plain-PyTorch references.
+
+CPU: TRITON_INTERPRET=1 (set here, before the kernel modules are imported, since @triton.jit
+decides at decoration time), fp32 and fp16 (tl.dot is wrong in bf16 under the interpreter).
+GPU: bf16 (and fp16/fp32) on real shapes; skipped without CUDA.
+Outputs are poisoned with NaN first, so an element the kernel never writes fails the test.
+
+Tolerances (output vs fp32-math reference rounded to the same dtype):
+fp32 rtol=atol=1e-4; fp16 rtol=atol=1e-2; bf16 rtol=atol=2e-2 (one bf16 ulp is 0.8%).
+"""
+import os
+
+import pytest
+import torch
+
+CUDA = torch.cuda.is_available()
+if not CUDA:
+    os.environ["TRITON_INTERPRET"] = "1"
+pytest.importorskip("triton")
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from sparselora_compile.runtime.kernels import fused_estimator as fe  # noqa: E402
+from sparselora_compile.runtime.kernels import gathered_gemm as gg  # noqa: E402
+from sparselora_compile.runtime.kernels import triton_available  # noqa: E402
+
+TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 2e-2}
+PRODUCTS = ["out_sparse_matmul", "in_sparse_matmul", "out_sparse_grad_input", "in_sparse_grad_input"]
+cpu_only = pytest.mark.skipif(CUDA, reason="interpreter tests run on CPU-only machines; see TestGPU")
+
+
+def nan_empty(shape, **kw):
+    return torch.full(shape, float("nan"), **kw)
+
+
+def make_case(product, M, K, N, k, dtype, device, seed, pad=0):
+    """Operands for one product: A (maybe a column slice of a wider buffer: row stride != width), W, idx."""
+    g = torch.Generator().manual_seed(seed)
+    W = (torch.randn(N, K, generator=g) / K**0.5).to(device, dtype)
+    gathered_dim = N if product in ("out_sparse_matmul", "out_sparse_grad_input") else K
+    k = min(k, gathered_dim)
+    idx = torch.randperm(gathered_dim, generator=g)[:k].sort().values
+    idx = idx.to(torch.int32 if seed % 2 else torch.int64).to(device)
+    a_cols = {"out_sparse_matmul": K, "in_sparse_matmul": k, "out_sparse_grad_input": k,
+              "in_sparse_grad_input": N}[product]
+    a = torch.randn(M, a_cols + pad, generator=g).to(device, dtype)[:, :a_cols]
+    return a, W, idx
+
+
+def out_width(product, W, idx):
+    return {"out_sparse_matmul": idx.numel(), "in_sparse_matmul": W.shape[0],
+            "out_sparse_grad_input": W.shape[1], "in_sparse_grad_input": idx.numel()}[product]
+
+
+def check_product(product, a, W, idx, rows, dtype):
+    fn, ref = getattr(gg, product), getattr(gg, product + "_reference")
+    # Poisoned caller buffer: rows the kernel writes must lose their NaN, the others keep it.
+    poison = torch.full((a.shape[0], out_width(product, W, idx)), float("nan"), device=a.device, dtype=dtype)
+    got = fn(a, W, idx, rows=rows, out=poison.clone())
+    want = ref(a, W, idx, rows=rows, out=poison.clone())
+    torch.testing.assert_close(got, want, rtol=TOL[dtype], atol=TOL[dtype], equal_nan=True)
+    # Fresh output (no `out`): everything defined, unselected rows zero.
+    got = fn(a, W, idx, rows=rows)
+    torch.testing.assert_close(got, ref(a, W, idx, rows=rows), rtol=TOL[dtype], atol=TOL[dtype])
+    assert not got.isnan().any()
+
+
+def draw_rows(data, M, device):
+    mode = data.draw(st.sampled_from(["all", "span", "index"]))
+    if mode == "all":
+        return None
+    if mode == "span":
+        start = data.draw(st.integers(0, M))
+        return (start, data.draw(st.integers(start, M)))
+    sel = data.draw(st.lists(st.integers(0, M - 1), min_size=0, max_size=M, unique=True))
+    return torch.tensor(sorted(sel), dtype=torch.int32, device=device)
+
+
+@pytest.fixture
+def poisoned_alloc(monkeypatch):
+    """Fresh kernel outputs start as NaN instead of whatever torch.empty returns."""
+    monkeypatch.setattr(gg, "_empty", nan_empty)
+    monkeypatch.setattr(fe, "_empty", nan_empty)
+
+
+def test_triton_available():
+    assert triton_available()
+
+
+@pytest.mark.parametrize("k,multiple,limit,want", [
+    (1433, 64, None, 1472), (144, 64, None, 192), (128, 64, None, 128), (1, 128, None, 128),
+    (0, 64, None, 0), (14300, 128, 14336, 14336), (4000, 128, 4096, 4096),
+])
+def test_round_k(k, multiple, limit, want):
+    assert gg.round_k(k, multiple, limit) == want
+
+
+@cpu_only
+@pytest.mark.parametrize("product", PRODUCTS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_gathered_products_interpreter(poisoned_alloc, product, dtype, data):
+    # Sizes cross the 32x32x16 interpreter tile with ragged tails on every axis.
+    M = data.draw(st.integers(1, 70), label="M")
+    K = data.draw(st.integers(1, 70), label="K")
+    N = data.draw(st.integers(1, 70), label="N")
+    k = data.draw(st.integers(1, 70), label="k")
+    pad = data.draw(st.sampled_from([0, 3]), label="pad")
+    a, W, idx = make_case(product, M, K, N, k, dtype, "cpu", data.draw(st.integers(0, 999)), pad)
+    check_product(product, a, W, idx, draw_rows(data, M, "cpu"), dtype)
+
+
+@cpu_only
+def test_empty_selection_gives_zeros():
+    W = torch.randn(9, 7)
+    none = torch.empty(0, dtype=torch.int64)
+    assert gg.in_sparse_matmul(torch.randn(5, 0), W, none).eq(0).all()
+    assert gg.out_sparse_grad_input(torch.randn(5, 0), W, none).eq(0).all()
+    assert gg.out_sparse_matmul(torch.randn(5, 7), W, none).shape == (5, 0)
+
+
+def check_scores(M, H, r, F, dtype, device, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(M, H, generator=g).to(device, dtype)
+    Ag, Au = ((torch.randn(H, r, generator=g) / H**0.5).to(device, dtype) for _ in range(2))
+    Bg, Bu = (torch.randn(r, F, generator=g).to(device, dtype) for _ in range(2))
+    got = fe.mlp_channel_scores(x, Ag, Bg, Au, Bu)
+    want = fe.mlp_channel_scores_reference(x, Ag, Bg, Au, Bu)
+    assert got.dtype == torch.float32 and got.shape == (F,)
+    # Scores are sums of M squares; x@A is rounded to `dtype` before the kernel, hence 2*TOL.
+    tol = 2 * TOL[dtype]
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol * float(want.max()) + 1e-6)
+    xa = x @ Ag
+    got = fe.channel_sq_norms(xa, Bg)
+    torch.testing.assert_close(got, fe.channel_sq_norms_reference(xa, Bg), rtol=tol, atol=1e-5)
+
+
+@cpu_only
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(M=st.integers(1, 80), H=st.integers(1, 40), r=st.integers(1, 32), F=st.integers(1, 90),
+       seed=st.integers(0, 999))
+def test_estimator_interpreter(poisoned_alloc, dtype, M, H, r, F, seed):
+    # M up to 80 with 128-row chunks per program: the 2-way token split sees an empty second half too.
+    check_scores(M, H, r, F, dtype, "cpu", seed)
+
+
+@cpu_only
+def test_estimator_token_split(poisoned_alloc):
+    # 300 tokens = three 128-row chunks: partial sums from several programs must add up.
+    check_scores(300, 24, 8, 40, torch.float32, "cpu", 0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+class TestGPU:
+    SHAPES = [  # (M, K, N, k): ragged k, odd K/N, one row, and one LLaMA-sized case
+        (1, 64, 64, 7), (257, 520, 700, 333), (1000, 1001, 999, 500), (513, 4096, 1024, 77),
+        (2048, 4096, 14336, 1433),
+    ]
+
+    @pytest.mark.parametrize("product", PRODUCTS)
+    @pytest.mark.parametrize("shape", SHAPES)
+    def test_products_bf16(self, poisoned_alloc, product, shape):
+        M, K, N, k = shape
+        a, W, idx = make_case(product, M, K, N, k, torch.bfloat16, "cuda", seed=sum(shape), pad=8)
+        for rows in (None, (M // 3, M), torch.arange(0, M, 3, device="cuda", dtype=torch.int32)):
+            check_product(product, a, W, idx, rows, torch.bfloat16)
+
+    @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+    @pytest.mark.parametrize("product", PRODUCTS)
+    def test_products_other_dtypes(self, poisoned_alloc, product, dtype):
+        a, W, idx = make_case(product, 300, 333, 444, 111, dtype, "cuda", seed=1)
+        check_product(product, a, W, idx, None, dtype)
+
+    @pytest.mark.parametrize("M,H,r,F", [(1, 64, 8, 100), (4096, 4096, 8, 14336), (777, 512, 32, 1000), (50, 64, 4, 17)])
+    def test_estimator_bf16(self, poisoned_alloc, M, H, r, F):
+        check_scores(M, H, r, F, torch.bfloat16, "cuda", seed=M)
