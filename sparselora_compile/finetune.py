@@ -1,0 +1,244 @@
+"""The main job: PEFT LoRA fine-tuning under torch.compile(backend="sparselora"), with an
+optional dense twin run (same seed, same data order) for comparison."""
+from __future__ import annotations
+
+import contextlib
+import inspect
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from . import tasks
+
+LORA_TARGETS = {
+    "attn": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "all": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+}
+
+
+@dataclass
+class FinetuneConfig:
+    model: str | None = None        # None: the default SmolLM2-135M GGUF
+    tiny: bool = False              # tiny random Llama (tests, smoke runs)
+    data: str | None = None         # JSONL of {"prompt", "response"}; None: arithmetic
+    steps: int = 60
+    batch_size: int = 8
+    max_len: int = 96
+    lr: float = 1e-3
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_targets: str = "attn"      # "attn" (q,k,v,o) or "all" linears
+    backend: str = "sparselora"     # torch.compile backend; "eager": no compile
+    inner: str = "inductor"         # sparselora's inner compiler
+    policy: str | None = None       # preset name or YAML path
+    sparsity: float | None = None   # uniform MLP+attention sparsity, overrides policy
+    train_size: int = 2000
+    eval_size: int = 64
+    seed: int = 0
+    device: str = "auto"
+    threads: int | None = None
+    extra: dict = field(default_factory=dict)
+
+
+# ---- policy: the one place that maps CLI options onto the backend's API ---------------
+
+def compile_args(cfg: FinetuneConfig, dense: bool = False):
+    """(backend, options) for torch.compile, or None for eager. `dense` is the baseline:
+    plain Inductor when the run under test is sparselora, else the same backend."""
+    if cfg.backend == "eager":
+        return None
+    if cfg.backend != "sparselora":
+        return cfg.backend, {}
+    if dense:
+        return "inductor", {}
+    return "sparselora", {"policy": build_policy(cfg), "inner": cfg.inner, "verbose": False}
+
+
+def build_policy(cfg: FinetuneConfig):
+    from . import Policy, presets
+
+    if cfg.sparsity is not None:
+        # Uniform sparsity on every block, the sensitive edges and 5% warm-up dense.
+        return Policy(mlp=cfg.sparsity, attention=cfg.sparsity, dense_edges=True,
+                      warmup_fraction=0.05, total_steps=cfg.steps)
+    name = cfg.policy or ("tiny" if cfg.tiny else "smollm2")
+    if name == "tiny":  # a 2-layer model has no "middle": sparsify all but warm-up
+        return Policy(mlp=0.5, attention=0.25, warmup_steps=1)
+    if name.endswith((".yaml", ".yml")):
+        return Policy.from_yaml(name, total_steps=cfg.steps)
+    if name not in presets.PRESETS:
+        raise ValueError(f"--policy {name!r}: not a preset {sorted(presets.PRESETS)} "
+                         "nor a .yaml file")
+    fn = presets.PRESETS[name]
+    return fn(total_steps=cfg.steps) if "total_steps" in inspect.signature(fn).parameters else fn()
+
+
+def policy_stats(options) -> dict | None:
+    policy = (options or {}).get("policy")
+    stats = getattr(policy, "stats", None)
+    return stats.as_dict() if hasattr(stats, "as_dict") else None
+
+
+# ---- setup ----------------------------------------------------------------------------
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def set_threads(n: int | None) -> int:
+    # torch defaults to the host's physical cores, not the cores this process may use.
+    if not n:
+        n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    torch.set_num_threads(max(1, n))
+    return torch.get_num_threads()
+
+
+def load(cfg: FinetuneConfig):
+    from .models import load_model, tiny_llama
+    if cfg.tiny:
+        return tiny_llama(seed=cfg.seed)
+    return load_model(cfg.model)
+
+
+def load_data(cfg: FinetuneConfig):
+    if cfg.data:
+        return tasks.split_examples(tasks.load_jsonl(cfg.data), cfg.eval_size, cfg.seed)
+    return (tasks.arithmetic_task(cfg.train_size, "train", cfg.seed),
+            tasks.arithmetic_task(cfg.eval_size, "eval", cfg.seed))
+
+
+def add_lora(model, cfg: FinetuneConfig):
+    from peft import LoraConfig, get_peft_model
+    if cfg.lora_targets not in LORA_TARGETS:
+        raise ValueError(f"lora targets {cfg.lora_targets!r}: expected one of {list(LORA_TARGETS)}")
+    lcfg = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
+                      target_modules=LORA_TARGETS[cfg.lora_targets], task_type="CAUSAL_LM")
+    with torch.random.fork_rng(devices=[]):  # same adapter init for sparse and dense runs
+        torch.manual_seed(cfg.seed)
+        return get_peft_model(model, lcfg)
+
+
+def batches(encoded, cfg: FinetuneConfig, pad_id: int):
+    """Endless seeded shuffled batches: identical order for every run with the same seed."""
+    g = torch.Generator().manual_seed(cfg.seed)
+    while True:
+        order = torch.randperm(len(encoded), generator=g).tolist()
+        for i in range(0, len(order) - cfg.batch_size + 1, cfg.batch_size):
+            yield tasks.collate([encoded[j] for j in order[i:i + cfg.batch_size]], pad_id, 8)
+
+
+# ---- evaluation -----------------------------------------------------------------------
+
+@torch.no_grad()
+def eval_loss(model, encoded, pad_id, device, batch_size=16) -> float:
+    """Token-weighted mean loss over the supervised tokens (eager: no recompile)."""
+    total, count = 0.0, 0
+    for i in range(0, len(encoded), batch_size):
+        b = {k: v.to(device) for k, v in tasks.collate(encoded[i:i + batch_size], pad_id).items()}
+        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+        tgt = b["labels"][:, 1:]
+        loss = torch.nn.functional.cross_entropy(
+            logits[:, :-1].float().flatten(0, 1), tgt.flatten(), ignore_index=tasks.IGNORE,
+            reduction="sum")
+        total += loss.item()
+        count += int((tgt != tasks.IGNORE).sum())
+    return total / max(count, 1)
+
+
+def evaluate(model, tok, eval_set, cfg, device) -> dict:
+    model.eval()
+    model.config.use_cache = True
+    enc = [tasks.encode_example(tok, e.prompt, e.response, cfg.max_len) for e in eval_set]
+    max_new = max(len(tok(e.response, add_special_tokens=False)["input_ids"]) for e in eval_set) + 4
+    preds = tasks.generate_answers(model, tok, [e.prompt for e in eval_set], max_new, device=device)
+    model.config.use_cache = False
+    return {"eval_loss": eval_loss(model, enc, tok.pad_token_id, device),
+            "exact_match": tasks.exact_match(preds, [e.response for e in eval_set]),
+            "samples": [{"prompt": e.prompt, "reference": e.response, "prediction": p}
+                        for e, p in list(zip(eval_set, preds))[:8]]}
+
+
+# ---- the run --------------------------------------------------------------------------
+
+def run(cfg: FinetuneConfig, dense: bool = False, progress: bool = True) -> dict:
+    """Fine-tune once; returns everything the report needs plus the trained PEFT model."""
+    from tqdm.auto import tqdm
+
+    device = pick_device(cfg.device)
+    threads = set_threads(cfg.threads) if device.type == "cpu" else None
+    torch.manual_seed(cfg.seed)
+    t0 = time.perf_counter()
+    model, tok = load(cfg)
+    model.config.use_cache = False  # the KV cache output causes graph breaks in training
+    model = add_lora(model, cfg).to(device)
+    load_s = time.perf_counter() - t0
+
+    train_set, eval_set = load_data(cfg)
+    encoded = [tasks.encode_example(tok, e.prompt, e.response, cfg.max_len) for e in train_set]
+    it = batches(encoded, cfg, tok.pad_token_id)
+
+    spec = compile_args(cfg, dense)
+    backend = "eager" if spec is None else spec[0]
+    step_fn = model if spec is None else torch.compile(model, backend=spec[0], options=spec[1] or None)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    warm = max(1, cfg.steps // 10)  # linear warm-up, then cosine decay to 10%
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) * (
+        0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, s / max(1, cfg.steps - 1))))))
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
+                else contextlib.nullcontext())
+
+    label = f"{'dense' if dense else 'train'} [{backend}]"
+    losses, step_times, tokens = [], [], 0
+    model.train()
+    bar = tqdm(range(cfg.steps), desc=label, disable=not progress, file=sys.stderr,
+               dynamic_ncols=True)
+    t_train = time.perf_counter()
+    for step in bar:
+        b = {k: v.to(device) for k, v in next(it).items()}
+        ts = time.perf_counter()
+        with autocast:
+            loss = step_fn(**b).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        step_times.append(time.perf_counter() - ts)
+        n_tok = int(b["attention_mask"].sum())
+        tokens += n_tok
+        bar.set_postfix(loss=f"{losses[-1]:.3f}", tok_s=f"{n_tok / step_times[-1]:.0f}")
+    train_s = time.perf_counter() - t_train
+    bar.close()
+
+    te = time.perf_counter()
+    metrics = evaluate(model, tok, eval_set, cfg, device)
+    eval_s = time.perf_counter() - te
+    steady = step_times[1:] or step_times  # step 0 includes the compile
+    stats = policy_stats(spec[1] if spec else None)
+    tail = losses[-max(1, len(losses) // 10):]
+    return {
+        "dense": dense, "backend": backend, "device": str(device), "threads": threads,
+        "losses": losses, "step_times": step_times,
+        "train_loss": sum(tail) / len(tail),
+        **{k: metrics[k] for k in ("eval_loss", "exact_match")},
+        "samples": metrics["samples"],
+        "flops": stats,
+        "flops_saved": (stats or {}).get("saved_fraction", 0.0 if dense or backend != "sparselora" else None),
+        "timing": {"load_s": load_s, "first_step_s": step_times[0] if step_times else None,
+                   "train_s": train_s, "eval_s": eval_s,
+                   "tokens_per_s": tokens / max(train_s, 1e-9),
+                   "steady_step_s": sum(steady) / max(len(steady), 1)},
+        "model": model, "tokenizer": tok,
+    }
+
+
+def config_dict(cfg: FinetuneConfig) -> dict:
+    return asdict(cfg)
