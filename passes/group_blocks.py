@@ -105,7 +105,7 @@ def group_blocks(sites: list[Site]) -> Grouping:
     if not sites:
         return out
     graph = sites[0].scope.gm.graph
-    by_output = {s.output: s for s in sites}
+    by_output = {strip_casts(s.output): s for s in sites}  # PEFT casts its result back
     used: set[int] = set()
     _group_mlps(sites, by_output, out, used)
     _group_attention(graph, sites, by_output, out, used)

@@ -21,7 +21,7 @@ CACHE_FORMAT_VERSION = 1
 # Below this size the weight is copied to the host and hashed byte for byte.
 HOST_HASH_LIMIT_BYTES = 64 << 20
 # Words per chunk of the on-device hash, to bound the temporary int64 memory.
-_DEVICE_HASH_CHUNK = 1 << 24
+_DEVICE_HASH_CHUNK = 1 << 22
 
 
 def default_cache_dir() -> Path:

@@ -2,6 +2,11 @@
 
 Plain PyTorch slices the frozen weight (`W[idx]`) and calls the dense GEMM; the Triton
 kernels read the kept rows/columns inside the kernel and copy nothing.
+
+Rule (from bench/results/kernels.json, H200 bf16): the row-gathering kernels
+(out-sparse forward and its input gradient) win over slice + cuBLAS once k >= 512 kept
+channels; below that too few output tiles fill the GPU. Column gathers on a row-major W
+(in-sparse) read scattered 2-byte words and lose 5-10x, so they slice + cuBLAS.
 """
 from __future__ import annotations
 
@@ -10,8 +15,13 @@ import os
 import torch
 
 
-def _use_triton(t: torch.Tensor) -> bool:
+MIN_TRITON_K = 512
+
+
+def _use_triton(t: torch.Tensor, k: int | None = None) -> bool:
     if not t.is_cuda or os.environ.get("SPARSELORA_DISABLE_TRITON") == "1":
+        return False
+    if k is not None and k < MIN_TRITON_K:
         return False
     from .kernels import triton_available
     return triton_available()
@@ -19,7 +29,7 @@ def _use_triton(t: torch.Tensor) -> bool:
 
 def out_sparse_matmul(x, w, idx):
     """x @ W[idx]^T -> [M, k]"""
-    if _use_triton(x):
+    if _use_triton(x, idx.numel()):
         from .kernels.gathered_gemm import out_sparse_matmul as kernel
         return kernel(x, w, idx)
     return x @ w[idx].t()
@@ -27,7 +37,7 @@ def out_sparse_matmul(x, w, idx):
 
 def out_sparse_grad_input(gy_kept, w, idx):
     """gy_kept @ W[idx] -> [M, K]"""
-    if _use_triton(gy_kept):
+    if _use_triton(gy_kept, idx.numel()):
         from .kernels.gathered_gemm import out_sparse_grad_input as kernel
         return kernel(gy_kept, w, idx)
     return gy_kept @ w[idx]
@@ -35,15 +45,9 @@ def out_sparse_grad_input(gy_kept, w, idx):
 
 def in_sparse_matmul(h_kept, w, idx):
     """h_kept @ W[:, idx]^T -> [M, N]"""
-    if _use_triton(h_kept):
-        from .kernels.gathered_gemm import in_sparse_matmul as kernel
-        return kernel(h_kept, w, idx)
     return h_kept @ w[:, idx].t()
 
 
 def in_sparse_grad_input(gy, w, idx):
     """gy @ W[:, idx] -> [M, k]"""
-    if _use_triton(gy):
-        from .kernels.gathered_gemm import in_sparse_grad_input as kernel
-        return kernel(gy, w, idx)
     return gy @ w[:, idx]

@@ -66,7 +66,8 @@ class RuntimeState:
         return not self.force_dense and self.step >= self.warmup_steps
 
     def count_flops(self, dense: int, executed: int) -> None:
-        if torch.is_grad_enabled() or self.record is not None:
+        # Forward products only: skip recomputation inside a backward (checkpointing).
+        if torch._C._current_graph_task_id() == -1:
             self.stats.base_flops_dense += dense
             self.stats.base_flops_executed += executed
 

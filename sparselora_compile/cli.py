@@ -39,7 +39,7 @@ def _parser() -> argparse.ArgumentParser:
     ft.add_argument("--sparsity", type=float,
                     help="uniform MLP+attention sparsity for every block (edges dense); overrides --policy")
     ft.add_argument("--compare-dense", action="store_true",
-                    help="also run the same fine-tune dense (plain Inductor) and compare")
+                    help="also run the same fine-tune dense (plain --inner compiler, same seed and data order) and compare")
     ft.add_argument("--train-size", type=int, default=d.train_size)
     ft.add_argument("--eval-size", type=int, help=f"held-out examples (default {d.eval_size}; 8 with --tiny)")
     ft.add_argument("--seed", type=int, default=d.seed)
@@ -140,8 +140,10 @@ def finetune_main(a) -> int:
         results.append(run(cfg, dense=True, progress=not a.no_progress))
     wall = time.perf_counter() - t0
     write_run(out, cfg, results, wall)
-    print(format_table(results))
-    print(f"\nwall time {wall:.0f} s; run written to {out}/ (run.json, loss.png, adapter/)")
+    table = format_table(results)
+    (out / "summary.txt").write_text(table + "\n")
+    print(table)
+    print(f"\nwall time {wall:.0f} s; run written to {out}/ (run.json, summary.txt, loss.png, adapter/)")
     return 0
 
 

@@ -47,14 +47,15 @@ class FinetuneConfig:
 # ---- policy: the one place that maps CLI options onto the backend's API ---------------
 
 def compile_args(cfg: FinetuneConfig, dense: bool = False):
-    """(backend, options) for torch.compile, or None for eager. `dense` is the baseline:
-    plain Inductor when the run under test is sparselora, else the same backend."""
-    if cfg.backend == "eager":
+    """(backend, options) for torch.compile, or None for eager. The dense baseline of a
+    sparselora run is the compiler sparselora hands its graph to (`--inner`, Inductor by
+    default), so the two differ only by the rewrite; other backends are their own
+    baseline."""
+    backend = cfg.inner if cfg.backend == "sparselora" and dense else cfg.backend
+    if backend == "eager":
         return None
-    if cfg.backend != "sparselora":
-        return cfg.backend, {}
-    if dense:
-        return "inductor", {}
+    if backend != "sparselora":
+        return backend, {}
     return "sparselora", {"policy": build_policy(cfg), "inner": cfg.inner, "verbose": False}
 
 
@@ -170,6 +171,7 @@ def run(cfg: FinetuneConfig, dense: bool = False, progress: bool = True) -> dict
     """Fine-tune once; returns everything the report needs plus the trained PEFT model."""
     from tqdm.auto import tqdm
 
+    spec = compile_args(cfg, dense)  # first: a bad --policy fails before the model loads
     device = pick_device(cfg.device)
     threads = set_threads(cfg.threads) if device.type == "cpu" else None
     torch.manual_seed(cfg.seed)
@@ -183,7 +185,6 @@ def run(cfg: FinetuneConfig, dense: bool = False, progress: bool = True) -> dict
     encoded = [tasks.encode_example(tok, e.prompt, e.response, cfg.max_len) for e in train_set]
     it = batches(encoded, cfg, tok.pad_token_id)
 
-    spec = compile_args(cfg, dense)
     backend = "eager" if spec is None else spec[0]
     step_fn = model if spec is None else torch.compile(model, backend=spec[0], options=spec[1] or None)
     params = [p for p in model.parameters() if p.requires_grad]

@@ -156,13 +156,14 @@ def tiny_tokenizer():
 
 def tiny_llama(hidden_size: int = 64, num_layers: int = 2, num_heads: int = 4,
                num_kv_heads: int = 2, intermediate_size: int = 128, seed: int = 0,
-               dtype: torch.dtype = torch.float32):
-    """(model, tokenizer): random-weight LlamaForCausalLM with GQA, for tests and --tiny."""
+               dtype: torch.dtype = torch.float32, vocab_size: int | None = None):
+    """(model, tokenizer): random-weight LlamaForCausalLM with GQA, for tests and --tiny.
+    `vocab_size` defaults to the char tokenizer's."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tok = tiny_tokenizer()
     cfg = LlamaConfig(
-        vocab_size=len(tok), hidden_size=hidden_size, intermediate_size=intermediate_size,
+        vocab_size=vocab_size or len(tok), hidden_size=hidden_size, intermediate_size=intermediate_size,
         num_hidden_layers=num_layers, num_attention_heads=num_heads,
         num_key_value_heads=num_kv_heads, max_position_embeddings=512,
         pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,

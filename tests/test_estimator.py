@@ -78,6 +78,15 @@ def test_plain_svd_is_best_rank_r(rank):
     assert (w.T - other).norm().item() > err
 
 
+def test_rank_deficient_and_zero_weights_give_finite_exact_factors():
+    g = torch.Generator().manual_seed(2)
+    low = torch.randn(14, 2, generator=g) @ torch.randn(2, 9, generator=g)  # rank 2
+    for w in (low, low.T.contiguous(), torch.zeros(7, 5)):
+        a, b = estimator_factors(w, 4)
+        assert torch.isfinite(a).all() and torch.isfinite(b).all()
+        torch.testing.assert_close(a @ b, w.T, rtol=1e-4, atol=1e-5)
+
+
 # ---- activation-aware ------------------------------------------------------------------
 
 

@@ -9,6 +9,9 @@ writing any [M, F] tensor. Tokens are split across programs into an [S, F] fp32 
 
 Squared norms rank channels exactly as norms do, so top-k over these scores is the paper's.
 """
+import functools
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -20,7 +23,7 @@ _empty = torch.empty  # module attribute so tests can poison the partial sums wi
 
 
 def _configs():
-    if interpreting():
+    if interpreting() or os.environ.get("SPARSELORA_KERNELS_TUNE", "1") == "0":
         return [triton.Config({"BLOCK_M": 16, "BLOCK_F": 32}, num_warps=4, num_stages=1)]
     c = triton.Config
     return [c({"BLOCK_M": bm, "BLOCK_F": bf}, num_warps=w, num_stages=3)
@@ -28,7 +31,7 @@ def _configs():
 
 
 @triton.autotune(configs=_configs(), key=["F", "R", "ROWS_PER_PROG", "GATED"], do_bench=autotune_bench)
-@triton.jit
+@triton.jit(do_not_specialize=["M", "ROWS_PER_PROG"])
 def _channel_scores_kernel(
     ag_ptr, bg_ptr, au_ptr, bu_ptr, part_ptr,
     M, F, R, ROWS_PER_PROG,
@@ -47,9 +50,9 @@ def _channel_scores_kernel(
     if GATED:
         bu = tl.load(bu_ptr + offs_r[:, None] * stride_bu_r + offs_f[None, :] * stride_bu_f, mask=b_mask, other=0.0)
 
-    acc = tl.zeros((BLOCK_F,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_F), dtype=tl.float32)  # reduce over tokens once, after the loop
     m_start = pid_s * ROWS_PER_PROG
-    m_stop = tl.minimum(m_start + ROWS_PER_PROG, M - 1)
+    m_stop = tl.minimum(m_start + ROWS_PER_PROG, M)
     for m0 in range(m_start, m_stop, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
         a_mask = (offs_m < m_stop)[:, None] & r_ok[None, :]
@@ -64,8 +67,13 @@ def _channel_scores_kernel(
             p = g * tl.sigmoid(g) * u
         else:
             p = g
-        acc += tl.sum(p * p, axis=0)
-    tl.store(part_ptr + pid_s * F + offs_f, acc, mask=f_ok)
+        acc += p * p
+    tl.store(part_ptr + pid_s * F + offs_f, tl.sum(acc, axis=0), mask=f_ok)
+
+
+@functools.lru_cache(None)
+def _sm_count(index):
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def _rows_per_prog(m, f, device):
@@ -73,8 +81,7 @@ def _rows_per_prog(m, f, device):
     if interpreting() or device.type != "cuda":
         splits = 2
     else:
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
-        splits = max(1, (4 * sms) // triton.cdiv(f, 128))
+        splits = max(1, (4 * _sm_count(device.index or 0)) // triton.cdiv(f, 128))
     return max(128, triton.cdiv(triton.cdiv(m, splits), 128) * 128)
 
 
@@ -115,12 +122,12 @@ def channel_sq_norms(xa, B):
     return _scores(xa, B, None, None)
 
 
-# ---- plain-PyTorch references (fp32 math; they do materialise [M, F]) ----
+# ---- plain-PyTorch references (they do materialise [M, F]) ----
+# x@A is rounded to the input dtype, as in the fused path (and any torch estimator); the rest is fp32.
 
 def mlp_channel_scores_reference(x, Ag, Bg, Au, Bu):
-    xf = x.float()
-    g = xf @ Ag.float() @ Bg.float()
-    u = xf @ Au.float() @ Bu.float()
+    g = (x @ Ag).float() @ Bg.float()
+    u = (x @ Au).float() @ Bu.float()
     return (torch.nn.functional.silu(g) * u).pow(2).sum(0)
 
 

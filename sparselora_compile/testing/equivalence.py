@@ -53,9 +53,12 @@ def assert_rewrite_equivalent(model: torch.nn.Module, inputs: dict, policy, *,
     `inputs` (keyword arguments; the loss is `out.loss`, else a function of the output),
     and compare the loss and every gradient (trainable parameters and inputs that require
     grad) with the eager model under the reference semantics, using the channel
-    selections the compiled run made. Raises AssertionError with the largest mismatch."""
+    selections the compiled run made. Resets Dynamo's caches first. Raises AssertionError with the largest mismatch."""
     from sparselora_compile.backend import BackendOptions  # noqa: F401  (import registers ops)
 
+    # Many models of one class exhaust Dynamo's per-code recompile limit, after which it
+    # silently runs eager; a property test compiles hundreds, so start from a clean cache.
+    torch._dynamo.reset()
     compiled_model = copy.deepcopy(model)
     reference_model = copy.deepcopy(model)
     policy = copy.deepcopy(policy)
@@ -67,6 +70,8 @@ def assert_rewrite_equivalent(model: torch.nn.Module, inputs: dict, policy, *,
     with amp:
         loss_c, grads_c = _run(compiled_model, inputs, compiled)
     record = policy.runtime_state().record
+    if record is None:
+        raise AssertionError("the sparselora backend never ran on this model")
     if expect_blocks is not None and len(record) != expect_blocks:
         raise AssertionError(f"expected {expect_blocks} rewritten blocks, {len(record)} ran: {sorted(record)}")
     with reference_semantics(reference_model, record), amp:
