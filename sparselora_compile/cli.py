@@ -32,8 +32,9 @@ def _parser() -> argparse.ArgumentParser:
                     help="attn: q,k,v,o; all: every linear of the decoder layers")
     ft.add_argument("--backend", default=d.backend,
                     help="torch.compile backend (sparselora, inductor, aot_eager, ...); eager: no compile")
-    ft.add_argument("--inner", default=d.inner, choices=["inductor", "aot_eager", "eager"],
-                    help="compiler sparselora hands the rewritten graph to")
+    ft.add_argument("--inner", default=d.inner, choices=["auto", "inductor", "aot_eager", "eager"],
+                    help="compiler sparselora hands the rewritten graph to "
+                    "(auto: inductor on GPU, aot_eager on CPU)")
     ft.add_argument("--policy", help="policy preset name or SparseLoRA YAML file "
                     "(default: smollm2; a small uniform policy with --tiny)")
     ft.add_argument("--sparsity", type=float,

@@ -33,7 +33,7 @@ class FinetuneConfig:
     lora_alpha: int = 16
     lora_targets: str = "attn"      # "attn" (q,k,v,o) or "all" linears
     backend: str = "sparselora"     # torch.compile backend; "eager": no compile
-    inner: str = "inductor"         # sparselora's inner compiler
+    inner: str = "auto"             # sparselora's inner compiler; auto: see resolve_inner
     policy: str | None = None       # preset name or YAML path
     sparsity: float | None = None   # uniform MLP+attention sparsity, overrides policy
     train_size: int = 2000
@@ -46,17 +46,26 @@ class FinetuneConfig:
 
 # ---- policy: the one place that maps CLI options onto the backend's API ---------------
 
+def resolve_inner(inner: str, device: torch.device) -> str:
+    """auto: Inductor on GPU; aot_eager on CPU, where Inductor's code generation for a
+    30-layer model takes many minutes on 2 cores and CPU training is GEMM-bound anyway."""
+    if inner != "auto":
+        return inner
+    return "inductor" if device.type == "cuda" else "aot_eager"
+
+
 def compile_args(cfg: FinetuneConfig, dense: bool = False):
     """(backend, options) for torch.compile, or None for eager. The dense baseline of a
     sparselora run is the compiler sparselora hands its graph to (`--inner`, Inductor by
     default), so the two differ only by the rewrite; other backends are their own
     baseline."""
-    backend = cfg.inner if cfg.backend == "sparselora" and dense else cfg.backend
+    inner = resolve_inner(cfg.inner, pick_device(cfg.device))
+    backend = inner if cfg.backend == "sparselora" and dense else cfg.backend
     if backend == "eager":
         return None
     if backend != "sparselora":
         return backend, {}
-    return "sparselora", {"policy": build_policy(cfg), "inner": cfg.inner, "verbose": False}
+    return "sparselora", {"policy": build_policy(cfg), "inner": inner, "verbose": False}
 
 
 def build_policy(cfg: FinetuneConfig):

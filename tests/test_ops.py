@@ -1,0 +1,148 @@
+"""The runtime ops against their plain-PyTorch references, forward and gradients."""
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import sparselora_compile  # noqa: F401  registers torch.ops.sparselora
+from sparselora_compile.runtime import selection, sparse_linear
+from sparselora_compile.runtime.ops import dense_token_rows
+from sparselora_compile.runtime.state import new_state
+
+ops = torch.ops.sparselora
+STATE = new_state()
+
+
+@st.composite
+def op_case(draw):
+    m_b, t = draw(st.integers(1, 3)), draw(st.integers(1, 9))
+    k_in, n = draw(st.integers(1, 24)), draw(st.integers(1, 24))
+    dtype = draw(st.sampled_from([torch.float32, torch.float64]))
+    k = draw(st.integers(1, n))
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**16)))
+    idx = torch.randperm(n, generator=g)[:k].sort().values
+    rows = torch.rand(m_b, t, generator=g) < draw(st.floats(0, 1))
+    bias = torch.randn(n, generator=g, dtype=dtype) if draw(st.booleans()) else None
+    return (torch.randn(m_b, t, k_in, generator=g, dtype=dtype),
+            torch.randn(n, k_in, generator=g, dtype=dtype), bias, idx, rows)
+
+
+def _check(op_fn, ref_fn, x, *rest):
+    xa = x.clone().requires_grad_(True)
+    xb = x.clone().requires_grad_(True)
+    ya, yb = op_fn(xa, *rest), ref_fn(xb, *rest)
+    torch.testing.assert_close(ya, yb)
+    gy = torch.randn_like(ya)
+    ya.backward(gy)
+    yb.backward(gy)
+    torch.testing.assert_close(xa.grad, xb.grad)
+
+
+@settings(max_examples=40, deadline=None)
+@given(op_case())
+def test_out_sparse_linear_matches_reference(case):
+    x, w, b, idx, rows = case
+    _check(lambda x, *a: ops.out_sparse_linear(x, *a, STATE.state_id),
+           sparse_linear.out_sparse_reference, x, w, b, idx, rows)
+
+
+@settings(max_examples=40, deadline=None)
+@given(op_case())
+def test_in_sparse_linear_matches_reference(case):
+    x, w, b, idx, rows = case
+    w = w.t().contiguous()  # [k_in, n]: reads n input channels
+    b = None if b is None else torch.randn(w.shape[0], dtype=x.dtype)
+    h = torch.randn(*x.shape[:-1], w.shape[1], dtype=x.dtype)
+    _check(lambda h, *a: ops.in_sparse_linear(h, *a, STATE.state_id),
+           sparse_linear.in_sparse_reference, h, w, b, idx, rows)
+
+
+@settings(max_examples=30, deadline=None)
+@given(op_case())
+def test_mask_channels_matches_reference(case):
+    x, w, _, idx, rows = case
+    h = torch.randn(*x.shape[:-1], w.shape[0], dtype=x.dtype)
+    _check(ops.mask_channels, sparse_linear.mask_reference, h, idx, rows)
+
+
+def test_output_token_rows_equal_dense():
+    x, w = torch.randn(2, 6, 8), torch.randn(12, 8)
+    idx = torch.tensor([1, 4, 7])
+    rows = torch.tensor([[False] * 4 + [True] * 2] * 2)
+    dense = torch.nn.functional.linear(x, w)
+    y = ops.out_sparse_linear(x, w, None, idx, rows, STATE.state_id)
+    torch.testing.assert_close(y[rows], dense[rows])
+    assert not torch.equal(y[~rows], dense[~rows])
+    z = ops.in_sparse_linear(torch.randn(2, 6, 12), w.t().contiguous(), None, idx, rows, STATE.state_id)
+    assert z.shape == (2, 6, 8)
+
+
+def test_dense_token_rows_marks_supervised_and_predicting_positions():
+    labels = torch.tensor([[-100, -100, -100, 5, 6, -100], [-100, 7, -100, -100, -100, -100]])
+    expect = torch.tensor([[0, 0, 1, 1, 1, 0], [1, 1, 0, 0, 0, 0]], dtype=torch.bool)
+    assert torch.equal(dense_token_rows(labels), expect)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(1, 4), st.integers(1, 4), st.integers(1, 6), st.data())
+def test_gqa_channel_maps_match_brute_force(n_kv, n_rep, head_dim, data):
+    n_heads = n_kv * n_rep
+    kv_idx = torch.tensor(sorted(data.draw(st.sets(st.integers(0, n_kv * head_dim - 1), min_size=1))))
+    got = selection.expand_kv_channels(kv_idx, n_heads, n_kv, head_dim).tolist()
+    kept = set(kv_idx.tolist())
+    brute = [h * head_dim + d for h in range(n_heads) for d in range(head_dim)
+             if (h // n_rep) * head_dim + d in kept]  # repeat_kv: query head h reads kv head h // n_rep
+    assert got == brute
+
+
+def test_attention_selection_scores_follow_groups():
+    """With one query head group carrying all the energy, QK keeps that group's kv head."""
+    torch.manual_seed(0)
+    n_heads, n_kv, hd, hidden = 4, 2, 4, 16
+    x = torch.randn(1, 5, hidden)
+    eye = torch.eye(hidden)
+    aq, bq = eye, torch.zeros(hidden, n_heads * hd)
+    bq[:, 2 * hd: 4 * hd] = torch.randn(hidden, 2 * hd) * 10  # query heads 2, 3 = group 1
+    ak, bk = eye, torch.randn(hidden, n_kv * hd)
+    av, bv = eye, torch.randn(hidden, n_kv * hd)
+    rows = torch.zeros(1, 5, dtype=torch.bool)
+    iq, ik, iv, io = selection.attention_selection(x, ((aq, bq), (ak, bk), (av, bv)), rows, hd, hd,
+                                                   n_heads, n_kv, hd)
+    assert ik.tolist() == list(range(hd, 2 * hd))
+    assert iq.tolist() == list(range(2 * hd, 4 * hd))
+    assert len(io) == 2 * len(iv)
+
+
+def test_mlp_scores_use_context_rows_only():
+    x = torch.randn(1, 4, 6)
+    a, b = torch.randn(6, 2), torch.randn(2, 10)
+    rows = torch.tensor([[False, False, True, True]])
+    got = selection.mlp_scores(x, a, b, a, b, rows)
+    xc = x[0, :2]
+    ref = (torch.nn.functional.silu(xc @ a @ b) * (xc @ a @ b)).square().sum(0)
+    torch.testing.assert_close(got, ref)
+
+
+def test_ops_under_autocast_follow_its_dtype():
+    x, w = torch.randn(2, 3, 8), torch.randn(6, 8)
+    rows = torch.zeros(2, 3, dtype=torch.bool)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = ops.out_sparse_linear(x, w, None, torch.tensor([0, 2]), rows, STATE.state_id)
+    assert y.dtype == torch.bfloat16
+
+
+def test_fake_kernels_give_shapes():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode():
+        x, w = torch.empty(2, 3, 8), torch.empty(6, 8)
+        rows = torch.empty(2, 3, dtype=torch.bool)
+        assert ops.out_sparse_linear(x, w, None, torch.empty(4, dtype=torch.long), rows, 0).shape == (2, 3, 6)
+        assert ops.select_mlp(x, torch.empty(8, 2), torch.empty(2, 6), torch.empty(8, 2),
+                              torch.empty(2, 6), rows, 4, 0, "b").shape == (4,)
+
+
+@pytest.mark.parametrize("k", [1, 5])
+def test_top_channels_is_sorted_set(k):
+    s = torch.tensor([0.1, 5.0, 3.0, 4.0, 0.2])
+    got = selection.top_channels(s, k)
+    assert got.tolist() == sorted(torch.topk(s, k).indices.tolist())

@@ -1,0 +1,115 @@
+"""Policy rules, presets, the reference YAML format, and errors on bad input."""
+import pytest
+import torch
+
+import sparselora_compile as slc
+from sparselora_compile.policy import BlockInfo
+
+from llama import ALL, batch, tiny_llama
+
+
+def _block(layer, kind="mlp", n=30):
+    return BlockInfo(name=f"model.layers.{layer}.{kind}", layer=layer, kind=kind, in_features=64,
+                     channels=128, num_layers=n)
+
+
+def test_math10k_preset_matches_published_layers():
+    p = slc.presets.math10k(total_steps=1000)
+    assert p.sparsity_for(_block(3)) == 0.99 and p.sparsity_for(_block(30)) == 0.99
+    assert p.sparsity_for(_block(2)) == 0.0 and p.sparsity_for(_block(31)) == 0.0
+    assert p.sparsity_for(_block(14, "attention")) == 0.75
+    assert p.sparsity_for(_block(20, "attention")) == 0.0
+    assert p.warmup() == 50
+
+
+def test_csr_preset():
+    p = slc.presets.csr()
+    assert p.sparsity_for(_block(17)) == 0.97 and p.sparsity_for(_block(16)) == 0.0
+    assert p.sparsity_for(_block(20, "attention")) == 0.2
+
+
+def test_yaml_loader_reads_reference_format():
+    text = """
+start_step: 0.05
+mode: "svd_16"
+skip_output_tokens: True
+ffn_sparsity: "ffn=0.99x28"
+sparsity:
+  layers.0.mlp: 0
+  layers.29.mlp: 0.99
+  layers.29.self_attn: 0.75
+"""
+    p = slc.Policy.from_yaml(text, total_steps=200)
+    assert p.rank == 16 and p.dense_output_tokens and p.warmup() == 10
+    assert p.sparsity_for(_block(29)) == 0.99
+    assert p.sparsity_for(_block(29, "attention")) == 0.75
+    assert p.sparsity_for(_block(0)) == 0.0
+
+
+def test_yaml_unknown_key_and_mode():
+    with pytest.raises(ValueError, match="unknown key"):
+        slc.Policy.from_yaml("start_step: 3\nbogus: 1\n")
+    with pytest.raises(ValueError, match="mode"):
+        slc.Policy.from_yaml("mode: oracle_l2norm\n")
+
+
+def test_k_rounds_up_to_multiple():
+    p = slc.Policy(mlp=0.9, k_multiple=8)
+    assert p.kept_channels(_block(5), 0.9) == 16   # int(12.8) = 12 -> 16
+    assert slc.Policy(k_multiple=1).kept_channels(_block(5), 0.9) == 12
+
+
+def test_dense_edges_and_dense_layers():
+    p = slc.Policy(mlp=0.5, dense_edges=True, dense_layers=[10])
+    assert [p.sparsity_for(_block(i)) for i in (0, 2, 3, 10, 28, 29)] == [0, 0, 0.5, 0, 0.5, 0]
+
+
+def test_custom_decide_function_and_subclass():
+    p = slc.Policy(decide=lambda b: 0.8 if b.kind == "mlp" and b.layer % 2 else None, mlp=0.1)
+    assert p.sparsity_for(_block(3)) == 0.8 and p.sparsity_for(_block(4)) == 0.1
+
+    class Deeper(slc.Policy):
+        def sparsity_for(self, block):
+            return min(0.9, 0.03 * block.layer)
+
+    assert Deeper().sparsity_for(_block(20)) == pytest.approx(0.6)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(mlp=1.0), r"outside \[0, 1\)"),
+    (dict(attention=-0.1), r"outside \[0, 1\)"),
+    (dict(sparsity={"layers.3.mlp": 1.5}), r"outside \[0, 1\)"),
+    (dict(sparsity={"layer3.mlp": 0.5}), "not of the form"),
+    (dict(warmup_fraction=0.1), "needs total_steps"),
+    (dict(estimator="oracle"), "estimator"),
+    (dict(rank=0), "rank"),
+])
+def test_bad_policy_values(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        slc.Policy(**kwargs)
+
+
+def test_unknown_policy_field_in_dict():
+    with pytest.raises(ValueError, match="unknown Policy option"):
+        slc.Policy.from_dict({"mlp_sparsity": 0.5})
+
+
+def _compile_and_run(options):
+    model = tiny_llama(ALL)
+    ids, labels = batch()
+    torch.compile(model, backend="sparselora", options=options)(input_ids=ids, labels=labels)
+
+
+def test_unknown_backend_option_is_an_error():
+    with pytest.raises(Exception, match="unknown option"):
+        _compile_and_run({"polcy": slc.Policy()})
+
+
+def test_policy_naming_missing_layer_is_an_error():
+    with pytest.raises(Exception, match=r"layer\(s\) \[7\]"):
+        _compile_and_run({"policy": slc.Policy(sparsity={"layers.7.mlp": 0.5}), "inner": "eager"})
+
+
+def test_decide_returning_bad_sparsity_is_an_error():
+    with pytest.raises(Exception, match="outside"):
+        _compile_and_run({"policy": slc.Policy(decide=lambda b: 2.0), "inner": "eager"})
