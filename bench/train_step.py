@@ -1,0 +1,497 @@
+"""The whole LoRA training step: eager PEFT vs Inductor vs the sparselora backend.
+
+A LLaMA-3-8B-shaped model (random weights, bf16) with PEFT LoRA r=32 alpha=64; each
+variant runs forward + backward + AdamW on the LoRA params, a few warm-up steps
+excluded, median of the timed steps (device-synchronised wall time per step):
+
+    eager         plain PEFT
+    inductor      torch.compile(model)                         (the baseline of the ratios)
+    sl_math10k    slc.compile, presets.math10k, warm-up skipped
+    sl_csr        slc.compile, presets.csr,     warm-up skipped
+    sl_sparsity0  slc.compile, blocks rewritten, every op on its dense path (overhead)
+
+Every compiled variant is timed on both batch shapes (Math10K: 8 x 512 with 128 output
+tokens; CSR: 8 x 512 with 3 output tokens) without recompiling (same tensor shapes).
+With fewer than 32 layers a preset's per-layer settings are sampled: small layer i takes
+the settings of layer floor((i + 0.75) * 32 / L) (identity at L = 32; at L = 8, MLP sparse
+on 7/8 layers and attention on 4/8, as in the 32-layer Math10K preset's 28/32 and 14/32).
+
+Correctness first: a tiny model checks sparselora at sparsity 0 (and Inductor) against
+eager (loss and LoRA grads); on the real model the step-0 losses of the dense variants are
+compared too.
+
+    python bench/train_step.py --smoke --device cpu --inner aot_eager    # CPU, ~1 min
+    python bench/train_step.py --layers 4 8                              # H200
+    python bench/train_step.py --layers 32 --variants inductor sl_math10k
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import sparselora_compile as slc
+# `slc.compile` resolves to the submodule after its first use (package __getattr__ +
+# submodule import): take the function itself.
+from sparselora_compile.compile import compile as slc_compile
+
+RESULTS = Path(__file__).parent / "results"
+VARIANTS = ("eager", "inductor", "sl_math10k", "sl_csr", "sl_sparsity0")
+QKVO = ["q_proj", "k_proj", "v_proj", "o_proj"]
+ALL = QKVO + ["gate_proj", "up_proj", "down_proj"]
+PRESET_LAYERS = 32  # the presets are LLaMA-3-8B's
+
+
+# ---- model and data ---------------------------------------------------------------------
+
+def llama_config(layers, smoke):
+    from transformers import LlamaConfig
+    if smoke:
+        kw = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=256)
+    else:
+        kw = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+                  num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192,
+                  rope_theta=500000.0)
+    cfg = LlamaConfig(num_hidden_layers=layers, initializer_range=0.02, use_cache=False,
+                      tie_word_embeddings=False, **kw)
+    return cfg
+
+
+def build_model(cfg, device, seed=0):
+    """bf16 LlamaForCausalLM built on the device directly, weights N(0, 0.02)."""
+    from transformers import LlamaForCausalLM
+    torch.manual_seed(seed)
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(cfg)
+    finally:
+        torch.set_default_dtype(old)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, 0.02)
+    model.config.use_cache = False
+    return model
+
+
+def add_lora(model, targets, bf16_adapters, seed=1):
+    from peft import LoraConfig, get_peft_model
+    peft = get_peft_model(model, LoraConfig(r=32, lora_alpha=64, lora_dropout=0.0,
+                                            target_modules=targets))
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, p in peft.named_parameters():
+            if "lora_B" in name:  # non-zero so the LoRA branch shows in the loss check
+                p.normal_(0.0, 0.01)
+    if bf16_adapters:
+        for name, p in peft.named_parameters():
+            if "lora_" in name:
+                p.data = p.data.to(torch.bfloat16)
+    peft.train()
+    return peft
+
+
+def make_batch(cfg, batch, seq, n_out, device, seed):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, cfg.vocab_size, (batch, seq), generator=g)
+    labels = ids.clone()
+    labels[:, : seq - n_out] = -100
+    return ids.to(device), labels.to(device)
+
+
+def lora_params(model):
+    return [p for n, p in model.named_parameters() if p.requires_grad]
+
+
+def sampled_policy(preset, layers, total_steps):
+    """The preset at L layers: small layer i takes preset layer floor((i + .75) * 32 / L)."""
+    pol = getattr(slc.presets, preset)(total_steps=total_steps)
+    if layers == PRESET_LAYERS:
+        return pol, {i: i for i in range(layers)}
+    src = {i: min(PRESET_LAYERS - 1, int((i + 0.75) * PRESET_LAYERS / layers)) for i in range(layers)}
+    sparsity = {}
+    for i, j in src.items():
+        for kind in ("mlp", "self_attn"):
+            s = pol.sparsity.get(f"layers.{j}.{kind}")
+            if s is not None:
+                sparsity[f"layers.{i}.{kind}"] = s
+    return slc.Policy(sparsity=sparsity, warmup_fraction=pol.warmup_fraction,
+                      total_steps=pol.total_steps), src
+
+
+# ---- timing -----------------------------------------------------------------------------
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def free(device):
+    gc.collect()
+    torch._dynamo.reset()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def train_step(fn, opt, ids, labels):
+    loss = fn(input_ids=ids, labels=labels).loss
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss
+
+
+def profile_step(fn, opt, ids, labels, device):
+    """One step under torch.profiler: device time of each sparselora op and in total."""
+    from torch.profiler import ProfilerActivity, profile
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    sync(device)
+    with profile(activities=acts) as prof:
+        train_step(fn, opt, ids, labels)
+        sync(device)
+    ka = prof.key_averages()
+    if device.type == "cuda":
+        tot = lambda e: getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)  # noqa: E731
+        self_t = lambda e: getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)  # noqa: E731
+        total_us = sum(self_t(e) for e in ka)
+    else:
+        tot = lambda e: e.cpu_time_total  # noqa: E731
+        total_us = sum(e.self_cpu_time_total for e in ka)
+    ops = {e.key: {"time_ms": tot(e) / 1e3, "count": e.count}
+           for e in ka if e.key.startswith("sparselora::")}
+    select_ms = sum(v["time_ms"] for k, v in ops.items() if k.startswith("sparselora::select_"))
+    return {"total_ms": total_us / 1e3, "select_ms": select_ms,
+            "estimator_share": select_ms / (total_us / 1e3) if total_us else None,
+            "time": "device (CUDA kernels)" if device.type == "cuda" else "cpu",
+            "ops": ops}
+
+
+def run_variant(name, peft, init_state, batches, args, device, layers, log):
+    """Compile (if any), then time each batch shape; returns the variant's figures."""
+    with torch.no_grad():  # same LoRA init for every variant
+        for n, p in peft.named_parameters():
+            if n in init_state:
+                p.copy_(init_state[n])
+    free(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    policy, layer_map = None, None
+    if name == "eager":
+        fn = peft
+    elif name == "inductor":
+        fn = torch.compile(peft) if args.inner == "inductor" else torch.compile(peft, backend=args.inner)
+    else:
+        if name == "sl_sparsity0":
+            policy = slc.Policy(mlp=0.5, attention=0.5, warmup_steps=10**9)
+        else:
+            policy, layer_map = sampled_policy(name[3:], layers, total_steps=args.total_steps)
+            policy.set_step(10**6)  # past the dense warm-up
+        fn = slc_compile(peft, policy, inner=args.inner)
+    opt = torch.optim.AdamW(lora_params(peft), lr=1e-5)
+    res = {"variant": name, "shapes": {}}
+    first = True
+    for shape, (ids, labels) in batches.items():
+        times = []
+        for i in range(args.warmup + args.steps):
+            sync(device)
+            t0 = time.perf_counter()
+            loss = train_step(fn, opt, ids, labels)
+            if i == 0:
+                loss0 = loss.item()
+            sync(device)
+            dt = time.perf_counter() - t0
+            if first and i == 0:
+                res["first_step_s"] = dt
+                res["step0_loss"] = loss0
+                log(f"  {name}: first step {dt:.2f} s (loss {loss0:.5f})")
+            first = False
+            if i >= args.warmup:
+                times.append(dt)
+        med = statistics.median(times)
+        ntok = ids.numel()
+        res["shapes"][shape] = {
+            "median_ms": med * 1e3, "min_ms": min(times) * 1e3, "max_ms": max(times) * 1e3,
+            "tokens_per_s": ntok / med, "ms_per_layer": med * 1e3 / layers,
+            "steps_timed": len(times), "step0_loss": loss0, "last_loss": loss.item()}
+        log(f"  {name} [{shape}]: median {med * 1e3:.2f} ms ({ntok / med:,.0f} tok/s), "
+            f"min {min(times) * 1e3:.2f}, max {max(times) * 1e3:.2f}")
+    if policy is not None:
+        res["policy_stats"] = policy.stats.as_dict()
+        if layer_map is not None:
+            res["layer_map"] = layer_map
+        if args.profile:
+            res["profile"] = {}
+            for shape, (ids, labels) in batches.items():
+                res["profile"][shape] = profile_step(fn, opt, ids, labels, device)
+                p = res["profile"][shape]
+                log(f"  {name} [{shape}] profile: select {p['select_ms']:.2f} ms of "
+                    f"{p['total_ms']:.2f} ms ({100 * (p['estimator_share'] or 0):.2f}%)")
+    if device.type == "cuda":
+        sync(device)
+        res["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    del fn, opt, policy
+    free(device)
+    return res
+
+
+# ---- correctness on a tiny model ----------------------------------------------------------
+
+def check_tiny(args, device, log):
+    """sparselora at sparsity 0 (and Inductor) vs eager: loss and LoRA grads, bf16 model."""
+    cfg = llama_config(2, smoke=True)
+    model = build_model(cfg, device, seed=123)
+    peft = add_lora(model, ALL if args.lora == "all" else QKVO, args.bf16_adapters, seed=124)
+    ids, labels = make_batch(cfg, 2, 32, 8, device, seed=125)
+
+    def loss_grads(fn):
+        for p in lora_params(peft):
+            p.grad = None
+        loss = fn(input_ids=ids, labels=labels).loss
+        loss.backward()
+        g = torch.cat([p.grad.float().reshape(-1) for p in lora_params(peft)])
+        return loss.item(), g
+
+    ref_loss, ref_g = loss_grads(peft)
+    out = {"eager_loss": ref_loss}
+    ok = True
+    for name in ("inductor", "sl_sparsity0"):
+        torch._dynamo.reset()
+        if name == "inductor":
+            fn = torch.compile(peft, backend="inductor" if args.check_inner == "inductor" else args.check_inner)
+        else:
+            fn = slc_compile(peft, slc.Policy(mlp=0.5, attention=0.5, warmup_steps=10**9),
+                             inner=args.check_inner)
+        loss, g = loss_grads(fn)
+        rel_loss = abs(loss - ref_loss) / abs(ref_loss)
+        rel_grad = ((g - ref_g).norm() / ref_g.norm()).item()
+        passed = rel_loss <= 1e-2 and rel_grad <= 5e-2
+        ok &= passed
+        out[name] = {"loss": loss, "rel_loss_diff": rel_loss, "rel_grad_diff": rel_grad, "pass": passed}
+        log(f"  check {name} vs eager: loss {loss:.6f} vs {ref_loss:.6f} (rel {rel_loss:.2e}), "
+            f"grads rel {rel_grad:.2e} -> {'PASS' if passed else 'FAIL'}")
+    out["pass"] = ok
+    out["inner"] = args.check_inner
+    del peft, model
+    free(device)
+    return out
+
+
+# ---- output -------------------------------------------------------------------------------
+
+def env_info(device):
+    import peft
+    import transformers
+    info = {"torch": torch.__version__, "transformers": transformers.__version__,
+            "peft": peft.__version__, "python": platform.python_version(),
+            "device": str(device), "host": platform.node()}
+    try:
+        import triton
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = None
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name()
+        info["cuda"] = torch.version.cuda
+    return info
+
+
+def summarize(run):
+    """Ratios vs Inductor and the step-0 loss check of the dense variants, per layer count."""
+    for lay in run["layers"].values():
+        vs = {v["variant"]: v for v in lay["variants"]}
+        base = vs.get("inductor")
+        for v in vs.values():
+            for shape, s in v["shapes"].items():
+                if base and shape in base["shapes"]:
+                    s["speedup_vs_inductor"] = base["shapes"][shape]["median_ms"] / s["median_ms"]
+            if base and "peak_mem_gib" in v and "peak_mem_gib" in base:
+                v["peak_mem_vs_inductor"] = v["peak_mem_gib"] / base["peak_mem_gib"]
+        if "eager" in vs:
+            ref = vs["eager"]["step0_loss"]
+            lay["step0_loss_rel_diff_vs_eager"] = {
+                n: abs(v["step0_loss"] - ref) / abs(ref) for n, v in vs.items()}
+    # per-layer slope between two layer counts (removes embedding / lm_head / loss)
+    ls = sorted(int(k) for k in run["layers"])
+    if len(ls) >= 2:
+        lo, hi = run["layers"][str(ls[0])], run["layers"][str(ls[-1])]
+        slope = {}
+        vlo = {v["variant"]: v for v in lo["variants"]}
+        for v in hi["variants"]:
+            if v["variant"] not in vlo:
+                continue
+            for shape, s in v["shapes"].items():
+                if shape in vlo[v["variant"]]["shapes"]:
+                    d = (s["median_ms"] - vlo[v["variant"]]["shapes"][shape]["median_ms"]) / (ls[-1] - ls[0])
+                    fixed = s["median_ms"] - d * ls[-1]
+                    slope.setdefault(v["variant"], {})[shape] = {
+                        "ms_per_layer": d, "fixed_ms": fixed,
+                        "projected_32_layers_ms": fixed + 32 * d}
+        run["per_layer_slope"] = {"layers": [ls[0], ls[-1]], "variants": slope}
+
+
+def plot(run, path):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    groups = [(lay_n, v) for lay_n, lay in run["layers"].items() for v in lay["variants"]]
+    shapes = sorted({s for _, v in groups for s in v["shapes"]})
+    fig, axes = plt.subplots(1, len(run["layers"]), figsize=(6 * len(run["layers"]), 4.2), squeeze=False)
+    for ax, (lay_n, lay) in zip(axes[0], run["layers"].items()):
+        names = [v["variant"] for v in lay["variants"]]
+        w = 0.8 / max(1, len(shapes))
+        for si, shape in enumerate(shapes):
+            ys = [v["shapes"].get(shape, {}).get("tokens_per_s", 0) / 1e3 for v in lay["variants"]]
+            xs = [i + (si - (len(shapes) - 1) / 2) * w for i in range(len(names))]
+            bars = ax.bar(xs, ys, w, label=f"{shape} shape")
+            for b, v in zip(bars, lay["variants"]):
+                r = v["shapes"].get(shape, {}).get("speedup_vs_inductor")
+                if r:
+                    ax.annotate(f"{r:.2f}x", (b.get_x() + b.get_width() / 2, b.get_height()),
+                                ha="center", va="bottom", fontsize=7)
+        ax.set_xticks(range(len(names)), names, rotation=20, fontsize=8)
+        ax.set_ylabel("k tokens / s")
+        ax.set_title(f"{lay_n} layers, LoRA {run['lora']}, {run['env'].get('gpu', run['env']['device'])}",
+                     fontsize=9)
+        ax.legend(fontsize=7)
+    fig.suptitle("LoRA training step (fwd+bwd+AdamW), ratio vs Inductor dense", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return str(path)
+
+
+def print_table(run, log):
+    log("\nlayers variant       shape    median_ms  tok/s      vs_ind  peak_GiB  first_s  est_share")
+    for lay_n, lay in run["layers"].items():
+        for v in lay["variants"]:
+            for shape, s in v["shapes"].items():
+                share = v.get("profile", {}).get(shape, {}).get("estimator_share")
+                log(f"{lay_n:>6} {v['variant']:<13} {shape:<8} {s['median_ms']:9.2f} "
+                    f"{s['tokens_per_s']:10,.0f} {s.get('speedup_vs_inductor', float('nan')):6.3f} "
+                    f"{v.get('peak_mem_gib', float('nan')):9.2f} {v['first_step_s']:8.2f} "
+                    f"{'' if share is None else f'{100 * share:.2f}%'}")
+    if "per_layer_slope" in run:
+        log(f"\nper-layer slope between {run['per_layer_slope']['layers']} layers:")
+        for n, d in run["per_layer_slope"]["variants"].items():
+            for shape, s in d.items():
+                log(f"  {n:<13} {shape:<8} {s['ms_per_layer']:7.2f} ms/layer, fixed {s['fixed_ms']:7.2f} ms, "
+                    f"projected 32 layers {s['projected_32_layers_ms']:8.2f} ms")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--layers", type=int, nargs="+", default=[32])
+    ap.add_argument("--lora", choices=("qkvo", "all"), default="qkvo")
+    ap.add_argument("--bf16-adapters", action="store_true", help="cast LoRA params to bf16")
+    ap.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    ap.add_argument("--shapes", nargs="+", choices=("math10k", "csr"), default=["math10k", "csr"])
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seq", type=int, default=512)
+    ap.add_argument("--steps", type=int, default=10, help="timed steps per shape")
+    ap.add_argument("--warmup", type=int, default=3, help="untimed steps per shape (incl. compile)")
+    ap.add_argument("--total-steps", type=int, default=1000, help="the presets' total_steps")
+    ap.add_argument("--inner", default="inductor", choices=("inductor", "aot_eager", "eager"))
+    ap.add_argument("--check-inner", default=None, choices=("inductor", "aot_eager", "eager"),
+                    help="inner backend of the tiny correctness check (default: aot_eager, or --inner with --smoke)")
+    ap.add_argument("--no-check", action="store_true")
+    ap.add_argument("--no-profile", dest="profile", action="store_false")
+    ap.add_argument("--smoke", action="store_true", help="tiny config, 2 layers, few steps")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--out", default=str(RESULTS))
+    ap.add_argument("--name", default="train_step", help="file stem of the JSON / PNG")
+    args = ap.parse_args(argv)
+    if args.smoke:
+        if args.layers == [32]:
+            args.layers = [2]
+        args.batch, args.seq, args.steps, args.warmup = min(args.batch, 2), min(args.seq, 64), min(args.steps, 3), 1
+    if args.check_inner is None:
+        args.check_inner = args.inner if args.smoke else "aot_eager"
+    device = torch.device(args.device)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    json_path, png_path = out / f"{args.name}.json", out / f"{args.name}.png"
+    t_start = time.perf_counter()
+
+    def log(msg):
+        print(f"[{time.perf_counter() - t_start:7.1f}s] {msg}" if msg and not msg.startswith("\n") else msg,
+              flush=True)
+
+    n_out = {"math10k": min(128, args.seq // 4), "csr": 3}
+    run = {"command": " ".join([os.path.basename(sys.executable), *sys.argv]), "argv": sys.argv,
+           "env": env_info(device), "smoke": args.smoke, "lora": args.lora,
+           "lora_targets": ALL if args.lora == "all" else QKVO, "lora_r": 32, "lora_alpha": 64,
+           "adapter_dtype": "bf16" if args.bf16_adapters else "fp32 (PEFT default)",
+           "model_dtype": "bf16", "inner": args.inner,
+           "batch_shapes": {s: {"batch": args.batch, "seq": args.seq, "output_tokens": n_out[s]}
+                            for s in args.shapes},
+           "steps_timed": args.steps, "warmup_steps": args.warmup, "timing": "median of "
+           "device-synchronised wall time per step (fwd + bwd + AdamW on LoRA params)",
+           "layers": {}}
+
+    def save():
+        summarize(run)
+        json_path.write_text(json.dumps(run, indent=1))
+
+    log(f"env: {run['env']}")
+    if not args.no_check:
+        log("correctness check (tiny model, bf16, sparsity 0 vs eager)")
+        run["check"] = check_tiny(args, device, log)
+        save()
+    for layers in args.layers:
+        cfg = llama_config(layers, args.smoke)
+        t0 = time.perf_counter()
+        model = build_model(cfg, device)
+        peft = add_lora(model, run["lora_targets"], args.bf16_adapters)
+        sync(device)
+        log(f"{layers} layers: model built in {time.perf_counter() - t0:.1f} s, "
+            f"{sum(p.numel() for p in model.parameters()) / 1e9:.2f} B params, "
+            f"{sum(p.numel() for p in lora_params(peft)) / 1e6:.1f} M LoRA params")
+        init_state = {n: p.detach().clone() for n, p in peft.named_parameters() if p.requires_grad}
+        batches = {s: make_batch(cfg, args.batch, args.seq, n_out[s], device, seed=7) for s in args.shapes}
+        lay = run["layers"][str(layers)] = {"config": {k: getattr(cfg, k) for k in (
+            "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
+            "vocab_size", "num_hidden_layers")}, "variants": []}
+        for name in args.variants:
+            try:
+                lay["variants"].append(run_variant(name, peft, init_state, batches, args, device, layers, log))
+            except Exception as e:  # keep the other variants' figures
+                import traceback
+                traceback.print_exc()
+                lay.setdefault("errors", {})[name] = f"{type(e).__name__}: {e}"[:2000]
+                free(device)
+            save()
+        del model, peft, init_state, batches
+        free(device)
+    save()
+    run["plot"] = plot(run, png_path)
+    json_path.write_text(json.dumps(run, indent=1))
+    print_table(run, log)
+    if "check" in run:
+        log(f"\ncorrectness check: {'PASS' if run['check']['pass'] else 'FAIL'}")
+    for lay_n, lay in run["layers"].items():
+        if "step0_loss_rel_diff_vs_eager" in lay:
+            log(f"{lay_n} layers, step-0 loss rel. diff vs eager: " + ", ".join(
+                f"{k} {v:.2e}" for k, v in lay["step0_loss_rel_diff_vs_eager"].items()))
+    log(f"wrote {json_path}" + (f" and {png_path}" if run["plot"] else ""))
+    return 0 if run.get("check", {}).get("pass", True) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
