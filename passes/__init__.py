@@ -19,6 +19,7 @@ class PassReport:
     planned: list[PlannedBlock] = field(default_factory=list)
     skipped: list[Skipped] = field(default_factory=list)
     extra_inputs: list = field(default_factory=list)
+    factor_slots: list = field(default_factory=list)
 
     @property
     def min_layer(self):
@@ -56,4 +57,5 @@ def run_passes(gm: fx.GraphModule, example_inputs, policy, state_id: int, factor
             scope.gm.graph.lint()
             scope.gm.recompile()
         report.extra_inputs = rw.extra_inputs
+        report.factor_slots = rw.factor_slots
     return report

@@ -34,14 +34,16 @@ class Rewriter:
         self.top, self.example_inputs, self.sid = top, example_inputs, state_id
         self.factor_fn = factor_fn          # (weight tensor, site path) -> (A, B)
         self.extra_inputs: list[torch.Tensor] = []
+        self.factor_slots: list[tuple] = []  # (block name, site path, weight, A, B)
         self.labels = find_labels(top)
         self._cache: dict = {}
 
-    def _factors(self, site, scope: GraphScope):
+    def _factors(self, site, scope: GraphScope, block_name: str):
         w = resolve_real(site.weight, scope, self.example_inputs)
         if w is None:
             raise RuntimeError(f"sparselora: cannot find the weight tensor of {site.path}")
         a, b = self.factor_fn(w, site.path)
+        self.factor_slots.append((block_name, site.path, w, a, b))
         tag = re.sub(r"\W", "_", site.path)[-60:]
         return (add_input(scope, f"sparselora_A_{tag}", self.extra_inputs, a, self._cache),
                 add_input(scope, f"sparselora_B_{tag}", self.extra_inputs, b, self._cache))
@@ -69,7 +71,7 @@ class Rewriter:
         first = min((site.base for site in s.values()), key=_order(graph))
         x = (s["gate"] if blk.kind == "mlp" else s["q"]).x
         factors = [f for role in (("gate", "up") if blk.kind == "mlp" else ("q", "k", "v"))
-                   for f in self._factors(s[role], scope)]
+                   for f in self._factors(s[role], scope, blk.name)]
         with graph.inserting_before(first):
             xd, rows = self._prologue(scope, x)
             if blk.kind == "mlp":

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from . import selection, sparse_linear
-from .state import get_state
+from .state import collect_input, get_state
 
 _lib = torch.library.Library("sparselora", "FRAGMENT")
 
@@ -62,6 +62,7 @@ def _record(state_id, name, **tensors):
 def select_mlp(x: Tensor, a_gate: Tensor, b_gate: Tensor, a_up: Tensor, b_up: Tensor,
                dense_rows: Tensor, k: int, state_id: int, name: str) -> Tensor:
     from .scores import mlp_scores
+    collect_input(state_id, name, x)
     idx = selection.top_channels(mlp_scores(x, a_gate, b_gate, a_up, b_up, dense_rows), k)
     _record(state_id, name, idx=idx, dense_rows=dense_rows)
     return idx
@@ -78,6 +79,7 @@ def select_attention(x: Tensor, a_q: Tensor, b_q: Tensor, a_k: Tensor, b_k: Tens
                      n_heads: int, n_kv_heads: int, head_dim: int, state_id: int,
                      name: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     from .scores import column_sq_norms
+    collect_input(state_id, name, x)
     out = selection.attention_selection(
         x, ((a_q, b_q), (a_k, b_k), (a_v, b_v)), dense_rows, k_qk, k_v,
         n_heads, n_kv_heads, head_dim, norms=column_sq_norms)

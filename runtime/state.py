@@ -56,6 +56,8 @@ class RuntimeState:
     first_layer: int | None = None  # the graph holding this layer counts the steps
     stats: RunStats = field(default_factory=RunStats)
     record: dict | None = None  # block name -> selections, when recording
+    collect_moments: bool = False  # activation-aware estimator fed by the dense warm-up
+    moments: dict = field(default_factory=dict)  # block name -> SecondMoment of its input
 
     def begin_forward(self) -> None:
         self.step = self.next_step
@@ -70,6 +72,17 @@ class RuntimeState:
         if torch._C._current_graph_task_id() == -1:
             self.stats.base_flops_dense += dense
             self.stats.base_flops_executed += executed
+
+
+def collect_input(state_id: int, name: str, x: torch.Tensor) -> None:
+    """During the dense warm-up, stream the block input's second moment."""
+    st = get_state(state_id)
+    if not st.collect_moments or st.sparse_now() or torch._C._current_graph_task_id() != -1:
+        return
+    from .second_moment import SecondMoment
+    if name not in st.moments:
+        st.moments[name] = SecondMoment(x.shape[-1])
+    st.moments[name].update(x)
 
 
 def new_state(**kwargs) -> RuntimeState:

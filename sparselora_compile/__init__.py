@@ -13,7 +13,7 @@ from .backend import sparselora_backend
 from .policy import BlockInfo, Policy
 
 __all__ = ["Policy", "BlockInfo", "presets", "sparselora_backend", "explain", "set_labels",
-           "calibrate", "compile"]
+           "calibrate", "compile", "collect_moments"]
 __version__ = "0.1.0"
 
 _log = _logging.getLogger("sparselora_compile")
@@ -54,6 +54,9 @@ def __getattr__(name):
     if name == "calibrate":
         from .calibrate import calibrate
         return calibrate
+    if name == "collect_moments":
+        from .factors import collect_moments
+        return collect_moments
     if name == "compile":
         from .compile import compile
         return compile

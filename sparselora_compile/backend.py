@@ -95,12 +95,17 @@ def _inner_compile(name, gm, example_inputs):
 
 def sparselora_backend(gm: torch.fx.GraphModule, example_inputs, options=None):
     from sparselora_compile.passes import run_passes
-    from .factors import factor_provider
+    from .factors import factor_provider, refresh_from_warmup
 
     opts = BackendOptions.parse(options)
     policy = opts.policy or _default_policy()
     policy.validate()
     state = policy.runtime_state()
+    state.collect_moments = policy.estimator == "activation_aware" and not policy.moments
+    if state.collect_moments and policy.warmup() == 0:
+        log.warning("sparselora: estimator='activation_aware' without moments needs a dense "
+                    "warm-up to collect them; using plain SVD factors")
+        state.collect_moments = False
     if opts.record and state.record is None:
         state.record = {}
     rewrite = torch.is_grad_enabled() or not policy.dense_eval
@@ -123,10 +128,15 @@ def sparselora_backend(gm: torch.fx.GraphModule, example_inputs, options=None):
     if min_layer is not None and (state.first_layer is None or min_layer < state.first_layer):
         state.first_layer = min_layer
 
+    refreshed = []
+
     def run(*args):
         # One training step per forward: the graph holding the first sparse layer counts.
         if torch.is_grad_enabled() and min_layer == state.first_layer:
             state.begin_forward()
+        if state.collect_moments and not refreshed and state.sparse_now():
+            refresh_from_warmup(policy, state, report.factor_slots, opts.cache_dir)
+            refreshed.append(True)
         return compiled(*args, *extra)
 
     run._sparselora_report = report

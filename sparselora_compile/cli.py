@@ -7,6 +7,7 @@ import json
 import platform
 import sys
 import time
+import warnings
 from pathlib import Path
 
 from .finetune import FinetuneConfig, config_dict, run
@@ -150,6 +151,8 @@ def finetune_main(a) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     a = _parser().parse_args(argv)
+    # PEFT calls a transformers API deprecated in 5.x on every forward; not actionable here.
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
     if a.command == "finetune":
         return finetune_main(a)
     return 2

@@ -1,21 +1,90 @@
 """Estimator factors for the rewrite: computed from the real weights at compile time,
-cached on disk by weight content, rank and estimator kind."""
+cached on disk by weight content, rank, estimator kind and calibration statistics.
+
+The activation-aware estimator needs input second moments. Rule: moments the user gives
+(`Policy.moments`, from `collect_moments`) are used at compile time; otherwise the
+compiled graph starts with plain SVD factors, the select ops stream each block's input
+moment during the dense warm-up, and when the warm-up ends the factors are recomputed and
+copied in place (same shapes: no recompile). So the first step pays nothing beyond the
+SVDs, and each warm-up step one x^T x per block.
+"""
 from __future__ import annotations
+
+import warnings
 
 import torch
 
 from sparselora_compile.runtime.estimator import estimator_factors
 from sparselora_compile.runtime.factor_cache import FactorCache
+from sparselora_compile.runtime.second_moment import SecondMoment
+
+
+def _lookup(moments: dict, path: str):
+    """Moments are keyed by the model's module names; graph paths may carry more or
+    fewer prefixes (PEFT wrappers, or a graph traced from an inner module)."""
+    hits = [k for k in moments if k == path or k.endswith("." + path) or path.endswith("." + k)]
+    return moments[max(hits, key=len)] if hits else None
 
 
 def factor_provider(policy, cache_dir=None):
-    cache = FactorCache(cache_dir) if cache_dir is not None else FactorCache()
-    moments = getattr(policy, "moments", None) or {}
+    cache = FactorCache(cache_dir)
+    moments = policy.moments or {}
+    kind = policy.estimator
+    if kind == "activation_aware" and not moments:
+        kind = "svd"  # placeholder until the warm-up's moments arrive (see module doc)
 
     def factors(weight: torch.Tensor, path: str):
-        moment = moments.get(path)
+        rank = min(policy.rank, *weight.shape)  # a tiny layer: full rank is exact
         with torch.no_grad():
-            rank = min(policy.rank, *weight.shape)  # a tiny layer: full rank is exact
-            return estimator_factors(weight.detach(), rank, kind=policy.estimator,
-                                     moment=moment, cache=cache)
+            return estimator_factors(weight.detach(), rank, kind=kind,
+                                     moment=_lookup(moments, path), cache=cache)
     return factors
+
+
+def refresh_from_warmup(policy, state, slots, cache_dir=None) -> int:
+    """Recompute activation-aware factors from the moments the warm-up collected and copy
+    them into the compiled graph's factor inputs. Returns how many were refreshed."""
+    cache = FactorCache(cache_dir)
+    done = 0
+    for block, _path, weight, a, b in slots:
+        moment: SecondMoment | None = state.moments.get(block)
+        if moment is None or moment.count == 0:
+            continue
+        with torch.no_grad():
+            na, nb = estimator_factors(weight.detach(), a.shape[1], kind="activation_aware",
+                                       moment=moment, cache=cache)
+            a.copy_(na)
+            b.copy_(nb)
+        done += 1
+    if not done:
+        warnings.warn("activation_aware estimator: no warm-up moments were collected; "
+                      "keeping plain SVD factors", stacklevel=2)
+    return done
+
+
+def collect_moments(model: torch.nn.Module, batches, *, max_batches: int | None = None) -> dict:
+    """Input second moments of every frozen linear, streamed over `batches` (dicts of
+    model kwargs, or tensors passed positionally), for `Policy(estimator="activation_aware",
+    moments=...)`. Runs the model eagerly under no_grad; nothing is kept but [in, in]."""
+    moments: dict[str, SecondMoment] = {}
+    handles = []
+    for name, mod in model.named_modules():
+        if isinstance(mod, torch.nn.Linear) and not mod.weight.requires_grad:
+            key = name[: -len(".base_layer")] if name.endswith(".base_layer") else name
+            moments[key] = SecondMoment(mod.in_features)
+            handles.append(mod.register_forward_pre_hook(
+                lambda m, args, key=key: moments[key].update(args[0]) and None))
+    n = 0
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                model(**batch) if isinstance(batch, dict) else model(batch)
+                n += 1
+                if max_batches is not None and n >= max_batches:
+                    break
+    finally:
+        for h in handles:
+            h.remove()
+    if n == 0:
+        raise ValueError("collect_moments: the calibration set is empty")
+    return {k: m for k, m in moments.items() if m.count}

@@ -135,12 +135,18 @@ def add_lora(model, cfg: FinetuneConfig):
 
 
 def batches(encoded, cfg: FinetuneConfig, pad_id: int):
-    """Endless seeded shuffled batches: identical order for every run with the same seed."""
+    """Endless seeded shuffled batches: identical order for every run with the same seed.
+    One fixed length for all (the longest example, rounded to 8): a new sequence length
+    would cost a recompile."""
+    if len(encoded) < cfg.batch_size:
+        raise ValueError(f"{len(encoded)} training examples < batch size {cfg.batch_size}")
+    length = -(-max(len(e["input_ids"]) for e in encoded) // 8) * 8
     g = torch.Generator().manual_seed(cfg.seed)
     while True:
         order = torch.randperm(len(encoded), generator=g).tolist()
         for i in range(0, len(order) - cfg.batch_size + 1, cfg.batch_size):
-            yield tasks.collate([encoded[j] for j in order[i:i + cfg.batch_size]], pad_id, 8)
+            yield tasks.collate([encoded[j] for j in order[i:i + cfg.batch_size]], pad_id,
+                                length=length)
 
 
 # ---- evaluation -----------------------------------------------------------------------

@@ -46,6 +46,9 @@ class Policy:
     dense_eval: no sparsity under torch.no_grad() / inference mode.
     k_multiple: round each kept-channel count up to this multiple (GEMM tiles).
     decide: optional fn(BlockInfo) -> sparsity | None (None falls back to the rules).
+    moments: input second moments for the activation-aware estimator, from
+        `collect_moments(model, batches)`; without them the moments are collected during
+        the dense warm-up and the factors refreshed when it ends (needs warmup > 0).
     """
 
     mlp: float = 0.0
@@ -62,6 +65,7 @@ class Policy:
     dense_eval: bool = True
     k_multiple: int = 8
     decide: Callable[[BlockInfo], float | None] | None = None
+    moments: dict | None = None  # activation_aware: {linear path: SecondMoment}, see collect_moments
 
     def __post_init__(self):
         self.sparsity = dict(self.sparsity)

@@ -145,10 +145,16 @@ def encode_example(tokenizer, prompt: str, response: str, max_len: int) -> dict:
             "labels": [IGNORE] * len(p) + r}
 
 
-def collate(encoded: list[dict], pad_id: int, pad_to_multiple_of: int = 1) -> dict:
-    """Right-pad to the longest (rounded up); padding is masked and unsupervised."""
+def collate(encoded: list[dict], pad_id: int, pad_to_multiple_of: int = 1,
+            length: int | None = None) -> dict:
+    """Right-pad to `length`, else to the longest (rounded up); padding is masked and
+    unsupervised."""
     n = max(len(e["input_ids"]) for e in encoded)
     n = -(-n // pad_to_multiple_of) * pad_to_multiple_of
+    if length is not None:
+        if length < n:
+            raise ValueError(f"collate: an example has {n} tokens > length={length}")
+        n = length
     batch = {"input_ids": [], "attention_mask": [], "labels": []}
     for e in encoded:
         pad = n - len(e["input_ids"])

@@ -61,6 +61,10 @@ def test_collate_pads_unsupervised_and_masked(tok):
     assert (b["input_ids"][pad] == tok.pad_token_id).all()
     for row, e in zip(b["labels"], encs):
         assert row[: len(e["labels"])].tolist() == e["labels"]
+    fixed = tasks.collate(encs, tok.pad_token_id, length=64)
+    assert fixed["input_ids"].shape == (2, 64)
+    with pytest.raises(ValueError, match="length=8"):
+        tasks.collate(encs, tok.pad_token_id, length=8)
 
 
 def test_arithmetic_answers_are_correct_and_seeded():

@@ -1,0 +1,47 @@
+"""The activation-aware estimator wired into the backend: user moments at compile time,
+or moments streamed during the dense warm-up and swapped in without recompiling."""
+import torch
+
+import sparselora_compile as slc
+from sparselora_compile.runtime.estimator import activation_aware_factors
+from sparselora_compile.testing import assert_rewrite_equivalent
+
+from llama import ALL, batch, tiny_llama
+from test_backend import _Counting
+
+
+def test_collect_moments_streams_frozen_linear_inputs():
+    model = tiny_llama(ALL)
+    ids, labels = batch()
+    moments = slc.collect_moments(model, [{"input_ids": ids}, {"input_ids": ids[:1]}])
+    key = next(k for k in moments if k.endswith("layers.0.mlp.gate_proj"))
+    assert moments[key].count == 2 * 10 + 10
+
+
+def test_user_moments_give_activation_aware_factors():
+    model = tiny_llama(ALL, layers=1)
+    ids, labels = batch()
+    moments = slc.collect_moments(model, [{"input_ids": ids}])
+    policy = slc.Policy(mlp=0.5, attention=0.5, estimator="activation_aware", moments=moments)
+    cmp = assert_rewrite_equivalent(model, {"input_ids": ids, "labels": labels}, policy, expect_blocks=2)
+    assert cmp.blocks_checked == 2
+
+
+def test_warmup_moments_refresh_factors_in_place_without_recompiling():
+    model = tiny_llama(ALL, layers=1)
+    ids, labels = batch()
+    policy = slc.Policy(mlp=0.5, attention=0.5, estimator="activation_aware", warmup_steps=2, rank=4)
+    counter = _Counting(policy=policy, inner="aot_eager")
+    compiled = torch.compile(model, backend=counter)
+    for _ in range(3):
+        compiled(input_ids=ids, labels=labels).loss.backward()
+    assert counter.graphs == 1
+    state = policy.runtime_state()
+    mlp_name = next(n for n in state.moments if n.endswith("mlp"))
+    assert state.moments[mlp_name].count == 2 * ids.numel()  # the two warm-up steps only
+    gate = model.base_model.model.model.layers[0].mlp.gate_proj.base_layer.weight
+    expect_a, _ = activation_aware_factors(gate, 4, state.moments[mlp_name])
+    # the factor tensors the graph reads now hold the activation-aware factors
+    slots = counter.last._sparselora_report.factor_slots
+    gate_a = next(a for _, path, _, a, _ in slots if path.endswith("mlp.gate_proj"))
+    torch.testing.assert_close(gate_a, expect_a)
