@@ -303,6 +303,15 @@ def env_info(device):
         info["triton"] = triton.__version__
     except ImportError:
         info["triton"] = None
+    try:  # which code ran: the working tree may hold others' uncommitted changes
+        import subprocess
+        root = Path(__file__).resolve().parent.parent
+        git = lambda *a: subprocess.run(["git", *a], cwd=root, capture_output=True, text=True,  # noqa: E731
+                                        timeout=10).stdout
+        info["git_head"] = git("rev-parse", "HEAD").strip() or None
+        info["git_dirty"] = [l[3:] for l in git("status", "--porcelain").splitlines() if l.strip()]
+    except Exception:
+        info["git_head"] = None
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name()
         info["cuda"] = torch.version.cuda

@@ -17,9 +17,10 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from .find_sites import Site
-from .graphs import MUL, SDPA, SHAPE_METHODS, example_value, is_call, strip_casts
+from .graphs import MUL, SDPA, SHAPE_METHODS, example_value, is_call, module_path, strip_casts
 
-ACTIVATIONS = {F.silu: "silu", torch.nn.functional.silu: "silu"}
+ACTIVATIONS = {F.silu}  # what the estimator's gated score computes
+OTHER_ACTIVATIONS = {F.gelu, F.relu, torch.relu, torch.tanh, torch.sigmoid}
 
 
 @dataclass(eq=False)
@@ -128,8 +129,9 @@ def _group_mlps(sites, by_output, out: Grouping, used: set) -> None:
                 gate = by_output.get(strip_casts(act.args[0]))
                 up = by_output.get(up_out)
                 break
-            if act.op == "call_function" and act.target in (F.gelu, F.relu, torch.relu, F.gelu):
-                out.skipped.append(_skip(down, f"gated MLP with activation {act.target.__name__}: the estimator supports silu"))
+            if act.op == "call_function" and act.target in OTHER_ACTIVATIONS:
+                out.skipped.append(Skipped(down.path, f"gated MLP with activation {act.target.__name__}: "
+                                                      "the estimator supports silu"))
                 gate = up = None
                 break
         else:
@@ -150,13 +152,8 @@ def _group_mlps(sites, by_output, out: Grouping, used: set) -> None:
 
 
 def _within(node: fx.Node, site: Site) -> bool:
-    from .graphs import module_path
     p = module_path(node)
     return node is site.base or (p is not None and (p == site.path or p.startswith(site.path + ".")))
-
-
-def _skip(site, reason):
-    return Skipped(site.path, reason)
 
 
 def _group_attention(graph, sites, by_output, out: Grouping, used: set) -> None:

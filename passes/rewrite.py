@@ -91,6 +91,9 @@ class Rewriter:
     def _rewrite_mlp(self, pb, idx, rows):
         s, mul = pb.block.sites, pb.block.mul
         graph = pb.block.scope.gm.graph
+        if not any(site.adapters for site in s.values()) and list(mul.users) == [s["down"].base]:
+            self._fuse_frozen_mlp(pb, idx, rows)
+            return
         self._swap_base(s["gate"], ops.out_sparse_linear.default, idx, rows)
         self._swap_base(s["up"], ops.out_sparse_linear.default, idx, rows)
         if len(mul.users) > 1:  # down's LoRA reads h too: it must see h with 1_S applied
@@ -100,6 +103,28 @@ class Rewriter:
                 if user is not masked:
                     user.replace_input_with(mul, masked)
         self._swap_base(s["down"], ops.in_sparse_linear.default, idx, rows)
+
+
+    def _fuse_frozen_mlp(self, pb, idx, rows):
+        """No LoRA anywhere in the block: one op computes it at width k, end to end."""
+        s = pb.block.sites
+        graph = pb.block.scope.gm.graph
+        down = s["down"].base
+        with graph.inserting_before(down):
+            new = graph.call_function(ops.sparse_mlp.default, (
+                s["gate"].x, s["gate"].weight, s["up"].weight, s["down"].weight,
+                s["gate"].bias, s["up"].bias, s["down"].bias, idx, rows, self.sid))
+        new.meta.update(down.meta)
+        down.replace_all_uses_with(new)
+        dead = [down, pb.block.mul]
+        while dead:  # the gate/up products, the activation and the casts between them
+            n = dead.pop(0)
+            if n.op == "call_function" or n.op == "call_method":
+                if not n.users:
+                    inputs = list(n.all_input_nodes)
+                    graph.erase_node(n)
+                    dead += [i for i in inputs if i.op in ("call_function", "call_method")]
+        s["down"].base = new
 
 
 def _order(graph: fx.Graph):

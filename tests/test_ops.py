@@ -27,15 +27,16 @@ def op_case(draw):
             torch.randn(n, k_in, generator=g, dtype=dtype), bias, idx, rows)
 
 
-def _check(op_fn, ref_fn, x, *rest):
+def _check(op_fn, ref_fn, x, *rest, tol=None):
+    kw = {} if tol is None else dict(atol=tol, rtol=tol)
     xa = x.clone().requires_grad_(True)
     xb = x.clone().requires_grad_(True)
     ya, yb = op_fn(xa, *rest), ref_fn(xb, *rest)
-    torch.testing.assert_close(ya, yb)
+    torch.testing.assert_close(ya, yb, **kw)
     gy = torch.randn_like(ya)
     ya.backward(gy)
     yb.backward(gy)
-    torch.testing.assert_close(xa.grad, xb.grad)
+    torch.testing.assert_close(xa.grad, xb.grad, **kw)
 
 
 @settings(max_examples=40, deadline=None)
@@ -146,3 +147,18 @@ def test_top_channels_is_sorted_set(k):
     s = torch.tensor([0.1, 5.0, 3.0, 4.0, 0.2])
     got = selection.top_channels(s, k)
     assert got.tolist() == sorted(torch.topk(s, k).indices.tolist())
+
+
+@settings(max_examples=30, deadline=None)
+@given(op_case(), st.booleans())
+def test_sparse_mlp_matches_reference(case, with_bias):
+    from sparselora_compile.runtime.sparse_mlp import sparse_mlp_reference
+    x, w, _, idx, rows = case  # w: [d_ff, hidden]
+    g = torch.Generator().manual_seed(int(idx.sum()))
+    d_ff, hidden = w.shape
+    wu = torch.randn(d_ff, hidden, generator=g, dtype=x.dtype)
+    wd = torch.randn(hidden, d_ff, generator=g, dtype=x.dtype)
+    bias = [torch.randn(n, generator=g, dtype=x.dtype) if with_bias else None for n in (d_ff, d_ff, hidden)]
+    # fp32 tolerance for two chained products summed in another order
+    _check(lambda x, *a: ops.sparse_mlp(x, *a, STATE.state_id),
+           sparse_mlp_reference, x, w, wu, wd, *bias, idx, rows, tol=1e-4)

@@ -1,0 +1,72 @@
+"""The whole gated MLP as one sparse product, for blocks whose three linears are frozen
+and carry no LoRA (the reference's default puts LoRA on q, k, v, o only).
+
+Context rows never materialise a [tokens x d_ff] tensor: g = x W_g[S]^T, u = x W_u[S]^T,
+h = silu(g) * u, y = h W_d[:, S]^T, all of width k. Output-token rows run the dense MLP.
+The backward recomputes g and u (two GEMMs of width k on context rows) instead of saving
+them, like activation checkpointing of the MLP.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from . import gathered
+from .sparse_linear import _split
+
+
+def _bias(b, idx=None):
+    if b is None:
+        return 0
+    return b if idx is None else b[idx]
+
+
+def _gate_up(x, wg, wu, bg, bu, idx):
+    if idx is None:
+        return F.linear(x, wg, bg), F.linear(x, wu, bu)
+    return (gathered.out_sparse_matmul(x, wg, idx) + _bias(bg, idx),
+            gathered.out_sparse_matmul(x, wu, idx) + _bias(bu, idx))
+
+
+def sparse_mlp_reference(x, wg, wu, wd, bg, bu, bd, idx, dense_rows):
+    """The definition: dense MLP with h ⊙ 1_S on context rows."""
+    from .sparse_linear import mask_reference
+    h = F.silu(F.linear(x, wg, bg)) * F.linear(x, wu, bu)
+    return F.linear(mask_reference(h, idx, dense_rows), wd, bd)
+
+
+def sparse_mlp_forward(x, wg, wu, wd, bg, bu, bd, idx, dense_rows):
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    dense, ctx = _split(dense_rows)
+    y = x2.new_empty(x2.shape[0], wd.shape[0])
+    for rows, sel in ((dense, None), (ctx, idx)):
+        if rows.numel():
+            g, u = _gate_up(x2[rows], wg, wu, bg, bu, sel)
+            h = F.silu(g) * u
+            yr = F.linear(h, wd) if sel is None else gathered.in_sparse_matmul(h, wd, sel)
+            y[rows] = yr + _bias(bd)
+    return y.reshape(*lead, wd.shape[0])
+
+
+def sparse_mlp_grad_input(gy, x, wg, wu, wd, bg, bu, idx, dense_rows):
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    g2 = gy.reshape(-1, gy.shape[-1])
+    dense, ctx = _split(dense_rows)
+    gx = torch.empty_like(x2)
+    for rows, sel in ((dense, None), (ctx, idx)):
+        if not rows.numel():
+            continue
+        g, u = _gate_up(x2[rows], wg, wu, bg, bu, sel)
+        dh = g2[rows] @ wd if sel is None else gathered.in_sparse_grad_input(g2[rows], wd, sel)
+        sg = torch.sigmoid(g)
+        silu = g * sg
+        dg = dh * u * (sg * (1 + g * (1 - sg)))
+        du = dh * silu
+        if sel is None:
+            gx[rows] = dg @ wg + du @ wu
+        else:
+            gx[rows] = (gathered.out_sparse_grad_input(dg, wg, sel)
+                        + gathered.out_sparse_grad_input(du, wu, sel))
+    return gx.reshape(*lead, x.shape[-1])
