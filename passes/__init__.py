@@ -51,7 +51,9 @@ def run_passes(gm: fx.GraphModule, example_inputs, policy, state_id: int, factor
     report.skipped += skipped
     if rewrite and report.planned:
         rw = Rewriter(gm, example_inputs, state_id, factor_fn)
-        for pb in report.planned:
+        # graph order, so nodes shared by the blocks of one graph are defined before use
+        pos = {n: i for sc in scopes(gm) for i, n in enumerate(sc.gm.graph.nodes)}
+        for pb in sorted(report.planned, key=lambda p: min(pos[s.base] for s in p.block.sites.values())):
             rw.rewrite(pb)
         for scope in scopes(gm):
             scope.gm.graph.lint()

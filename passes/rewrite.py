@@ -2,7 +2,8 @@
 
 MLP:       idx = select_mlp(x); gate/up base -> out_sparse_linear(x, W, b, idx);
            h = mask_channels(act(gate) * up, idx) when down's LoRA also reads h;
-           down base -> in_sparse_linear(h, W, b, idx)
+           down base -> in_sparse_linear(h, W, b, idx).
+           Without LoRA on any of the three: the block -> sparse_mlp(x, Wg, Wu, Wd, idx)
 Attention: idx_q/k/v/o = select_attention(x); q/k/v base -> out_sparse_linear;
            o base -> in_sparse_linear
 LoRA branches are not touched. Estimator factors enter as new graph inputs.
@@ -50,10 +51,12 @@ class Rewriter:
 
     def _prologue(self, scope: GraphScope, x: fx.Node):
         graph = scope.gm.graph
-        labels = thread(scope, self.labels, "sparselora_labels", self._cache) if self.labels else None
         xd = graph.call_method("detach", (x,))
-        rows = graph.call_function(ops.token_rows.default, (labels, xd, self.sid))
-        return xd, rows
+        key = ("rows", id(scope.gm))  # one token split per graph: every block shares [B, T]
+        if key not in self._cache:
+            labels = thread(scope, self.labels, "sparselora_labels", self._cache) if self.labels else None
+            self._cache[key] = graph.call_function(ops.token_rows.default, (labels, xd, self.sid))
+        return xd, self._cache[key]
 
     def _swap_base(self, site, op, idx, rows):
         graph = site.scope.gm.graph
@@ -116,14 +119,14 @@ class Rewriter:
                 s["gate"].bias, s["up"].bias, s["down"].bias, idx, rows, self.sid))
         new.meta.update(down.meta)
         down.replace_all_uses_with(new)
-        dead = [down, pb.block.mul]
+        dead, erased = [down, pb.block.mul], set()
         while dead:  # the gate/up products, the activation and the casts between them
             n = dead.pop(0)
-            if n.op == "call_function" or n.op == "call_method":
-                if not n.users:
-                    inputs = list(n.all_input_nodes)
-                    graph.erase_node(n)
-                    dead += [i for i in inputs if i.op in ("call_function", "call_method")]
+            if n not in erased and n.op in ("call_function", "call_method") and not n.users:
+                inputs = list(n.all_input_nodes)
+                graph.erase_node(n)
+                erased.add(n)
+                dead += inputs
         s["down"].base = new
 
 

