@@ -128,6 +128,8 @@ def main(argv=None) -> int:
     ap.add_argument("--budget", type=float, default=None,
                     help="fraction of context base FLOPs to save; default: the preset's")
     ap.add_argument("--runs", default="dense,preset,uniform,calibrated")
+    ap.add_argument("--calibration-from", default=None,
+                    help="reuse the calibration (sparsity map and table) of an earlier accuracy JSON")
     ap.add_argument("--out", default=str(RESULTS / "accuracy.json"))
     a = ap.parse_args(argv)
 
@@ -168,7 +170,17 @@ def main(argv=None) -> int:
 
     tmp = Path(tempfile.mkdtemp(prefix="slc_acc_"))
     specs = {}
-    if "calibrated" in a.runs:
+    if "calibrated" in a.runs and a.calibration_from:
+        prev = json.loads(Path(a.calibration_from).read_text())
+        from sparselora_compile import Policy
+        pol = Policy(sparsity=prev["calibrated_sparsity"], rank=prev["calibration"]["rank"])
+        record["calibration"] = {**prev["calibration"], "reused_from": {
+            "file": a.calibration_from, "config": prev["config"], "command": prev["command"]}}
+        record["calibrated_sparsity"] = pol.sparsity
+        yaml_path = tmp / "calibrated.yaml"
+        write_yaml(pol, yaml_path)
+        specs["calibrated"] = (dict(policy=str(yaml_path)), context_saved(pol, blocks))
+    elif "calibrated" in a.runs:
         cands = tuple(float(c) for c in a.candidates.split(","))
         batch = calibration_batch(base, tok, a.calib_examples)
         t = time.perf_counter()

@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import selection, sparse_linear
+from . import row_split, selection, sparse_linear
 from .state import collect_input, get_state
 
 _lib = torch.library.Library("sparselora", "FRAGMENT")
@@ -36,13 +36,16 @@ def token_rows(labels: Optional[Tensor], x: Tensor, state_id: int) -> Tensor:
     """Bool [*x.shape[:-1]]: True for rows computed densely."""
     st = get_state(state_id)
     shape = x.shape[:-1]
-    if not st.sparse_now():
-        return torch.ones(shape, dtype=torch.bool, device=x.device)
     if labels is None and st.labels is not None and tuple(st.labels.shape) == tuple(shape):
         labels = st.labels.to(x.device)
-    if labels is None or not st.dense_output_tokens:
-        return torch.zeros(shape, dtype=torch.bool, device=x.device)
-    return dense_token_rows(labels).reshape(shape).clone()
+    if not st.sparse_now():
+        rows = torch.ones(shape, dtype=torch.bool, device=x.device)
+    elif labels is None or not st.dense_output_tokens:
+        rows = torch.zeros(shape, dtype=torch.bool, device=x.device)
+    else:
+        rows = dense_token_rows(labels).reshape(shape).clone()
+    row_split.compute(rows)
+    return rows
 
 
 @token_rows.register_fake
@@ -101,7 +104,7 @@ def _(x, a_q, b_q, a_k, b_k, a_v, b_v, dense_rows, k_qk, k_v, n_heads, n_kv_head
 def _count(state_id, dense_rows, m_cols, n_full, k):
     """FLOPs of one base product: dense rows pay n_full, context rows pay k."""
     rows = dense_rows.numel()
-    n_dense = int(dense_rows.sum())
+    n_dense = row_split.split_of(dense_rows).n_dense
     get_state(state_id).count_flops(2 * rows * n_full * m_cols,
                                     2 * (n_dense * n_full + (rows - n_dense) * k) * m_cols)
 

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from . import gathered
+from .row_split import context_rows, split_of
 
 
 def _channel_mask(idx, n, like):
@@ -47,26 +48,32 @@ def mask_reference(h, idx, dense_rows):
 # ---- fast path ----------------------------------------------------------------------
 
 def _split(dense_rows):
-    r = dense_rows.reshape(-1)
-    return r.nonzero().squeeze(1), (~r).nonzero().squeeze(1)
+    s = split_of(dense_rows)
+    return s.dense, s.ctx
 
 
 def out_sparse_forward(x, w, b, idx, dense_rows):
     lead, k_in = x.shape[:-1], x.shape[-1]
+    split = split_of(dense_rows)
+    if split.all_dense:  # the warm-up, or a batch of output tokens only
+        return F.linear(x, w, b)
     x2 = x.reshape(-1, k_in)
-    dense, ctx = _split(dense_rows)
     y = x2.new_zeros(x2.shape[0], w.shape[0])
-    if dense.numel():
-        y[dense] = F.linear(x2[dense], w, b)
-    if ctx.numel():
-        yk = gathered.out_sparse_matmul(x2[ctx], w, idx)
-        if b is not None:
-            yk = yk + b[idx]
-        y[ctx[:, None], idx[None, :]] = yk
+    if not split.all_context:
+        y[split.dense] = F.linear(x2[split.dense], w, b)
+    yk = gathered.out_sparse_matmul(context_rows(x2, split), w, idx)
+    if b is not None:
+        yk = yk + b[idx]
+    if split.all_context:
+        y[:, idx] = yk
+    else:
+        y[split.ctx[:, None], idx[None, :]] = yk
     return y.reshape(*lead, w.shape[0])
 
 
 def out_sparse_grad_input(gy, w, idx, dense_rows):
+    if split_of(dense_rows).all_dense:
+        return gy @ w
     lead = gy.shape[:-1]
     g2 = gy.reshape(-1, gy.shape[-1])
     dense, ctx = _split(dense_rows)
@@ -79,6 +86,8 @@ def out_sparse_grad_input(gy, w, idx, dense_rows):
 
 
 def in_sparse_forward(h, w, b, idx, dense_rows):
+    if split_of(dense_rows).all_dense:
+        return F.linear(h, w, b)
     lead = h.shape[:-1]
     h2 = h.reshape(-1, h.shape[-1])
     dense, ctx = _split(dense_rows)
@@ -92,6 +101,8 @@ def in_sparse_forward(h, w, b, idx, dense_rows):
 
 
 def in_sparse_grad_input(gy, w, idx, dense_rows):
+    if split_of(dense_rows).all_dense:
+        return gy @ w
     lead = gy.shape[:-1]
     g2 = gy.reshape(-1, gy.shape[-1])
     dense, ctx = _split(dense_rows)

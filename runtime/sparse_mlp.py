@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from . import gathered
-from .sparse_linear import _split
+from .row_split import split_of
 
 
 def _bias(b, idx=None):
@@ -35,17 +35,35 @@ def sparse_mlp_reference(x, wg, wu, wd, bg, bu, bd, idx, dense_rows):
     return F.linear(mask_reference(h, idx, dense_rows), wd, bd)
 
 
+def _parts(n_rows, split, idx):
+    """(row indices or None for all rows, kept channels or None for dense) per part."""
+    if split.all_dense:
+        return [(None, None)]
+    if split.all_context:
+        return [(None, idx)]
+    return [(split.dense, None), (split.ctx, idx)]
+
+
+def _take(t, rows):
+    return t if rows is None else t.index_select(0, rows)
+
+
+def _put(out, rows, value):
+    if rows is None:
+        out.copy_(value)
+    else:
+        out.index_copy_(0, rows, value)
+
+
 def sparse_mlp_forward(x, wg, wu, wd, bg, bu, bd, idx, dense_rows):
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
-    dense, ctx = _split(dense_rows)
     y = x2.new_empty(x2.shape[0], wd.shape[0])
-    for rows, sel in ((dense, None), (ctx, idx)):
-        if rows.numel():
-            g, u = _gate_up(x2[rows], wg, wu, bg, bu, sel)
-            h = F.silu(g) * u
-            yr = F.linear(h, wd) if sel is None else gathered.in_sparse_matmul(h, wd, sel)
-            y[rows] = yr + _bias(bd)
+    for rows, sel in _parts(x2.shape[0], split_of(dense_rows), idx):
+        g, u = _gate_up(_take(x2, rows), wg, wu, bg, bu, sel)
+        h = F.silu(g) * u
+        yr = F.linear(h, wd) if sel is None else gathered.in_sparse_matmul(h, wd, sel)
+        _put(y, rows, yr + _bias(bd))
     return y.reshape(*lead, wd.shape[0])
 
 
@@ -53,20 +71,18 @@ def sparse_mlp_grad_input(gy, x, wg, wu, wd, bg, bu, idx, dense_rows):
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     g2 = gy.reshape(-1, gy.shape[-1])
-    dense, ctx = _split(dense_rows)
     gx = torch.empty_like(x2)
-    for rows, sel in ((dense, None), (ctx, idx)):
-        if not rows.numel():
-            continue
-        g, u = _gate_up(x2[rows], wg, wu, bg, bu, sel)
-        dh = g2[rows] @ wd if sel is None else gathered.in_sparse_grad_input(g2[rows], wd, sel)
+    for rows, sel in _parts(x2.shape[0], split_of(dense_rows), idx):
+        g, u = _gate_up(_take(x2, rows), wg, wu, bg, bu, sel)
+        gyr = _take(g2, rows)
+        dh = gyr @ wd if sel is None else gathered.in_sparse_grad_input(gyr, wd, sel)
         sg = torch.sigmoid(g)
         silu = g * sg
         dg = dh * u * (sg * (1 + g * (1 - sg)))
         du = dh * silu
         if sel is None:
-            gx[rows] = dg @ wg + du @ wu
+            _put(gx, rows, dg @ wg + du @ wu)
         else:
-            gx[rows] = (gathered.out_sparse_grad_input(dg, wg, sel)
-                        + gathered.out_sparse_grad_input(du, wu, sel))
+            _put(gx, rows, gathered.out_sparse_grad_input(dg, wg, sel)
+                 + gathered.out_sparse_grad_input(du, wu, sel))
     return gx.reshape(*lead, x.shape[-1])

@@ -1,0 +1,60 @@
+"""The token split of one forward, computed once.
+
+`token_rows` makes the [B, T] bool mask of dense rows; every sparse op of that forward
+and its backward needs the row indices and counts. `nonzero` synchronises the GPU, so
+the split is computed once when the mask is made and looked up by the mask's storage
+afterwards (saved-for-backward tensors keep their storage). Each entry holds its mask,
+so no other tensor can take that address while the entry exists: a hit is always the
+same storage. The most recent entries are kept (masks are tiny).
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+
+_SPLITS: "OrderedDict[tuple[int, int], tuple[torch.Tensor, RowSplit]]" = OrderedDict()
+_KEEP = 256
+
+
+@dataclass
+class RowSplit:
+    dense: torch.Tensor   # row indices computed densely
+    ctx: torch.Tensor     # context row indices
+    n_rows: int
+
+    @property
+    def n_dense(self) -> int:
+        return self.dense.numel()
+
+    @property
+    def all_dense(self) -> bool:
+        return self.ctx.numel() == 0
+
+    @property
+    def all_context(self) -> bool:
+        return self.dense.numel() == 0
+
+
+def _key(rows: torch.Tensor):
+    return rows.data_ptr(), rows.numel()
+
+
+def compute(rows: torch.Tensor) -> RowSplit:
+    r = rows.reshape(-1)
+    split = RowSplit(r.nonzero().squeeze(1), (~r).nonzero().squeeze(1), r.numel())
+    _SPLITS[_key(rows)] = (rows, split)
+    _SPLITS.move_to_end(_key(rows))
+    while len(_SPLITS) > _KEEP:
+        _SPLITS.popitem(last=False)
+    return split
+
+
+def split_of(rows: torch.Tensor) -> RowSplit:
+    hit = _SPLITS.get(_key(rows))
+    return hit[1] if hit is not None else compute(rows)
+
+
+def context_rows(x2: torch.Tensor, split: RowSplit) -> torch.Tensor:
+    return x2 if split.all_context else x2.index_select(0, split.ctx)
