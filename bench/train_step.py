@@ -42,7 +42,7 @@ import torch
 import sparselora_compile as slc
 # `slc.compile` resolves to the submodule after its first use (package __getattr__ +
 # submodule import): take the function itself.
-from sparselora_compile.compile import compile as slc_compile
+from sparselora_compile import compile as slc_compile
 
 RESULTS = Path(__file__).parent / "results"
 VARIANTS = ("eager", "inductor", "sl_math10k", "sl_csr", "sl_sparsity0")
