@@ -173,8 +173,9 @@ def main(argv=None) -> int:
     if "calibrated" in a.runs and a.calibration_from:
         prev = json.loads(Path(a.calibration_from).read_text())
         from sparselora_compile import Policy
-        pol = Policy(sparsity=prev["calibrated_sparsity"], rank=prev["calibration"]["rank"])
-        record["calibration"] = {**prev["calibration"], "reused_from": {
+        from sparselora_compile.calibrate import resolve
+        pol = resolve(prev["calibration"], budget)  # the same measured table, this budget
+        record["calibration"] = {**pol.calibration, "reused_from": {
             "file": a.calibration_from, "config": prev["config"], "command": prev["command"]}}
         record["calibrated_sparsity"] = pol.sparsity
         yaml_path = tmp / "calibrated.yaml"

@@ -407,3 +407,37 @@ def calibrate(model: torch.nn.Module, batch: dict, flops_budget: float, *,
               f"{report['seconds']:.0f} s; base FLOPs saved {100 * report['flops_saved']:.1f}% "
               f"(budget {100 * flops_budget:.1f}%)")
     return (policy, report) if return_report else policy
+
+
+def resolve(report: dict, flops_budget: float, **policy_kwargs) -> Policy:
+    """Re-run the budget greedy on an earlier `calibrate` report (no new measurements):
+    the same table, another budget. Blocks not measured then stay dense."""
+    total = float(sum(b["dense_flops_per_token"] for b in report["blocks"]))
+    cands = [float(c) for c in report["candidates"]]
+    metric = report["metric"]
+    tie = 1e-3 * max(abs(report["dense_loss"]), 1e-6)
+    options = {}
+    for b in report["blocks"]:
+        if not b["candidates"]:
+            continue
+        opts = [(0.0, 0.0)]
+        for c in cands:
+            r = b["candidates"][str(c)]
+            base_cost = abs(r["loss_delta"]) if metric == "loss" else 0.0
+            opts.append((float(r["saved_flops_per_token"]),
+                         base_cost + (tie if metric == "loss" else 1.0) * r["resid_err"]))
+        options[b["block"]] = opts
+    max_saved = sum(o[-1][0] for o in options.values()) / total
+    if not 0.0 < flops_budget < 1.0 or flops_budget > max_saved + 1e-12:
+        raise ValueError(f"flops_budget={flops_budget!r} is not achievable: this table saves at "
+                         f"most {max_saved:.4f}")
+    levels = _greedy(options, total, flops_budget)
+    sparsity = {b["block"]: (cands[levels[b["block"]] - 1] if levels.get(b["block"], 0) else 0.0)
+                for b in report["blocks"]}
+    rank = policy_kwargs.pop("rank", report.get("rank", 8))
+    policy = Policy(sparsity=sparsity, rank=rank, **policy_kwargs)
+    saved = sum(options[k][lv][0] for k, lv in levels.items()) / total
+    policy.__dict__["calibration"] = {**report, "flops_budget": flops_budget, "flops_saved": saved,
+                                      "blocks": [{**b, "chosen": sparsity[b["block"]]}
+                                                 for b in report["blocks"]]}
+    return policy
