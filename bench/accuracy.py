@@ -91,16 +91,18 @@ def plot(record, path: Path) -> None:
     import matplotlib.pyplot as plt
     runs = record["runs"]
     names = [r["name"] for r in runs]
+    colors = {"dense": "gray", "calibrated": "C0", "preset": "C1", "uniform": "C2"}
     fig, axes = plt.subplots(1, 4, figsize=(15, 3.4))
     for r in runs:
-        axes[0].plot(range(1, len(r["losses"]) + 1), r["losses"], label=r["name"])
+        axes[0].plot(range(1, len(r["losses"]) + 1), r["losses"], label=r["name"],
+                     color=colors.get(r["name"]))
     axes[0].set(xlabel="step", ylabel="train loss", title="training loss")
     axes[0].legend(fontsize=8)
     for ax, key, title in ((axes[1], "eval_loss", "eval loss"),
                            (axes[2], "exact_match", "eval exact-match"),
                            (axes[3], "context_flops_saved", "base FLOPs saved (context)")):
         vals = [r[key] if r[key] is not None else 0.0 for r in runs]
-        ax.bar(names, vals, color=["gray", "C0", "C1", "C2"][:len(runs)])
+        ax.bar(names, vals, color=[colors.get(n, "C3") for n in names])
         for i, v in enumerate(vals):
             ax.text(i, v, f"{v:.3f}", ha="center", va="bottom", fontsize=8)
         ax.set_title(title)

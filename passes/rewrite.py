@@ -22,10 +22,11 @@ from .plan import PlannedBlock
 ops = torch.ops.sparselora
 
 
-def find_labels(top: fx.GraphModule) -> fx.Node | None:
+def find_input(top: fx.GraphModule, name: str) -> fx.Node | None:
+    """The model's `labels` / `attention_mask` argument, if the graph receives it."""
     for ph in placeholders(top.graph):
         v = example_value(ph)
-        if re.search(r"labels", ph.name) and v is not None and not v.is_floating_point():
+        if re.search(name, ph.name) and v is not None and v.dim() == 2 and not v.is_floating_point():
             return ph
     return None
 
@@ -36,7 +37,8 @@ class Rewriter:
         self.factor_fn = factor_fn          # (weight tensor, site path) -> (A, B)
         self.extra_inputs: list[torch.Tensor] = []
         self.factor_slots: list[tuple] = []  # (block name, site path, weight, A, B)
-        self.labels = find_labels(top)
+        self.labels = find_input(top, "labels")
+        self.attention_mask = find_input(top, "attention_mask")
         self._cache: dict = {}
 
     def _factors(self, site, scope: GraphScope, block_name: str):
@@ -54,8 +56,9 @@ class Rewriter:
         xd = graph.call_method("detach", (x,))
         key = ("rows", id(scope.gm))  # one token split per graph: every block shares [B, T]
         if key not in self._cache:
-            labels = thread(scope, self.labels, "sparselora_labels", self._cache) if self.labels else None
-            self._cache[key] = graph.call_function(ops.token_rows.default, (labels, xd, self.sid))
+            labels, mask = (thread(scope, n, f"sparselora_{n.name}", self._cache) if n is not None else None
+                            for n in (self.labels, self.attention_mask))
+            self._cache[key] = graph.call_function(ops.token_rows.default, (labels, mask, xd, self.sid))
         return xd, self._cache[key]
 
     def _swap_base(self, site, op, idx, rows):

@@ -31,25 +31,33 @@ def dense_token_rows(labels: Tensor) -> Tensor:
     return sup | nxt
 
 
+def _from_state(t, shape, device):
+    return t.to(device) if t is not None and tuple(t.shape) == tuple(shape) else None
+
+
 @torch.library.custom_op("sparselora::token_rows", mutates_args=())
-def token_rows(labels: Optional[Tensor], x: Tensor, state_id: int) -> Tensor:
-    """Bool [*x.shape[:-1]]: True for rows computed densely."""
+def token_rows(labels: Optional[Tensor], attention_mask: Optional[Tensor], x: Tensor,
+               state_id: int) -> Tensor:
+    """Bool [*x.shape[:-1]]: True for rows computed densely. Labels and the attention mask
+    come from the graph, or from the state when the graph does not see them."""
     st = get_state(state_id)
     shape = x.shape[:-1]
-    if labels is None and st.labels is not None and tuple(st.labels.shape) == tuple(shape):
-        labels = st.labels.to(x.device)
+    if labels is None:
+        labels = _from_state(st.labels, shape, x.device)
+    if attention_mask is None:
+        attention_mask = _from_state(st.attention_mask, shape, x.device)
     if not st.sparse_now():
         rows = torch.ones(shape, dtype=torch.bool, device=x.device)
     elif labels is None or not st.dense_output_tokens:
         rows = torch.zeros(shape, dtype=torch.bool, device=x.device)
     else:
         rows = dense_token_rows(labels).reshape(shape).clone()
-    row_split.compute(rows)
+    row_split.compute(rows, None if attention_mask is None else attention_mask.reshape(shape) == 0)
     return rows
 
 
 @token_rows.register_fake
-def _(labels, x, state_id):
+def _(labels, attention_mask, x, state_id):
     return x.new_empty(x.shape[:-1], dtype=torch.bool)
 
 

@@ -23,6 +23,7 @@ class RowSplit:
     dense: torch.Tensor   # row indices computed densely
     ctx: torch.Tensor     # context row indices
     n_rows: int
+    scored: torch.Tensor | None = None  # context rows the estimator scores (no padding); None: ctx
 
     @property
     def n_dense(self) -> int:
@@ -41,9 +42,13 @@ def _key(rows: torch.Tensor):
     return rows.data_ptr(), rows.numel()
 
 
-def compute(rows: torch.Tensor) -> RowSplit:
+def compute(rows: torch.Tensor, padding: torch.Tensor | None = None) -> RowSplit:
+    """`padding`: bool mask of padded positions, left out of the estimator's scores (their
+    hidden states are not text; they still run sparse, as nothing reads them)."""
     r = rows.reshape(-1)
     split = RowSplit(r.nonzero().squeeze(1), (~r).nonzero().squeeze(1), r.numel())
+    if padding is not None:
+        split.scored = (~r & ~padding.reshape(-1)).nonzero().squeeze(1)
     _SPLITS[_key(rows)] = (rows, split)
     _SPLITS.move_to_end(_key(rows))
     while len(_SPLITS) > _KEEP:
@@ -58,3 +63,10 @@ def split_of(rows: torch.Tensor) -> RowSplit:
 
 def context_rows(x2: torch.Tensor, split: RowSplit) -> torch.Tensor:
     return x2 if split.all_context else x2.index_select(0, split.ctx)
+
+
+def scored_rows(x2: torch.Tensor, split: RowSplit) -> torch.Tensor:
+    """The rows the estimator scores: context rows that are not padding."""
+    if split.scored is None:
+        return context_rows(x2, split)
+    return x2.index_select(0, split.scored)

@@ -10,8 +10,8 @@ import torch.nn.functional as F
 
 
 def _context_rows(x: torch.Tensor, dense_rows: torch.Tensor) -> torch.Tensor:
-    from .row_split import context_rows, split_of
-    return context_rows(x.reshape(-1, x.shape[-1]), split_of(dense_rows)).float()
+    from .row_split import scored_rows, split_of
+    return scored_rows(x.reshape(-1, x.shape[-1]), split_of(dense_rows)).float()
 
 
 def top_channels(scores: torch.Tensor, k: int) -> torch.Tensor:

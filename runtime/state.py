@@ -53,6 +53,7 @@ class RuntimeState:
     next_step: int = 0
     force_dense: bool = False
     labels: torch.Tensor | None = None  # set from outside the graph when it has none
+    attention_mask: torch.Tensor | None = None
     first_layer: int | None = None  # the graph holding this layer counts the steps
     stats: RunStats = field(default_factory=RunStats)
     record: dict | None = None  # block name -> selections, when recording

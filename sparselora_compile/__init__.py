@@ -43,11 +43,12 @@ def _register_backend() -> None:
 _register_backend()
 
 
-def set_labels(policy: Policy, labels) -> None:
-    """Hand the batch's labels to the backend when the compiled graph that holds the
-    layers does not see them (e.g. HF gradient checkpointing splits the graph there).
-    `sparselora_compile.compile` does this for you."""
-    policy.runtime_state().labels = labels
+def set_labels(policy: Policy, labels, attention_mask=None) -> None:
+    """Hand the batch's labels (and padding mask) to the backend when the compiled graph
+    that holds the layers does not see them (e.g. HF gradient checkpointing splits the
+    graph there). `sparselora_compile.compile` does this for you."""
+    state = policy.runtime_state()
+    state.labels, state.attention_mask = labels, attention_mask
 
 
 def __getattr__(name):

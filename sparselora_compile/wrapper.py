@@ -1,5 +1,6 @@
 """`sparselora_compile.compile(model, policy)`: torch.compile with the sparselora backend,
-plus the eager glue the graph cannot do itself: it hands `labels` to the backend (HF
+plus the eager glue the graph cannot do itself: it hands `labels` and `attention_mask`
+to the backend (HF
 gradient checkpointing splits the graph so the layers never see them) and runs dense in
 eval() mode."""
 from __future__ import annotations
@@ -22,11 +23,12 @@ class SparseLoRAModel(torch.nn.Module):
     def forward(self, *args, **kwargs):
         state = self.policy.runtime_state()
         state.labels = kwargs.get("labels")
+        state.attention_mask = kwargs.get("attention_mask")
         state.force_dense = self.policy.dense_eval and not self.model.training
         try:
             return self._compiled(*args, **kwargs)
         finally:
-            state.labels = None
+            state.labels = state.attention_mask = None
 
 
 def compile(model: torch.nn.Module, policy: Policy | None = None, **options) -> SparseLoRAModel:

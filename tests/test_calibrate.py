@@ -5,7 +5,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from sparselora_compile.explain import explain
-from sparselora_compile.calibrate import calibrate
+from sparselora_compile.calibrate import calibrate, resolve
 
 
 def _model(layers=3, seed=0):
@@ -41,6 +41,12 @@ def test_policy_meets_the_flops_budget():
     assert set(policy.sparsity) == {f"layers.{i}.{k}" for i in range(3) for k in ("mlp", "self_attn")}
     assert policy.calibration is report
     assert {r["block"] for r in report["blocks"]} == set(policy.sparsity)
+    # the same table re-solved: the same map; a lower budget needs less
+    assert resolve(report, budget).sparsity == policy.sparsity
+    lower = resolve(report, budget / 2)
+    assert budget / 2 <= lower.calibration["flops_saved"] <= report["flops_saved"]
+    with pytest.raises(ValueError, match="at most"):
+        resolve(report, 0.99)
 
 
 @pytest.mark.parametrize("metric,kw", [("output", {}), ("loss", {"dense_output_tokens": False})])

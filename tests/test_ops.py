@@ -162,3 +162,21 @@ def test_sparse_mlp_matches_reference(case, with_bias):
     # fp32 tolerance for two chained products summed in another order
     _check(lambda x, *a: ops.sparse_mlp(x, *a, STATE.state_id),
            sparse_mlp_reference, x, w, wu, wd, *bias, idx, rows, tol=1e-4)
+
+
+def test_padding_is_left_out_of_the_estimator_scores():
+    """Padded positions run sparse but do not vote: huge pad activations change nothing."""
+    torch.manual_seed(0)
+    x = torch.randn(1, 6, 8)
+    labels = torch.full((1, 6), -100)
+    mask = torch.tensor([[1, 1, 1, 1, 0, 0]])
+    a, b = torch.randn(8, 3), torch.randn(3, 16)
+    rows = ops.token_rows(labels, mask, x, STATE.state_id)
+    assert not rows.any()
+    base = ops.select_mlp(x, a, b, a, b, rows, 4, STATE.state_id, "t")
+    x_loud = x.clone()
+    x_loud[0, 4:] = 1e4 * torch.randn(2, 8)
+    rows2 = ops.token_rows(labels, mask, x_loud, STATE.state_id)
+    assert torch.equal(ops.select_mlp(x_loud, a, b, a, b, rows2, 4, STATE.state_id, "t"), base)
+    rows3 = ops.token_rows(labels, None, x_loud, STATE.state_id)  # without the mask they vote
+    assert not torch.equal(ops.select_mlp(x_loud, a, b, a, b, rows3, 4, STATE.state_id, "t"), base)
