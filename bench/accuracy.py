@@ -3,11 +3,13 @@ vs the preset, same seed, same data order, same steps, real SmolLM2-135M weights
 
 Runs (through `sparselora_compile.finetune.run`, the main job's code):
 - dense:      LoRA, the same inner compiler (aot_eager on CPU), no rewrite
-- preset:     `presets.smollm2_default` (MLP 0.9 on layers 3-27, attention 0.5 on 8-25)
+- preset:     `presets.smollm2_default` (MLP and attention 0.5 on layers 3-27)
 - uniform:    one sparsity s on every block except the first 10% of layers and the last,
               s chosen so the context-token base FLOPs saved match the preset's
 - calibrated: `calibrate()` on a calibration batch of the training data, budget = the
               preset's saving (written to a reference-format YAML for the run)
+- aware:      the preset with the activation-aware estimator (moments streamed during
+              the dense warm-up), same budget as the preset
 All sparse runs keep output tokens dense and the first 5% of steps dense.
 
 "base FLOPs saved (context)" is `explain`'s count: base products of all blocks, every
@@ -91,7 +93,7 @@ def plot(record, path: Path) -> None:
     import matplotlib.pyplot as plt
     runs = record["runs"]
     names = [r["name"] for r in runs]
-    colors = {"dense": "gray", "calibrated": "C0", "preset": "C1", "uniform": "C2"}
+    colors = {"dense": "gray", "calibrated": "C0", "preset": "C1", "uniform": "C2", "aware": "C4"}
     fig, axes = plt.subplots(1, 4, figsize=(15, 3.4))
     for r in runs:
         axes[0].plot(range(1, len(r["losses"]) + 1), r["losses"], label=r["name"],
@@ -201,6 +203,7 @@ def main(argv=None) -> int:
     specs["dense"] = (None, 0.0)
     specs["preset"] = (dict(policy="smollm2"), preset_saved)
     specs["uniform"] = (dict(sparsity=s_uni), uni_saved)
+    specs["aware"] = (dict(policy="smollm2", estimator="activation_aware"), preset_saved)
 
     for name in a.runs.split(","):
         over, saved = specs[name]
