@@ -19,8 +19,10 @@ _lock = threading.Lock()
 
 @dataclass
 class RunStats:
-    """Base-product FLOPs of training forwards (the backward's input-gradient products
-    keep the same ratio). `saved_fraction` is what sparsity removed."""
+    """Base-product FLOPs of the rewritten blocks in training forwards (the backward's
+    input-gradient products keep the same ratio). `saved_fraction` is what sparsity
+    removed from those blocks; blocks a policy leaves dense are not rewritten and not
+    counted (use `explain` for a whole-model figure)."""
 
     steps: int = 0
     base_flops_dense: int = 0
