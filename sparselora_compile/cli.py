@@ -40,9 +40,10 @@ def _parser() -> argparse.ArgumentParser:
                     "(default: smollm2; a small uniform policy with --tiny)")
     ft.add_argument("--sparsity", type=float,
                     help="uniform MLP+attention sparsity for every block (edges dense); overrides --policy")
-    ft.add_argument("--estimator", choices=("svd", "activation_aware"), default="svd",
+    ft.add_argument("--estimator", choices=("svd", "activation_aware"), default=None,
                     help="SVD of the weight (the paper's), or whitened by the input second moments "
-                         "streamed during the dense warm-up")
+                         "streamed during the dense warm-up (default: the policy's; the smollm2 "
+                         "preset uses activation_aware)")
     ft.add_argument("--compare-dense", action="store_true",
                     help="also run the same fine-tune dense (plain --inner compiler, same seed and data order) and compare")
     ft.add_argument("--train-size", type=int,

@@ -36,7 +36,7 @@ class FinetuneConfig:
     inner: str = "auto"             # sparselora's inner compiler; auto: see resolve_inner
     policy: str | None = None       # preset name or YAML path
     sparsity: float | None = None   # uniform MLP+attention sparsity, overrides policy
-    estimator: str = "svd"          # or "activation_aware" (moments from the dense warm-up)
+    estimator: str | None = None    # None: the policy's; "svd" or "activation_aware"
     train_size: int = 2000
     eval_size: int = 64
     seed: int = 0
@@ -75,7 +75,7 @@ def compile_args(cfg: FinetuneConfig, dense: bool = False):
 
 def build_policy(cfg: FinetuneConfig):
     policy = _policy_by_name(cfg)
-    if cfg.estimator != policy.estimator:
+    if cfg.estimator is not None and cfg.estimator != policy.estimator:
         policy.estimator = cfg.estimator
         policy.validate()
     return policy
