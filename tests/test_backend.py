@@ -157,3 +157,12 @@ def test_compile_helper_passes_labels_under_checkpointing():
     emb = model.get_input_embeddings()(ids).detach().requires_grad_(True)
     wrapped(inputs_embeds=emb, labels=labels).loss.backward()
     assert policy.stats.saved_fraction == pytest.approx(0.5 * 6 / 10, abs=1e-6)
+
+
+@pytest.mark.slow
+def test_inductor_end_to_end_matches_reference_semantics():
+    """The rewritten graph through real Inductor code generation (CPU, C++)."""
+    model = tiny_llama(ALL, layers=1)
+    cmp = assert_rewrite_equivalent(model, _inputs(model), SPARSE, inner="inductor",
+                                    atol=1e-4, rtol=1e-4, expect_blocks=2)
+    assert cmp.blocks_checked == 2
