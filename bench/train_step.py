@@ -174,7 +174,10 @@ def profile_step(fn, opt, ids, labels, device):
     ops = {e.key: {"time_ms": tot(e) / 1e3, "count": e.count}
            for e in ka if e.key.startswith("sparselora::")}
     select_ms = sum(v["time_ms"] for k, v in ops.items() if k.startswith("sparselora::select_"))
-    return {"total_ms": total_us / 1e3, "select_ms": select_ms,
+    self_of = self_t if device.type == "cuda" else (lambda e: e.self_cpu_time_total)
+    top = sorted(ka, key=self_of, reverse=True)[:30]
+    return {"top_self_ms": [[e.key[:90], round(self_of(e) / 1e3, 3), e.count] for e in top],
+            "total_ms": total_us / 1e3, "select_ms": select_ms,
             "estimator_share": select_ms / (total_us / 1e3) if total_us else None,
             "time": "device (CUDA kernels)" if device.type == "cuda" else "cpu",
             "ops": ops}
@@ -203,6 +206,8 @@ def run_variant(name, peft, init_state, batches, args, device, layers, log):
         fn = slc_compile(peft, policy, inner=args.inner)
     opt = torch.optim.AdamW(lora_params(peft), lr=1e-5)
     res = {"variant": name, "shapes": {}}
+    from torch._dynamo.utils import counters
+    counters.clear()
     first = True
     for shape, (ids, labels) in batches.items():
         times = []
@@ -217,7 +222,11 @@ def run_variant(name, peft, init_state, batches, args, device, layers, log):
             if first and i == 0:
                 res["first_step_s"] = dt
                 res["step0_loss"] = loss0
-                log(f"  {name}: first step {dt:.2f} s (loss {loss0:.5f})")
+                # A backend that fails on a data-dependent shape becomes a silent graph
+                # break (Dynamo falls back): count them so such a run is visible.
+                res["graph_breaks"] = sum(counters["graph_break"].values())
+                log(f"  {name}: first step {dt:.2f} s (loss {loss0:.5f}), "
+                    f"{res['graph_breaks']} graph breaks")
             first = False
             if i >= args.warmup:
                 times.append(dt)

@@ -6,12 +6,14 @@ MLP:       idx = select_mlp(x); gate/up base -> out_sparse_linear(x, W, b, idx);
            Without LoRA on any of the three: the block -> sparse_mlp(x, Wg, Wu, Wd, idx)
 Attention: idx_q/k/v/o = select_attention(x); q/k/v base -> out_sparse_linear;
            o base -> in_sparse_linear
-LoRA branches are not touched. Estimator factors enter as new graph inputs.
+LoRA branches are not touched. Estimator factors (A, B per projection, and for gate/up
+the residual variance, which the MLP score uses) enter as new graph inputs.
 """
 from __future__ import annotations
 
 import operator
 import re
+from typing import NamedTuple, Optional
 
 import torch
 import torch.fx as fx
@@ -20,6 +22,16 @@ from .graphs import GraphScope, add_input, example_value, placeholders, resolve_
 from .plan import PlannedBlock
 
 ops = torch.ops.sparselora
+
+
+class FactorSlot(NamedTuple):
+    """Estimator tensors one site's graph inputs hold (refreshed in place after warm-up)."""
+    block: str
+    path: str
+    weight: torch.Tensor
+    a: torch.Tensor
+    b: torch.Tensor
+    residual: Optional[torch.Tensor]  # a graph input for MLP gate/up only, else None
 
 
 def find_input(top: fx.GraphModule, name: str) -> fx.Node | None:
@@ -41,15 +53,17 @@ class Rewriter:
         self.attention_mask = find_input(top, "attention_mask")
         self._cache: dict = {}
 
-    def _factors(self, site, scope: GraphScope, block_name: str):
+    def _factors(self, site, scope: GraphScope, block_name: str, residual: bool = False):
+        """Graph inputs (A, B), or (A, B, residual) with `residual`."""
         w = resolve_real(site.weight, scope, self.example_inputs)
         if w is None:
             raise RuntimeError(f"sparselora: cannot find the weight tensor of {site.path}")
-        a, b = self.factor_fn(w, site.path)
-        self.factor_slots.append((block_name, site.path, w, a, b))
+        a, b, r = self.factor_fn(w, site.path)
+        self.factor_slots.append(FactorSlot(block_name, site.path, w, a, b, r if residual else None))
         tag = re.sub(r"\W", "_", site.path)[-60:]
-        return (add_input(scope, f"sparselora_A_{tag}", self.extra_inputs, a, self._cache),
-                add_input(scope, f"sparselora_B_{tag}", self.extra_inputs, b, self._cache))
+        nodes = [add_input(scope, f"sparselora_{t}_{tag}", self.extra_inputs, v, self._cache)
+                 for t, v in (("A", a), ("B", b), ("R", r))[: 3 if residual else 2]]
+        return tuple(nodes)
 
     def _prologue(self, scope: GraphScope, x: fx.Node):
         graph = scope.gm.graph
@@ -76,8 +90,12 @@ class Rewriter:
         s = blk.sites
         first = min((site.base for site in s.values()), key=_order(graph))
         x = (s["gate"] if blk.kind == "mlp" else s["q"]).x
-        factors = [f for role in (("gate", "up") if blk.kind == "mlp" else ("q", "k", "v"))
-                   for f in self._factors(s[role], scope, blk.name)]
+        if blk.kind == "mlp":
+            (ag, bg, rg), (au, bu, ru) = (self._factors(s[role], scope, blk.name, residual=True)
+                                          for role in ("gate", "up"))
+            factors = [ag, bg, au, bu, rg, ru]
+        else:
+            factors = [f for role in ("q", "k", "v") for f in self._factors(s[role], scope, blk.name)]
         with graph.inserting_before(first):
             xd, rows = self._prologue(scope, x)
             if blk.kind == "mlp":
@@ -120,6 +138,7 @@ class Rewriter:
             new = graph.call_function(ops.sparse_mlp.default, (
                 s["gate"].x, s["gate"].weight, s["up"].weight, s["down"].weight,
                 s["gate"].bias, s["up"].bias, s["down"].bias, idx, rows, self.sid))
+            new = graph.call_function(operator.getitem, (new, 0))  # [1]: (g, u) for backward
         new.meta.update(down.meta)
         down.replace_all_uses_with(new)
         dead, erased = [down, pb.block.mul], set()

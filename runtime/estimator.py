@@ -7,11 +7,16 @@ Two ways to build (A, B):
 - "activation_aware": the best rank-r approximation of the *output* x W^T in
   expectation over calibration inputs, using their second moment C = E[x^T x].
   Real LLM activations have a few huge-magnitude channels, which plain SVD ignores.
+
+Each kind also gives a per-output-channel residual variance (`residual_variance`): the
+expected energy E[(x (w_j - (AB)_j))^2] the rank-r product misses. The MLP score uses it
+(`selection.mlp_scores`); plain SVD keeps it zero, so "svd" stays the paper's estimator.
 """
 
 from __future__ import annotations
 
 import warnings
+from typing import NamedTuple
 
 import torch
 
@@ -24,6 +29,14 @@ KINDS = ("svd", "activation_aware")
 DEFAULT_DAMPING = 1e-2
 # Each failed Cholesky multiplies the damping by 10, at most this many times.
 _MAX_DAMPING_RETRIES = 6
+
+
+class Factors(NamedTuple):
+    """Estimator of one linear: x @ a @ b ≈ x @ W^T, and the variance it misses per output."""
+
+    a: torch.Tensor         # [in, r] fp32
+    b: torch.Tensor         # [r, out] fp32
+    residual: torch.Tensor  # [out] fp32 >= 0; zeros for plain SVD (the paper's estimator)
 
 
 def _check_rank(weight: torch.Tensor, rank: int) -> None:
@@ -116,6 +129,48 @@ def activation_aware_factors(
     return a.to(torch.float32).contiguous(), b.to(torch.float32).contiguous()
 
 
+def residual_variance(
+    weight: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    moment: SecondMoment | torch.Tensor,
+) -> torch.Tensor:
+    """σ²_j = e_j^T C e_j with e_j = w_j - (A B)_{:, j}: per output channel j, the expected
+    squared error E[(x w_j - x (AB)_j)^2] of the low-rank product over inputs with second
+    moment C = E[x^T x] (undamped). float64 inside; returns fp32 [out], clamped >= 0.
+
+    Why the MLP score adds it: write u_j = x w_j = û_j + ε_j with û_j = x (AB)_j. For the
+    activation-aware factors (the C-whitened truncated SVD), L^T e_j is orthogonal to the
+    kept subspace that L^T (AB)_j lies in (C = L L^T), so E[û_j ε_j] = 0 and
+    E[u_j^2] = E[û_j^2] + σ²_j (exact for the undamped C, close under the small damping):
+    the rank-r product alone under-scores channels whose energy lies in the discarded
+    directions. The score adds σ²_j to each token's û_j^2, treating ε as zero-mean noise
+    independent of x; for the gate, first order around ĝ:
+    E[silu(g)^2] ≈ silu(ĝ)^2 + silu'(ĝ)^2 σ²_gate. (For plain SVD factors the cross term is
+    not zero; they keep a zero residual.)
+    """
+    c = moment.matrix() if isinstance(moment, SecondMoment) else moment
+    n_in = weight.shape[1]
+    if c.shape != (n_in, n_in) or a.shape[0] != n_in or b.shape[1] != weight.shape[0]:
+        raise ValueError(
+            f"residual_variance: weight {tuple(weight.shape)}, A {tuple(a.shape)}, B {tuple(b.shape)} "
+            f"and second moment {tuple(c.shape)} do not fit together"
+        )
+    c = c.detach().to(device=weight.device, dtype=torch.float64)
+    a64, b64 = a.detach().to(weight.device, torch.float64), b.detach().to(weight.device, torch.float64)
+    wt = weight.detach().to(torch.float64).T
+    out = torch.empty(weight.shape[0], dtype=torch.float64, device=weight.device)
+    step = 4096  # bound the [in, step] float64 temporaries on large layers
+    for j in range(0, weight.shape[0], step):
+        e = wt[:, j : j + step] - a64 @ b64[:, j : j + step]
+        out[j : j + step] = ((c @ e) * e).sum(0)
+    return out.clamp_min(0).to(torch.float32)
+
+
+def zero_residual(weight: torch.Tensor) -> torch.Tensor:
+    return torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device)
+
+
 def _usable_moment(moment: SecondMoment | None) -> str | None:
     """Why `moment` cannot drive the activation-aware estimator, or None if it can."""
     if moment is None:
@@ -134,13 +189,16 @@ def estimator_factors(
     moment: SecondMoment | None = None,
     cache: FactorCache | None = None,
     damping: float = DEFAULT_DAMPING,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Estimator factors (A [in, r], B [r, out]) of `weight`, fp32 on its device.
+) -> Factors:
+    """Estimator factors `Factors(a [in, r], b [r, out], residual [out])` of `weight`, fp32
+    on its device.
 
     `kind` is "svd" or "activation_aware". Raises ValueError for an unknown kind or a
     rank outside [1, min(out, in)]. The activation-aware kind falls back to plain SVD
     with a warning when `moment` is missing, empty or non-finite, or when its result
-    is not finite. With `cache`, factors are loaded from / stored to disk.
+    is not finite. `residual` is `residual_variance` under the (undamped) moment for the
+    activation-aware kind, zeros for plain SVD (including a fallback to it). With
+    `cache`, factors are loaded from / stored to disk.
     """
     if kind not in KINDS:
         raise ValueError(f"unknown estimator kind {kind!r}; valid kinds: {', '.join(KINDS)}")
@@ -163,24 +221,28 @@ def estimator_factors(
         moment_fp = moment.fingerprint() if kind == "activation_aware" else ""
         key = factor_key(weight, rank, kind, moment_fp)
         hit = cache.get(key, device=weight.device)
-        if hit is not None and _finite(*hit):
-            return hit
+        if hit is not None and _finite(*hit) and hit[2].shape == (weight.shape[0],):
+            return Factors(*hit)
 
-    a = b = None
+    a = b = residual = None
     if kind == "activation_aware":
         try:
             a, b = activation_aware_factors(weight, rank, moment, damping)
+            if _finite(a, b):
+                residual = residual_variance(weight, a, b, moment)
         except ValueError as err:
             warnings.warn(f"activation_aware estimator failed ({err}); falling back to plain SVD", stacklevel=2)
-        if a is not None and not _finite(a, b):
+            a = None
+        if a is not None and (residual is None or not _finite(a, b, residual)):
             warnings.warn("activation_aware estimator gave non-finite factors; falling back to plain SVD", stacklevel=2)
-            a = b = None
+            a = b = residual = None
     if a is None:
         a, b = plain_svd_factors(weight, rank)
+        residual = zero_residual(weight)
         if cache is not None and kind != "svd":
             key = factor_key(weight, rank, "svd")  # store what was actually computed
     if not _finite(a, b):
         raise ValueError(f"estimator factors of the weight of shape {tuple(weight.shape)} are not finite")
     if cache is not None:
-        cache.put(key, a, b)
-    return a, b
+        cache.put(key, a, b, residual)
+    return Factors(a, b, residual)

@@ -1,4 +1,5 @@
-"""On-disk cache of estimator factors (A, B), one safetensors file per entry.
+"""On-disk cache of estimator factors (A, B) and the residual variance R, one safetensors
+file per entry.
 
 Factors cost an SVD per linear layer, so they are computed once and reused across
 runs. Entries are keyed by the weight's content, never by its name, so a changed
@@ -17,7 +18,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 # Bump when the factor math or the file layout changes: old entries then miss.
-CACHE_FORMAT_VERSION = 1
+# 2: entries hold the residual variance R next to A and B.
+CACHE_FORMAT_VERSION = 2
 # Below this size the weight is copied to the host and hashed byte for byte.
 HOST_HASH_LIMIT_BYTES = 64 << 20
 # Words per chunk of the on-device hash, to bound the temporary int64 memory.
@@ -89,7 +91,8 @@ def factor_key(weight: torch.Tensor, rank: int, kind: str, moment_fingerprint: s
 
 
 class FactorCache:
-    """Directory of `<key>.safetensors` files holding tensors `A` and `B`."""
+    """Directory of `<key>.safetensors` files holding tensors `A` [in, r], `B` [r, out] and
+    `R` [out] (the residual variance)."""
 
     def __init__(self, directory: str | os.PathLike | None = None):
         self.directory = Path(directory) if directory is not None else default_cache_dir()
@@ -97,30 +100,33 @@ class FactorCache:
     def path(self, key: str) -> Path:
         return self.directory / f"{key}.safetensors"
 
-    def get(self, key: str, device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """The cached (A, B), or None on a miss; an unreadable or malformed file is a miss."""
+    def get(self, key: str, device: torch.device | str | None = None
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """The cached (A, B, R), or None on a miss; an unreadable or malformed file (or one
+        without R) is a miss."""
         path = self.path(key)
         if not path.is_file():
             return None
         try:
             tensors = load_file(str(path))
-            a, b = tensors["A"], tensors["B"]
+            a, b, r = tensors["A"], tensors["B"], tensors["R"]
         except (SafetensorError, OSError, KeyError, ValueError, RuntimeError):
             return None
-        if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[0]:
+        if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[0] or r.shape != (b.shape[1],):
             return None
         if device is not None:
-            a, b = a.to(device), b.to(device)
-        return a, b
+            a, b, r = a.to(device), b.to(device), r.to(device)
+        return a, b, r
 
-    def put(self, key: str, a: torch.Tensor, b: torch.Tensor) -> Path:
-        """Store (A, B) atomically: write a temp file in the same directory, then rename."""
+    def put(self, key: str, a: torch.Tensor, b: torch.Tensor, r: torch.Tensor) -> Path:
+        """Store (A, B, R) atomically: write a temp file in the same directory, then rename."""
         self.directory.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{key}.", suffix=".tmp", dir=self.directory)
         os.close(fd)
         try:
             save_file(
-                {"A": a.detach().contiguous().cpu(), "B": b.detach().contiguous().cpu()},
+                {"A": a.detach().contiguous().cpu(), "B": b.detach().contiguous().cpu(),
+                 "R": r.detach().contiguous().cpu()},
                 tmp,
                 metadata={"format_version": str(CACHE_FORMAT_VERSION), "key": key},
             )

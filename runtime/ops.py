@@ -71,16 +71,20 @@ def _record(state_id, name, **tensors):
 
 @torch.library.custom_op("sparselora::select_mlp", mutates_args=())
 def select_mlp(x: Tensor, a_gate: Tensor, b_gate: Tensor, a_up: Tensor, b_up: Tensor,
-               dense_rows: Tensor, k: int, state_id: int, name: str) -> Tensor:
+               res_gate: Tensor, res_up: Tensor, dense_rows: Tensor, k: int, state_id: int,
+               name: str) -> Tensor:
+    """Top-k intermediate channels by the estimator score; `res_gate`/`res_up` [d_ff] are
+    the residual variances (`estimator.residual_variance`, zeros for plain SVD)."""
     from .scores import mlp_scores
     collect_input(state_id, name, x)
-    idx = selection.top_channels(mlp_scores(x, a_gate, b_gate, a_up, b_up, dense_rows), k)
+    scores = mlp_scores(x, a_gate, b_gate, a_up, b_up, res_gate, res_up, dense_rows)
+    idx = selection.top_channels(scores, k)
     _record(state_id, name, idx=idx, dense_rows=dense_rows)
     return idx
 
 
 @select_mlp.register_fake
-def _(x, a_gate, b_gate, a_up, b_up, dense_rows, k, state_id, name):
+def _(x, a_gate, b_gate, a_up, b_up, res_gate, res_up, dense_rows, k, state_id, name):
     return x.new_empty((k,), dtype=torch.int64)
 
 
@@ -89,11 +93,10 @@ def select_attention(x: Tensor, a_q: Tensor, b_q: Tensor, a_k: Tensor, b_k: Tens
                      a_v: Tensor, b_v: Tensor, dense_rows: Tensor, k_qk: int, k_v: int,
                      n_heads: int, n_kv_heads: int, head_dim: int, state_id: int,
                      name: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    from .scores import column_sq_norms
     collect_input(state_id, name, x)
     out = selection.attention_selection(
         x, ((a_q, b_q), (a_k, b_k), (a_v, b_v)), dense_rows, k_qk, k_v,
-        n_heads, n_kv_heads, head_dim, norms=column_sq_norms)
+        n_heads, n_kv_heads, head_dim)
     _record(state_id, name, idx_q=out[0], idx_k=out[1], idx_v=out[2], idx_o=out[3],
             dense_rows=dense_rows)
     return out
@@ -208,7 +211,9 @@ mask_channels.register_autograd(_mask_backward, setup_context=_mask_setup)
 @torch.library.custom_op("sparselora::sparse_mlp", mutates_args=())
 def sparse_mlp(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down: Tensor, b_gate: Optional[Tensor],
                b_up: Optional[Tensor], b_down: Optional[Tensor], idx: Tensor, dense_rows: Tensor,
-               state_id: int) -> Tensor:
+               state_id: int) -> tuple[Tensor, Tensor]:
+    """(y, saved): `saved` is the flat (g, u) buffer for the backward (see sparse_mlp.py);
+    its length depends on the token split, so the fake reports a data-dependent size."""
     h, f = w_gate.shape[1], w_gate.shape[0]
     _count(state_id, dense_rows, h, 3 * f, 3 * idx.numel())
     from .sparse_mlp import sparse_mlp_forward
@@ -217,30 +222,44 @@ def sparse_mlp(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down: Tensor, b_gate: 
 
 @sparse_mlp.register_fake
 def _(x, w_gate, w_up, w_down, b_gate, b_up, b_down, idx, dense_rows, state_id):
-    return x.new_empty((*x.shape[:-1], w_down.shape[0]))
+    return x.new_empty((*x.shape[:-1], w_down.shape[0])), x.new_empty((_data_dependent_size(),))
+
+
+def _data_dependent_size():
+    """An unbacked size for a fake output. `new_dynamic_size` refuses unless Dynamo was told
+    to capture dynamic-output ops (fullgraph or a global config flag), which does not
+    concern an op our pass inserts after Dynamo; create the symbol on the ShapeEnv the way
+    torch's own device-mesh op does."""
+    from torch.fx.experimental.symbolic_shapes import _constrain_range_for_size
+    ctx = torch.library.get_ctx()
+    env = ctx._shape_env
+    if env is None:
+        return ctx.new_dynamic_size()  # raises with torch's own message
+    n = env.create_unbacked_symint()
+    _constrain_range_for_size(n, min=0)
+    return n
 
 
 @torch.library.custom_op("sparselora::sparse_mlp_grad", mutates_args=())
-def sparse_mlp_grad(gy: Tensor, x: Tensor, w_gate: Tensor, w_up: Tensor, w_down: Tensor,
-                    b_gate: Optional[Tensor], b_up: Optional[Tensor], idx: Tensor,
-                    dense_rows: Tensor) -> Tensor:
+def sparse_mlp_grad(gy: Tensor, x: Tensor, saved: Tensor, w_gate: Tensor, w_up: Tensor,
+                    w_down: Tensor, idx: Tensor, dense_rows: Tensor) -> Tensor:
     from .sparse_mlp import sparse_mlp_grad_input
-    return sparse_mlp_grad_input(gy, x, w_gate, w_up, w_down, b_gate, b_up, idx, dense_rows)
+    return sparse_mlp_grad_input(gy, x, saved, w_gate, w_up, w_down, idx, dense_rows)
 
 
 @sparse_mlp_grad.register_fake
-def _(gy, x, w_gate, w_up, w_down, b_gate, b_up, idx, dense_rows):
+def _(gy, x, saved, w_gate, w_up, w_down, idx, dense_rows):
     return torch.empty_like(x)
 
 
 def _mlp_setup(ctx, inputs, output):
-    x, wg, wu, wd, bg, bu, _bd, idx, dense_rows, _sid = inputs
-    ctx.save_for_backward(x, wg, wu, wd, bg, bu, idx, dense_rows)
+    x, wg, wu, wd, _bg, _bu, _bd, idx, dense_rows, _sid = inputs
+    ctx.save_for_backward(x, output[1], wg, wu, wd, idx, dense_rows)
 
 
-def _mlp_backward(ctx, gy):
-    x, wg, wu, wd, bg, bu, idx, dense_rows = ctx.saved_tensors
-    gx = sparse_mlp_grad(gy, x, wg, wu, wd, bg, bu, idx, dense_rows)
+def _mlp_backward(ctx, gy, _gsaved):
+    x, saved, wg, wu, wd, idx, dense_rows = ctx.saved_tensors
+    gx = sparse_mlp_grad(gy, x, saved, wg, wu, wd, idx, dense_rows)
     return gx, None, None, None, None, None, None, None, None, None
 
 

@@ -1,20 +1,15 @@
-"""Estimator scores with dispatch: the fused Triton estimator on CUDA (no [tokens x d_ff]
-tensor), the plain PyTorch version of `selection` elsewhere."""
+"""MLP estimator scores with dispatch: the fused Triton estimator on CUDA (no [tokens x d_ff]
+tensor), the plain PyTorch version of `selection` elsewhere. (Attention scores need no
+kernel: `selection` gets q/k/v column norms from an r x r Gram matrix.)"""
 from __future__ import annotations
 
 from . import selection
 from .gathered import _use_triton
 
 
-def mlp_scores(x, a_gate, b_gate, a_up, b_up, dense_rows):
+def mlp_scores(x, a_gate, b_gate, a_up, b_up, res_gate, res_up, dense_rows):
     if _use_triton(x):
         from .kernels.fused_estimator import mlp_channel_scores
         xc = selection._context_rows(x, dense_rows)
-        return mlp_channel_scores(xc, a_gate, b_gate, a_up, b_up)
-    return selection.mlp_scores(x, a_gate, b_gate, a_up, b_up, dense_rows)
-
-
-def column_sq_norms(x, a, b, dense_rows):
-    # The fused kernel has a fixed cost that loses to torch on attention widths
-    # (bench/results/kernels.json), so q/k/v norms stay in torch.
-    return selection.column_sq_norms(x, a, b, dense_rows)
+        return mlp_channel_scores(xc, a_gate, b_gate, a_up, b_up, res_gate, res_up)
+    return selection.mlp_scores(x, a_gate, b_gate, a_up, b_up, res_gate, res_up, dense_rows)

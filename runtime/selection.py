@@ -20,11 +20,33 @@ def top_channels(scores: torch.Tensor, k: int) -> torch.Tensor:
     return torch.topk(scores, k, sorted=False).indices.sort().values
 
 
-def mlp_scores(x, a_gate, b_gate, a_up, b_up, dense_rows) -> torch.Tensor:
-    """Squared L2 norm over context tokens of silu(x A_g B_g) * (x A_u B_u), per channel."""
+def dsilu(z: torch.Tensor) -> torch.Tensor:
+    """silu'(z) = sig(z) (1 + z (1 - sig(z)))."""
+    s = torch.sigmoid(z)
+    return s * (1 + z * (1 - s))
+
+
+def corrected_gated_sq(g, u, res_gate, res_up) -> torch.Tensor:
+    """Expected (silu(gate) * up)^2 per element given the rank-r ĝ = g, û = u and the
+    residual variances σ² [F] (`estimator.residual_variance`):
+    (silu(ĝ)^2 + silu'(ĝ)^2 σ²_gate) * (û^2 + σ²_up). With zero residuals: (silu(ĝ) û)^2."""
+    s = torch.sigmoid(g)
+    silu, ds = g * s, s * (1 + g * (1 - s))
+    return (silu.square() + ds.square() * res_gate) * (u.square() + res_up)
+
+
+def mlp_scores(x, a_gate, b_gate, a_up, b_up, res_gate, res_up, dense_rows) -> torch.Tensor:
+    """Per channel, sum over context tokens of the expected (silu(gate) * up)^2 under the
+    low-rank estimate (`corrected_gated_sq`). `res_gate`/`res_up` [F] or None (= zeros: the
+    paper's squared L2 norm of silu(x A_g B_g) * (x A_u B_u))."""
     xc = _context_rows(x, dense_rows)
-    gated = F.silu(xc @ a_gate @ b_gate) * (xc @ a_up @ b_up)
-    return gated.square().sum(0)
+    g, u = xc @ a_gate @ b_gate, xc @ a_up @ b_up
+    if res_gate is None and res_up is None:
+        return (F.silu(g) * u).square().sum(0)
+    zero = g.new_zeros(())
+    rg = zero if res_gate is None else res_gate.float()
+    ru = zero if res_up is None else res_up.float()
+    return corrected_gated_sq(g, u, rg, ru).sum(0)
 
 
 def column_sq_norms(x, a, b, dense_rows) -> torch.Tensor:
@@ -41,20 +63,34 @@ def expand_kv_channels(kv_idx: torch.Tensor, n_heads: int, n_kv_heads: int, head
     return (heads * head_dim + d[:, None]).reshape(-1).sort().values
 
 
+def _gram_column_sq_norms(xc, factors):
+    """||xc A B||^2 per output column, for each (A, B), without the [tokens x out] product:
+    with P = xc A and G = P^T P (r x r), column j's norm is b_j^T G b_j. One GEMM over the
+    tokens for all factor pairs (their A's side by side)."""
+    p = xc @ torch.cat([a for a, _ in factors], 1)
+    gram = p.T @ p
+    out, start = [], 0
+    for a, b in factors:
+        r = a.shape[1]
+        g = gram[start:start + r, start:start + r]
+        out.append(((g @ b) * b).sum(0).clamp_min(0))
+        start += r
+    return out
+
+
 def attention_selection(x, factors, dense_rows, k_qk: int, k_v: int,
-                        n_heads: int, n_kv_heads: int, head_dim: int, norms=column_sq_norms):
+                        n_heads: int, n_kv_heads: int, head_dim: int):
     """Returns (idx_q, idx_k, idx_v, idx_o).
 
     QK score of kv channel (g, d): ||K_hat(g,d)|| * sum over h in group g of ||Q_hat(h,d)||.
     V score: ||V_hat(g,d)||. o keeps the input channels whose kv head kept V channel (g, d).
     """
-    (aq, bq), (ak, bk), (av, bv) = factors
     n_rep = n_heads // n_kv_heads
-    q = norms(x, aq, bq, dense_rows).sqrt().view(n_kv_heads, n_rep, head_dim).sum(1)
-    k = norms(x, ak, bk, dense_rows).sqrt().view(n_kv_heads, head_dim)
-    v = norms(x, av, bv, dense_rows)
+    qn, kn, vn = _gram_column_sq_norms(_context_rows(x, dense_rows), factors)
+    q = qn.sqrt().view(n_kv_heads, n_rep, head_dim).sum(1)
+    k = kn.sqrt().view(n_kv_heads, head_dim)
     idx_k = top_channels((q * k).reshape(-1), k_qk)
-    idx_v = top_channels(v, k_v)
+    idx_v = top_channels(vn, k_v)
     idx_q = expand_kv_channels(idx_k, n_heads, n_kv_heads, head_dim)
     idx_o = expand_kv_channels(idx_v, n_heads, n_kv_heads, head_dim)
     return idx_q, idx_k, idx_v, idx_o

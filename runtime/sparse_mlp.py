@@ -3,8 +3,11 @@ and carry no LoRA (the reference's default puts LoRA on q, k, v, o only).
 
 Context rows never materialise a [tokens x d_ff] tensor: g = x W_g[S]^T, u = x W_u[S]^T,
 h = silu(g) * u, y = h W_d[:, S]^T, all of width k. Output-token rows run the dense MLP.
-The backward recomputes g and u (two GEMMs of width k on context rows) instead of saving
-them, like activation checkpointing of the MLP.
+The forward also returns g and u of every row, packed into one flat tensor whose length
+depends on the token split (dense rows at width d_ff, context rows at width k): the
+backward reads them instead of recomputing two GEMMs (on dense rows that recompute was
+as costly as the forward's gate/up). That is what autograd saves for the dense MLP too,
+so memory stays at most the dense step's.
 """
 from __future__ import annotations
 
@@ -55,25 +58,57 @@ def _put(out, rows, value):
         out.index_copy_(0, rows, value)
 
 
+def _saved_layout(n_rows, split, idx, d_ff):
+    """Per part: (rows, kept channels, offset of g in the flat buffer, width); and the total."""
+    layout, off = [], 0
+    for rows, sel in _parts(n_rows, split, idx):
+        n = n_rows if rows is None else rows.numel()
+        width = d_ff if sel is None else sel.numel()
+        layout.append((rows, sel, off, n, width))
+        off += 2 * n * width
+    return layout, off
+
+
+def _views(saved, off, n, width):
+    g = saved[off: off + n * width].view(n, width)
+    return g, saved[off + n * width: off + 2 * n * width].view(n, width)
+
+
 def sparse_mlp_forward(x, wg, wu, wd, bg, bu, bd, idx, dense_rows):
+    """(y, saved): the MLP output and the flat (g, u) buffer the backward reads."""
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     y = x2.new_empty(x2.shape[0], wd.shape[0])
-    for rows, sel in _parts(x2.shape[0], split_of(dense_rows), idx):
-        g, u = _gate_up(_take(x2, rows), wg, wu, bg, bu, sel)
+    layout, total = _saved_layout(x2.shape[0], split_of(dense_rows), idx, wg.shape[0])
+    saved = x2.new_empty(total)
+    for rows, sel, off, n, width in layout:
+        g, u = _views(saved, off, n, width)
+        xr = _take(x2, rows)
+        if sel is None:
+            torch.mm(xr, wg.t(), out=g)
+            torch.mm(xr, wu.t(), out=u)
+            if bg is not None:
+                g += bg
+            if bu is not None:
+                u += bu
+        else:
+            gs, us = _gate_up(xr, wg, wu, bg, bu, sel)
+            g.copy_(gs)
+            u.copy_(us)
         h = F.silu(g) * u
         yr = F.linear(h, wd) if sel is None else gathered.in_sparse_matmul(h, wd, sel)
         _put(y, rows, yr + _bias(bd))
-    return y.reshape(*lead, wd.shape[0])
+    return y.reshape(*lead, wd.shape[0]), saved
 
 
-def sparse_mlp_grad_input(gy, x, wg, wu, wd, bg, bu, idx, dense_rows):
+def sparse_mlp_grad_input(gy, x, saved, wg, wu, wd, idx, dense_rows):
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     g2 = gy.reshape(-1, gy.shape[-1])
     gx = torch.empty_like(x2)
-    for rows, sel in _parts(x2.shape[0], split_of(dense_rows), idx):
-        g, u = _gate_up(_take(x2, rows), wg, wu, bg, bu, sel)
+    layout, _ = _saved_layout(x2.shape[0], split_of(dense_rows), idx, wg.shape[0])
+    for rows, sel, off, n, width in layout:
+        g, u = _views(saved, off, n, width)
         gyr = _take(g2, rows)
         dh = gyr @ wd if sel is None else gathered.in_sparse_grad_input(gyr, wd, sel)
         sg = torch.sigmoid(g)

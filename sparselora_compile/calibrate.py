@@ -200,11 +200,11 @@ def _selection(block: _Block, k: int, dense_rows: torch.Tensor) -> dict:
     from sparselora_compile.runtime import selection
     x = block.x
     if block.kind == "mlp":
-        (ag, bg), (au, bu) = block.factors
-        scores = selection.mlp_scores(x, ag, bg, au, bu, dense_rows)
+        (ag, bg, rg), (au, bu, ru) = block.factors
+        scores = selection.mlp_scores(x, ag, bg, au, bu, rg, ru, dense_rows)
         return {"idx": selection.top_channels(scores, k), "dense_rows": dense_rows}
     i = block.info
-    iq, ik, iv, io = selection.attention_selection(x, block.factors, dense_rows, k, k,
+    iq, ik, iv, io = selection.attention_selection(x, [f[:2] for f in block.factors], dense_rows, k, k,
                                                    i.n_heads, i.n_kv_heads, i.head_dim)
     return {"idx_q": iq, "idx_k": ik, "idx_v": iv, "idx_o": io, "dense_rows": dense_rows}
 

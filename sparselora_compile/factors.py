@@ -5,8 +5,9 @@ The activation-aware estimator needs input second moments. Rule: moments the use
 (`Policy.moments`, from `collect_moments`) are used at compile time; otherwise the
 compiled graph starts with plain SVD factors, the select ops stream each block's input
 moment during the dense warm-up, and when the warm-up ends the factors are recomputed and
-copied in place (same shapes: no recompile). So the first step pays nothing beyond the
-SVDs, and each warm-up step one x^T x per block.
+copied in place (same shapes: no recompile), residual variances included (zeros under
+the plain SVD placeholder). So the first step pays nothing beyond the SVDs, and each
+warm-up step one x^T x per block.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import warnings
 
 import torch
 
-from sparselora_compile.runtime.estimator import estimator_factors
+from sparselora_compile.runtime.estimator import Factors, estimator_factors
 from sparselora_compile.runtime.factor_cache import FactorCache
 from sparselora_compile.runtime.second_moment import SecondMoment
 
@@ -33,7 +34,7 @@ def factor_provider(policy, cache_dir=None):
     if kind == "activation_aware" and not moments:
         kind = "svd"  # placeholder until the warm-up's moments arrive (see module doc)
 
-    def factors(weight: torch.Tensor, path: str):
+    def factors(weight: torch.Tensor, path: str) -> Factors:
         rank = min(policy.rank, *weight.shape)  # a tiny layer: full rank is exact
         with torch.no_grad():
             return estimator_factors(weight.detach(), rank, kind=kind,
@@ -43,18 +44,21 @@ def factor_provider(policy, cache_dir=None):
 
 def refresh_from_warmup(policy, state, slots, cache_dir=None) -> int:
     """Recompute activation-aware factors from the moments the warm-up collected and copy
-    them into the compiled graph's factor inputs. Returns how many were refreshed."""
+    them (and the residual variances, where the graph reads them) into the compiled graph's
+    factor inputs. `slots`: `passes.rewrite.FactorSlot`s. Returns how many were refreshed."""
     cache = FactorCache(cache_dir)
     done = 0
-    for block, _path, weight, a, b in slots:
-        moment: SecondMoment | None = state.moments.get(block)
+    for slot in slots:
+        moment: SecondMoment | None = state.moments.get(slot.block)
         if moment is None or moment.count == 0:
             continue
         with torch.no_grad():
-            na, nb = estimator_factors(weight.detach(), a.shape[1], kind="activation_aware",
-                                       moment=moment, cache=cache)
-            a.copy_(na)
-            b.copy_(nb)
+            new = estimator_factors(slot.weight.detach(), slot.a.shape[1], kind="activation_aware",
+                                    moment=moment, cache=cache)
+            slot.a.copy_(new.a)
+            slot.b.copy_(new.b)
+            if slot.residual is not None:
+                slot.residual.copy_(new.residual)
         done += 1
     if not done:
         warnings.warn("activation_aware estimator: no warm-up moments were collected; "

@@ -14,9 +14,11 @@ from sparselora_compile.runtime.estimator import (
     activation_aware_factors,
     estimator_factors,
     plain_svd_factors,
+    residual_variance,
 )
 from sparselora_compile.runtime.factor_cache import FactorCache, default_cache_dir, factor_key, weight_fingerprint
 from sparselora_compile.runtime.second_moment import SecondMoment
+from sparselora_compile.runtime.selection import mlp_scores
 
 
 def outlier_layer(seed, n_in=64, n_out=96, n_huge=4, magnitude=30.0):
@@ -82,7 +84,7 @@ def test_rank_deficient_and_zero_weights_give_finite_exact_factors():
     g = torch.Generator().manual_seed(2)
     low = torch.randn(14, 2, generator=g) @ torch.randn(2, 9, generator=g)  # rank 2
     for w in (low, low.T.contiguous(), torch.zeros(7, 5)):
-        a, b = estimator_factors(w, 4)
+        a, b, _ = estimator_factors(w, 4)
         assert torch.isfinite(a).all() and torch.isfinite(b).all()
         torch.testing.assert_close(a @ b, w.T, rtol=1e-4, atol=1e-5)
 
@@ -131,6 +133,85 @@ def test_activation_aware_survives_a_rank_deficient_moment():
     x[:, 3:] = 0.0  # channels that never fire make C singular
     a, b = activation_aware_factors(w, 4, moment_of(x), damping=0.0)
     assert torch.isfinite(a).all() and torch.isfinite(b).all()
+
+
+# ---- residual variance and the corrected MLP score ---------------------------------------
+
+
+def test_residual_variance_is_the_expected_squared_error():
+    g = torch.Generator().manual_seed(20)
+    n_in, n_out = 32, 40
+    scale = torch.ones(n_in)
+    scale[:3] = 20.0
+    w = torch.randn(n_out, n_in, generator=g) / n_in**0.5
+    x = torch.randn(300, n_in, generator=g) * scale
+    m = moment_of(x)
+    a, b, r = estimator_factors(w, 4, "activation_aware", m)
+    assert torch.equal(r, residual_variance(w, a, b, m))
+    # Exact on the rows the moment was built from: mean_t (x_t e_j)^2 = e_j^T C e_j.
+    err = x.double() @ (w.double().T - (a @ b).double())
+    torch.testing.assert_close(r, err.square().mean(0).float(), rtol=1e-4, atol=1e-7)
+    # Monte Carlo on fresh draws against the true C = diag(scale^2).
+    r_true = residual_variance(w, a, b, torch.diag(scale**2))
+    fresh = torch.randn(40000, n_in, generator=g).double() * scale
+    mc = (fresh @ (w.double().T - (a @ b).double())).square().mean(0)
+    assert ((mc.float() - r_true).abs() / r_true).max() < 0.05
+    assert r.min() > 0  # rank 4 of 32 leaves something in every channel
+
+
+def test_whitened_residual_is_orthogonal_so_energies_add():
+    """For the (undamped) activation-aware factors E[û ε] = 0, so E[u^2] = E[û^2] + σ²
+    per channel: the identity the corrected score rests on. Plain SVD factors break it."""
+    w, sample = outlier_layer(21, n_in=32, n_out=40)
+    x = sample(300)
+    m = moment_of(x)
+    xd = x.double()
+    for fa, fb, exact in [(*activation_aware_factors(w, 4, m, damping=0.0), True),
+                          (*plain_svd_factors(w, 4), False)]:
+        r = residual_variance(w, fa, fb, m).double()
+        u_sq = (xd @ w.double().T).square().mean(0)
+        u_hat_sq = (xd @ (fa @ fb).double()).square().mean(0)
+        gap = (u_sq - u_hat_sq - r).abs().max() / u_sq.max()
+        assert (gap < 1e-4) if exact else (gap > 1e-2), gap.item()
+
+
+def gated_outlier_layer(seed, n_in=64, d_ff=256, n_huge=4, magnitude=10.0):
+    """Gate/up weights whose rows differ in how much they read the ordinary (not huge)
+    input channels, as real FFN rows do; inputs with a few huge channels."""
+    g = torch.Generator().manual_seed(seed)
+    huge = torch.randperm(n_in, generator=g)[:n_huge]
+    scale = torch.ones(n_in)
+    scale[huge] = magnitude
+    ordinary = scale == 1
+
+    def weight():
+        w = torch.randn(d_ff, n_in, generator=g) / n_in**0.5
+        w[:, ordinary] *= torch.exp(torch.randn(d_ff, 1, generator=g))
+        return w
+
+    return weight(), weight(), lambda rows: torch.randn(rows, n_in, generator=g) * scale
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_residual_correction_captures_more_oracle_mass_on_held_out_inputs(seed):
+    wg, wu, sample = gated_outlier_layer(seed)
+    m = moment_of(sample(512))
+    fg, fu = (estimator_factors(w, 4, "activation_aware", m) for w in (wg, wu))
+    k = wg.shape[0] // 4  # sparsity 0.75
+    plain = corrected = 0.0
+    for _ in range(4):  # held-out micro-batches, never seen by the moment
+        x = sample(64)
+        rows = torch.zeros(x.shape[0], dtype=torch.bool)
+        oracle = (torch.nn.functional.silu(x @ wg.T) * (x @ wu.T)).square().sum(0)
+        best = oracle.topk(k).values.sum()
+        for name, rg, ru in (("plain", None, None), ("corrected", fg.residual, fu.residual)):
+            est = mlp_scores(x, fg.a, fg.b, fu.a, fu.b, rg, ru, rows)
+            mass = (oracle[est.topk(k).indices].sum() / best).item() / 4
+            if name == "plain":
+                plain += mass
+            else:
+                corrected += mass
+    assert corrected > plain + 0.05 and corrected > 0.9, (plain, corrected)
 
 
 # ---- second moment ---------------------------------------------------------------------
@@ -196,12 +277,13 @@ def test_cache_hit_is_bitwise_identical(tmp_path, monkeypatch, kind):
     w, sample = outlier_layer(9, n_in=16, n_out=24)
     m = moment_of(sample(64))
     cache = FactorCache(tmp_path)
-    a, b = estimator_factors(w, 4, kind, m, cache=cache)
+    a, b, r = estimator_factors(w, 4, kind, m, cache=cache)
     assert len(list(tmp_path.glob("*.safetensors"))) == 1
     assert not list(tmp_path.glob("*.tmp"))  # atomic write left no temp file
     forbid_recompute(monkeypatch)
-    a2, b2 = estimator_factors(w.clone(), 4, kind, m, cache=cache)
-    assert torch.equal(a, a2) and torch.equal(b, b2)
+    a2, b2, r2 = estimator_factors(w.clone(), 4, kind, m, cache=cache)
+    assert torch.equal(a, a2) and torch.equal(b, b2) and torch.equal(r, r2)
+    assert (r.abs().sum() > 0) == (kind == "activation_aware")  # the residual round-trips too
 
 
 def test_cache_misses_on_changed_weight_moment_rank_or_kind(tmp_path):
@@ -220,7 +302,7 @@ def test_cache_misses_on_changed_weight_moment_rank_or_kind(tmp_path):
 
     cache = FactorCache(tmp_path)
     estimator_factors(w, 4, "activation_aware", m, cache=cache)
-    a, b = estimator_factors(changed, 4, "activation_aware", m, cache=cache)
+    a, b, _ = estimator_factors(changed, 4, "activation_aware", m, cache=cache)
     estimator_factors(w, 4, "activation_aware", moment_of(sample(64)), cache=cache)
     assert len(list(tmp_path.glob("*.safetensors"))) == 3
     torch.testing.assert_close((a, b), activation_aware_factors(changed, 4, m))
@@ -229,11 +311,11 @@ def test_cache_misses_on_changed_weight_moment_rank_or_kind(tmp_path):
 def test_corrupt_cache_file_is_a_miss(tmp_path):
     w = torch.randn(24, 16, generator=torch.Generator().manual_seed(11))
     cache = FactorCache(tmp_path)
-    a, b = estimator_factors(w, 4, cache=cache)
+    a, b, _ = estimator_factors(w, 4, cache=cache)
     (path,) = tmp_path.glob("*.safetensors")
     path.write_bytes(b"\x00\x01 not a safetensors file")
     assert cache.get(path.stem) is None
-    a2, b2 = estimator_factors(w, 4, cache=cache)  # recomputed and rewritten
+    a2, b2, _ = estimator_factors(w, 4, cache=cache)  # recomputed and rewritten
     assert torch.equal(a, a2) and torch.equal(b, b2)
     assert cache.get(path.stem) is not None
 
@@ -296,10 +378,11 @@ def bad_moments():
 def test_unusable_moment_falls_back_to_plain_svd_with_warning(name):
     w = torch.randn(10, 8, generator=torch.Generator().manual_seed(13))
     with pytest.warns(UserWarning, match="falling back to plain SVD"):
-        a, b = estimator_factors(w, 3, "activation_aware", bad_moments()[name])
+        a, b, r = estimator_factors(w, 3, "activation_aware", bad_moments()[name])
     pa, pb = plain_svd_factors(w, 3)
     assert torch.isfinite(a).all() and torch.isfinite(b).all()
     assert torch.equal(a, pa) and torch.equal(b, pb)
+    assert r.shape == (10,) and not r.any()  # plain SVD: the paper's estimator, no residual
 
 
 def test_moment_of_wrong_dim_raises():
@@ -327,7 +410,8 @@ def test_factors_shapes_dtype_and_optimality(case):
     w, rank, seed = case
     out_dim, in_dim = w.shape
     w32 = w.float()
-    a, b = estimator_factors(w, rank)
+    a, b, r = estimator_factors(w, rank)
+    assert r.shape == (out_dim,) and not r.any()
     assert a.shape == (in_dim, rank) and b.shape == (rank, out_dim)
     assert a.dtype == b.dtype == torch.float32 and a.is_contiguous() and b.is_contiguous()
     assert torch.isfinite(a).all() and torch.isfinite(b).all()
@@ -338,9 +422,10 @@ def test_factors_shapes_dtype_and_optimality(case):
     m = moment_of(torch.randn(2 * in_dim + 1, in_dim, generator=g) * torch.rand(in_dim, generator=g) * 10)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a usable moment must not fall back
-        aa, ab = estimator_factors(w, rank, "activation_aware", m)
+        aa, ab, ar = estimator_factors(w, rank, "activation_aware", m)
     assert aa.shape == (in_dim, rank) and ab.shape == (rank, out_dim) and aa.dtype == torch.float32
     assert torch.isfinite(aa).all() and torch.isfinite(ab).all()
+    assert ar.shape == (out_dim,) and ar.dtype == torch.float32 and (ar >= 0).all() and torch.isfinite(ar).all()
     # Optimal for the damped moment it factorises, so no worse than plain SVD there.
     c = m.matrix().double()
     c = c + DEFAULT_DAMPING * c.diagonal().mean() * torch.eye(in_dim, dtype=torch.float64)

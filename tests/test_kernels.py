@@ -126,13 +126,16 @@ def test_empty_selection_gives_zeros():
     assert gg.out_sparse_matmul(torch.randn(5, 7), W, none).shape == (5, 0)
 
 
-def check_scores(M, H, r, F, dtype, device, seed):
+def check_scores(M, H, r, F, dtype, device, seed, residual=False):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(M, H, generator=g).to(device, dtype)
     Ag, Au = ((torch.randn(H, r, generator=g) / H**0.5).to(device, dtype) for _ in range(2))
     Bg, Bu = (torch.randn(r, F, generator=g).to(device, dtype) for _ in range(2))
-    got = fe.mlp_channel_scores(x, Ag, Bg, Au, Bu)
-    want = fe.mlp_channel_scores_reference(x, Ag, Bg, Au, Bu)
+    # Residual variances [F] fp32, on the scale of g^2 and u^2 (about r / H), some zero.
+    res = [(torch.rand(F, generator=g) * 2 * r / H * (torch.rand(F, generator=g) > 0.2)).to(device)
+           for _ in range(2)] if residual else [None, None]
+    got = fe.mlp_channel_scores(x, Ag, Bg, Au, Bu, *res)
+    want = fe.mlp_channel_scores_reference(x, Ag, Bg, Au, Bu, *res)
     assert got.dtype == torch.float32 and got.shape == (F,)
     # Sums of M squares: relative error about twice the products' (the reference rounds x@A like the kernel).
     tol = 2 * TOL[dtype]
@@ -146,16 +149,34 @@ def check_scores(M, H, r, F, dtype, device, seed):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(M=st.integers(1, 80), H=st.integers(1, 40), r=st.integers(1, 32), F=st.integers(1, 90),
-       seed=st.integers(0, 999))
-def test_estimator_interpreter(poisoned_alloc, dtype, M, H, r, F, seed):
+       seed=st.integers(0, 999), residual=st.booleans())
+def test_estimator_interpreter(poisoned_alloc, dtype, M, H, r, F, seed, residual):
     # M up to 80 with 128-row chunks per program: the 2-way token split sees an empty second half too.
-    check_scores(M, H, r, F, dtype, "cpu", seed)
+    check_scores(M, H, r, F, dtype, "cpu", seed, residual)
 
 
 @cpu_only
-def test_estimator_token_split(poisoned_alloc):
-    # 300 tokens = three 128-row chunks: partial sums from several programs must add up.
-    check_scores(300, 24, 8, 40, torch.float32, "cpu", 0)
+@pytest.mark.parametrize("residual", [False, True])
+def test_estimator_token_split(poisoned_alloc, residual):
+    # 300 tokens = three 128-row chunks: partial sums from several programs must add up. With
+    # residuals, the rows past each program's end (g = u = 0) must not add silu'(0)^2 σg σu.
+    check_scores(300, 24, 8, 40, torch.float32, "cpu", 0, residual)
+
+
+@cpu_only
+def test_estimator_residual_matches_selection(poisoned_alloc):
+    """The kernel's corrected score is `selection.mlp_scores`' (the CPU path) on the same rows."""
+    from sparselora_compile.runtime import selection
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(1, 37, 24, generator=g)
+    Ag, Au = (torch.randn(24, 4, generator=g) / 5 for _ in range(2))
+    Bg, Bu = (torch.randn(4, 50, generator=g) for _ in range(2))
+    Rg, Ru = (torch.rand(50, generator=g) for _ in range(2))
+    rows = torch.rand(1, 37, generator=g) > 0.6
+    want = selection.mlp_scores(x, Ag, Bg, Au, Bu, Rg, Ru, rows)
+    got = fe.mlp_channel_scores(x[~rows], Ag, Bg, Au, Bu, Rg, Ru)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(want, selection.mlp_scores(x, Ag, Bg, Au, Bu, None, None, rows))
 
 
 @pytest.mark.gpu
@@ -189,3 +210,4 @@ class TestGPU:
     @pytest.mark.parametrize("M,H,r,F", [(1, 64, 8, 100), (4096, 4096, 8, 14336), (777, 512, 32, 1000), (50, 64, 4, 17)])
     def test_estimator_bf16(self, poisoned_alloc, M, H, r, F):
         check_scores(M, H, r, F, torch.bfloat16, "cuda", seed=M)
+        check_scores(M, H, r, F, torch.bfloat16, "cuda", seed=M, residual=True)

@@ -118,10 +118,28 @@ def test_mlp_scores_use_context_rows_only():
     x = torch.randn(1, 4, 6)
     a, b = torch.randn(6, 2), torch.randn(2, 10)
     rows = torch.tensor([[False, False, True, True]])
-    got = selection.mlp_scores(x, a, b, a, b, rows)
+    got = selection.mlp_scores(x, a, b, a, b, None, None, rows)
     xc = x[0, :2]
     ref = (torch.nn.functional.silu(xc @ a @ b) * (xc @ a @ b)).square().sum(0)
     torch.testing.assert_close(got, ref)
+    zero = torch.zeros(10)  # zero residuals: exactly the paper's score
+    torch.testing.assert_close(selection.mlp_scores(x, a, b, a, b, zero, zero, rows), ref)
+
+
+def test_mlp_scores_add_the_residual_energy():
+    """score_j = sum_t (silu(g)^2 + silu'(g)^2 σg²_j) (u^2 + σu²_j) over context rows."""
+    torch.manual_seed(1)
+    x = torch.randn(1, 5, 6)
+    ag, bg, au, bu = torch.randn(6, 2), torch.randn(2, 10), torch.randn(6, 2), torch.randn(2, 10)
+    rg, ru = torch.rand(10), torch.rand(10)
+    rows = torch.tensor([[False, True, False, False, True]])
+    got = selection.mlp_scores(x, ag, bg, au, bu, rg, ru, rows)
+    xc = x[0, [0, 2, 3]].double()
+    g, u = xc @ ag.double() @ bg.double(), xc @ au.double() @ bu.double()
+    dsilu = torch.func.vmap(torch.func.grad(torch.nn.functional.silu))(g.reshape(-1)).reshape(g.shape)
+    want = ((torch.nn.functional.silu(g) ** 2 + dsilu**2 * rg.double()) * (u**2 + ru.double())).sum(0)
+    torch.testing.assert_close(got, want.float(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(selection.dsilu(g), dsilu)
 
 
 def test_ops_under_autocast_follow_its_dtype():
@@ -139,7 +157,8 @@ def test_fake_kernels_give_shapes():
         rows = torch.empty(2, 3, dtype=torch.bool)
         assert ops.out_sparse_linear(x, w, None, torch.empty(4, dtype=torch.long), rows, 0).shape == (2, 3, 6)
         assert ops.select_mlp(x, torch.empty(8, 2), torch.empty(2, 6), torch.empty(8, 2),
-                              torch.empty(2, 6), rows, 4, 0, "b").shape == (4,)
+                              torch.empty(2, 6), torch.empty(6), torch.empty(6), rows, 4, 0,
+                              "b").shape == (4,)
 
 
 @pytest.mark.parametrize("k", [1, 5])
@@ -160,7 +179,7 @@ def test_sparse_mlp_matches_reference(case, with_bias):
     wd = torch.randn(hidden, d_ff, generator=g, dtype=x.dtype)
     bias = [torch.randn(n, generator=g, dtype=x.dtype) if with_bias else None for n in (d_ff, d_ff, hidden)]
     # fp32 tolerance for two chained products summed in another order
-    _check(lambda x, *a: ops.sparse_mlp(x, *a, STATE.state_id),
+    _check(lambda x, *a: ops.sparse_mlp(x, *a, STATE.state_id)[0],
            sparse_mlp_reference, x, w, wu, wd, *bias, idx, rows, tol=1e-4)
 
 
@@ -173,10 +192,25 @@ def test_padding_is_left_out_of_the_estimator_scores():
     a, b = torch.randn(8, 3), torch.randn(3, 16)
     rows = ops.token_rows(labels, mask, x, STATE.state_id)
     assert not rows.any()
-    base = ops.select_mlp(x, a, b, a, b, rows, 4, STATE.state_id, "t")
+    r = torch.rand(16)
+    base = ops.select_mlp(x, a, b, a, b, r, r, rows, 4, STATE.state_id, "t")
     x_loud = x.clone()
     x_loud[0, 4:] = 1e4 * torch.randn(2, 8)
     rows2 = ops.token_rows(labels, mask, x_loud, STATE.state_id)
-    assert torch.equal(ops.select_mlp(x_loud, a, b, a, b, rows2, 4, STATE.state_id, "t"), base)
+    assert torch.equal(ops.select_mlp(x_loud, a, b, a, b, r, r, rows2, 4, STATE.state_id, "t"), base)
     rows3 = ops.token_rows(labels, None, x_loud, STATE.state_id)  # without the mask they vote
-    assert not torch.equal(ops.select_mlp(x_loud, a, b, a, b, rows3, 4, STATE.state_id, "t"), base)
+    assert not torch.equal(ops.select_mlp(x_loud, a, b, a, b, r, r, rows3, 4, STATE.state_id, "t"), base)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(1, 40), st.integers(1, 12), st.lists(st.tuples(st.integers(1, 6), st.integers(1, 20)),
+                                                         min_size=1, max_size=3))
+def test_gram_column_norms_equal_explicit_products(tokens, hidden, shapes):
+    """The r x r Gram route gives ||x A B||^2 per column without the [tokens x out] product."""
+    g = torch.Generator().manual_seed(tokens * 1000 + hidden)
+    x = torch.randn(tokens, hidden, generator=g, dtype=torch.float64)
+    factors = [(torch.randn(hidden, r, generator=g, dtype=torch.float64),
+                torch.randn(r, out, generator=g, dtype=torch.float64)) for r, out in shapes]
+    got = selection._gram_column_sq_norms(x, factors)
+    for (a, b), norms in zip(factors, got):
+        torch.testing.assert_close(norms, (x @ a @ b).square().sum(0), rtol=1e-9, atol=1e-9)

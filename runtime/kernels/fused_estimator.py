@@ -8,6 +8,11 @@ writing any [M, F] tensor. Tokens are split across programs into an [S, F] fp32 
 (S small) that torch adds up: deterministic, unlike atomics.
 
 Squared norms rank channels exactly as norms do, so top-k over these scores is the paper's.
+
+With the residual variances σ²_gate, σ²_up [F] (`estimator.residual_variance`), the gated
+kernel sums the expected square instead, (silu(g)^2 + silu'(g)^2 σ²_gate) (u^2 + σ²_up)
+(`selection.corrected_gated_sq`): the two [F] vectors are loaded once per channel tile
+next to the B tiles, and nothing of size [M, F] is written either.
 """
 import functools
 import os
@@ -30,13 +35,14 @@ def _configs():
             for bm, bf, w in [(64, 128, 4), (128, 128, 8), (64, 256, 8), (32, 128, 4)]]
 
 
-@triton.autotune(configs=_configs(), key=["F", "R", "ROWS_PER_PROG", "GATED"], do_bench=autotune_bench)
+@triton.autotune(configs=_configs(), key=["F", "R", "ROWS_PER_PROG", "GATED", "RESIDUAL"], do_bench=autotune_bench)
 @triton.jit(do_not_specialize=["M", "ROWS_PER_PROG"])
 def _channel_scores_kernel(
-    ag_ptr, bg_ptr, au_ptr, bu_ptr, part_ptr,
+    ag_ptr, bg_ptr, au_ptr, bu_ptr, rg_ptr, ru_ptr, part_ptr,
     M, F, R, ROWS_PER_PROG,
     stride_am, stride_ar, stride_bn_r, stride_bn_f, stride_um, stride_ur, stride_bu_r, stride_bu_f,
-    GATED: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_F: tl.constexpr,
+    GATED: tl.constexpr, RESIDUAL: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_F: tl.constexpr,
 ):
     pid_f = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -49,6 +55,9 @@ def _channel_scores_kernel(
     bg = tl.load(bg_ptr + offs_r[:, None] * stride_bn_r + offs_f[None, :] * stride_bn_f, mask=b_mask, other=0.0)
     if GATED:
         bu = tl.load(bu_ptr + offs_r[:, None] * stride_bu_r + offs_f[None, :] * stride_bu_f, mask=b_mask, other=0.0)
+        if RESIDUAL:  # contiguous fp32 [F] residual variances, one load per channel tile
+            rg = tl.load(rg_ptr + offs_f, mask=f_ok, other=0.0)[None, :]
+            ru = tl.load(ru_ptr + offs_f, mask=f_ok, other=0.0)[None, :]
 
     acc = tl.zeros((BLOCK_M, BLOCK_F), dtype=tl.float32)  # reduce over tokens once, after the loop
     m_start = pid_s * ROWS_PER_PROG
@@ -56,7 +65,8 @@ def _channel_scores_kernel(
     for m0 in range(m_start, m_stop, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
         a_mask = (offs_m < m_stop)[:, None] & r_ok[None, :]
-        # Rows past the end load as zero, so g = u = 0 and they add nothing: no mask on the sum.
+        # Rows past the end load as zero, so g = u = 0: without residuals they add nothing,
+        # with residuals they would add silu'(0)^2 σ²_g σ²_u and are masked out of the sum.
         xg = tl.load(ag_ptr + offs_m[:, None].to(tl.int64) * stride_am + offs_r[None, :] * stride_ar,
                      mask=a_mask, other=0.0)
         g = tl.dot(xg, bg)
@@ -64,10 +74,18 @@ def _channel_scores_kernel(
             xu = tl.load(au_ptr + offs_m[:, None].to(tl.int64) * stride_um + offs_r[None, :] * stride_ur,
                          mask=a_mask, other=0.0)
             u = tl.dot(xu, bu)
-            p = g * tl.sigmoid(g) * u
+            sig = tl.sigmoid(g)
+            if RESIDUAL:
+                silu = g * sig
+                ds = sig * (1.0 + g * (1.0 - sig))  # silu'(g)
+                p = (silu * silu + ds * ds * rg) * (u * u + ru)
+                p = tl.where((offs_m < m_stop)[:, None], p, 0.0)
+            else:
+                p = g * sig * u
+                p = p * p
         else:
-            p = g
-        acc += p * p
+            p = g * g
+        acc += p
     tl.store(part_ptr + pid_s * F + offs_f, tl.sum(acc, axis=0), mask=f_ok)
 
 
@@ -85,7 +103,7 @@ def _rows_per_prog(m, f, device):
     return max(128, triton.cdiv(triton.cdiv(m, splits), 128) * 128)
 
 
-def _scores(xg, bg, xu, bu):
+def _scores(xg, bg, xu, bu, rg=None, ru=None):
     m, r = xg.shape
     f = bg.shape[1]
     assert bg.shape[0] == r and xg.dtype == bg.dtype
@@ -97,24 +115,32 @@ def _scores(xg, bg, xu, bu):
     gated = xu is not None
     if not gated:
         xu, bu = xg, bg
+    residual = gated and (rg is not None or ru is not None)
+    if residual:
+        zero = None if rg is not None and ru is not None else torch.zeros(f, device=xg.device)
+        rg, ru = ((zero if t is None else t.to(xg.device, torch.float32).contiguous()) for t in (rg, ru))
+        assert rg.shape == ru.shape == (f,)
+    else:
+        rg = ru = part  # unused (RESIDUAL=False); any pointer will do
     grid = lambda meta: (triton.cdiv(f, meta["BLOCK_F"]), splits)
     _channel_scores_kernel[grid](
-        xg, bg, xu, bu, part, m, f, r, rpp,
+        xg, bg, xu, bu, rg, ru, part, m, f, r, rpp,
         xg.stride(0), xg.stride(1), bg.stride(0), bg.stride(1),
         xu.stride(0), xu.stride(1), bu.stride(0), bu.stride(1),
-        GATED=gated, BLOCK_R=max(16, triton.next_power_of_2(r)),  # tl.dot needs K >= 16
+        GATED=gated, RESIDUAL=residual, BLOCK_R=max(16, triton.next_power_of_2(r)),  # tl.dot needs K >= 16
     )
     return part.sum(0) if splits > 1 else part[0]
 
 
-def mlp_channel_scores(x, Ag, Bg, Au, Bu):
-    """Gated-MLP channel scores [F] fp32: sum over rows of (silu(x@Ag@Bg) * (x@Au@Bu))^2.
+def mlp_channel_scores(x, Ag, Bg, Au, Bu, Rg=None, Ru=None):
+    """Gated-MLP channel scores [F] fp32: sum over rows of (silu(x@Ag@Bg) * (x@Au@Bu))^2,
+    or with residual variances Rg, Ru [F] of (silu(g)^2 + silu'(g)^2 Rg) (u^2 + Ru).
 
     x [M, H]; A* [H, r]; B* [r, F]. One [M, 2r] matmul, then one fused kernel.
     """
     r = Ag.shape[1]
     xa = x @ torch.cat([Ag, Au], dim=1)  # read x once for both projections
-    return _scores(xa[:, :r], Bg, xa[:, r:], Bu)
+    return _scores(xa[:, :r], Bg, xa[:, r:], Bu, Rg, Ru)
 
 
 def channel_sq_norms(xa, B):
@@ -125,10 +151,15 @@ def channel_sq_norms(xa, B):
 # ---- plain-PyTorch references (they do materialise [M, F]) ----
 # x@A is rounded to the input dtype, as in the fused path (and any torch estimator); the rest is fp32.
 
-def mlp_channel_scores_reference(x, Ag, Bg, Au, Bu):
+def mlp_channel_scores_reference(x, Ag, Bg, Au, Bu, Rg=None, Ru=None):
     g = (x @ Ag).float() @ Bg.float()
     u = (x @ Au).float() @ Bu.float()
-    return (torch.nn.functional.silu(g) * u).pow(2).sum(0)
+    if Rg is None and Ru is None:
+        return (torch.nn.functional.silu(g) * u).pow(2).sum(0)
+    from ..selection import corrected_gated_sq
+    zero = g.new_zeros(())
+    return corrected_gated_sq(g, u, zero if Rg is None else Rg.float(),
+                              zero if Ru is None else Ru.float()).sum(0)
 
 
 def channel_sq_norms_reference(xa, B):

@@ -4,6 +4,8 @@ the SparseLoRA semantics (DESIGN.md) using the selections the compiled run recor
 MLP:        down's input h becomes h ⊙ 1_S on context rows (its LoRA reads the same h).
 Attention:  q/k/v base outputs keep channels idx_q/idx_k/idx_v on context rows (LoRA
             terms dense); o's base product reads only input channels idx_o.
+The channel sets are replayed, not re-scored: whatever estimator score chose them (for the
+MLP, `selection.mlp_scores` with its residual term) the reference applies the same sets.
 """
 from __future__ import annotations
 
