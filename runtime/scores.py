@@ -9,7 +9,8 @@ from .gathered import _use_triton
 
 def mlp_scores(x, a_gate, b_gate, a_up, b_up, res_gate, res_up, dense_rows):
     if _use_triton(x):
-        from .kernels.fused_estimator import mlp_channel_scores
-        xc = selection._context_rows(x, dense_rows)
-        return mlp_channel_scores(xc, a_gate, b_gate, a_up, b_up, res_gate, res_up)
+        import torch
+        from .kernels.fused_estimator import mlp_channel_scores_projected
+        xa = selection.scored_projection(x, torch.cat([a_gate, a_up], 1), dense_rows)
+        return mlp_channel_scores_projected(xa, b_gate, b_up, res_gate, res_up)
     return selection.mlp_scores(x, a_gate, b_gate, a_up, b_up, res_gate, res_up, dense_rows)

@@ -9,9 +9,16 @@ import torch
 import torch.nn.functional as F
 
 
-def _context_rows(x: torch.Tensor, dense_rows: torch.Tensor) -> torch.Tensor:
+def scored_projection(x: torch.Tensor, a_cat: torch.Tensor, dense_rows: torch.Tensor) -> torch.Tensor:
+    """x @ a_cat over the context rows the estimator scores, fp32 [scored, r].
+
+    The product runs on every row in x's dtype and only its narrow result is gathered
+    and cast: gathering and casting x itself ([tokens x hidden], fp32) cost more than the
+    product on the GPU. In bf16 this rounds x A once to bf16, as any bf16 estimator would.
+    """
     from .row_split import scored_rows, split_of
-    return scored_rows(x.reshape(-1, x.shape[-1]), split_of(dense_rows)).float()
+    x2 = x.reshape(-1, x.shape[-1])
+    return scored_rows(x2 @ a_cat.to(x2.dtype), split_of(dense_rows)).float()
 
 
 def top_channels(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -39,19 +46,15 @@ def mlp_scores(x, a_gate, b_gate, a_up, b_up, res_gate, res_up, dense_rows) -> t
     """Per channel, sum over context tokens of the expected (silu(gate) * up)^2 under the
     low-rank estimate (`corrected_gated_sq`). `res_gate`/`res_up` [F] or None (= zeros: the
     paper's squared L2 norm of silu(x A_g B_g) * (x A_u B_u))."""
-    xc = _context_rows(x, dense_rows)
-    g, u = xc @ a_gate @ b_gate, xc @ a_up @ b_up
+    r = a_gate.shape[1]
+    p = scored_projection(x, torch.cat([a_gate, a_up], 1), dense_rows)
+    g, u = p[:, :r] @ b_gate, p[:, r:] @ b_up
     if res_gate is None and res_up is None:
         return (F.silu(g) * u).square().sum(0)
     zero = g.new_zeros(())
     rg = zero if res_gate is None else res_gate.float()
     ru = zero if res_up is None else res_up.float()
     return corrected_gated_sq(g, u, rg, ru).sum(0)
-
-
-def column_sq_norms(x, a, b, dense_rows) -> torch.Tensor:
-    xc = _context_rows(x, dense_rows)
-    return (xc @ a @ b).square().sum(0)
 
 
 def expand_kv_channels(kv_idx: torch.Tensor, n_heads: int, n_kv_heads: int, head_dim: int):
@@ -63,11 +66,11 @@ def expand_kv_channels(kv_idx: torch.Tensor, n_heads: int, n_kv_heads: int, head
     return (heads * head_dim + d[:, None]).reshape(-1).sort().values
 
 
-def _gram_column_sq_norms(xc, factors):
-    """||xc A B||^2 per output column, for each (A, B), without the [tokens x out] product:
-    with P = xc A and G = P^T P (r x r), column j's norm is b_j^T G b_j. One GEMM over the
-    tokens for all factor pairs (their A's side by side)."""
-    p = xc @ torch.cat([a for a, _ in factors], 1)
+def _gram_column_sq_norms(x, factors, dense_rows):
+    """||x_c A B||^2 per output column over the scored rows x_c, for each (A, B), without the
+    [tokens x out] product: with P = x_c A and G = P^T P (r x r), column j's norm is
+    b_j^T G b_j. One GEMM over the tokens for all factor pairs (their A's side by side)."""
+    p = scored_projection(x, torch.cat([a for a, _ in factors], 1), dense_rows)
     gram = p.T @ p
     out, start = [], 0
     for a, b in factors:
@@ -86,7 +89,7 @@ def attention_selection(x, factors, dense_rows, k_qk: int, k_v: int,
     V score: ||V_hat(g,d)||. o keeps the input channels whose kv head kept V channel (g, d).
     """
     n_rep = n_heads // n_kv_heads
-    qn, kn, vn = _gram_column_sq_norms(_context_rows(x, dense_rows), factors)
+    qn, kn, vn = _gram_column_sq_norms(x, factors, dense_rows)
     q = qn.sqrt().view(n_kv_heads, n_rep, head_dim).sum(1)
     k = kn.sqrt().view(n_kv_heads, head_dim)
     idx_k = top_channels((q * k).reshape(-1), k_qk)

@@ -143,6 +143,12 @@ def mlp_channel_scores(x, Ag, Bg, Au, Bu, Rg=None, Ru=None):
     return _scores(xa[:, :r], Bg, xa[:, r:], Bu, Rg, Ru)
 
 
+def mlp_channel_scores_projected(xa, Bg, Bu, Rg=None, Ru=None):
+    """`mlp_channel_scores` from xa = x @ [Ag | Au] [M, 2r] computed by the caller."""
+    r = Bg.shape[0]
+    return _scores(xa[:, :r], Bg, xa[:, r:], Bu, Rg, Ru)
+
+
 def channel_sq_norms(xa, B):
     """Squared column norms over rows of xa @ B, [N] fp32, without materialising it. xa [M, r]; B [r, N]."""
     return _scores(xa, B, None, None)
