@@ -38,6 +38,22 @@ def sparse_mlp_reference(x, wg, wu, wd, bg, bu, bd, idx, dense_rows):
     return F.linear(mask_reference(h, idx, dense_rows), wd, bd)
 
 
+def _swiglu(g, u):
+    if gathered._use_triton(g) and g.is_contiguous() and u.is_contiguous():
+        from .kernels.swiglu import swiglu
+        return swiglu(g, u)
+    return F.silu(g) * u
+
+
+def _swiglu_grad(dh, g, u):
+    """(dg, du) of h = silu(g) * u."""
+    if gathered._use_triton(g) and all(t.is_contiguous() for t in (dh, g, u)) and dh.dtype == g.dtype:
+        from .kernels.swiglu import swiglu_grad
+        return swiglu_grad(dh, g, u)
+    sg = torch.sigmoid(g)
+    return dh * u * (sg * (1 + g * (1 - sg))), dh * (g * sg)
+
+
 def _parts(n_rows, split, idx):
     """(row indices or None for all rows, kept channels or None for dense) per part."""
     if split.all_dense:
@@ -95,7 +111,7 @@ def sparse_mlp_forward(x, wg, wu, wd, bg, bu, bd, idx, dense_rows):
             gs, us = _gate_up(xr, wg, wu, bg, bu, sel)
             g.copy_(gs)
             u.copy_(us)
-        h = F.silu(g) * u
+        h = _swiglu(g, u)
         yr = F.linear(h, wd) if sel is None else gathered.in_sparse_matmul(h, wd, sel)
         _put(y, rows, yr + _bias(bd))
     return y.reshape(*lead, wd.shape[0]), saved
@@ -111,12 +127,9 @@ def sparse_mlp_grad_input(gy, x, saved, wg, wu, wd, idx, dense_rows):
         g, u = _views(saved, off, n, width)
         gyr = _take(g2, rows)
         dh = gyr @ wd if sel is None else gathered.in_sparse_grad_input(gyr, wd, sel)
-        sg = torch.sigmoid(g)
-        silu = g * sg
-        dg = dh * u * (sg * (1 + g * (1 - sg)))
-        du = dh * silu
+        dg, du = _swiglu_grad(dh, g, u)
         if sel is None:
-            _put(gx, rows, dg @ wg + du @ wu)
+            _put(gx, rows, (dg @ wg).addmm_(du, wu))
         else:
             _put(gx, rows, gathered.out_sparse_grad_input(dg, wg, sel)
                  + gathered.out_sparse_grad_input(du, wu, sel))
