@@ -19,3 +19,11 @@ def test_explain_lists_blocks_and_reasons(capsys):
     assert "layers.1.mlp" in capsys.readouterr().out
     # explain does not leave the model compiled or changed
     assert torch.equal(model(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+def test_too_little_sparsity_stays_dense_with_a_reason():
+    model = tiny_llama(ALL, layers=2)
+    ids, labels = batch()
+    e = slc.explain(model, input_ids=ids, labels=labels, policy=slc.Policy(mlp=0.02, attention=0.5))
+    assert {b["kind"]: b["sparsity"] for b in e.blocks} == {"attention": 0.5, "mlp": 0.0}
+    assert any("below 0.05" in s["reason"] and s["where"].endswith("mlp") for s in e.skipped)
