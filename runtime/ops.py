@@ -241,25 +241,27 @@ def _data_dependent_size():
 
 
 @torch.library.custom_op("sparselora::sparse_mlp_grad", mutates_args=())
-def sparse_mlp_grad(gy: Tensor, x: Tensor, saved: Tensor, w_gate: Tensor, w_up: Tensor,
+def sparse_mlp_grad(gy: Tensor, saved: Tensor, w_gate: Tensor, w_up: Tensor,
                     w_down: Tensor, idx: Tensor, dense_rows: Tensor) -> Tensor:
     from .sparse_mlp import sparse_mlp_grad_input
-    return sparse_mlp_grad_input(gy, x, saved, w_gate, w_up, w_down, idx, dense_rows)
+    return sparse_mlp_grad_input(gy, saved, w_gate, w_up, w_down, idx, dense_rows)
 
 
 @sparse_mlp_grad.register_fake
-def _(gy, x, saved, w_gate, w_up, w_down, idx, dense_rows):
-    return torch.empty_like(x)
+def _(gy, saved, w_gate, w_up, w_down, idx, dense_rows):
+    return gy.new_empty((*gy.shape[:-1], w_gate.shape[1]))
 
 
 def _mlp_setup(ctx, inputs, output):
+    # x itself is not saved: the backward needs only g and u (in `saved`).
     x, wg, wu, wd, _bg, _bu, _bd, idx, dense_rows, _sid = inputs
-    ctx.save_for_backward(x, output[1], wg, wu, wd, idx, dense_rows)
+    ctx.save_for_backward(output[1], wg, wu, wd, idx, dense_rows)
+    ctx.x_dtype = x.dtype
 
 
 def _mlp_backward(ctx, gy, _gsaved):
-    x, saved, wg, wu, wd, idx, dense_rows = ctx.saved_tensors
-    gx = sparse_mlp_grad(gy, x, saved, wg, wu, wd, idx, dense_rows)
+    saved, wg, wu, wd, idx, dense_rows = ctx.saved_tensors
+    gx = sparse_mlp_grad(gy, saved, wg, wu, wd, idx, dense_rows).to(ctx.x_dtype)
     return gx, None, None, None, None, None, None, None, None, None
 
 

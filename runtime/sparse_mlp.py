@@ -117,12 +117,11 @@ def sparse_mlp_forward(x, wg, wu, wd, bg, bu, bd, idx, dense_rows):
     return y.reshape(*lead, wd.shape[0]), saved
 
 
-def sparse_mlp_grad_input(gy, x, saved, wg, wu, wd, idx, dense_rows):
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1])
+def sparse_mlp_grad_input(gy, saved, wg, wu, wd, idx, dense_rows):
+    lead = gy.shape[:-1]
     g2 = gy.reshape(-1, gy.shape[-1])
-    gx = torch.empty_like(x2)
-    layout, _ = _saved_layout(x2.shape[0], split_of(dense_rows), idx, wg.shape[0])
+    gx = g2.new_empty(g2.shape[0], wg.shape[1])
+    layout, _ = _saved_layout(g2.shape[0], split_of(dense_rows), idx, wg.shape[0])
     for rows, sel, off, n, width in layout:
         g, u = _views(saved, off, n, width)
         gyr = _take(g2, rows)
@@ -133,4 +132,4 @@ def sparse_mlp_grad_input(gy, x, saved, wg, wu, wd, idx, dense_rows):
         else:
             _put(gx, rows, gathered.out_sparse_grad_input(dg, wg, sel)
                  + gathered.out_sparse_grad_input(du, wu, sel))
-    return gx.reshape(*lead, x.shape[-1])
+    return gx.reshape(*lead, wg.shape[1])

@@ -90,7 +90,13 @@ def _inner_compile(name, gm, example_inputs):
         from torch._dynamo.backends.registry import lookup_backend
         return lookup_backend("aot_eager")(gm, example_inputs)
     from torch._inductor.compile_fx import compile_fx
-    return compile_fx(gm, example_inputs)
+    # AOT autograd's cache keys on the forward graph; our ops' backward (traced from their
+    # Python autograd registration) is not part of the key, so after an upgrade that changes
+    # a backward op, a warm cache would replay the old one. Inductor's own FX graph cache
+    # still applies to both graphs.
+    import torch._functorch.config as functorch_config
+    with functorch_config.patch(enable_autograd_cache=False):
+        return compile_fx(gm, example_inputs)
 
 
 def sparselora_backend(gm: torch.fx.GraphModule, example_inputs, options=None):
