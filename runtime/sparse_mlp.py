@@ -16,19 +16,21 @@ import torch.nn.functional as F
 
 from . import gathered
 from .row_split import split_of
+from .selection import dsilu
 
 
-def _bias(b, idx=None):
+def _add_bias(t, b, idx=None):
+    """t + b (b[idx] with idx); t itself when there is no bias (no extra pass over t)."""
     if b is None:
-        return 0
-    return b if idx is None else b[idx]
+        return t
+    return t + (b if idx is None else b[idx])
 
 
 def _gate_up(x, wg, wu, bg, bu, idx):
     if idx is None:
         return F.linear(x, wg, bg), F.linear(x, wu, bu)
-    return (gathered.out_sparse_matmul(x, wg, idx) + _bias(bg, idx),
-            gathered.out_sparse_matmul(x, wu, idx) + _bias(bu, idx))
+    return (_add_bias(gathered.out_sparse_matmul(x, wg, idx), bg, idx),
+            _add_bias(gathered.out_sparse_matmul(x, wu, idx), bu, idx))
 
 
 def sparse_mlp_reference(x, wg, wu, wd, bg, bu, bd, idx, dense_rows):
@@ -50,8 +52,7 @@ def _swiglu_grad(dh, g, u):
     if gathered._use_triton(g) and all(t.is_contiguous() for t in (dh, g, u)) and dh.dtype == g.dtype:
         from .kernels.swiglu import swiglu_grad
         return swiglu_grad(dh, g, u)
-    sg = torch.sigmoid(g)
-    return dh * u * (sg * (1 + g * (1 - sg))), dh * (g * sg)
+    return dh * u * dsilu(g), dh * F.silu(g)
 
 
 def _parts(n_rows, split, idx):
@@ -113,7 +114,7 @@ def sparse_mlp_forward(x, wg, wu, wd, bg, bu, bd, idx, dense_rows):
             u.copy_(us)
         h = _swiglu(g, u)
         yr = F.linear(h, wd) if sel is None else gathered.in_sparse_matmul(h, wd, sel)
-        _put(y, rows, yr + _bias(bd))
+        _put(y, rows, _add_bias(yr, bd))
     return y.reshape(*lead, wd.shape[0]), saved
 
 

@@ -138,9 +138,8 @@ def mlp_channel_scores(x, Ag, Bg, Au, Bu, Rg=None, Ru=None):
 
     x [M, H]; A* [H, r]; B* [r, F]. One [M, 2r] matmul, then one fused kernel.
     """
-    r = Ag.shape[1]
     xa = x @ torch.cat([Ag, Au], dim=1)  # read x once for both projections
-    return _scores(xa[:, :r], Bg, xa[:, r:], Bu, Rg, Ru)
+    return mlp_channel_scores_projected(xa, Bg, Bu, Rg, Ru)
 
 
 def mlp_channel_scores_projected(xa, Bg, Bu, Rg=None, Ru=None):
