@@ -20,6 +20,7 @@ class PassReport:
     skipped: list[Skipped] = field(default_factory=list)
     extra_inputs: list = field(default_factory=list)
     factor_slots: list = field(default_factory=list)
+    factor_requests: list = field(default_factory=list)
 
     @property
     def min_layer(self):
@@ -41,16 +42,24 @@ def _dense_flops(block: Block) -> int:
 
 
 def run_passes(gm: fx.GraphModule, example_inputs, policy, state_id: int, factor_fn,
-               rewrite: bool = True) -> PassReport:
+               rewrite: bool = True, layer=None) -> PassReport:
+    """`layer`: (module path, index, number of layers) when `gm` is one decoder layer's
+    graph (regional compilation): its module paths are relative to that layer."""
     report = PassReport()
     for scope in list(scopes(gm)):
         grouping = group_blocks(find_sites(scope))
         report.found += grouping.blocks
         report.skipped += grouping.skipped
-    report.planned, skipped = plan_blocks(report.found, policy)
+    root = None
+    if layer is not None:
+        root, index, num_layers = layer
+        _place_in_layer(report, root, index)
+        report.planned, skipped = plan_blocks(report.found, policy, num_layers)
+    else:
+        report.planned, skipped = plan_blocks(report.found, policy)
     report.skipped += skipped
     if rewrite and report.planned:
-        rw = Rewriter(gm, example_inputs, state_id, factor_fn)
+        rw = Rewriter(gm, example_inputs, state_id, factor_fn, name_root=root)
         # graph order, so nodes shared by the blocks of one graph are defined before use
         pos = {n: i for sc in scopes(gm) for i, n in enumerate(sc.gm.graph.nodes)}
         for pb in sorted(report.planned, key=lambda p: min(pos[s.base] for s in p.block.sites.values())):
@@ -60,4 +69,14 @@ def run_passes(gm: fx.GraphModule, example_inputs, policy, state_id: int, factor
             scope.gm.recompile()
         report.extra_inputs = rw.extra_inputs
         report.factor_slots = rw.factor_slots
+        report.factor_requests = rw.factor_requests
     return report
+
+
+def _place_in_layer(report: PassReport, root: str, index: int) -> None:
+    for block in report.found:
+        block.name, block.layer = f"{root}.{block.name}", index
+        for site in block.sites.values():
+            site.path = f"{root}.{site.path}"
+    for sk in report.skipped:
+        sk.where = f"{root}.{sk.where}"

@@ -82,19 +82,25 @@ def placeholders(graph: fx.Graph) -> list[fx.Node]:
     return [n for n in graph.nodes if n.op == "placeholder"]
 
 
-def resolve_real(node: fx.Node, scope: GraphScope, example_inputs) -> torch.Tensor | None:
-    """The real tensor behind a placeholder (a lifted parameter), following checkpointed
-    bodies back to the top graph's example inputs."""
-    if node.op == "get_attr":
-        return getattr(scope.gm, node.target, None)
+def input_index(node: fx.Node, scope: GraphScope) -> int | None:
+    """Position among the top graph's inputs of the placeholder behind `node` (a lifted
+    parameter), following checkpointed bodies outwards; None for anything else."""
     if node.op != "placeholder":
         return None
     i = placeholders(scope.gm.graph).index(node)
     if scope.call is None:
-        t = example_inputs[i] if i < len(example_inputs) else None
-        return t if isinstance(t, torch.Tensor) else None
+        return i
     outer = scope.call.args[1 + i] if 1 + i < len(scope.call.args) else None
-    return resolve_real(outer, scope.parent, example_inputs) if isinstance(outer, fx.Node) else None
+    return input_index(outer, scope.parent) if isinstance(outer, fx.Node) else None
+
+
+def resolve_real(node: fx.Node, scope: GraphScope, example_inputs) -> torch.Tensor | None:
+    """The real tensor behind a placeholder (a lifted parameter) or a get_attr."""
+    if node.op == "get_attr":
+        return getattr(scope.gm, node.target, None)
+    i = input_index(node, scope)
+    t = example_inputs[i] if i is not None and i < len(example_inputs) else None
+    return t if isinstance(t, torch.Tensor) else None
 
 
 def _new_placeholder(graph: fx.Graph, name: str) -> fx.Node:

@@ -39,28 +39,35 @@ def block_info(block: Block, num_layers: int | None) -> BlockInfo:
                      head_dim=heads[2])
 
 
-def plan_blocks(blocks: list[Block], policy: Policy) -> tuple[list[PlannedBlock], list[Skipped]]:
+def decide(info: BlockInfo, policy: Policy, thawed=()) -> tuple[float, int | None, str]:
+    """(sparsity, k, why): k is None when the block stays dense, with the reason."""
+    if thawed:
+        return 0.0, None, f"base weight requires grad: {', '.join(thawed)}"
+    s = policy.sparsity_for(info)
+    if s <= 0:
+        return s, None, "policy: dense"
+    if s < MIN_SPARSITY:
+        return s, None, (f"sparsity {s:g} is below {MIN_SPARSITY:g}: the estimator would cost "
+                         "more than the block saves")
+    k = policy.kept_channels(info, s)
+    if k >= info.channels:
+        return s, None, f"sparsity {s} keeps every channel after rounding"
+    return s, k, ""
+
+
+def plan_blocks(blocks: list[Block], policy: Policy, num_layers: int | None = None
+                ) -> tuple[list[PlannedBlock], list[Skipped]]:
     layers = [b.layer for b in blocks if b.layer is not None]
-    policy.check_layers(layers)
-    num_layers = max(layers) + 1 if layers else None
+    if num_layers is None:
+        policy.check_layers(layers)
+        num_layers = max(layers) + 1 if layers else None
     planned, skipped = [], []
     for block in blocks:
         info = block_info(block, num_layers)
         thawed = [s.path for s in block.sites.values() if not s.frozen()]
-        if thawed:
-            skipped.append(Skipped(block.name, f"base weight requires grad: {', '.join(thawed)}"))
-            continue
-        s = policy.sparsity_for(info)
-        if s <= 0:
-            skipped.append(Skipped(block.name, "policy: dense"))
-            continue
-        if s < MIN_SPARSITY:
-            skipped.append(Skipped(block.name, f"sparsity {s:g} is below {MIN_SPARSITY:g}: the "
-                                               "estimator would cost more than the block saves"))
-            continue
-        k = policy.kept_channels(info, s)
-        if k >= info.channels:
-            skipped.append(Skipped(block.name, f"sparsity {s} keeps every channel after rounding"))
-            continue
-        planned.append(PlannedBlock(block, info, s, k))
+        s, k, why = decide(info, policy, thawed)
+        if k is None:
+            skipped.append(Skipped(block.name, why))
+        else:
+            planned.append(PlannedBlock(block, info, s, k))
     return planned, skipped

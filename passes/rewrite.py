@@ -18,7 +18,7 @@ from typing import NamedTuple, Optional
 import torch
 import torch.fx as fx
 
-from .graphs import GraphScope, add_input, example_value, placeholders, resolve_real, thread
+from .graphs import GraphScope, add_input, example_value, input_index, placeholders, resolve_real, thread
 from .plan import PlannedBlock
 
 ops = torch.ops.sparselora
@@ -34,6 +34,15 @@ class FactorSlot(NamedTuple):
     residual: Optional[torch.Tensor]  # a graph input for MLP gate/up only, else None
 
 
+class FactorRequest(NamedTuple):
+    """How to make one site's factor inputs for another layer that reuses this graph: the
+    weight is top-graph input `weight_input`; the inputs are (A, B) or (A, B, residual)."""
+    block: str
+    path: str
+    weight_input: Optional[int]
+    residual: bool
+
+
 def find_input(top: fx.GraphModule, name: str) -> fx.Node | None:
     """The model's `labels` / `attention_mask` argument, if the graph receives it."""
     for ph in placeholders(top.graph):
@@ -44,11 +53,14 @@ def find_input(top: fx.GraphModule, name: str) -> fx.Node | None:
 
 
 class Rewriter:
-    def __init__(self, top: fx.GraphModule, example_inputs, state_id: int, factor_fn):
+    def __init__(self, top: fx.GraphModule, example_inputs, state_id: int, factor_fn,
+                 name_root: str | None = None):
         self.top, self.example_inputs, self.sid = top, example_inputs, state_id
-        self.factor_fn = factor_fn          # (weight tensor, site path) -> (A, B)
+        self.factor_fn = factor_fn          # (weight tensor, site path) -> (A, B, residual)
+        self.name_root = name_root          # regional: op names are relative to this layer
         self.extra_inputs: list[torch.Tensor] = []
-        self.factor_slots: list[tuple] = []  # (block name, site path, weight, A, B)
+        self.factor_slots: list[FactorSlot] = []
+        self.factor_requests: list[FactorRequest] = []
         self.labels = find_input(top, "labels")
         self.attention_mask = find_input(top, "attention_mask")
         self._cache: dict = {}
@@ -60,6 +72,8 @@ class Rewriter:
             raise RuntimeError(f"sparselora: cannot find the weight tensor of {site.path}")
         a, b, r = self.factor_fn(w, site.path)
         self.factor_slots.append(FactorSlot(block_name, site.path, w, a, b, r if residual else None))
+        self.factor_requests.append(FactorRequest(block_name, site.path,
+                                                  input_index(site.weight, scope), residual))
         tag = re.sub(r"\W", "_", site.path)[-60:]
         nodes = [add_input(scope, f"sparselora_{t}_{tag}", self.extra_inputs, v, self._cache)
                  for t, v in (("A", a), ("B", b), ("R", r))[: 3 if residual else 2]]
@@ -74,6 +88,13 @@ class Rewriter:
                             for n in (self.labels, self.attention_mask))
             self._cache[key] = graph.call_function(ops.token_rows.default, (labels, mask, xd, self.sid))
         return xd, self._cache[key]
+
+    def _op_name(self, name: str) -> str:
+        """The block name the select ops see; regional graphs serve several layers, so the
+        runtime state prefixes the running layer's path (`RuntimeState.block_name`)."""
+        if self.name_root and name.startswith(self.name_root + "."):
+            return name[len(self.name_root) + 1:]
+        return name
 
     def _swap_base(self, site, op, idx, rows):
         graph = site.scope.gm.graph
@@ -100,13 +121,13 @@ class Rewriter:
             xd, rows = self._prologue(scope, x)
             if blk.kind == "mlp":
                 idx = graph.call_function(ops.select_mlp.default,
-                                          (xd, *factors, rows, pb.k, self.sid, blk.name))
+                                          (xd, *factors, rows, pb.k, self.sid, self._op_name(blk.name)))
                 self._rewrite_mlp(pb, idx, rows)
                 return
             n_heads, n_kv, head_dim = blk.heads
             sel = graph.call_function(ops.select_attention.default,
                                       (xd, *factors, rows, pb.k, pb.k, n_heads, n_kv, head_dim,
-                                       self.sid, blk.name))
+                                       self.sid, self._op_name(blk.name)))
             iq, ik, iv, io = (graph.call_function(operator.getitem, (sel, i)) for i in range(4))
         for role, idx in (("q", iq), ("k", ik), ("v", iv)):
             self._swap_base(s[role], ops.out_sparse_linear.default, idx, rows)

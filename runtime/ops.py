@@ -42,6 +42,13 @@ def token_rows(labels: Optional[Tensor], attention_mask: Optional[Tensor], x: Te
     come from the graph, or from the state when the graph does not see them."""
     st = get_state(state_id)
     shape = x.shape[:-1]
+    key = (st.forward_id, tuple(shape), x.device, st.sparse_now())
+    if st.forward_id and st.shared_rows is not None and st.shared_rows[0] == key:
+        # Another layer's graph of this forward (or a checkpoint's recomputation, after the
+        # wrapper dropped the labels) made the split already: one nonzero sync per forward.
+        rows = st.shared_rows[1].clone()
+        row_split.alias(rows, st.shared_rows[1])
+        return rows
     if labels is None:
         labels = _from_state(st.labels, shape, x.device)
     if attention_mask is None:
@@ -53,6 +60,10 @@ def token_rows(labels: Optional[Tensor], attention_mask: Optional[Tensor], x: Te
     else:
         rows = dense_token_rows(labels).reshape(shape).clone()
     row_split.compute(rows, None if attention_mask is None else attention_mask.reshape(shape) == 0)
+    if st.forward_id:
+        st.shared_rows = (key, rows)
+        rows = rows.clone()
+        row_split.alias(rows, st.shared_rows[1])
     return rows
 
 
@@ -65,7 +76,9 @@ def _(labels, attention_mask, x, state_id):
 
 def _record(state_id, name, **tensors):
     st = get_state(state_id)
-    if st.record is not None:
+    # not a checkpoint's recomputation in backward: same values, and a regional graph's
+    # layer path is only known during the forward
+    if st.record is not None and torch._C._current_graph_task_id() == -1:
         st.record[name] = {k: v.detach().clone() for k, v in tensors.items()}
 
 
@@ -76,6 +89,7 @@ def select_mlp(x: Tensor, a_gate: Tensor, b_gate: Tensor, a_up: Tensor, b_up: Te
     """Top-k intermediate channels by the estimator score; `res_gate`/`res_up` [d_ff] are
     the residual variances (`estimator.residual_variance`, zeros for plain SVD)."""
     from .scores import mlp_scores
+    name = get_state(state_id).block_name(name)
     collect_input(state_id, name, x)
     scores = mlp_scores(x, a_gate, b_gate, a_up, b_up, res_gate, res_up, dense_rows)
     idx = selection.top_channels(scores, k)
@@ -93,6 +107,7 @@ def select_attention(x: Tensor, a_q: Tensor, b_q: Tensor, a_k: Tensor, b_k: Tens
                      a_v: Tensor, b_v: Tensor, dense_rows: Tensor, k_qk: int, k_v: int,
                      n_heads: int, n_kv_heads: int, head_dim: int, state_id: int,
                      name: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    name = get_state(state_id).block_name(name)
     collect_input(state_id, name, x)
     out = selection.attention_selection(
         x, ((a_q, b_q), (a_k, b_k), (a_v, b_v)), dense_rows, k_qk, k_v,

@@ -49,11 +49,20 @@ def compute(rows: torch.Tensor, padding: torch.Tensor | None = None) -> RowSplit
     split = RowSplit(r.nonzero().squeeze(1), (~r).nonzero().squeeze(1), r.numel())
     if padding is not None:
         split.scored = (~r & ~padding.reshape(-1)).nonzero().squeeze(1)
+    _remember(rows, split)
+    return split
+
+
+def _remember(rows: torch.Tensor, split: RowSplit) -> None:
     _SPLITS[_key(rows)] = (rows, split)
     _SPLITS.move_to_end(_key(rows))
     while len(_SPLITS) > _KEEP:
         _SPLITS.popitem(last=False)
-    return split
+
+
+def alias(copy: torch.Tensor, rows: torch.Tensor) -> None:
+    """`copy` (a clone of `rows`) has the same split, without another nonzero."""
+    _remember(copy, split_of(rows))
 
 
 def split_of(rows: torch.Tensor) -> RowSplit:

@@ -61,6 +61,15 @@ class RuntimeState:
     record: dict | None = None  # block name -> selections, when recording
     collect_moments: bool = False  # activation-aware estimator fed by the dense warm-up
     moments: dict = field(default_factory=dict)  # block name -> SecondMoment of its input
+    # Regional compilation (one graph serves many decoder layers): the running layer's
+    # module path, set by the eager glue around each layer call, and the token split of
+    # the current forward, shared by every layer's graph (`forward_id` set by the wrapper).
+    layer_prefix: str | None = None
+    forward_id: int = 0
+    shared_rows: tuple | None = None  # (key, rows)
+
+    def block_name(self, name: str) -> str:
+        return f"{self.layer_prefix}.{name}" if self.layer_prefix else name
 
     def begin_forward(self) -> None:
         self.step = self.next_step

@@ -26,6 +26,7 @@ class BackendOptions:
     record: bool = False        # keep each block's last selection (for equivalence tests)
     cache_dir: str | None = None  # estimator factor cache; None: the default directory
     verbose: bool = True
+    region: object = None       # regional.Region: set by `compile(model, regional=True)`
 
     @classmethod
     def parse(cls, options) -> "BackendOptions":
@@ -118,18 +119,24 @@ def sparselora_backend(gm: torch.fx.GraphModule, example_inputs, options=None):
     original = gm
     if rewrite:  # Dynamo keeps using its own graph after we return: rewrite a copy
         gm = copy_graph_module(gm)
-    report = run_passes(gm, example_inputs, policy, state.state_id,
-                        factor_provider(policy, opts.cache_dir), rewrite=rewrite)
+    factor_fn = factor_provider(policy, opts.cache_dir)
+    layer = _running_layer(opts.region, state)
+    report = run_passes(gm, example_inputs, policy, state.state_id, factor_fn,
+                        rewrite=rewrite, layer=layer)
+    if layer is not None:
+        _check_region(opts.region, report, layer[0])
     if opts.verbose:
-        log.info("sparselora: %d blocks found, %d rewritten%s, estimated base FLOPs saved %.1f%%",
-                 len(report.found), len(report.planned) if rewrite else 0,
-                 "" if rewrite else " (no grad: dense)",
+        log.info("sparselora: %s%d blocks found, %d rewritten%s, estimated base FLOPs saved %.1f%%",
+                 _region_label(opts.region), len(report.found),
+                 len(report.planned) if rewrite else 0, "" if rewrite else " (no grad: dense)",
                  100 * report.flops_saved_estimate() if rewrite else 0.0)
     if not (rewrite and report.planned):
         return _inner_compile(opts.inner, original, example_inputs)
 
     extra = report.extra_inputs
     compiled = _inner_compile(opts.inner, gm, [*example_inputs, *extra])
+    if layer is not None:
+        return _regional_runner(compiled, report, layer[0], factor_fn, policy, state, opts)
     min_layer = report.min_layer
     if min_layer is not None and (state.first_layer is None or min_layer < state.first_layer):
         state.first_layer = min_layer
@@ -144,6 +151,51 @@ def sparselora_backend(gm: torch.fx.GraphModule, example_inputs, options=None):
             refresh_from_warmup(policy, state, report.factor_slots, opts.cache_dir)
             refreshed.append(True)
         return compiled(*args, *extra)
+
+    run._sparselora_report = report
+    return run
+
+
+# ---- regional compilation (see regional.py): one graph, many layers ----------------------
+
+def _running_layer(region, state):
+    if region is None:
+        return None
+    prefix = state.layer_prefix
+    if prefix not in region.layers:
+        raise RuntimeError(f"sparselora: a regional graph was compiled for layer {prefix!r}, "
+                           f"which is not one of its group {sorted(region.layers)}")
+    return prefix, region.layers[prefix], region.num_layers
+
+
+def _check_region(region, report, root) -> None:
+    from .regional import report_signature
+    found = report_signature(report, root)
+    if found != region.signature:
+        raise RuntimeError(
+            f"sparselora: regional compilation read the plan {region.signature} from the "
+            f"modules of {root}, but its graph gives {found}; compile this model with "
+            "regional=False")
+
+
+def _region_label(region) -> str:
+    if region is None:
+        return ""
+    idx = sorted(region.layers.values())
+    return f"layers {idx[0]}..{idx[-1]} ({len(idx)} sharing one graph): "
+
+
+def _regional_runner(compiled, report, root, factor_fn, policy, state, opts):
+    from .regional import LayerInputs
+    from .factors import refresh_from_warmup
+    layers = LayerInputs(report, root, factor_fn)
+
+    def run(*args):
+        entry = layers.get(state.layer_prefix, args)
+        if state.collect_moments and not entry.refreshed and state.sparse_now():
+            refresh_from_warmup(policy, state, entry.slots, opts.cache_dir)
+            entry.refreshed = True
+        return compiled(*args, *entry.inputs)
 
     run._sparselora_report = report
     return run

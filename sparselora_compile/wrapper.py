@@ -1,8 +1,13 @@
 """`sparselora_compile.compile(model, policy)`: torch.compile with the sparselora backend,
 plus the eager glue the graph cannot do itself: it hands `labels` and `attention_mask`
-to the backend (HF
-gradient checkpointing splits the graph so the layers never see them) and runs dense in
-eval() mode."""
+to the backend (the layers never see them), counts training steps, and runs dense in
+eval() mode.
+
+By default it compiles *regionally* (regional.py): each decoder layer is compiled on its
+own and layers with the same plan share one compiled graph, so the first step costs a
+few layer compiles; the embeddings, final norm, head and loss run eagerly. With
+`regional=False` the whole model is one `torch.compile(model, backend="sparselora")`.
+"""
 from __future__ import annotations
 
 import torch
@@ -11,26 +16,46 @@ from .policy import Policy
 
 
 class SparseLoRAModel(torch.nn.Module):
-    """Calls the compiled model; `.model` is the original (for save_pretrained etc.)."""
+    """Calls the compiled model; `.model` is the original (for save_pretrained etc.).
+    Regional compilation installs the compiled layers on `.model` itself (as
+    `nn.Module.compile` does); `uncompile()` removes them."""
 
-    def __init__(self, model: torch.nn.Module, policy: Policy, **options):
+    def __init__(self, model: torch.nn.Module, policy: Policy, regional: bool = True, **options):
         super().__init__()
         self.model = model
         self.policy = policy
-        self._compiled = torch.compile(model, backend="sparselora",
-                                       options={"policy": policy, **options})
+        self.regional = regional
+        self._layers = []
+        if regional:
+            from .regional import compile_layers
+            self._layers = compile_layers(model, policy, policy.runtime_state(), options)
+            self._compiled = model
+        else:
+            self._compiled = torch.compile(model, backend="sparselora",
+                                           options={"policy": policy, **options})
 
     def forward(self, *args, **kwargs):
         state = self.policy.runtime_state()
         state.labels = kwargs.get("labels")
         state.attention_mask = kwargs.get("attention_mask")
         state.force_dense = self.policy.dense_eval and not self.model.training
+        state.forward_id += 1
+        if self.regional and torch.is_grad_enabled():
+            state.begin_forward()  # whole-model graphs count their own steps
         try:
             return self._compiled(*args, **kwargs)
         finally:
             state.labels = state.attention_mask = None
 
+    def uncompile(self) -> torch.nn.Module:
+        from .regional import uncompile_layers
+        uncompile_layers(self._layers)
+        self._layers = []
+        return self.model
 
-def compile(model: torch.nn.Module, policy: Policy | None = None, **options) -> SparseLoRAModel:
+
+def compile(model: torch.nn.Module, policy: Policy | None = None, *, regional: bool = True,
+            **options) -> SparseLoRAModel:
+    """`regional`: compile one decoder layer per distinct plan and reuse it (see above)."""
     from . import presets
-    return SparseLoRAModel(model, policy or presets.default(), **options)
+    return SparseLoRAModel(model, policy or presets.default(), regional=regional, **options)

@@ -48,12 +48,14 @@ def _run(model, inputs, call, seed=0):
 def assert_rewrite_equivalent(model: torch.nn.Module, inputs: dict, policy, *,
                               inner: str = "aot_eager", atol: float = 1e-4, rtol: float = 1e-4,
                               autocast_dtype: torch.dtype | None = None,
-                              expect_blocks: int | None = None) -> Comparison:
+                              expect_blocks: int | None = None, regional: bool = False) -> Comparison:
     """Compile a copy of `model` with the sparselora backend, run forward and backward on
     `inputs` (keyword arguments; the loss is `out.loss`, else a function of the output),
     and compare the loss and every gradient (trainable parameters and inputs that require
     grad) with the eager model under the reference semantics, using the channel
-    selections the compiled run made. Resets Dynamo's caches first. Raises AssertionError with the largest mismatch."""
+    selections the compiled run made. Resets Dynamo's caches first. Raises AssertionError with the largest mismatch.
+    `regional`: compile through `sparselora_compile.compile(..., regional=True)` (one graph
+    per group of identically planned decoder layers) instead of the whole model."""
     from sparselora_compile.backend import BackendOptions  # noqa: F401  (import registers ops)
 
     # Many models of one class exhaust Dynamo's per-code recompile limit, after which it
@@ -63,8 +65,12 @@ def assert_rewrite_equivalent(model: torch.nn.Module, inputs: dict, policy, *,
     reference_model = copy.deepcopy(model)
     policy = copy.deepcopy(policy)
     policy.__dict__.pop("_runtime_state", None)
-    compiled = torch.compile(compiled_model, backend="sparselora",
-                             options={"policy": policy, "inner": inner, "record": True})
+    if regional:
+        from sparselora_compile.wrapper import compile as slc_compile
+        compiled = slc_compile(compiled_model, policy, regional=True, inner=inner, record=True)
+    else:
+        compiled = torch.compile(compiled_model, backend="sparselora",
+                                 options={"policy": policy, "inner": inner, "record": True})
     amp = (torch.autocast(next(model.parameters()).device.type, dtype=autocast_dtype)
            if autocast_dtype else _nullcontext())
     with amp:
