@@ -4,11 +4,14 @@ A LLaMA-3-8B-shaped model (random weights, bf16) with PEFT LoRA r=32 alpha=64; e
 variant runs forward + backward + AdamW on the LoRA params, a few warm-up steps
 excluded, median of the timed steps (device-synchronised wall time per step):
 
-    eager         plain PEFT
-    inductor      torch.compile(model)                         (the baseline of the ratios)
-    sl_math10k    slc.compile, presets.math10k, warm-up skipped
-    sl_csr        slc.compile, presets.csr,     warm-up skipped
-    sl_sparsity0  slc.compile, blocks rewritten, every op on its dense path (overhead)
+    eager              plain PEFT
+    inductor           torch.compile(model)                    (the baseline of the ratios)
+    inductor_regional  each decoder layer compiled with Inductor, one graph reused
+                       (`layer.compile()`; the rest eager): its compile-time baseline
+    sl_math10k         slc.compile, presets.math10k, warm-up skipped
+    sl_csr             slc.compile, presets.csr,     warm-up skipped
+    sl_sparsity0       slc.compile, blocks rewritten, every op on its dense path (overhead)
+    sl_*_whole         the same with regional=False (one whole-model graph)
 
 Every compiled variant is timed on both batch shapes (Math10K: 8 x 512 with 128 output
 tokens; CSR: 8 x 512 with 3 output tokens) without recompiling (same tensor shapes).
@@ -45,7 +48,8 @@ import sparselora_compile as slc
 from sparselora_compile import compile as slc_compile
 
 RESULTS = Path(__file__).parent / "results"
-VARIANTS = ("eager", "inductor", "sl_math10k", "sl_csr", "sl_sparsity0")
+VARIANTS = ("eager", "inductor", "inductor_regional", "sl_math10k", "sl_csr", "sl_sparsity0",
+            "sl_math10k_whole", "sl_csr_whole", "sl_sparsity0_whole")
 QKVO = ["q_proj", "k_proj", "v_proj", "o_proj"]
 ALL = QKVO + ["gate_proj", "up_proj", "down_proj"]
 PRESET_LAYERS = 32  # the presets are LLaMA-3-8B's
@@ -192,18 +196,26 @@ def run_variant(name, peft, init_state, batches, args, device, layers, log):
     free(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    policy, layer_map = None, None
+    policy, layer_map, compiled_layers = None, None, []
     if name == "eager":
         fn = peft
     elif name == "inductor":
         fn = torch.compile(peft) if args.inner == "inductor" else torch.compile(peft, backend=args.inner)
+    elif name == "inductor_regional":
+        from sparselora_compile.regional import decoder_layers
+        fn, compiled_layers = peft, [m for _, m in decoder_layers(peft)]
+        for m in compiled_layers:
+            m.compile(backend=args.inner)
     else:
-        if name == "sl_sparsity0":
+        base, regional = (name[:-6], False) if name.endswith("_whole") else (name, True)
+        if base == "sl_sparsity0":
             policy = slc.Policy(mlp=0.5, attention=0.5, warmup_steps=10**9)
         else:
-            policy, layer_map = sampled_policy(name[3:], layers, total_steps=args.total_steps)
+            policy, layer_map = sampled_policy(base[3:], layers, total_steps=args.total_steps)
             policy.set_step(10**6)  # past the dense warm-up
-        fn = slc_compile(peft, policy, inner=args.inner)
+        fn = slc_compile(peft, policy, inner=args.inner, regional=regional)
+        if regional:
+            compiled_layers = [m for m in peft.modules() if getattr(m, "_compiled_call_impl", None)]
     opt = torch.optim.AdamW(lora_params(peft), lr=1e-5)
     res = {"variant": name, "shapes": {}}
     from torch._dynamo.utils import counters
@@ -225,8 +237,9 @@ def run_variant(name, peft, init_state, batches, args, device, layers, log):
                 # A backend that fails on a data-dependent shape becomes a silent graph
                 # break (Dynamo falls back): count them so such a run is visible.
                 res["graph_breaks"] = sum(counters["graph_break"].values())
+                res["graphs_compiled"] = counters["stats"]["unique_graphs"]
                 log(f"  {name}: first step {dt:.2f} s (loss {loss0:.5f}), "
-                    f"{res['graph_breaks']} graph breaks")
+                    f"{res['graph_breaks']} graph breaks, {res['graphs_compiled']} graphs compiled")
             first = False
             if i >= args.warmup:
                 times.append(dt)
@@ -252,6 +265,8 @@ def run_variant(name, peft, init_state, batches, args, device, layers, log):
     if device.type == "cuda":
         sync(device)
         res["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    for m in compiled_layers:  # the next variant gets the plain model back
+        m._compiled_call_impl = None
     del fn, opt, policy
     free(device)
     return res

@@ -50,7 +50,7 @@ def decoder_layers(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
     """The longest ModuleList of same-class modules holding linears (the decoder stack)."""
     best: list = []
     for name, mod in model.named_modules():
-        if not isinstance(mod, torch.nn.ModuleList) or len(mod) < 2:
+        if not isinstance(mod, torch.nn.ModuleList) or not len(mod):
             continue
         kinds = {type(m) for m in mod}
         if len(kinds) == 1 and any(isinstance(x, torch.nn.Linear) for x in mod[0].modules()):
