@@ -222,11 +222,12 @@ def run_variant(name, peft, init_state, batches, args, device, layers, log):
     counters.clear()
     first = True
     for shape, (ids, labels) in batches.items():
-        times = []
+        times, launch = [], []
         for i in range(args.warmup + args.steps):
             sync(device)
             t0 = time.perf_counter()
             loss = train_step(fn, opt, ids, labels)
+            t_host = time.perf_counter() - t0  # host done queueing; ~dt: the host is the bottleneck
             if i == 0:
                 loss0 = loss.item()
             sync(device)
@@ -243,14 +244,17 @@ def run_variant(name, peft, init_state, batches, args, device, layers, log):
             first = False
             if i >= args.warmup:
                 times.append(dt)
+                launch.append(t_host)
         med = statistics.median(times)
         ntok = ids.numel()
         res["shapes"][shape] = {
             "median_ms": med * 1e3, "min_ms": min(times) * 1e3, "max_ms": max(times) * 1e3,
             "tokens_per_s": ntok / med, "ms_per_layer": med * 1e3 / layers,
+            "host_ms": statistics.median(launch) * 1e3,
             "steps_timed": len(times), "step0_loss": loss0, "last_loss": loss.item()}
         log(f"  {name} [{shape}]: median {med * 1e3:.2f} ms ({ntok / med:,.0f} tok/s), "
-            f"min {min(times) * 1e3:.2f}, max {max(times) * 1e3:.2f}")
+            f"min {min(times) * 1e3:.2f}, max {max(times) * 1e3:.2f}, host queueing "
+            f"{statistics.median(launch) * 1e3:.2f} ms")
     if policy is not None:
         res["policy_stats"] = policy.stats.as_dict()
         if layer_map is not None:

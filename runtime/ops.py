@@ -89,10 +89,14 @@ def select_mlp(x: Tensor, a_gate: Tensor, b_gate: Tensor, a_up: Tensor, b_up: Te
     """Top-k intermediate channels by the estimator score; `res_gate`/`res_up` [d_ff] are
     the residual variances (`estimator.residual_variance`, zeros for plain SVD)."""
     from .scores import mlp_scores
-    name = get_state(state_id).block_name(name)
+    st = get_state(state_id)
+    name = st.block_name(name)
     collect_input(state_id, name, x)
-    scores = mlp_scores(x, a_gate, b_gate, a_up, b_up, res_gate, res_up, dense_rows)
-    idx = selection.top_channels(scores, k)
+    if st.sparse_now():
+        scores = mlp_scores(x, a_gate, b_gate, a_up, b_up, res_gate, res_up, dense_rows)
+        idx = selection.top_channels(scores, k)
+    else:  # every row is dense (token_rows): no op reads the selection, skip the estimator
+        idx = torch.arange(k, device=x.device)
     _record(state_id, name, idx=idx, dense_rows=dense_rows)
     return idx
 
@@ -107,11 +111,15 @@ def select_attention(x: Tensor, a_q: Tensor, b_q: Tensor, a_k: Tensor, b_k: Tens
                      a_v: Tensor, b_v: Tensor, dense_rows: Tensor, k_qk: int, k_v: int,
                      n_heads: int, n_kv_heads: int, head_dim: int, state_id: int,
                      name: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    name = get_state(state_id).block_name(name)
+    st = get_state(state_id)
+    name = st.block_name(name)
     collect_input(state_id, name, x)
-    out = selection.attention_selection(
-        x, ((a_q, b_q), (a_k, b_k), (a_v, b_v)), dense_rows, k_qk, k_v,
-        n_heads, n_kv_heads, head_dim)
+    if st.sparse_now():
+        out = selection.attention_selection(
+            x, ((a_q, b_q), (a_k, b_k), (a_v, b_v)), dense_rows, k_qk, k_v,
+            n_heads, n_kv_heads, head_dim)
+    else:  # all rows dense, as in select_mlp
+        out = selection.placeholder_attention_selection(x.device, k_qk, k_v, n_heads, n_kv_heads, head_dim)
     _record(state_id, name, idx_q=out[0], idx_k=out[1], idx_v=out[2], idx_o=out[3],
             dense_rows=dense_rows)
     return out

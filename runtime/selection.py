@@ -97,3 +97,11 @@ def attention_selection(x, factors, dense_rows, k_qk: int, k_v: int,
     idx_q = expand_kv_channels(idx_k, n_heads, n_kv_heads, head_dim)
     idx_o = expand_kv_channels(idx_v, n_heads, n_kv_heads, head_dim)
     return idx_q, idx_k, idx_v, idx_o
+
+
+def placeholder_attention_selection(device, k_qk: int, k_v: int, n_heads: int, n_kv_heads: int,
+                                    head_dim: int):
+    """Index sets of the right sizes for a step whose rows are all dense (nothing reads them)."""
+    idx_k, idx_v = (torch.arange(n, device=device) for n in (k_qk, k_v))
+    return (expand_kv_channels(idx_k, n_heads, n_kv_heads, head_dim), idx_k, idx_v,
+            expand_kv_channels(idx_v, n_heads, n_kv_heads, head_dim))
