@@ -12,6 +12,8 @@ excluded, median of the timed steps (device-synchronised wall time per step):
     sl_csr             slc.compile, presets.csr,     warm-up skipped
     sl_sparsity0       slc.compile, blocks rewritten, every op on its dense path (overhead)
     sl_*_whole         the same with regional=False (one whole-model graph)
+    sl_math10k_mlp     presets.math10k with its attention blocks left dense (what attention
+                       sparsity adds or costs)
 
 Every compiled variant is timed on both batch shapes (Math10K: 8 x 512 with 128 output
 tokens; CSR: 8 x 512 with 3 output tokens) without recompiling (same tensor shapes).
@@ -49,7 +51,7 @@ from sparselora_compile import compile as slc_compile
 
 RESULTS = Path(__file__).parent / "results"
 VARIANTS = ("eager", "inductor", "inductor_regional", "sl_math10k", "sl_csr", "sl_sparsity0",
-            "sl_math10k_whole", "sl_csr_whole", "sl_sparsity0_whole")
+            "sl_math10k_whole", "sl_csr_whole", "sl_sparsity0_whole", "sl_math10k_mlp")
 QKVO = ["q_proj", "k_proj", "v_proj", "o_proj"]
 ALL = QKVO + ["gate_proj", "up_proj", "down_proj"]
 PRESET_LAYERS = 32  # the presets are LLaMA-3-8B's
@@ -211,7 +213,10 @@ def run_variant(name, peft, init_state, batches, args, device, layers, log):
         if base == "sl_sparsity0":
             policy = slc.Policy(mlp=0.5, attention=0.5, warmup_steps=10**9)
         else:
-            policy, layer_map = sampled_policy(base[3:], layers, total_steps=args.total_steps)
+            preset = base[3:].removesuffix("_mlp")
+            policy, layer_map = sampled_policy(preset, layers, total_steps=args.total_steps)
+            if base.endswith("_mlp"):
+                policy.sparsity = {k: v for k, v in policy.sparsity.items() if k.endswith(".mlp")}
             policy.set_step(10**6)  # past the dense warm-up
         fn = slc_compile(peft, policy, inner=args.inner, regional=regional)
         if regional:

@@ -5,6 +5,8 @@ Scores use context rows only (output rows are dense and never read the selection
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -101,7 +103,13 @@ def attention_selection(x, factors, dense_rows, k_qk: int, k_v: int,
 
 def placeholder_attention_selection(device, k_qk: int, k_v: int, n_heads: int, n_kv_heads: int,
                                     head_dim: int):
-    """Index sets of the right sizes for a step whose rows are all dense (nothing reads them)."""
+    """Index sets of the right sizes for a step whose rows are all dense (nothing reads them).
+    Fresh copies of cached sets: an op's outputs must not share storage between calls."""
+    return tuple(t.clone() for t in _placeholder_sets(device, k_qk, k_v, n_heads, n_kv_heads, head_dim))
+
+
+@functools.lru_cache(maxsize=64)
+def _placeholder_sets(device, k_qk, k_v, n_heads, n_kv_heads, head_dim):
     idx_k, idx_v = (torch.arange(n, device=device) for n in (k_qk, k_v))
     return (expand_kv_channels(idx_k, n_heads, n_kv_heads, head_dim), idx_k, idx_v,
             expand_kv_channels(idx_v, n_heads, n_kv_heads, head_dim))
