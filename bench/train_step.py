@@ -182,7 +182,9 @@ def profile_step(fn, opt, ids, labels, device):
     select_ms = sum(v["time_ms"] for k, v in ops.items() if k.startswith("sparselora::select_"))
     self_of = self_t if device.type == "cuda" else (lambda e: e.self_cpu_time_total)
     top = sorted(ka, key=self_of, reverse=True)[:30]
+    host = sorted(ka, key=lambda e: e.self_cpu_time_total, reverse=True)[:30]
     return {"top_self_ms": [[e.key[:90], round(self_of(e) / 1e3, 3), e.count] for e in top],
+            "top_host_self_ms": [[e.key[:90], round(e.self_cpu_time_total / 1e3, 3), e.count] for e in host],
             "total_ms": total_us / 1e3, "select_ms": select_ms,
             "estimator_share": select_ms / (total_us / 1e3) if total_us else None,
             "time": "device (CUDA kernels)" if device.type == "cuda" else "cpu",

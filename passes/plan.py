@@ -5,12 +5,22 @@ from dataclasses import dataclass
 
 from sparselora_compile.policy import BlockInfo, Policy
 
+from .graphs import example_value
 from .group_blocks import Block, Skipped
 
 # Below this sparsity a block stays dense: its estimator alone costs about 5% of the dense
 # block (H200, LLaMA-3-8B MLP: select_mlp 0.19 ms per layer against ~4 ms for the block's
 # forward and backward, bench/results/train_step_32l_bf16.json), so it cannot gain.
 MIN_SPARSITY = 0.05
+
+# On CUDA an attention block below this sparsity stays dense: its q/k/v/o split into
+# dense and context rows (row gathers, scatters, narrow GEMMs, the selection) costs more
+# than the channels it drops. Measured on the H200 at LLaMA-3-8B shapes, 32 layers: the
+# Math10K preset (attention 0.75 on 14 layers) took 298 ms per step with sparse attention
+# and 205 ms with those blocks dense (Inductor dense: 258 ms), and the per-op device time
+# of a sparse attention block was 1.47 ms against 0.93 ms on its dense path
+# (bench/results/train_step_32l_presets.json, _regional_v2.json). Set to 0 to force it.
+MIN_ATTENTION_SPARSITY_CUDA = 0.8
 
 
 @dataclass
@@ -39,7 +49,8 @@ def block_info(block: Block, num_layers: int | None) -> BlockInfo:
                      head_dim=heads[2])
 
 
-def decide(info: BlockInfo, policy: Policy, thawed=()) -> tuple[float, int | None, str]:
+def decide(info: BlockInfo, policy: Policy, thawed=(), cuda: bool = False
+           ) -> tuple[float, int | None, str]:
     """(sparsity, k, why): k is None when the block stays dense, with the reason."""
     if thawed:
         return 0.0, None, f"base weight requires grad: {', '.join(thawed)}"
@@ -49,6 +60,9 @@ def decide(info: BlockInfo, policy: Policy, thawed=()) -> tuple[float, int | Non
     if s < MIN_SPARSITY:
         return s, None, (f"sparsity {s:g} is below {MIN_SPARSITY:g}: the estimator would cost "
                          "more than the block saves")
+    if cuda and info.kind == "attention" and s < MIN_ATTENTION_SPARSITY_CUDA:
+        return s, None, (f"attention sparsity {s:g} is below {MIN_ATTENTION_SPARSITY_CUDA:g}: on "
+                         "CUDA its row split costs more than it saves (passes/plan.py)")
     k = policy.kept_channels(info, s)
     if k >= info.channels:
         return s, None, f"sparsity {s} keeps every channel after rounding"
@@ -65,7 +79,8 @@ def plan_blocks(blocks: list[Block], policy: Policy, num_layers: int | None = No
     for block in blocks:
         info = block_info(block, num_layers)
         thawed = [s.path for s in block.sites.values() if not s.frozen()]
-        s, k, why = decide(info, policy, thawed)
+        w = example_value(next(iter(block.sites.values())).weight)
+        s, k, why = decide(info, policy, thawed, cuda=w is not None and w.is_cuda)
         if k is None:
             skipped.append(Skipped(block.name, why))
         else:

@@ -97,7 +97,8 @@ def _entry(rel, info: BlockInfo, k):
 def layer_signature(layer, prefix, index, num_layers, policy: Policy) -> tuple:
     sig = []
     for rel, info, frozen in layer_blocks(layer, prefix, index, num_layers):
-        _, k, _ = decide(info, policy, () if frozen else ("base weights",))
+        cuda = next(layer.parameters()).is_cuda
+        _, k, _ = decide(info, policy, () if frozen else ("base weights",), cuda=cuda)
         sig.append(_entry(rel, info, k))
     return tuple(sorted(sig, key=repr))
 

@@ -113,3 +113,18 @@ def test_policy_naming_missing_layer_is_an_error():
 def test_decide_returning_bad_sparsity_is_an_error():
     with pytest.raises(Exception, match="outside"):
         _compile_and_run({"policy": slc.Policy(decide=lambda b: 2.0), "inner": "eager"})
+
+
+def test_attention_below_the_cuda_threshold_stays_dense_on_cuda_only():
+    from sparselora_compile.passes.plan import MIN_ATTENTION_SPARSITY_CUDA, decide
+    info = slc.BlockInfo(name="model.layers.3.self_attn", layer=3, kind="attention", in_features=64,
+                         channels=32, num_layers=8, n_heads=8, n_kv_heads=2, head_dim=16)
+    low = slc.Policy(attention=MIN_ATTENTION_SPARSITY_CUDA / 2)
+    assert decide(info, low, cuda=False)[1] == low.kept_channels(info, low.attention)
+    s, k, why = decide(info, low, cuda=True)
+    assert k is None and "attention sparsity" in why
+    high = slc.Policy(attention=max(MIN_ATTENTION_SPARSITY_CUDA, 0.5) + 0.05)
+    assert decide(info, high, cuda=True)[1] is not None
+    mlp = slc.BlockInfo(name="model.layers.3.mlp", layer=3, kind="mlp", in_features=64,
+                        channels=128, num_layers=8)
+    assert decide(mlp, slc.Policy(mlp=0.5), cuda=True)[1] == 64
