@@ -68,7 +68,7 @@ def main(argv=None):
                 policy = ts.sampled_policy(name[3:], args.layers, 1000)[0]
                 policy.set_step(10**6)  # past the dense warm-up
             fn = ts.slc_compile(peft, policy)
-            layers = fn._layers
+            layers = []
         opt = torch.optim.AdamW(ts.lora_params(peft), lr=1e-5)
         for _ in range(3):
             ts.train_step(fn, opt, ids, labels)
@@ -80,6 +80,8 @@ def main(argv=None):
             print(f"  x{s['count']}\n    " + s["stack"].replace("\n", "\n    "), flush=True)
         for m in layers:
             m._compiled_call_impl = None
+        if hasattr(fn, "uncompile"):
+            fn.uncompile()
     path = Path(args.out) / f"sync_points_{args.lora}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=1))

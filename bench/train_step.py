@@ -221,8 +221,6 @@ def run_variant(name, peft, init_state, batches, args, device, layers, log):
                 policy.sparsity = {k: v for k, v in policy.sparsity.items() if k.endswith(".mlp")}
             policy.set_step(10**6)  # past the dense warm-up
         fn = slc_compile(peft, policy, inner=args.inner, regional=regional)
-        if regional:
-            compiled_layers = [m for m in peft.modules() if getattr(m, "_compiled_call_impl", None)]
     opt = torch.optim.AdamW(lora_params(peft), lr=1e-5)
     res = {"variant": name, "shapes": {}}
     from torch._dynamo.utils import counters
@@ -278,6 +276,8 @@ def run_variant(name, peft, init_state, batches, args, device, layers, log):
         res["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
     for m in compiled_layers:  # the next variant gets the plain model back
         m._compiled_call_impl = None
+    if hasattr(fn, "uncompile"):
+        fn.uncompile()
     del fn, opt, policy
     free(device)
     return res

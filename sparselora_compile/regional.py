@@ -194,6 +194,25 @@ def compile_layers(model: torch.nn.Module, policy: Policy, state, options: dict)
     return [m for _, m in layers]
 
 
+def compile_loss(model: torch.nn.Module, inner: str):
+    """Compile the eager tail's loss (HF's `loss_function`: fp32 upcast of the logits, then
+    cross-entropy) with the inner compiler, so that, as in a whole-model Inductor graph,
+    the fp32 logits are not materialised. Returns the undo."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    prop = getattr(type(base), "loss_function", None)
+    if inner == "eager" or not isinstance(prop, property) or prop.fset is None:
+        return lambda: None
+    before = base.__dict__.get("_loss_function")
+    base.loss_function = torch.compile(base.loss_function, backend=inner)
+
+    def undo():
+        if before is None:
+            base.__dict__.pop("_loss_function", None)
+        else:
+            base._loss_function = before
+    return undo
+
+
 def _layer_call(compiled, prefix: str, state):
     def call(*args, **kwargs):
         outer, state.layer_prefix = state.layer_prefix, prefix

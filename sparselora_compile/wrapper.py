@@ -5,7 +5,8 @@ eval() mode.
 
 By default it compiles *regionally* (regional.py): each decoder layer is compiled on its
 own and layers with the same plan share one compiled graph, so the first step costs a
-few layer compiles; the embeddings, final norm, head and loss run eagerly. With
+few layer compiles; the HF loss function is compiled on its own, and the embeddings,
+final norm and head run eagerly. With
 `regional=False` the whole model is one `torch.compile(model, backend="sparselora")`.
 """
 from __future__ import annotations
@@ -25,10 +26,11 @@ class SparseLoRAModel(torch.nn.Module):
         self.model = model
         self.policy = policy
         self.regional = regional
-        self._layers = []
+        self._layers, self._undo_loss = [], lambda: None
         if regional:
-            from .regional import compile_layers
+            from .regional import compile_layers, compile_loss
             self._layers = compile_layers(model, policy, policy.runtime_state(), options)
+            self._undo_loss = compile_loss(model, options.get("inner", "inductor"))
             self._compiled = model
         else:
             self._compiled = torch.compile(model, backend="sparselora",
@@ -50,7 +52,8 @@ class SparseLoRAModel(torch.nn.Module):
     def uncompile(self) -> torch.nn.Module:
         from .regional import uncompile_layers
         uncompile_layers(self._layers)
-        self._layers = []
+        self._undo_loss()
+        self._layers, self._undo_loss = [], lambda: None
         return self.model
 
 

@@ -55,9 +55,9 @@ def test_regional_matches_whole_model_compile():
 
 def test_regional_compiles_once_per_distinct_plan():
     """Eight layers, three plans: three compiles, plus one for layer 0 (its input needs no
-    grad, a guard Dynamo checks), however many layers share a plan."""
+    grad, a guard Dynamo checks), however many layers share a plan; and the loss."""
     *_, record, graphs = _train(True, QKVO, layers=8)
-    assert graphs == 4 and len(record) == 15
+    assert graphs == 4 + 1 and len(record) == 15
 
 
 @pytest.mark.parametrize("targets,checkpointing", [(ALL, False), (QKVO, True)],
@@ -101,7 +101,10 @@ def test_regional_errors_and_uncompile():
         slc.compile(model, slc.Policy(mlp=0.5), polcy="x")
     with pytest.raises(ValueError, match=r"names layer\(s\) \[5\]"):
         slc.compile(model, slc.Policy(sparsity={"layers.5.mlp": 0.5}))
+    plain_loss = model.get_base_model().loss_function
     wrapped = slc.compile(model, slc.Policy(mlp=0.5), inner="aot_eager")
     assert all(m._compiled_call_impl is not None for _, m in decoder_layers(model))
+    assert model.get_base_model().loss_function is not plain_loss  # compiled on its own
     assert wrapped.uncompile() is model
     assert all(m._compiled_call_impl is None for _, m in decoder_layers(model))
+    assert model.get_base_model().loss_function is plain_loss
