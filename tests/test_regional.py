@@ -108,3 +108,24 @@ def test_regional_errors_and_uncompile():
     assert wrapped.uncompile() is model
     assert all(m._compiled_call_impl is None for _, m in decoder_layers(model))
     assert model.get_base_model().loss_function is plain_loss
+
+
+def test_regional_eval_is_dense_and_the_split_is_made_once_per_forward(monkeypatch):
+    """After a training step, model.eval() under no_grad gives the eager model's logits;
+    in training every layer's graph reuses the forward's one token split (one nonzero
+    pass, not one per layer)."""
+    from sparselora_compile.runtime import row_split
+    model = tiny_llama(ALL, layers=4)
+    ids, labels = batch()
+    wrapped = slc.compile(model, slc.Policy(mlp=0.5, attention=0.5), inner="aot_eager")
+    calls = []
+    compute = row_split.compute
+    monkeypatch.setattr(row_split, "compute", lambda *a, **k: calls.append(1) or compute(*a, **k))
+    for step in range(2):
+        wrapped(input_ids=ids, labels=labels).loss.backward()
+        assert len(calls) == step + 1
+    model.eval()
+    with torch.no_grad():
+        got = wrapped(input_ids=ids).logits
+        want = wrapped.uncompile()(input_ids=ids).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
