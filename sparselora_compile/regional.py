@@ -96,8 +96,8 @@ def _entry(rel, info: BlockInfo, k):
 
 def layer_signature(layer, prefix, index, num_layers, policy: Policy) -> tuple:
     sig = []
+    cuda = next(layer.parameters()).is_cuda
     for rel, info, frozen in layer_blocks(layer, prefix, index, num_layers):
-        cuda = next(layer.parameters()).is_cuda
         _, k, _ = decide(info, policy, () if frozen else ("base weights",), cuda=cuda)
         sig.append(_entry(rel, info, k))
     return tuple(sorted(sig, key=repr))
@@ -186,12 +186,13 @@ def compile_layers(model: torch.nn.Module, policy: Policy, state, options: dict)
         torch._dynamo.config.recompile_limit = limit
     log.info("sparselora: regional compilation, %d layers in %d group(s) of identical plans",
              n, len(groups))
+    by_prefix = dict(layers)
     for sig, members in groups.items():
         for prefix in members:
-            layer = dict(layers)[prefix]
+            layer = by_prefix[prefix]
             layer._compiled_call_impl = _layer_call(torch.compile(layer._call_impl, backend=backends[sig]),
                                                     prefix, state)
-    return [m for _, m in layers]
+    return list(by_prefix.values())
 
 
 def compile_loss(model: torch.nn.Module, inner: str):
