@@ -37,11 +37,14 @@ def dsilu(z: torch.Tensor) -> torch.Tensor:
 
 def corrected_gated_sq(g, u, res_gate, res_up) -> torch.Tensor:
     """Expected (silu(gate) * up)^2 per element given the rank-r ĝ = g, û = u and the
-    residual variances σ² [F] (`estimator.residual_variance`):
+    residual variances σ² [F] (`estimator.residual_variance`, None for zeros):
     (silu(ĝ)^2 + silu'(ĝ)^2 σ²_gate) * (û^2 + σ²_up). With zero residuals: (silu(ĝ) û)^2."""
     s = torch.sigmoid(g)
-    silu, ds = g * s, s * (1 + g * (1 - s))
-    return (silu.square() + ds.square() * res_gate) * (u.square() + res_up)
+    silu = g * s
+    gate = silu.square()
+    if res_gate is not None:
+        gate = gate + (s * (1 + g * (1 - s))).square() * res_gate.float()  # silu'(ĝ)^2 σ²
+    return gate * (u.square() if res_up is None else u.square() + res_up.float())
 
 
 def mlp_scores(x, a_gate, b_gate, a_up, b_up, res_gate, res_up, dense_rows) -> torch.Tensor:
@@ -53,10 +56,7 @@ def mlp_scores(x, a_gate, b_gate, a_up, b_up, res_gate, res_up, dense_rows) -> t
     g, u = p[:, :r] @ b_gate, p[:, r:] @ b_up
     if res_gate is None and res_up is None:
         return (F.silu(g) * u).square().sum(0)
-    zero = g.new_zeros(())
-    rg = zero if res_gate is None else res_gate.float()
-    ru = zero if res_up is None else res_up.float()
-    return corrected_gated_sq(g, u, rg, ru).sum(0)
+    return corrected_gated_sq(g, u, res_gate, res_up).sum(0)
 
 
 def expand_kv_channels(kv_idx: torch.Tensor, n_heads: int, n_kv_heads: int, head_dim: int):

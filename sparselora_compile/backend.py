@@ -102,7 +102,7 @@ def _inner_compile(name, gm, example_inputs):
 
 def sparselora_backend(gm: torch.fx.GraphModule, example_inputs, options=None):
     from sparselora_compile.passes import run_passes
-    from .factors import factor_provider, refresh_from_warmup
+    from .factors import FactorInputs, factor_provider
 
     opts = BackendOptions.parse(options)
     policy = opts.policy or _default_policy()
@@ -133,24 +133,20 @@ def sparselora_backend(gm: torch.fx.GraphModule, example_inputs, options=None):
     if not (rewrite and report.planned):
         return _inner_compile(opts.inner, original, example_inputs)
 
-    extra = report.extra_inputs
-    compiled = _inner_compile(opts.inner, gm, [*example_inputs, *extra])
+    compiled = _inner_compile(opts.inner, gm, [*example_inputs, *report.extra_inputs])
     if layer is not None:
         return _regional_runner(compiled, report, layer[0], factor_fn, policy, state, opts)
     min_layer = report.min_layer
     if min_layer is not None and (state.first_layer is None or min_layer < state.first_layer):
         state.first_layer = min_layer
-
-    refreshed = []
+    factors = FactorInputs(report.extra_inputs, report.factor_slots)
 
     def run(*args):
         # One training step per forward: the graph holding the first sparse layer counts.
         if torch.is_grad_enabled() and min_layer == state.first_layer:
             state.begin_forward()
-        if state.collect_moments and not refreshed and state.sparse_now():
-            refresh_from_warmup(policy, state, report.factor_slots, opts.cache_dir)
-            refreshed.append(True)
-        return compiled(*args, *extra)
+        factors.refresh_if_due(policy, state, opts.cache_dir)
+        return compiled(*args, *factors.inputs)
 
     run._sparselora_report = report
     return run
@@ -187,15 +183,12 @@ def _region_label(region) -> str:
 
 def _regional_runner(compiled, report, root, factor_fn, policy, state, opts):
     from .regional import LayerInputs
-    from .factors import refresh_from_warmup
     layers = LayerInputs(report, root, factor_fn)
 
     def run(*args):
-        entry = layers.get(state.layer_prefix, args)
-        if state.collect_moments and not entry.refreshed and state.sparse_now():
-            refresh_from_warmup(policy, state, entry.slots, opts.cache_dir)
-            entry.refreshed = True
-        return compiled(*args, *entry.inputs)
+        factors = layers.get(state.layer_prefix, args)
+        factors.refresh_if_due(policy, state, opts.cache_dir)
+        return compiled(*args, *factors.inputs)
 
     run._sparselora_report = report
     return run

@@ -12,6 +12,7 @@ warm-up step one x^T x per block.
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 
 import torch
 
@@ -64,6 +65,20 @@ def refresh_from_warmup(policy, state, slots, cache_dir=None) -> int:
         warnings.warn("activation_aware estimator: no warm-up moments were collected; "
                       "keeping plain SVD factors", stacklevel=2)
     return done
+
+
+@dataclass
+class FactorInputs:
+    """The factor graph inputs of one compiled graph (or, regionally, of one layer running
+    it) with their slots; refreshed in place once, when the dense warm-up ends."""
+    inputs: list
+    slots: list
+    refreshed: bool = False
+
+    def refresh_if_due(self, policy, state, cache_dir=None) -> None:
+        if state.collect_moments and not self.refreshed and state.sparse_now():
+            refresh_from_warmup(policy, state, self.slots, cache_dir)
+            self.refreshed = True
 
 
 def collect_moments(model: torch.nn.Module, batches, *, max_batches: int | None = None) -> dict:

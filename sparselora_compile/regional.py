@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from sparselora_compile.passes.plan import decide
+from sparselora_compile.factors import FactorInputs
+from sparselora_compile.passes.plan import block_info, decide
 from sparselora_compile.passes.rewrite import FactorSlot
 from sparselora_compile.policy import BlockInfo, Policy
 
@@ -105,27 +106,16 @@ def layer_signature(layer, prefix, index, num_layers, policy: Policy) -> tuple:
 
 def report_signature(report, root: str) -> tuple:
     """The same signature, from what the graph pass found and planned."""
-    ks = {id(p.block): p.k for p in report.planned}
-    sig = [_entry(b.name[len(root) + 1:], _info_of(b, report), ks.get(id(b))) for b in report.found]
+    planned = {id(p.block): p for p in report.planned}
+    sig = []
+    for b in report.found:
+        p = planned.get(id(b))
+        sig.append(_entry(b.name[len(root) + 1:], p.info if p else block_info(b, None),
+                          p.k if p else None))
     return tuple(sorted(sig, key=repr))
 
 
-def _info_of(block, report):
-    for p in report.planned:
-        if p.block is block:
-            return p.info
-    from sparselora_compile.passes.plan import block_info
-    return block_info(block, None)
-
-
 # ---- per-layer graph inputs ---------------------------------------------------------------
-
-@dataclass
-class _Layer:
-    inputs: list
-    slots: list
-    refreshed: bool = False
-
 
 @dataclass
 class LayerInputs:
@@ -137,15 +127,15 @@ class LayerInputs:
     table: dict = field(default_factory=dict)
 
     def __post_init__(self):
-        self.table[self.root] = _Layer(list(self.report.extra_inputs), list(self.report.factor_slots))
+        self.table[self.root] = FactorInputs(list(self.report.extra_inputs), list(self.report.factor_slots))
 
-    def get(self, prefix: str, args) -> _Layer:
+    def get(self, prefix: str, args) -> FactorInputs:
         entry = self.table.get(prefix)
         if entry is None:
             entry = self.table[prefix] = self._build(prefix, args)
         return entry
 
-    def _build(self, prefix, args) -> _Layer:
+    def _build(self, prefix, args) -> FactorInputs:
         n = len(self.root)
         inputs, slots = [], []
         for req in self.report.factor_requests:
@@ -158,7 +148,7 @@ class LayerInputs:
             a, b, r = self.factor_fn(w, path)
             inputs += [a, b, r] if req.residual else [a, b]
             slots.append(FactorSlot(block, path, w, a, b, r if req.residual else None))
-        return _Layer(inputs, slots)
+        return FactorInputs(inputs, slots)
 
 
 # ---- compiling --------------------------------------------------------------------------

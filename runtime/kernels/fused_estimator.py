@@ -162,9 +162,7 @@ def mlp_channel_scores_reference(x, Ag, Bg, Au, Bu, Rg=None, Ru=None):
     if Rg is None and Ru is None:
         return (torch.nn.functional.silu(g) * u).pow(2).sum(0)
     from ..selection import corrected_gated_sq
-    zero = g.new_zeros(())
-    return corrected_gated_sq(g, u, zero if Rg is None else Rg.float(),
-                              zero if Ru is None else Ru.float()).sum(0)
+    return corrected_gated_sq(g, u, Rg, Ru).sum(0)
 
 
 def channel_sq_norms_reference(xa, B):
