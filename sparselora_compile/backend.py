@@ -17,6 +17,7 @@ from .policy import Policy
 
 log = logging.getLogger("sparselora_compile")
 INNER = ("inductor", "aot_eager", "eager")
+LORA_DTYPES = ("adapter", "model")
 
 
 @dataclass
@@ -27,6 +28,10 @@ class BackendOptions:
     cache_dir: str | None = None  # estimator factor cache; None: the default directory
     verbose: bool = True
     region: object = None       # regional.Region: set by `compile(model, regional=True)`
+    # "adapter": LoRA products in the adapters' dtype, as PEFT runs them (fp32 adapters on a
+    # bf16 model: fp32 GEMMs). "model": in the base layer's dtype, adapters kept fp32
+    # (passes/lora_dtype.py); a numerics change, like autocast, so it is opt-in.
+    lora_dtype: str = "adapter"
 
     @classmethod
     def parse(cls, options) -> "BackendOptions":
@@ -45,6 +50,9 @@ class BackendOptions:
                             f"YAML path, got {type(opts.policy).__name__}")
         if opts.inner not in INNER:
             raise ValueError(f"sparselora: options['inner']={opts.inner!r}; expected one of {INNER}")
+        if opts.lora_dtype not in LORA_DTYPES:
+            raise ValueError(f"sparselora: options['lora_dtype']={opts.lora_dtype!r}; expected one of "
+                             f"{LORA_DTYPES}")
         return opts
 
 
@@ -102,6 +110,7 @@ def _inner_compile(name, gm, example_inputs):
 
 def sparselora_backend(gm: torch.fx.GraphModule, example_inputs, options=None):
     from sparselora_compile.passes import run_passes
+    from sparselora_compile.passes.lora_dtype import lora_products_in_model_dtype
     from .factors import FactorInputs, factor_provider
 
     opts = BackendOptions.parse(options)
@@ -116,22 +125,26 @@ def sparselora_backend(gm: torch.fx.GraphModule, example_inputs, options=None):
     if opts.record and state.record is None:
         state.record = {}
     rewrite = torch.is_grad_enabled() or not policy.dense_eval
+    lora_in_model_dtype = opts.lora_dtype == "model"
     original = gm
-    if rewrite:  # Dynamo keeps using its own graph after we return: rewrite a copy
+    if rewrite or lora_in_model_dtype:  # Dynamo keeps using its own graph: rewrite a copy
         gm = copy_graph_module(gm)
     factor_fn = factor_provider(policy, opts.cache_dir)
     layer = _running_layer(opts.region, state)
+    # before the rewrite: it finds each LoRA layer's base product (and so its dtype)
+    lora_cast = lora_products_in_model_dtype(gm) if lora_in_model_dtype else 0
     report = run_passes(gm, example_inputs, policy, state.state_id, factor_fn,
                         rewrite=rewrite, layer=layer)
     if layer is not None:
         _check_region(opts.region, report, layer[0])
     if opts.verbose:
-        log.info("sparselora: %s%d blocks found, %d rewritten%s, estimated base FLOPs saved %.1f%%",
+        log.info("sparselora: %s%d blocks found, %d rewritten%s, estimated base FLOPs saved %.1f%%%s",
                  _region_label(opts.region), len(report.found),
                  len(report.planned) if rewrite else 0, "" if rewrite else " (no grad: dense)",
-                 100 * report.flops_saved_estimate() if rewrite else 0.0)
+                 100 * report.flops_saved_estimate() if rewrite else 0.0,
+                 f", {lora_cast} LoRA adapter products in the model's dtype" if lora_in_model_dtype else "")
     if not (rewrite and report.planned):
-        return _inner_compile(opts.inner, original, example_inputs)
+        return _inner_compile(opts.inner, gm if lora_cast else original, example_inputs)
 
     compiled = _inner_compile(opts.inner, gm, [*example_inputs, *report.extra_inputs])
     if layer is not None:

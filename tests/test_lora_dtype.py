@@ -1,0 +1,127 @@
+"""`lora_dtype="model"`: LoRA products in the base layer's dtype, adapters kept fp32.
+
+Its reference semantics: the same model with its adapters cast to the model's dtype
+(what PEFT runs with `autocast_adapter_dtype=False`), gradients cast back to fp32.
+"""
+import copy
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch.overrides import TorchFunctionMode
+
+import sparselora_compile as slc
+from sparselora_compile.passes.lora_dtype import lora_products_in_model_dtype
+
+from llama import ALL, QKVO, batch, tiny_llama
+
+
+def _model(targets, dtype, dropout=0.0):
+    """A `dtype` model with PEFT's default fp32 adapters."""
+    m = tiny_llama(targets, dropout=dropout).to(dtype)
+    for n, p in m.named_parameters():
+        if "lora_" in n:
+            p.data = p.data.float()
+    return m
+
+
+def _low_adapters(m, dtype):
+    m = copy.deepcopy(m)
+    for n, p in m.named_parameters():
+        if "lora_" in n:
+            p.data = p.data.to(dtype)
+    return m
+
+
+def _loss_grads(model, policy, regional, **options):
+    torch._dynamo.reset()
+    fn = slc.compile(model, slc.Policy(**policy), regional=regional, inner="aot_eager", **options)
+    ids, labels = batch(t=12, n_out=4)
+    loss = fn(input_ids=ids, labels=labels).loss
+    loss.backward()
+    return loss.detach().float(), {n: p.grad.float() for n, p in model.named_parameters()
+                                   if p.grad is not None}
+
+
+class _LinearDtypes(TorchFunctionMode):
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in (torch._C._nn.linear, torch.nn.functional.linear):
+            self.seen.append(args[0].dtype)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_pass_leaves_no_fp32_product(dropout):
+    """Every adapter of every LoRA layer is rewritten; afterwards no linear reads fp32."""
+    model = _model(ALL, torch.bfloat16, dropout=dropout)
+    found = []
+
+    def backend(gm, example_inputs):
+        before, after = _LinearDtypes(), _LinearDtypes()
+        with before:
+            gm(*example_inputs)
+        found.append(lora_products_in_model_dtype(gm))
+        with after:
+            gm(*example_inputs)
+        found.append((before.seen, after.seen))
+        return gm.forward
+
+    ids, labels = batch()
+    torch.compile(model, backend=backend)(input_ids=ids, labels=labels)
+    n, (before, after) = found
+    assert n == 2 * len(ALL)
+    assert before.count(torch.float32) == 2 * n  # lora_A and lora_B of each adapter
+    assert len(after) == len(before) and set(after) == {torch.bfloat16}
+
+
+@pytest.mark.parametrize("policy, regional", [(dict(mlp=0.0, attention=0.0), False),
+                                              (dict(mlp=0.5, attention=0.5), True)],
+                         ids=["dense-whole-model", "sparse-regional"])
+def test_matches_adapters_cast_to_model_dtype(regional, policy):
+    """Loss and fp32 LoRA grads equal those of the model with bf16 adapters, while the
+    adapters (and so the optimizer) stay fp32."""
+    model = _model(ALL, torch.bfloat16)
+    ref = _low_adapters(model, torch.bfloat16)
+    loss, grads = _loss_grads(model, policy, regional, lora_dtype="model")
+    ref_loss, ref_grads = _loss_grads(ref, policy, regional)
+    assert all(p.dtype == torch.float32 for n, p in model.named_parameters() if "lora_" in n)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-3, atol=1e-3)
+    assert grads.keys() == ref_grads.keys() and len(grads) == 2 * 2 * len(ALL)
+    for n in grads:
+        scale = ref_grads[n].abs().max().item()
+        torch.testing.assert_close(grads[n], ref_grads[n], rtol=0, atol=2e-2 * scale, msg=n)
+
+
+@settings(max_examples=3, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(dtype=st.sampled_from([torch.bfloat16, torch.float16]),
+       targets=st.sampled_from([QKVO, ALL, ["v_proj", "down_proj"]]),
+       sparsity=st.sampled_from([0.0, 0.5, 0.75]))
+def test_property_matches_low_precision_adapters(dtype, targets, sparsity):
+    model = _model(targets, dtype)
+    policy = dict(mlp=sparsity, attention=sparsity)
+    loss, grads = _loss_grads(model, policy, True, lora_dtype="model")
+    ref_loss, ref_grads = _loss_grads(_low_adapters(model, dtype), policy, True)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-3, atol=1e-3)
+    for n in ref_grads:
+        scale = ref_grads[n].abs().max().item()
+        torch.testing.assert_close(grads[n], ref_grads[n], rtol=0, atol=2e-2 * scale, msg=n)
+
+
+def test_fp32_model_is_untouched():
+    """Nothing to cast down: the same graph, the same numbers as the default."""
+    model = _model(QKVO, torch.float32)
+    loss, grads = _loss_grads(copy.deepcopy(model), dict(mlp=0.5, attention=0.5), True, lora_dtype="model")
+    ref_loss, ref_grads = _loss_grads(model, dict(mlp=0.5, attention=0.5), True)
+    torch.testing.assert_close(loss, ref_loss, rtol=0, atol=0)
+    for n in ref_grads:
+        torch.testing.assert_close(grads[n], ref_grads[n], rtol=0, atol=0, msg=n)
+
+
+def test_bad_lora_dtype_is_rejected():
+    with pytest.raises(ValueError, match="lora_dtype"):
+        slc.compile(tiny_llama(), slc.Policy(mlp=0.5), lora_dtype="bf16")
