@@ -6,6 +6,8 @@ excluded, median of the timed steps (device-synchronised wall time per step):
 
     eager              plain PEFT
     inductor           torch.compile(model)                    (the baseline of the ratios)
+    inductor_bf16      the same with the LoRA params cast to bf16 for this variant (what a
+                       bf16-adapter baseline costs; = inductor under --bf16-adapters)
     inductor_regional  each decoder layer compiled with Inductor, one graph reused
                        (`layer.compile()`; the rest eager): its compile-time baseline
     sl_math10k         slc.compile, presets.math10k, warm-up skipped
@@ -14,6 +16,8 @@ excluded, median of the timed steps (device-synchronised wall time per step):
     sl_*_whole         the same with regional=False (one whole-model graph)
     sl_math10k_mlp     presets.math10k with its attention blocks left dense (what attention
                        sparsity adds or costs)
+    sl_*_lora_model    sl_math10k / sl_math10k_mlp with lora_dtype="model" (the compiled graph
+                       computes the LoRA products in the model's dtype)
 
 Every compiled variant is timed on both batch shapes (Math10K: 8 x 512 with 128 output
 tokens; CSR: 8 x 512 with 3 output tokens) without recompiling (same tensor shapes).
@@ -50,8 +54,9 @@ import sparselora_compile as slc
 from sparselora_compile import compile as slc_compile
 
 RESULTS = Path(__file__).parent / "results"
-VARIANTS = ("eager", "inductor", "inductor_regional", "sl_math10k", "sl_csr", "sl_sparsity0",
-            "sl_math10k_whole", "sl_csr_whole", "sl_sparsity0_whole", "sl_math10k_mlp")
+VARIANTS = ("eager", "inductor", "inductor_bf16", "inductor_regional", "sl_math10k", "sl_csr",
+            "sl_sparsity0", "sl_math10k_whole", "sl_csr_whole", "sl_sparsity0_whole", "sl_math10k_mlp",
+            "sl_math10k_lora_model", "sl_math10k_mlp_lora_model")
 QKVO = ["q_proj", "k_proj", "v_proj", "o_proj"]
 ALL = QKVO + ["gate_proj", "up_proj", "down_proj"]
 PRESET_LAYERS = 32  # the presets are LLaMA-3-8B's
@@ -161,49 +166,81 @@ def train_step(fn, opt, ids, labels):
     return loss
 
 
-def profile_step(fn, opt, ids, labels, device):
-    """One step under torch.profiler: device time of each sparselora op and in total."""
+SYNC_EVENTS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaMemcpy")
+
+
+def profile_step(fn, opt, ids, labels, device, step_ms):
+    """One step under torch.profiler: time of each sparselora op, the kernel total, the
+    estimator's share and which ops make the host wait for the device."""
     from torch.profiler import ProfilerActivity, profile
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    cuda = device.type == "cuda"
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     sync(device)
     with profile(activities=acts) as prof:
         train_step(fn, opt, ids, labels)
-        sync(device)
-    ka = prof.key_averages()
-    if device.type == "cuda":
+        sync(device)  # recorded too: one parentless cudaDeviceSynchronize in sync_parents
+    ka, events = prof.key_averages(), prof.events()
+    if cuda:
         tot = lambda e: getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)  # noqa: E731
-        self_t = lambda e: getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)  # noqa: E731
-        total_us = sum(self_t(e) for e in ka)
+        self_of = lambda e: getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)  # noqa: E731
+        # Only the device-side events (kernels, memcpy, memset): a CPU op's self device time
+        # repeats its kernels' (which are entries of their own), so summing every entry
+        # double counts. time_range: a device event's duration in every torch version.
+        kernel_us = sum(e.time_range.elapsed_us() for e in events
+                        if e.device_type == torch.autograd.DeviceType.CUDA)
     else:
         tot = lambda e: e.cpu_time_total  # noqa: E731
-        total_us = sum(e.self_cpu_time_total for e in ka)
+        self_of = lambda e: e.self_cpu_time_total  # noqa: E731
+        kernel_us = sum(e.self_cpu_time_total for e in ka)  # no kernels: all ops' CPU time
     ops = {e.key: {"time_ms": tot(e) / 1e3, "count": e.count}
            for e in ka if e.key.startswith("sparselora::")}
     select_ms = sum(v["time_ms"] for k, v in ops.items() if k.startswith("sparselora::select_"))
-    self_of = self_t if device.type == "cuda" else (lambda e: e.self_cpu_time_total)
+    # A host sync stalls the launch queue: count each by its chain of CPU ops (innermost first).
+    syncs = {}
+    for e in events:
+        if e.name in SYNC_EVENTS:
+            chain, p = [e.name], e.cpu_parent
+            while p is not None and len(chain) <= 4:
+                chain.append(p.name)
+                p = p.cpu_parent
+            key = " < ".join(chain)
+            syncs[key] = syncs.get(key, 0) + 1
     top = sorted(ka, key=self_of, reverse=True)[:30]
     host = sorted(ka, key=lambda e: e.self_cpu_time_total, reverse=True)[:30]
+    kernel_ms = kernel_us / 1e3
     return {"top_self_ms": [[e.key[:90], round(self_of(e) / 1e3, 3), e.count] for e in top],
             "top_host_self_ms": [[e.key[:90], round(e.self_cpu_time_total / 1e3, 3), e.count] for e in host],
-            "total_ms": total_us / 1e3, "select_ms": select_ms,
-            "estimator_share": select_ms / (total_us / 1e3) if total_us else None,
-            "time": "device (CUDA kernels)" if device.type == "cuda" else "cpu",
+            # total_ms = kernel_ms (kept for older readers): device busy time, i.e. the sum
+            # of the kernel / memcpy / memset durations, not of every profiler entry
+            "kernel_ms": kernel_ms, "total_ms": kernel_ms, "select_ms": select_ms, "step_ms": step_ms,
+            # estimator_share: select time / the variant's median step time (what the estimator
+            # costs the step); estimator_share_of_kernels: / the kernel time (no host-bound gaps)
+            "estimator_share": select_ms / step_ms if step_ms else None,
+            "estimator_share_of_kernels": select_ms / kernel_ms if kernel_ms else None,
+            "host_syncs": sum(syncs.values()),
+            "sync_parents": [[k, n] for k, n in sorted(syncs.items(), key=lambda kv: -kv[1])[:15]],
+            "time": "device (CUDA kernels)" if cuda else "cpu",
             "ops": ops}
 
 
 def run_variant(name, peft, init_state, batches, args, device, layers, log):
     """Compile (if any), then time each batch shape; returns the variant's figures."""
-    with torch.no_grad():  # same LoRA init for every variant
+    with torch.no_grad():  # same LoRA init for every variant, in the run's adapter dtype
         for n, p in peft.named_parameters():
             if n in init_state:
+                # undoes inductor_bf16's cast, also when that variant failed midway
+                if p.dtype != init_state[n].dtype:
+                    p.data = p.data.to(init_state[n].dtype)
                 p.copy_(init_state[n])
+                if name == "inductor_bf16":  # what add_lora(bf16_adapters=True) does
+                    p.data = p.data.to(torch.bfloat16)
     free(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     policy, layer_map, compiled_layers = None, None, []
     if name == "eager":
         fn = peft
-    elif name == "inductor":
+    elif name in ("inductor", "inductor_bf16"):
         fn = torch.compile(peft) if args.inner == "inductor" else torch.compile(peft, backend=args.inner)
     elif name == "inductor_regional":
         from sparselora_compile.regional import decoder_layers
@@ -211,7 +248,10 @@ def run_variant(name, peft, init_state, batches, args, device, layers, log):
         for m in compiled_layers:
             m.compile(backend=args.inner)
     else:
-        base, regional = (name[:-6], False) if name.endswith("_whole") else (name, True)
+        stem = name.removesuffix("_lora_model")
+        # the compiled graph computes the LoRA products in the model's dtype (bf16)
+        extra = {"lora_dtype": "model"} if stem != name else {}
+        base, regional = (stem[:-6], False) if stem.endswith("_whole") else (stem, True)
         if base == "sl_sparsity0":
             policy = slc.Policy(mlp=0.5, attention=0.5, warmup_steps=10**9)
         else:
@@ -220,8 +260,8 @@ def run_variant(name, peft, init_state, batches, args, device, layers, log):
             if base.endswith("_mlp"):
                 policy.sparsity = {k: v for k, v in policy.sparsity.items() if k.endswith(".mlp")}
             policy.set_step(10**6)  # past the dense warm-up
-        fn = slc_compile(peft, policy, inner=args.inner, regional=regional)
-    opt = torch.optim.AdamW(lora_params(peft), lr=1e-5)
+        fn = slc_compile(peft, policy, inner=args.inner, regional=regional, **extra)
+    opt = torch.optim.AdamW(lora_params(peft), lr=1e-5)  # after inductor_bf16's cast
     res = {"variant": name, "shapes": {}}
     from torch._dynamo.utils import counters
     counters.clear()
@@ -267,10 +307,13 @@ def run_variant(name, peft, init_state, batches, args, device, layers, log):
         if args.profile:
             res["profile"] = {}
             for shape, (ids, labels) in batches.items():
-                res["profile"][shape] = profile_step(fn, opt, ids, labels, device)
-                p = res["profile"][shape]
-                log(f"  {name} [{shape}] profile: select {p['select_ms']:.2f} ms of "
-                    f"{p['total_ms']:.2f} ms ({100 * (p['estimator_share'] or 0):.2f}%)")
+                p = res["profile"][shape] = profile_step(fn, opt, ids, labels, device,
+                                                         res["shapes"][shape]["median_ms"])
+                log(f"  {name} [{shape}] profile: select {p['select_ms']:.2f} ms, "
+                    f"{100 * (p['estimator_share'] or 0):.2f}% of the step's {p['step_ms']:.2f} ms, "
+                    f"{100 * (p['estimator_share_of_kernels'] or 0):.2f}% of {p['kernel_ms']:.2f} ms "
+                    f"{'kernel' if device.type == 'cuda' else 'CPU'} time; "
+                    f"{p['host_syncs']} host syncs")
     if device.type == "cuda":
         sync(device)
         res["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
@@ -354,14 +397,17 @@ def env_info(device):
 
 
 def summarize(run):
-    """Ratios vs Inductor and the step-0 loss check of the dense variants, per layer count."""
+    """Ratios vs Inductor (and vs inductor_bf16 when run) and the step-0 loss check of the
+    dense variants, per layer count."""
     for lay in run["layers"].values():
         vs = {v["variant"]: v for v in lay["variants"]}
-        base = vs.get("inductor")
+        base, base16 = vs.get("inductor"), vs.get("inductor_bf16")
         for v in vs.values():
             for shape, s in v["shapes"].items():
                 if base and shape in base["shapes"]:
                     s["speedup_vs_inductor"] = base["shapes"][shape]["median_ms"] / s["median_ms"]
+                if base16 and shape in base16["shapes"]:
+                    s["speedup_vs_inductor_bf16"] = base16["shapes"][shape]["median_ms"] / s["median_ms"]
             if base and "peak_mem_gib" in v and "peak_mem_gib" in base:
                 v["peak_mem_vs_inductor"] = v["peak_mem_gib"] / base["peak_mem_gib"]
         if "eager" in vs:
@@ -422,20 +468,25 @@ def plot(run, path):
 
 
 def print_table(run, log):
-    log("\nlayers variant       shape    median_ms  tok/s      vs_ind  peak_GiB  first_s  est_share")
+    vs = [v for lay in run["layers"].values() for v in lay["variants"]]
+    w = max([13] + [len(v["variant"]) for v in vs])
+    bf16 = any("speedup_vs_inductor_bf16" in s for v in vs for s in v["shapes"].values())
+    log(f"\nlayers {'variant':<{w}} shape    median_ms  tok/s      vs_ind{'  vs_i16' if bf16 else ''}"
+        "  peak_GiB  first_s  est_share")
     for lay_n, lay in run["layers"].items():
         for v in lay["variants"]:
             for shape, s in v["shapes"].items():
                 share = v.get("profile", {}).get(shape, {}).get("estimator_share")
-                log(f"{lay_n:>6} {v['variant']:<13} {shape:<8} {s['median_ms']:9.2f} "
-                    f"{s['tokens_per_s']:10,.0f} {s.get('speedup_vs_inductor', float('nan')):6.3f} "
+                r16 = f" {s.get('speedup_vs_inductor_bf16', float('nan')):7.3f}" if bf16 else ""
+                log(f"{lay_n:>6} {v['variant']:<{w}} {shape:<8} {s['median_ms']:9.2f} "
+                    f"{s['tokens_per_s']:10,.0f} {s.get('speedup_vs_inductor', float('nan')):6.3f}{r16} "
                     f"{v.get('peak_mem_gib', float('nan')):9.2f} {v['first_step_s']:8.2f} "
                     f"{'' if share is None else f'{100 * share:.2f}%'}")
     if "per_layer_slope" in run:
         log(f"\nper-layer slope between {run['per_layer_slope']['layers']} layers:")
         for n, d in run["per_layer_slope"]["variants"].items():
             for shape, s in d.items():
-                log(f"  {n:<13} {shape:<8} {s['ms_per_layer']:7.2f} ms/layer, fixed {s['fixed_ms']:7.2f} ms, "
+                log(f"  {n:<{w}} {shape:<8} {s['ms_per_layer']:7.2f} ms/layer, fixed {s['fixed_ms']:7.2f} ms, "
                     f"projected 32 layers {s['projected_32_layers_ms']:8.2f} ms")
 
 
