@@ -27,12 +27,12 @@ def _use_triton(t: torch.Tensor, k: int | None = None) -> bool:
     return triton_available()
 
 
-def out_sparse_matmul(x, w, idx):
-    """x @ W[idx]^T -> [M, k]"""
+def out_sparse_matmul(x, w, idx, out=None):
+    """x @ W[idx]^T -> [M, k], written into `out` when given"""
     if _use_triton(x, idx.numel()):
         from .kernels.gathered_gemm import out_sparse_matmul as kernel
-        return kernel(x, w, idx)
-    return x @ w[idx].t()
+        return kernel(x, w, idx, out=out)
+    return torch.mm(x, w[idx].t(), out=out)
 
 
 def out_sparse_grad_input(gy_kept, w, idx):
@@ -41,6 +41,13 @@ def out_sparse_grad_input(gy_kept, w, idx):
         from .kernels.gathered_gemm import out_sparse_grad_input as kernel
         return kernel(gy_kept, w, idx)
     return gy_kept @ w[idx]
+
+
+def out_sparse_grad_input_pair(gy_a, w_a, gy_b, w_b, idx):
+    """gy_a @ W_a[idx] + gy_b @ W_b[idx] (the gate and up products share their channels)"""
+    if _use_triton(gy_a, idx.numel()):
+        return out_sparse_grad_input(gy_a, w_a, idx).add_(out_sparse_grad_input(gy_b, w_b, idx))
+    return (gy_a @ w_a[idx]).addmm_(gy_b, w_b[idx])  # no [M, K] temporary and add
 
 
 def in_sparse_matmul(h_kept, w, idx):

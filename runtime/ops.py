@@ -18,6 +18,10 @@ from . import row_split, selection, sparse_linear
 from .state import collect_input, get_state
 
 _lib = torch.library.Library("sparselora", "FRAGMENT")
+# Every op below (Inductor's CUDA graphs are partitioned at them: backend.py)
+OP_NAMES = tuple(f"sparselora::{n}" for n in (
+    "token_rows", "select_mlp", "select_attention", "out_sparse_linear", "out_sparse_grad",
+    "in_sparse_linear", "in_sparse_grad", "mask_channels", "sparse_mlp", "sparse_mlp_grad"))
 
 
 # ---- token split ----------------------------------------------------------------------
@@ -35,35 +39,40 @@ def _from_state(t, shape, device):
     return t.to(device) if t is not None and tuple(t.shape) == tuple(shape) else None
 
 
+def shared_token_rows(st, labels, attention_mask, shape, device) -> Tensor:
+    """This forward's dense-row mask with its split computed (one `nonzero` sync), shared
+    by every layer's graph; made on first use, or by the wrapper before the model runs,
+    when the GPU queue is short and the sync costs least."""
+    key = (st.forward_id, tuple(shape), device, st.sparse_now())
+    if st.forward_id and st.shared_rows is not None and st.shared_rows[0] == key:
+        return st.shared_rows[1]
+    if labels is None:
+        labels = _from_state(st.labels, shape, device)
+    if attention_mask is None:
+        attention_mask = _from_state(st.attention_mask, shape, device)
+    if not st.sparse_now():
+        rows = torch.ones(shape, dtype=torch.bool, device=device)
+    elif labels is None or not st.dense_output_tokens:
+        rows = torch.zeros(shape, dtype=torch.bool, device=device)
+    else:
+        rows = dense_token_rows(labels).reshape(shape).clone()
+    row_split.compute(rows, None if attention_mask is None else attention_mask.reshape(shape) == 0)
+    if st.forward_id:
+        st.shared_rows = (key, rows)
+    return rows
+
+
 @torch.library.custom_op("sparselora::token_rows", mutates_args=())
 def token_rows(labels: Optional[Tensor], attention_mask: Optional[Tensor], x: Tensor,
                state_id: int) -> Tensor:
     """Bool [*x.shape[:-1]]: True for rows computed densely. Labels and the attention mask
     come from the graph, or from the state when the graph does not see them."""
     st = get_state(state_id)
-    shape = x.shape[:-1]
-    key = (st.forward_id, tuple(shape), x.device, st.sparse_now())
-    if st.forward_id and st.shared_rows is not None and st.shared_rows[0] == key:
-        # Another layer's graph of this forward (or a checkpoint's recomputation, after the
-        # wrapper dropped the labels) made the split already: one nonzero sync per forward.
-        rows = st.shared_rows[1].clone()
-        row_split.alias(rows, st.shared_rows[1])
-        return rows
-    if labels is None:
-        labels = _from_state(st.labels, shape, x.device)
-    if attention_mask is None:
-        attention_mask = _from_state(st.attention_mask, shape, x.device)
-    if not st.sparse_now():
-        rows = torch.ones(shape, dtype=torch.bool, device=x.device)
-    elif labels is None or not st.dense_output_tokens:
-        rows = torch.zeros(shape, dtype=torch.bool, device=x.device)
-    else:
-        rows = dense_token_rows(labels).reshape(shape).clone()
-    row_split.compute(rows, None if attention_mask is None else attention_mask.reshape(shape) == 0)
-    if st.forward_id:
-        st.shared_rows = (key, rows)
-        rows = rows.clone()
-        row_split.alias(rows, st.shared_rows[1])
+    rows = shared_token_rows(st, labels, attention_mask, x.shape[:-1], x.device)
+    if st.forward_id:  # an op's output must not alias another call's: a clone, same split
+        copy = rows.clone()
+        row_split.alias(copy, rows)
+        return copy
     return rows
 
 

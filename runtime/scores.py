@@ -3,8 +3,6 @@ tensor), the plain PyTorch version of `selection` elsewhere. (Attention scores n
 kernel: `selection` gets q/k/v column norms from an r x r Gram matrix.)"""
 from __future__ import annotations
 
-import torch
-
 from . import selection
 from .gathered import _use_triton
 
@@ -12,6 +10,6 @@ from .gathered import _use_triton
 def mlp_scores(x, a_gate, b_gate, a_up, b_up, res_gate, res_up, dense_rows):
     if _use_triton(x):
         from .kernels.fused_estimator import mlp_channel_scores_projected
-        xa = selection.scored_projection(x, torch.cat([a_gate, a_up], 1), dense_rows)
+        xa = selection.scored_projection(x, (a_gate, a_up), dense_rows)
         return mlp_channel_scores_projected(xa, b_gate, b_up, res_gate, res_up)
     return selection.mlp_scores(x, a_gate, b_gate, a_up, b_up, res_gate, res_up, dense_rows)

@@ -6,13 +6,14 @@ Scores use context rows only (output rows are dense and never read the selection
 from __future__ import annotations
 
 import functools
+from collections import OrderedDict
 
 import torch
 import torch.nn.functional as F
 
 
-def scored_projection(x: torch.Tensor, a_cat: torch.Tensor, dense_rows: torch.Tensor) -> torch.Tensor:
-    """x @ a_cat over the context rows the estimator scores, fp32 [scored, r].
+def scored_projection(x: torch.Tensor, a_factors, dense_rows: torch.Tensor) -> torch.Tensor:
+    """x @ [A_1 A_2 ...] over the context rows the estimator scores, fp32 [scored, sum r].
 
     The product runs on every row in x's dtype and only its narrow result is gathered
     and cast: gathering and casting x itself ([tokens x hidden], fp32) cost more than the
@@ -20,7 +21,29 @@ def scored_projection(x: torch.Tensor, a_cat: torch.Tensor, dense_rows: torch.Te
     """
     from .row_split import scored_rows, split_of
     x2 = x.reshape(-1, x.shape[-1])
-    return scored_rows(x2 @ a_cat.to(x2.dtype), split_of(dense_rows)).float()
+    return scored_rows(x2 @ joined_factors(a_factors, x2.dtype), split_of(dense_rows)).float()
+
+
+_JOINED: "OrderedDict[tuple, tuple]" = OrderedDict()
+_JOINED_KEEP = 256
+
+
+def joined_factors(factors, dtype: torch.dtype) -> torch.Tensor:
+    """The A factors side by side in `dtype`, the operand of one projection GEMM.
+
+    Cached per factor set: factors change only when refreshed in place, which bumps their
+    version, and the cat and cast were two kernel launches per block per step. An entry
+    holds its factors, so their storage cannot be reused by other tensors while it exists.
+    """
+    key = (dtype, *((a.data_ptr(), a._version, tuple(a.shape)) for a in factors))
+    hit = _JOINED.get(key)
+    if hit is None:
+        hit = _JOINED[key] = (tuple(factors), torch.cat(list(factors), 1).to(dtype))
+        while len(_JOINED) > _JOINED_KEEP:
+            _JOINED.popitem(last=False)
+    else:
+        _JOINED.move_to_end(key)
+    return hit[1]
 
 
 def top_channels(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -52,7 +75,7 @@ def mlp_scores(x, a_gate, b_gate, a_up, b_up, res_gate, res_up, dense_rows) -> t
     low-rank estimate (`corrected_gated_sq`). `res_gate`/`res_up` [F] or None (= zeros: the
     paper's squared L2 norm of silu(x A_g B_g) * (x A_u B_u))."""
     r = a_gate.shape[1]
-    p = scored_projection(x, torch.cat([a_gate, a_up], 1), dense_rows)
+    p = scored_projection(x, (a_gate, a_up), dense_rows)
     g, u = p[:, :r] @ b_gate, p[:, r:] @ b_up
     if res_gate is None and res_up is None:
         return (F.silu(g) * u).square().sum(0)
@@ -72,7 +95,7 @@ def _gram_column_sq_norms(x, factors, dense_rows):
     """||x_c A B||^2 per output column over the scored rows x_c, for each (A, B), without the
     [tokens x out] product: with P = x_c A and G = P^T P (r x r), column j's norm is
     b_j^T G b_j. One GEMM over the tokens for all factor pairs (their A's side by side)."""
-    p = scored_projection(x, torch.cat([a for a, _ in factors], 1), dense_rows)
+    p = scored_projection(x, [a for a, _ in factors], dense_rows)
     gram = p.T @ p
     out, start = [], 0
     for a, b in factors:

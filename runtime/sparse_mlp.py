@@ -26,13 +26,6 @@ def _add_bias(t, b, idx=None):
     return t + (b if idx is None else b[idx])
 
 
-def _gate_up(x, wg, wu, bg, bu, idx):
-    if idx is None:
-        return F.linear(x, wg, bg), F.linear(x, wu, bu)
-    return (_add_bias(gathered.out_sparse_matmul(x, wg, idx), bg, idx),
-            _add_bias(gathered.out_sparse_matmul(x, wu, idx), bu, idx))
-
-
 def sparse_mlp_reference(x, wg, wu, wd, bg, bu, bd, idx, dense_rows):
     """The definition: dense MLP with h ⊙ 1_S on context rows."""
     from .sparse_linear import mask_reference
@@ -104,14 +97,13 @@ def sparse_mlp_forward(x, wg, wu, wd, bg, bu, bd, idx, dense_rows):
         if sel is None:
             torch.mm(xr, wg.t(), out=g)
             torch.mm(xr, wu.t(), out=u)
-            if bg is not None:
-                g += bg
-            if bu is not None:
-                u += bu
-        else:
-            gs, us = _gate_up(xr, wg, wu, bg, bu, sel)
-            g.copy_(gs)
-            u.copy_(us)
+        else:  # straight into the saved buffer: no [rows x k] temporaries and copies
+            gathered.out_sparse_matmul(xr, wg, sel, out=g)
+            gathered.out_sparse_matmul(xr, wu, sel, out=u)
+        if bg is not None:
+            g += bg if sel is None else bg[sel]
+        if bu is not None:
+            u += bu if sel is None else bu[sel]
         h = _swiglu(g, u)
         yr = F.linear(h, wd) if sel is None else gathered.in_sparse_matmul(h, wd, sel)
         _put(y, rows, _add_bias(yr, bd))
@@ -131,6 +123,5 @@ def sparse_mlp_grad_input(gy, saved, wg, wu, wd, idx, dense_rows):
         if sel is None:
             _put(gx, rows, (dg @ wg).addmm_(du, wu))
         else:
-            _put(gx, rows, gathered.out_sparse_grad_input(dg, wg, sel)
-                 + gathered.out_sparse_grad_input(du, wu, sel))
+            _put(gx, rows, gathered.out_sparse_grad_input_pair(dg, wg, du, wu, sel))
     return gx.reshape(*lead, wg.shape[1])

@@ -44,10 +44,20 @@ class SparseLoRAModel(torch.nn.Module):
         state.forward_id += 1
         if self.regional and torch.is_grad_enabled():
             state.begin_forward()  # whole-model graphs count their own steps
+            self._token_rows_ahead(state, kwargs)
         try:
             return self._compiled(*args, **kwargs)
         finally:
             state.labels = state.attention_mask = None
+
+    @staticmethod
+    def _token_rows_ahead(state, kwargs) -> None:
+        """The token split syncs with the GPU; made here, before the model's work is queued,
+        the host does not stall behind the first layers' kernels at the first sparse layer."""
+        from sparselora_compile.runtime.ops import shared_token_rows
+        ids, labels = kwargs.get("input_ids"), state.labels
+        if labels is not None and ids is not None and labels.shape == ids.shape:
+            shared_token_rows(state, labels, state.attention_mask, labels.shape, labels.device)
 
     def uncompile(self) -> torch.nn.Module:
         from .regional import uncompile_layers
