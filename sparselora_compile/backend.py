@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 from dataclasses import dataclass, fields
 
 import torch
@@ -106,8 +107,11 @@ def _cudagraph_patches() -> dict:
         raise RuntimeError("sparselora: cudagraphs=True needs a torch whose Inductor has graph "
                            "partitions (custom_should_partition_ops)")
     from sparselora_compile.runtime import ops
-    return {"triton.cudagraphs": True, "graph_partition": True,
-            "custom_should_partition_ops": list(ops.OP_NAMES)}
+    patches = {"triton.cudagraphs": True, "graph_partition": True,
+               "custom_should_partition_ops": list(ops.OP_NAMES)}
+    if os.environ.get("SPARSELORA_CUDAGRAPH_NO_ASSERTS") == "1":  # experiment only
+        patches["triton.slow_path_cudagraph_asserts"] = False
+    return patches
 
 
 def _inner_compile(name, gm, example_inputs, cudagraphs=False):
