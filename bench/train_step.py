@@ -18,7 +18,6 @@ excluded, median of the timed steps (device-synchronised wall time per step):
                        sparsity adds or costs)
     sl_*_lora_model    sl_math10k / _mlp / _whole with lora_dtype="model" (the compiled graph
                        computes the LoRA products in the model's dtype)
-    sl_*_cudagraphs    the same with cudagraphs=True (CUDA graphs between the sparse ops)
 
 Every compiled variant is timed on both batch shapes (Math10K: 8 x 512 with 128 output
 tokens; CSR: 8 x 512 with 3 output tokens) without recompiling (same tensor shapes).
@@ -57,8 +56,7 @@ from sparselora_compile import compile as slc_compile
 RESULTS = Path(__file__).parent / "results"
 VARIANTS = ("eager", "inductor", "inductor_bf16", "inductor_regional", "sl_math10k", "sl_csr",
             "sl_sparsity0", "sl_math10k_whole", "sl_csr_whole", "sl_sparsity0_whole", "sl_math10k_mlp",
-            "sl_math10k_lora_model", "sl_math10k_mlp_lora_model", "sl_math10k_whole_lora_model",
-            "sl_math10k_lora_model_cudagraphs", "sl_math10k_whole_lora_model_cudagraphs")
+            "sl_math10k_lora_model", "sl_math10k_mlp_lora_model", "sl_math10k_whole_lora_model")
 QKVO = ["q_proj", "k_proj", "v_proj", "o_proj"]
 ALL = QKVO + ["gate_proj", "up_proj", "down_proj"]
 PRESET_LAYERS = 32  # the presets are LLaMA-3-8B's
@@ -250,10 +248,9 @@ def run_variant(name, peft, init_state, batches, args, device, layers, log):
         for m in compiled_layers:
             m.compile(backend=args.inner)
     else:
-        stem = name.removesuffix("_cudagraphs")
-        extra = {"cudagraphs": True} if stem != name else {}  # CUDA graphs between our ops
-        if stem.endswith("_lora_model"):  # LoRA products in the model's dtype (bf16)
-            stem, extra = stem.removesuffix("_lora_model"), {**extra, "lora_dtype": "model"}
+        stem = name.removesuffix("_lora_model")
+        # the compiled graph computes the LoRA products in the model's dtype (bf16)
+        extra = {"lora_dtype": "model"} if stem != name else {}
         base, regional = (stem[:-6], False) if stem.endswith("_whole") else (stem, True)
         if base == "sl_sparsity0":
             policy = slc.Policy(mlp=0.5, attention=0.5, warmup_steps=10**9)

@@ -18,10 +18,6 @@ from . import row_split, selection, sparse_linear
 from .state import collect_input, get_state
 
 _lib = torch.library.Library("sparselora", "FRAGMENT")
-# Every op below (Inductor's CUDA graphs are partitioned at them: backend.py)
-OP_NAMES = tuple(f"sparselora::{n}" for n in (
-    "token_rows", "select_mlp", "select_attention", "out_sparse_linear", "out_sparse_grad",
-    "in_sparse_linear", "in_sparse_grad", "mask_channels", "sparse_mlp", "sparse_mlp_grad"))
 
 
 # ---- token split ----------------------------------------------------------------------

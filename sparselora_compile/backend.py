@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import os
 from dataclasses import dataclass, fields
 
 import torch
@@ -33,10 +32,6 @@ class BackendOptions:
     # bf16 model: fp32 GEMMs). "model": in the base layer's dtype, adapters kept fp32
     # (passes/lora_dtype.py); a numerics change, like autocast, so it is opt-in.
     lora_dtype: str = "adapter"
-    # CUDA graphs (Inductor's cudagraph trees) for the compiled code between the runtime's
-    # ops, which stay outside them (Inductor partitions the graph at each): the sparse step
-    # is bound by the host's kernel launches. Inductor on CUDA only.
-    cudagraphs: bool = False
 
     @classmethod
     def parse(cls, options) -> "BackendOptions":
@@ -55,8 +50,6 @@ class BackendOptions:
                             f"YAML path, got {type(opts.policy).__name__}")
         if opts.inner not in INNER:
             raise ValueError(f"sparselora: options['inner']={opts.inner!r}; expected one of {INNER}")
-        if opts.cudagraphs and opts.inner != "inductor":
-            raise ValueError("sparselora: options['cudagraphs']=True needs inner='inductor'")
         if opts.lora_dtype not in LORA_DTYPES:
             raise ValueError(f"sparselora: options['lora_dtype']={opts.lora_dtype!r}; expected one of "
                              f"{LORA_DTYPES}")
@@ -99,22 +92,7 @@ def _all_gms(gm):
             yield from _all_gms(sub)
 
 
-def _cudagraph_patches() -> dict:
-    """Inductor settings for CUDA graphs around everything but our ops (what they do is
-    data dependent: token splits, top-k, the dense-phase switch)."""
-    from torch._inductor import config
-    if not hasattr(config, "custom_should_partition_ops"):
-        raise RuntimeError("sparselora: cudagraphs=True needs a torch whose Inductor has graph "
-                           "partitions (custom_should_partition_ops)")
-    from sparselora_compile.runtime import ops
-    patches = {"triton.cudagraphs": True, "graph_partition": True,
-               "custom_should_partition_ops": list(ops.OP_NAMES)}
-    if os.environ.get("SPARSELORA_CUDAGRAPH_NO_ASSERTS") == "1":  # experiment only
-        patches["triton.slow_path_cudagraph_asserts"] = False
-    return patches
-
-
-def _inner_compile(name, gm, example_inputs, cudagraphs=False):
+def _inner_compile(name, gm, example_inputs):
     if name == "eager":
         return gm.forward
     if name == "aot_eager":
@@ -126,9 +104,8 @@ def _inner_compile(name, gm, example_inputs, cudagraphs=False):
     # a backward op, a warm cache would replay the old one. Inductor's own FX graph cache
     # still applies to both graphs.
     import torch._functorch.config as functorch_config
-    patches = _cudagraph_patches() if cudagraphs else {}
     with functorch_config.patch(enable_autograd_cache=False):
-        return compile_fx(gm, example_inputs, config_patches=patches)
+        return compile_fx(gm, example_inputs)
 
 
 def sparselora_backend(gm: torch.fx.GraphModule, example_inputs, options=None):
@@ -167,9 +144,9 @@ def sparselora_backend(gm: torch.fx.GraphModule, example_inputs, options=None):
                  100 * report.flops_saved_estimate() if rewrite else 0.0,
                  f", {lora_cast} LoRA adapter products in the model's dtype" if lora_in_model_dtype else "")
     if not (rewrite and report.planned):
-        return _inner_compile(opts.inner, gm if lora_cast else original, example_inputs, opts.cudagraphs)
+        return _inner_compile(opts.inner, gm if lora_cast else original, example_inputs)
 
-    compiled = _inner_compile(opts.inner, gm, [*example_inputs, *report.extra_inputs], opts.cudagraphs)
+    compiled = _inner_compile(opts.inner, gm, [*example_inputs, *report.extra_inputs])
     if layer is not None:
         return _regional_runner(compiled, report, layer[0], factor_fn, policy, state, opts)
     min_layer = report.min_layer
