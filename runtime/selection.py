@@ -35,6 +35,8 @@ def joined_factors(factors, dtype: torch.dtype) -> torch.Tensor:
     version, and the cat and cast were two kernel launches per block per step. An entry
     holds its factors, so their storage cannot be reused by other tensors while it exists.
     """
+    if torch.is_grad_enabled() and any(a.requires_grad for a in factors):
+        return torch.cat(list(factors), 1).to(dtype)  # a cached result would hold a stale graph
     key = (dtype, *((a.data_ptr(), a._version, tuple(a.shape)) for a in factors))
     hit = _JOINED.get(key)
     if hit is None:

@@ -435,3 +435,17 @@ def test_factors_shapes_dtype_and_optimality(case):
         return torch.trace(e.T @ c @ e).clamp_min(0).sqrt().item()
 
     assert expected_err(aa, ab) <= expected_err(a, b) * (1 + 1e-3) + 1e-4
+
+
+def test_joined_factors_follow_in_place_refresh():
+    """The joined A factors are cached per factor set, and an in-place refresh (what the
+    warm-up's activation-aware refresh does) must show in the next call."""
+    from sparselora_compile.runtime.selection import joined_factors
+    a, b = torch.randn(8, 2), torch.randn(8, 3)
+    first = joined_factors((a, b), torch.float16)
+    torch.testing.assert_close(first, torch.cat([a, b], 1).half())
+    assert joined_factors((a, b), torch.float16) is first  # cached
+    with torch.no_grad():
+        a.mul_(2.0)
+    torch.testing.assert_close(joined_factors((a, b), torch.float16), torch.cat([a, b], 1).half())
+    assert joined_factors((a, b), torch.float32).dtype == torch.float32
