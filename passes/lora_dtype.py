@@ -26,8 +26,9 @@ from .graphs import LINEAR, example_value, is_call, is_cast, module_path, scopes
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
-def lora_products_in_model_dtype(gm: fx.GraphModule) -> int:
-    """Rewrite `gm` (and its checkpointed bodies) in place; returns how many adapters."""
+def lora_products_in_model_dtype(gm: fx.GraphModule, rewrite: bool = True) -> int:
+    """Rewrite `gm` (and its checkpointed bodies) in place; returns how many adapters.
+    `rewrite=False` only counts them."""
     done = 0
     for scope in scopes(gm):
         base_dtype = {}
@@ -39,9 +40,10 @@ def lora_products_in_model_dtype(gm: fx.GraphModule) -> int:
         for node in list(graph.nodes):
             pair = _adapter_pair(node, base_dtype)
             if pair is not None:
-                _cast_down(graph, *pair)
+                if rewrite:
+                    _cast_down(graph, *pair)
                 done += 1
-        if done:
+        if done and rewrite:
             graph.lint()
             scope.gm.recompile()
     return done
