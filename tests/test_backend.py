@@ -1,4 +1,6 @@
 """The backend on tiny transformers Llama models (GQA 4/2) with PEFT LoRA."""
+import functools
+import os
 import subprocess
 import sys
 
@@ -22,13 +24,39 @@ def _inputs(model, with_embeds=True):
     return {"inputs_embeds": emb, "labels": labels}
 
 
-@pytest.mark.parametrize("code", [
+RESOLVE_CODES = [
     "import torch; f = torch.compile(torch.nn.Linear(4, 4), backend='sparselora'); f(torch.ones(2, 4))",
     "import sparselora_compile, torch; f = torch.compile(torch.nn.Linear(4, 4), backend='sparselora'); f(torch.ones(2, 4))",
-])
-def test_backend_resolves_by_name(code):
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
+]
+
+
+def _niced():
+    if hasattr(os, "nice"):
+        os.nice(10)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def resolve_runs(request, tmp_path_factory):
+    """The fresh interpreters of test_backend_resolves_by_name (the last tests here),
+    started with this module's first test: each is mostly imports and one Inductor compile
+    on one core, so they run beside the tests in between instead of after them, niced so
+    that those keep their core."""
+    if not any(getattr(item, "originalname", None) == "test_backend_resolves_by_name"
+               for item in request.session.items):
+        yield {}
+        return
+    tmp = tmp_path_factory.mktemp("resolve")
+    runs = {}
+    for i, code in enumerate(RESOLVE_CODES):
+        err = open(tmp / f"{i}.err", "w+")
+        runs[code] = (subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL,
+                                       stderr=err, text=True, preexec_fn=_niced), err)
+    yield runs
+    for proc, err in runs.values():
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        err.close()
 
 
 # LoRA targets x dropout x dtype x checkpointing: every pair of settings is covered
@@ -51,10 +79,10 @@ def test_llama_matches_reference_semantics(targets, dropout, autocast, checkpoin
 
 def test_sparse_result_differs_from_dense():
     """The equivalence check can fail: sparsity really changes the loss."""
-    model = tiny_llama(ALL)
+    model = tiny_llama(ALL, layers=1)  # one layer: half the compile, both blocks sparse
     inputs = _inputs(model, with_embeds=False)
     dense = model(**inputs).loss.item()
-    cmp = assert_rewrite_equivalent(model, inputs, SPARSE, expect_blocks=4)
+    cmp = assert_rewrite_equivalent(model, inputs, SPARSE, expect_blocks=2)
     assert abs(cmp.loss - dense) > 1e-4
 
 
@@ -68,22 +96,34 @@ class _Counting:
         return self.last
 
 
-@pytest.mark.parametrize("checkpointing", [False, True])
-def test_no_graph_break_added(checkpointing):
+@functools.cache
+def _plain_and_sparse_step(checkpointing):
+    """One training step of the same model through Dynamo alone and through our backend:
+    (plain frame count, our graph count, our policy's FLOP stats). Computed once, read by
+    test_no_graph_break_added and test_flop_stats_count_context_rows."""
     from torch._dynamo.testing import CompileCounter
-    model = tiny_llama(ALL, checkpointing=checkpointing)
+    torch._dynamo.reset()
+    # One layer (half the compile): a break the backend added would show in any layer.
+    model = tiny_llama(ALL, layers=1, checkpointing=checkpointing)
     inputs = _inputs(model)
     plain = CompileCounter()
     torch.compile(model, backend=plain)(**inputs).loss.backward()
     torch._dynamo.reset()
-    ours = _Counting(policy=slc.Policy(mlp=0.5, attention=0.5), inner="aot_eager")
+    policy = slc.Policy(mlp=0.5, attention=0.5)
+    ours = _Counting(policy=policy, inner="aot_eager")
     torch.compile(model, backend=ours)(**inputs).loss.backward()
-    assert ours.graphs == plain.frame_count
+    return plain.frame_count, ours.graphs, policy.stats.as_dict()
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_no_graph_break_added(checkpointing):
+    plain_frames, our_graphs, _ = _plain_and_sparse_step(checkpointing)
+    assert our_graphs == plain_frames
 
 
 def test_sparsity_zero_equals_eager():
     """Blocks rewritten but inside the dense warm-up: every op runs its dense path."""
-    model = tiny_llama(ALL)
+    model = tiny_llama(ALL, layers=1)  # both block kinds; one layer halves the compile
     inputs = _inputs(model)
     ref_loss = model(**inputs).loss
     ref_loss.backward()
@@ -101,7 +141,7 @@ def test_sparsity_zero_equals_eager():
 
 
 def test_warmup_is_dense_then_sparse_without_recompiling():
-    model = tiny_llama(ALL)
+    model = tiny_llama(ALL, layers=1)  # both block kinds; one layer halves the compile
     inputs = _inputs(model, with_embeds=False)
     dense_loss = model(**inputs).loss.item()
     policy = slc.Policy(mlp=0.75, attention=0.5, warmup_steps=2)
@@ -119,7 +159,7 @@ def test_warmup_is_dense_then_sparse_without_recompiling():
 
 
 def test_no_grad_eval_is_dense():
-    model = tiny_llama(ALL)
+    model = tiny_llama(ALL, layers=1)  # both block kinds; one layer halves the compile
     ids, labels = batch()
     with torch.no_grad():
         dense = model(input_ids=ids, labels=labels).loss
@@ -127,24 +167,31 @@ def test_no_grad_eval_is_dense():
         assert torch.allclose(compiled(input_ids=ids, labels=labels).loss, dense, atol=1e-6)
 
 
-def test_input_gradient_through_sparsified_frozen_weights_is_not_zero():
+def test_input_gradient_through_sparsified_frozen_weights_is_not_zero(monkeypatch):
     """The reference implementation cuts dY @ W_kept in attention; we must not."""
+    from sparselora_compile.testing import equivalence
     model = tiny_llama(["q_proj"])  # k, v, o and the MLP are frozen without adapters
     inputs = _inputs(model)
+    # The input gradient of the compiled run the equivalence check makes (rather than
+    # compiling the model a second time for it): the run whose callable is not the model.
+    run, compiled_grads = equivalence._run, []
+
+    def spy(model, inputs, call, *a, **kw):
+        loss, grads = run(model, inputs, call, *a, **kw)
+        if call is not model:
+            compiled_grads.append(grads)
+        return loss, grads
+
+    monkeypatch.setattr(equivalence, "_run", spy)
     assert_rewrite_equivalent(model, inputs, SPARSE, expect_blocks=4)
-    compiled = torch.compile(model, backend="sparselora", options={"policy": SPARSE, "inner": "aot_eager"})
-    emb = inputs["inputs_embeds"].detach().requires_grad_(True)
-    compiled(inputs_embeds=emb, labels=inputs["labels"]).loss.backward()
-    assert emb.grad is not None and emb.grad.abs().sum() > 0
+    (grads,) = compiled_grads
+    emb_grad = grads.get("input:inputs_embeds")
+    assert emb_grad is not None and emb_grad.abs().sum() > 0
 
 
 def test_flop_stats_count_context_rows():
-    model = tiny_llama(ALL)
-    ids, labels = batch(n_out=3)
-    policy = slc.Policy(mlp=0.5, attention=0.5)
-    compiled = torch.compile(model, backend="sparselora", options={"policy": policy, "inner": "aot_eager"})
-    compiled(input_ids=ids, labels=labels).loss.backward()
-    s = policy.stats.as_dict()
+    # The sparse step of test_no_graph_break_added[False]: batch() with n_out=3, one step.
+    *_, s = _plain_and_sparse_step(False)
     # 4 of 10 rows are output tokens (3 supervised + the one predicting the first)
     assert s["saved_fraction"] == pytest.approx(0.5 * 6 / 10, abs=1e-6)
 
@@ -192,3 +239,11 @@ def test_inductor_fused_mlp_under_checkpointing_matches_aot_eager():
     assert grads_a.keys() == grads_i.keys() and grads_a
     for name in grads_a:
         torch.testing.assert_close(grads_i[name], grads_a[name], rtol=1e-3, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("code", RESOLVE_CODES)
+def test_backend_resolves_by_name(resolve_runs, code):
+    proc, err = resolve_runs[code]
+    returncode = proc.wait(timeout=300)
+    err.seek(0)
+    assert returncode == 0, err.read()[-2000:]

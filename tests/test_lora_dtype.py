@@ -17,9 +17,9 @@ from sparselora_compile.passes.lora_dtype import lora_products_in_model_dtype
 from llama import ALL, QKVO, batch, tiny_llama
 
 
-def _model(targets, dtype, dropout=0.0):
+def _model(targets, dtype, dropout=0.0, layers=2):
     """A `dtype` model with PEFT's default fp32 adapters."""
-    m = tiny_llama(targets, dropout=dropout).to(dtype)
+    m = tiny_llama(targets, dropout=dropout, layers=layers).to(dtype)
     for n, p in m.named_parameters():
         if "lora_" in n:
             p.data = p.data.float()
@@ -34,11 +34,19 @@ def _low_adapters(m, dtype):
     return m
 
 
-def _loss_grads(model, policy, regional, **options):
+def _loss_grads(model, policy, regional, embeds=False, **options):
+    """`embeds`: feed `inputs_embeds` that require grad instead of `input_ids`. Regionally
+    compiled, layer 0 then shares the other layers' graph (its input needs grad like
+    theirs), so a run costs one layer compile instead of two; the graph of a layer whose
+    input needs no grad is what `input_ids` exercises."""
     torch._dynamo.reset()
     fn = slc.compile(model, slc.Policy(**policy), regional=regional, inner="aot_eager", **options)
     ids, labels = batch(t=12, n_out=4)
-    loss = fn(input_ids=ids, labels=labels).loss
+    if embeds:
+        emb = model.get_input_embeddings()(ids).detach().requires_grad_(True)
+        loss = fn(inputs_embeds=emb, labels=labels).loss
+    else:
+        loss = fn(input_ids=ids, labels=labels).loss
     loss.backward()
     return loss.detach().float(), {n: p.grad.float() for n, p in model.named_parameters()
                                    if p.grad is not None}
@@ -79,19 +87,22 @@ def test_pass_leaves_no_fp32_product(dropout):
     assert len(after) == len(before) and set(after) == {torch.bfloat16}
 
 
-@pytest.mark.parametrize("policy, regional", [(dict(mlp=0.0, attention=0.0), False),
-                                              (dict(mlp=0.5, attention=0.5), True)],
+# The whole-model graph's cost grows with its layers, so one layer there (every adapter
+# of a whole graph being rewritten is test_pass_leaves_no_fp32_product's, on two layers);
+# regionally two, so that layer 0 (input without grad) and layer 1 get graphs of their own.
+@pytest.mark.parametrize("policy, regional, layers", [(dict(mlp=0.0, attention=0.0), False, 1),
+                                                      (dict(mlp=0.5, attention=0.5), True, 2)],
                          ids=["dense-whole-model", "sparse-regional"])
-def test_matches_adapters_cast_to_model_dtype(regional, policy):
+def test_matches_adapters_cast_to_model_dtype(regional, policy, layers):
     """Loss and fp32 LoRA grads equal those of the model with bf16 adapters, while the
     adapters (and so the optimizer) stay fp32."""
-    model = _model(ALL, torch.bfloat16)
+    model = _model(ALL, torch.bfloat16, layers=layers)
     ref = _low_adapters(model, torch.bfloat16)
     loss, grads = _loss_grads(model, policy, regional, lora_dtype="model")
     ref_loss, ref_grads = _loss_grads(ref, policy, regional)
     assert all(p.dtype == torch.float32 for n, p in model.named_parameters() if "lora_" in n)
     torch.testing.assert_close(loss, ref_loss, rtol=1e-3, atol=1e-3)
-    assert grads.keys() == ref_grads.keys() and len(grads) == 2 * 2 * len(ALL)
+    assert grads.keys() == ref_grads.keys() and len(grads) == 2 * layers * len(ALL)
     for n in grads:
         scale = ref_grads[n].abs().max().item()
         torch.testing.assert_close(grads[n], ref_grads[n], rtol=0, atol=2e-2 * scale, msg=n)
@@ -102,10 +113,13 @@ def test_matches_adapters_cast_to_model_dtype(regional, policy):
        targets=st.sampled_from([QKVO, ALL, ["v_proj", "down_proj"]]),
        sparsity=st.sampled_from([0.0, 0.5, 0.75]))
 def test_property_matches_low_precision_adapters(dtype, targets, sparsity):
+    # Embeddings as input (see _loss_grads): both layers run one compiled graph, which
+    # halves the cost of an example; test_matches_adapters_cast_to_model_dtype covers
+    # input_ids. fp16 costs about what bf16 does on CPU (the compiles dominate).
     model = _model(targets, dtype)
     policy = dict(mlp=sparsity, attention=sparsity)
-    loss, grads = _loss_grads(model, policy, True, lora_dtype="model")
-    ref_loss, ref_grads = _loss_grads(_low_adapters(model, dtype), policy, True)
+    loss, grads = _loss_grads(model, policy, True, embeds=True, lora_dtype="model")
+    ref_loss, ref_grads = _loss_grads(_low_adapters(model, dtype), policy, True, embeds=True)
     torch.testing.assert_close(loss, ref_loss, rtol=1e-3, atol=1e-3)
     for n in ref_grads:
         scale = ref_grads[n].abs().max().item()
@@ -115,8 +129,9 @@ def test_property_matches_low_precision_adapters(dtype, targets, sparsity):
 def test_fp32_model_is_untouched():
     """Nothing to cast down: the same graph, the same numbers as the default."""
     model = _model(QKVO, torch.float32)
-    loss, grads = _loss_grads(copy.deepcopy(model), dict(mlp=0.5, attention=0.5), True, lora_dtype="model")
-    ref_loss, ref_grads = _loss_grads(model, dict(mlp=0.5, attention=0.5), True)
+    policy = dict(mlp=0.5, attention=0.5)  # embeds: one layer compile per run (_loss_grads)
+    loss, grads = _loss_grads(copy.deepcopy(model), policy, True, embeds=True, lora_dtype="model")
+    ref_loss, ref_grads = _loss_grads(model, policy, True, embeds=True)
     torch.testing.assert_close(loss, ref_loss, rtol=0, atol=0)
     for n in ref_grads:
         torch.testing.assert_close(grads[n], ref_grads[n], rtol=0, atol=0, msg=n)

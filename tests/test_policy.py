@@ -95,7 +95,7 @@ def test_unknown_policy_field_in_dict():
 
 
 def _compile_and_run(options):
-    model = tiny_llama(ALL)
+    model = tiny_llama(ALL, layers=1)  # one layer is enough for these errors (no layer 7 either way)
     ids, labels = batch()
     torch.compile(model, backend="sparselora", options=options)(input_ids=ids, labels=labels)
 
