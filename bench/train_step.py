@@ -19,6 +19,12 @@ excluded, median of the timed steps (device-synchronised wall time per step):
     sl_*_lora_model    sl_math10k / _mlp / _whole with lora_dtype="model" (the compiled graph
                        computes the LoRA products in the model's dtype)
 
+Inductor settings ride on a variant's name as suffixes (any variant but eager), each
+passed as inductor_config (sl_*) or torch.compile options (inductor*):
+    _cpp      cpp_wrapper=True: the generated wrapper launches from C++, not Python
+    _combo    combo_kernels=True: independent small kernels share one launch
+    _noassert size_asserts=False: no stride checks of graph inputs on every call
+
 Every compiled variant is timed on both batch shapes (Math10K: 8 x 512 with 128 output
 tokens; CSR: 8 x 512 with 3 output tokens) without recompiling (same tensor shapes).
 With fewer than 32 layers a preset's per-layer settings are sampled: small layer i takes
@@ -57,6 +63,30 @@ RESULTS = Path(__file__).parent / "results"
 VARIANTS = ("eager", "inductor", "inductor_bf16", "inductor_regional", "sl_math10k", "sl_csr",
             "sl_sparsity0", "sl_math10k_whole", "sl_csr_whole", "sl_sparsity0_whole", "sl_math10k_mlp",
             "sl_math10k_lora_model", "sl_math10k_mlp_lora_model", "sl_math10k_whole_lora_model")
+INDUCTOR_SUFFIXES = {"_cpp": {"cpp_wrapper": True}, "_combo": {"combo_kernels": True},
+                     "_noassert": {"size_asserts": False}}
+
+
+def split_variant(name: str) -> tuple[str, dict]:
+    """'sl_math10k_lora_model_cpp' -> ('sl_math10k_lora_model', {'cpp_wrapper': True})."""
+    config, found = {}, True
+    while found:
+        found = False
+        for suffix, patch in INDUCTOR_SUFFIXES.items():
+            if name.endswith(suffix):
+                name, found = name.removesuffix(suffix), True
+                config.update(patch)
+    return name, config
+
+
+def variant_name(text: str) -> str:
+    base, config = split_variant(text)
+    if base not in VARIANTS or (config and base == "eager"):
+        raise argparse.ArgumentTypeError(f"unknown variant {text!r}: one of {VARIANTS}, plus any of "
+                                         f"the suffixes {sorted(INDUCTOR_SUFFIXES)} except on eager")
+    return text
+
+
 QKVO = ["q_proj", "k_proj", "v_proj", "o_proj"]
 ALL = QKVO + ["gate_proj", "up_proj", "down_proj"]
 PRESET_LAYERS = 32  # the presets are LLaMA-3-8B's
@@ -225,6 +255,7 @@ def profile_step(fn, opt, ids, labels, device, step_ms):
 
 def run_variant(name, peft, init_state, batches, args, device, layers, log):
     """Compile (if any), then time each batch shape; returns the variant's figures."""
+    full_name, (name, inductor_config) = name, split_variant(name)
     with torch.no_grad():  # same LoRA init for every variant, in the run's adapter dtype
         for n, p in peft.named_parameters():
             if n in init_state:
@@ -241,16 +272,19 @@ def run_variant(name, peft, init_state, batches, args, device, layers, log):
     if name == "eager":
         fn = peft
     elif name in ("inductor", "inductor_bf16"):
-        fn = torch.compile(peft) if args.inner == "inductor" else torch.compile(peft, backend=args.inner)
+        fn = (torch.compile(peft, options=inductor_config or None) if args.inner == "inductor"
+              else torch.compile(peft, backend=args.inner))
     elif name == "inductor_regional":
         from sparselora_compile.regional import decoder_layers
         fn, compiled_layers = peft, [m for _, m in decoder_layers(peft)]
         for m in compiled_layers:
-            m.compile(backend=args.inner)
+            m.compile(backend=args.inner, options=inductor_config or None)
     else:
         stem = name.removesuffix("_lora_model")
         # the compiled graph computes the LoRA products in the model's dtype (bf16)
         extra = {"lora_dtype": "model"} if stem != name else {}
+        if inductor_config:
+            extra["inductor_config"] = inductor_config
         base, regional = (stem[:-6], False) if stem.endswith("_whole") else (stem, True)
         if base == "sl_sparsity0":
             policy = slc.Policy(mlp=0.5, attention=0.5, warmup_steps=10**9)
@@ -262,7 +296,8 @@ def run_variant(name, peft, init_state, batches, args, device, layers, log):
             policy.set_step(10**6)  # past the dense warm-up
         fn = slc_compile(peft, policy, inner=args.inner, regional=regional, **extra)
     opt = torch.optim.AdamW(lora_params(peft), lr=1e-5)  # after inductor_bf16's cast
-    res = {"variant": name, "shapes": {}}
+    res = {"variant": full_name, "shapes": {}, "inductor_config": inductor_config}
+    name = full_name
     from torch._dynamo.utils import counters
     counters.clear()
     first = True
@@ -495,7 +530,7 @@ def main(argv=None):
     ap.add_argument("--layers", type=int, nargs="+", default=[32])
     ap.add_argument("--lora", choices=("qkvo", "all"), default="qkvo")
     ap.add_argument("--bf16-adapters", action="store_true", help="cast LoRA params to bf16")
-    ap.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    ap.add_argument("--variants", nargs="+", type=variant_name, default=list(VARIANTS))
     ap.add_argument("--shapes", nargs="+", choices=("math10k", "csr"), default=["math10k", "csr"])
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=512)

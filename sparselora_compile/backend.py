@@ -32,6 +32,9 @@ class BackendOptions:
     # bf16 model: fp32 GEMMs). "model": in the base layer's dtype, adapters kept fp32
     # (passes/lora_dtype.py); a numerics change, like autocast, so it is opt-in.
     lora_dtype: str = "adapter"
+    # Inductor config for our graphs, e.g. {"cpp_wrapper": True}: the rewritten step is
+    # bound by the host, and these settings change how much host work a compiled graph does.
+    inductor_config: dict | None = None
 
     @classmethod
     def parse(cls, options) -> "BackendOptions":
@@ -53,7 +56,24 @@ class BackendOptions:
         if opts.lora_dtype not in LORA_DTYPES:
             raise ValueError(f"sparselora: options['lora_dtype']={opts.lora_dtype!r}; expected one of "
                              f"{LORA_DTYPES}")
+        _check_inductor_config(opts)
         return opts
+
+
+def _check_inductor_config(opts) -> None:
+    cfg = opts.inductor_config
+    if cfg is None:
+        return
+    if not isinstance(cfg, dict):
+        raise TypeError(f"sparselora: options['inductor_config'] must be a dict of Inductor config "
+                        f"names to values, got {type(cfg).__name__}")
+    if cfg and opts.inner != "inductor":
+        raise ValueError(f"sparselora: options['inductor_config'] needs inner='inductor', not {opts.inner!r}")
+    import torch._inductor.config as inductor_config
+    unknown = sorted(k for k in cfg if k not in inductor_config._config)
+    if unknown:
+        raise ValueError(f"sparselora: options['inductor_config'] names no Inductor setting: {unknown} "
+                         "(see torch._inductor.config)")
 
 
 def _named_policy(name: str) -> Policy:
@@ -92,7 +112,7 @@ def _all_gms(gm):
             yield from _all_gms(sub)
 
 
-def _inner_compile(name, gm, example_inputs):
+def _inner_compile(name, gm, example_inputs, inductor_config=None):
     if name == "eager":
         return gm.forward
     if name == "aot_eager":
@@ -105,7 +125,7 @@ def _inner_compile(name, gm, example_inputs):
     # still applies to both graphs.
     import torch._functorch.config as functorch_config
     with functorch_config.patch(enable_autograd_cache=False):
-        return compile_fx(gm, example_inputs)
+        return compile_fx(gm, example_inputs, config_patches=inductor_config)
 
 
 def sparselora_backend(gm: torch.fx.GraphModule, example_inputs, options=None):
@@ -146,9 +166,11 @@ def sparselora_backend(gm: torch.fx.GraphModule, example_inputs, options=None):
                  100 * report.flops_saved_estimate() if rewrite else 0.0,
                  f", {lora_cast} LoRA adapter products in the model's dtype" if lora_in_model_dtype else "")
     if not (rewrite and report.planned):
-        return _inner_compile(opts.inner, gm if lora_cast else original, example_inputs)
+        return _inner_compile(opts.inner, gm if lora_cast else original, example_inputs,
+                              opts.inductor_config)
 
-    compiled = _inner_compile(opts.inner, gm, [*example_inputs, *report.extra_inputs])
+    compiled = _inner_compile(opts.inner, gm, [*example_inputs, *report.extra_inputs],
+                              opts.inductor_config)
     if layer is not None:
         return _regional_runner(compiled, report, layer[0], factor_fn, policy, state, opts)
     min_layer = report.min_layer

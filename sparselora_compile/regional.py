@@ -185,7 +185,7 @@ def compile_layers(model: torch.nn.Module, policy: Policy, state, options: dict)
     return list(by_prefix.values())
 
 
-def compile_loss(model: torch.nn.Module, inner: str):
+def compile_loss(model: torch.nn.Module, inner: str, inductor_config: dict | None = None):
     """Compile the eager tail's loss (HF's `loss_function`: fp32 upcast of the logits, then
     cross-entropy) with the inner compiler, so that, as in a whole-model Inductor graph,
     the fp32 logits are not materialised. Returns the undo."""
@@ -194,7 +194,8 @@ def compile_loss(model: torch.nn.Module, inner: str):
     if inner == "eager" or not isinstance(prop, property) or prop.fset is None:
         return lambda: None
     before = base.__dict__.get("_loss_function")
-    base.loss_function = torch.compile(base.loss_function, backend=inner)
+    base.loss_function = torch.compile(base.loss_function, backend=inner,
+                                       options=inductor_config if inner == "inductor" else None)
 
     def undo():
         if before is None:
