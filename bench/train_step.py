@@ -181,6 +181,30 @@ def sync(device):
         torch.cuda.synchronize()
 
 
+class GcWatch:
+    """Python garbage collections during the timed steps: count per generation and the
+    time they took (a host-bound step pays them in full)."""
+
+    def __init__(self):
+        self.counts, self.ms, self._t0 = [0, 0, 0], 0.0, None
+
+    def _callback(self, phase, info):
+        if phase == "start":
+            self._t0 = time.perf_counter()
+        elif self._t0 is not None:
+            self.counts[info["generation"]] += 1
+            self.ms += (time.perf_counter() - self._t0) * 1e3
+            self._t0 = None
+
+    def start(self):
+        gc.callbacks.append(self._callback)
+
+    def stop(self) -> dict:
+        if self._callback in gc.callbacks:
+            gc.callbacks.remove(self._callback)
+        return {"collections_per_generation": self.counts, "ms": round(self.ms, 2)}
+
+
 def free(device):
     gc.collect()
     torch._dynamo.reset()
@@ -303,7 +327,10 @@ def run_variant(name, peft, init_state, batches, args, device, layers, log):
     first = True
     for shape, (ids, labels) in batches.items():
         times, launch = [], []
+        gc_watch = GcWatch()
         for i in range(args.warmup + args.steps):
+            if i == args.warmup:
+                gc_watch.start()
             sync(device)
             t0 = time.perf_counter()
             loss = train_step(fn, opt, ids, labels)
@@ -325,16 +352,21 @@ def run_variant(name, peft, init_state, batches, args, device, layers, log):
             if i >= args.warmup:
                 times.append(dt)
                 launch.append(t_host)
+        gc_stats = gc_watch.stop()
         med = statistics.median(times)
         ntok = ids.numel()
         res["shapes"][shape] = {
             "median_ms": med * 1e3, "min_ms": min(times) * 1e3, "max_ms": max(times) * 1e3,
             "tokens_per_s": ntok / med, "ms_per_layer": med * 1e3 / layers,
             "host_ms": statistics.median(launch) * 1e3,
-            "steps_timed": len(times), "step0_loss": loss0, "last_loss": loss.item()}
+            "steps_timed": len(times), "step0_loss": loss0, "last_loss": loss.item(),
+            # per timed step, in order: a host-bound step's drift and spikes show here
+            "steps_ms": [round(t * 1e3, 2) for t in times],
+            "host_steps_ms": [round(t * 1e3, 2) for t in launch], "gc": gc_stats}
         log(f"  {name} [{shape}]: median {med * 1e3:.2f} ms ({ntok / med:,.0f} tok/s), "
             f"min {min(times) * 1e3:.2f}, max {max(times) * 1e3:.2f}, host queueing "
-            f"{statistics.median(launch) * 1e3:.2f} ms")
+            f"{statistics.median(launch) * 1e3:.2f} ms, gc {gc_stats['collections_per_generation']} "
+            f"{gc_stats['ms']:.1f} ms")
     if policy is not None:
         res["policy_stats"] = policy.stats.as_dict()
         if layer_map is not None:

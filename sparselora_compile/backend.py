@@ -32,8 +32,9 @@ class BackendOptions:
     # bf16 model: fp32 GEMMs). "model": in the base layer's dtype, adapters kept fp32
     # (passes/lora_dtype.py); a numerics change, like autocast, so it is opt-in.
     lora_dtype: str = "adapter"
-    # Inductor config for our graphs, e.g. {"cpp_wrapper": True}: the rewritten step is
-    # bound by the host, and these settings change how much host work a compiled graph does.
+    # Inductor config for the graphs this backend compiles (with regional=True: the layers',
+    # not the loss's), e.g. {"cpp_wrapper": True}: the rewritten step is bound by the host,
+    # and these settings change how much host work a compiled graph does.
     inductor_config: dict | None = None
 
     @classmethod

@@ -185,7 +185,7 @@ def compile_layers(model: torch.nn.Module, policy: Policy, state, options: dict)
     return list(by_prefix.values())
 
 
-def compile_loss(model: torch.nn.Module, inner: str, inductor_config: dict | None = None):
+def compile_loss(model: torch.nn.Module, inner: str):
     """Compile the eager tail's loss (HF's `loss_function`: fp32 upcast of the logits, then
     cross-entropy) with the inner compiler, so that, as in a whole-model Inductor graph,
     the fp32 logits are not materialised. Returns the undo."""
@@ -194,8 +194,10 @@ def compile_loss(model: torch.nn.Module, inner: str, inductor_config: dict | Non
     if inner == "eager" or not isinstance(prop, property) or prop.fset is None:
         return lambda: None
     before = base.__dict__.get("_loss_function")
-    base.loss_function = torch.compile(base.loss_function, backend=inner,
-                                       options=inductor_config if inner == "inductor" else None)
+    # Default Inductor settings, not `inductor_config`: the loss runs once per step, so host
+    # settings gain nothing here, and cpp_wrapper failed on its backward (torch 2.11, H200:
+    # "CudaKernelParamCache not populated", bench/results/train_step_32l_inductor_config.json).
+    base.loss_function = torch.compile(base.loss_function, backend=inner)
 
     def undo():
         if before is None:

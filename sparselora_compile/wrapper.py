@@ -30,8 +30,7 @@ class SparseLoRAModel(torch.nn.Module):
         if regional:
             from .regional import compile_layers, compile_loss
             self._layers = compile_layers(model, policy, policy.runtime_state(), options)
-            self._undo_loss = compile_loss(model, options.get("inner", "inductor"),
-                                           options.get("inductor_config"))
+            self._undo_loss = compile_loss(model, options.get("inner", "inductor"))
             self._compiled = model
         else:
             self._compiled = torch.compile(model, backend="sparselora",
