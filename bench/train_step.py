@@ -16,7 +16,7 @@ excluded, median of the timed steps (device-synchronised wall time per step):
     sl_*_whole         the same with regional=False (one whole-model graph)
     sl_math10k_mlp     presets.math10k with its attention blocks left dense (what attention
                        sparsity adds or costs)
-    sl_*_lora_model    sl_math10k / _mlp / _whole with lora_dtype="model" (the compiled graph
+    sl_*_lora_model    sl_math10k / _mlp / _whole / sl_csr with lora_dtype="model" (the compiled graph
                        computes the LoRA products in the model's dtype)
 
 Inductor settings ride on a variant's name as suffixes (any variant but eager), each
@@ -62,7 +62,8 @@ from sparselora_compile import compile as slc_compile
 RESULTS = Path(__file__).parent / "results"
 VARIANTS = ("eager", "inductor", "inductor_bf16", "inductor_regional", "sl_math10k", "sl_csr",
             "sl_sparsity0", "sl_math10k_whole", "sl_csr_whole", "sl_sparsity0_whole", "sl_math10k_mlp",
-            "sl_math10k_lora_model", "sl_math10k_mlp_lora_model", "sl_math10k_whole_lora_model")
+            "sl_math10k_lora_model", "sl_math10k_mlp_lora_model", "sl_math10k_whole_lora_model",
+            "sl_csr_lora_model")
 INDUCTOR_SUFFIXES = {"_cpp": {"cpp_wrapper": True}, "_combo": {"combo_kernels": True},
                      "_noassert": {"size_asserts": False}}
 
@@ -326,15 +327,16 @@ def run_variant(name, peft, init_state, batches, args, device, layers, log):
     counters.clear()
     first = True
     for shape, (ids, labels) in batches.items():
-        times, launch = [], []
+        times, launch, cpu = [], [], []
         gc_watch = GcWatch()
         for i in range(args.warmup + args.steps):
             if i == args.warmup:
                 gc_watch.start()
             sync(device)
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.thread_time()
             loss = train_step(fn, opt, ids, labels)
             t_host = time.perf_counter() - t0  # host done queueing; ~dt: the host is the bottleneck
+            c_host = time.thread_time() - c0  # CPU time of this thread: without time it was descheduled
             if i == 0:
                 loss0 = loss.item()
             sync(device)
@@ -352,6 +354,7 @@ def run_variant(name, peft, init_state, batches, args, device, layers, log):
             if i >= args.warmup:
                 times.append(dt)
                 launch.append(t_host)
+                cpu.append(c_host)
         gc_stats = gc_watch.stop()
         med = statistics.median(times)
         ntok = ids.numel()
@@ -362,10 +365,12 @@ def run_variant(name, peft, init_state, batches, args, device, layers, log):
             "steps_timed": len(times), "step0_loss": loss0, "last_loss": loss.item(),
             # per timed step, in order: a host-bound step's drift and spikes show here
             "steps_ms": [round(t * 1e3, 2) for t in times],
-            "host_steps_ms": [round(t * 1e3, 2) for t in launch], "gc": gc_stats}
+            "host_steps_ms": [round(t * 1e3, 2) for t in launch],
+            "host_cpu_ms": statistics.median(cpu) * 1e3,
+            "host_cpu_steps_ms": [round(t * 1e3, 2) for t in cpu], "gc": gc_stats}
         log(f"  {name} [{shape}]: median {med * 1e3:.2f} ms ({ntok / med:,.0f} tok/s), "
             f"min {min(times) * 1e3:.2f}, max {max(times) * 1e3:.2f}, host queueing "
-            f"{statistics.median(launch) * 1e3:.2f} ms, gc {gc_stats['collections_per_generation']} "
+            f"{statistics.median(launch) * 1e3:.2f} ms (CPU {statistics.median(cpu) * 1e3:.2f}), gc {gc_stats['collections_per_generation']} "
             f"{gc_stats['ms']:.1f} ms")
     if policy is not None:
         res["policy_stats"] = policy.stats.as_dict()
