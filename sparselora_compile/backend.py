@@ -132,6 +132,7 @@ def _inner_compile(name, gm, example_inputs, inductor_config=None):
 def sparselora_backend(gm: torch.fx.GraphModule, example_inputs, options=None):
     from sparselora_compile.passes import run_passes
     from sparselora_compile.passes.lora_dtype import lora_products_in_model_dtype
+    from sparselora_compile.passes.shared_input_lora import fuse_shared_input_lora_a
     from .factors import FactorInputs, factor_provider
 
     opts = BackendOptions.parse(options)
@@ -160,14 +161,17 @@ def sparselora_backend(gm: torch.fx.GraphModule, example_inputs, options=None):
                         rewrite=rewrite, layer=layer)
     if layer is not None:
         _check_region(opts.region, report, layer[0])
+    # last: the passes above read the per-adapter products
+    merged = fuse_shared_input_lora_a(gm) if gm is not original else 0
     if opts.verbose:
         log.info("sparselora: %s%d blocks found, %d rewritten%s, estimated base FLOPs saved %.1f%%%s",
                  _region_label(opts.region), len(report.found),
                  len(report.planned) if rewrite else 0, "" if rewrite else " (no grad: dense)",
                  100 * report.flops_saved_estimate() if rewrite else 0.0,
-                 f", {lora_cast} LoRA adapter products in the model's dtype" if lora_in_model_dtype else "")
+                 (f", {lora_cast} LoRA adapter products in the model's dtype" if lora_in_model_dtype else "")
+                 + (f", {merged} lora_A products in shared GEMMs" if merged else ""))
     if not (rewrite and report.planned):
-        return _inner_compile(opts.inner, gm if lora_cast else original, example_inputs,
+        return _inner_compile(opts.inner, gm if lora_cast or merged else original, example_inputs,
                               opts.inductor_config)
 
     compiled = _inner_compile(opts.inner, gm, [*example_inputs, *report.extra_inputs],
