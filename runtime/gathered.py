@@ -1,7 +1,8 @@
 """Dispatch for the gathered GEMMs: Triton kernels on CUDA, plain PyTorch elsewhere.
 
 Plain PyTorch slices the frozen weight (`W[idx]`) and calls the dense GEMM; the Triton
-kernels read the kept rows/columns inside the kernel and copy nothing.
+kernels read the kept rows/columns inside the kernel and copy nothing. The slices use
+`index_select` (same values and layout as `W[idx]`; advanced indexing costs more host time).
 
 Rule (from bench/results/kernels.json, H200 bf16): the row-gathering kernels
 (out-sparse forward and its input gradient) win over slice + cuBLAS once k >= 512 kept
@@ -10,6 +11,7 @@ channels; below that too few output tiles fill the GPU. Column gathers on a row-
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -19,10 +21,17 @@ MIN_TRITON_K = 512
 
 
 def _use_triton(t: torch.Tensor, k: int | None = None) -> bool:
-    if not t.is_cuda or os.environ.get("SPARSELORA_DISABLE_TRITON") == "1":
+    # Called several times per op: the cheap attribute tests first, the environment (read
+    # at call time, so a test or a run can switch it) only on the way to a kernel.
+    if not t.is_cuda or (k is not None and k < MIN_TRITON_K):
         return False
-    if k is not None and k < MIN_TRITON_K:
-        return False
+    return _triton_imports() and os.environ.get("SPARSELORA_DISABLE_TRITON") != "1"
+
+
+@functools.cache
+def _triton_imports() -> bool:
+    # On a CUDA tensor triton_available() is whether triton imports: fixed for the process,
+    # and a failing import costs tens of microseconds each time.
     from .kernels import triton_available
     return triton_available()
 
@@ -32,29 +41,32 @@ def out_sparse_matmul(x, w, idx, out=None):
     if _use_triton(x, idx.numel()):
         from .kernels.gathered_gemm import out_sparse_matmul as kernel
         return kernel(x, w, idx, out=out)
-    return torch.mm(x, w[idx].t(), out=out)
+    return torch.mm(x, w.index_select(0, idx).t(), out=out)
 
 
-def out_sparse_grad_input(gy_kept, w, idx):
-    """gy_kept @ W[idx] -> [M, K]"""
+def out_sparse_grad_input(gy_kept, w, idx, out=None):
+    """gy_kept @ W[idx] -> [M, K], written into `out` when given"""
     if _use_triton(gy_kept, idx.numel()):
         from .kernels.gathered_gemm import out_sparse_grad_input as kernel
-        return kernel(gy_kept, w, idx)
-    return gy_kept @ w[idx]
+        return kernel(gy_kept, w, idx, out=out)
+    return torch.mm(gy_kept, w.index_select(0, idx), out=out)
 
 
-def out_sparse_grad_input_pair(gy_a, w_a, gy_b, w_b, idx):
-    """gy_a @ W_a[idx] + gy_b @ W_b[idx] (the gate and up products share their channels)"""
+def out_sparse_grad_input_pair(gy_a, w_a, gy_b, w_b, idx, out=None):
+    """gy_a @ W_a[idx] + gy_b @ W_b[idx] (the gate and up products share their channels),
+    written into `out` when given"""
     if _use_triton(gy_a, idx.numel()):
-        return out_sparse_grad_input(gy_a, w_a, idx).add_(out_sparse_grad_input(gy_b, w_b, idx))
-    return (gy_a @ w_a[idx]).addmm_(gy_b, w_b[idx])  # no [M, K] temporary and add
+        out = out_sparse_grad_input(gy_a, w_a, idx, out=out)
+        return out.add_(out_sparse_grad_input(gy_b, w_b, idx))
+    # no [M, K] temporary and add
+    return torch.mm(gy_a, w_a.index_select(0, idx), out=out).addmm_(gy_b, w_b.index_select(0, idx))
 
 
-def in_sparse_matmul(h_kept, w, idx):
-    """h_kept @ W[:, idx]^T -> [M, N]"""
-    return h_kept @ w[:, idx].t()
+def in_sparse_matmul(h_kept, w, idx, out=None):
+    """h_kept @ W[:, idx]^T -> [M, N], written into `out` when given"""
+    return torch.mm(h_kept, w.index_select(1, idx).t(), out=out)
 
 
 def in_sparse_grad_input(gy, w, idx):
     """gy @ W[:, idx] -> [M, k]"""
-    return gy @ w[:, idx]
+    return gy @ w.index_select(1, idx)

@@ -1,4 +1,4 @@
-"""torch.library custom ops that the rewritten graph calls.
+"""torch.library ops that the rewritten graph calls.
 
 Everything data-dependent (the token split, the dense warm-up switch, top-k) happens
 inside these opaque ops, so the compiled graph keeps static shapes and never recompiles
@@ -6,6 +6,16 @@ when the step schedule flips from dense to sparse. Each op has a fake (meta) ker
 the sparse products have autograd (their backward is an op too, so AOT tracing never
 sees the data-dependent row split) and an autocast rule that follows the active
 autocast dtype.
+
+The ops are registered with the plain torch.library calls (define, impl, register_fake,
+register_autograd), not `torch.library.custom_op`: its per-call Python layers (an autograd
+wrapper that redispatches, also for ops without a backward; a Dynamo-disable context; an
+output-aliasing check) cost tens of microseconds of host time, and the graph calls these
+ops per layer per step. The kernels run eagerly or inside compiled graphs, which Dynamo and
+AOT autograd already run with Dynamo off, and no output aliases an input. Ops without a
+backward (selections, token split, input gradients) take PyTorch's autograd fallback:
+backprop through an input gradient (double backward, unsupported) warns where custom_op
+raised.
 """
 from __future__ import annotations
 
@@ -14,10 +24,42 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import row_split, selection, sparse_linear
+from . import row_split, scores, selection, sparse_linear
+from . import sparse_mlp as mlp_impl
 from .state import collect_input, get_state
 
 _lib = torch.library.Library("sparselora", "FRAGMENT")
+
+
+def _define(fn, kernel):
+    """`sparselora::<fn's name>` with the schema of fn's annotations (inferred as custom_op
+    does, with its pt2_compliant tag) and `kernel` for every device; returns its OpOverload."""
+    name = fn.__name__
+    _lib.define(name + torch.library.infer_schema(fn, mutates_args=()),
+                tags=(torch.Tag.pt2_compliant_tag,))
+    _lib.impl(name, kernel, "CompositeExplicitAutograd")
+    return getattr(torch.ops.sparselora, name).default
+
+
+def _op(fn):
+    """An op with a backward (register_autograd): its autograd layer runs fn below autograd."""
+    return _define(fn, fn)
+
+
+def _op_no_grad(fn):
+    """An op without a backward: PyTorch's autograd fallback calls the kernel with autograd
+    on, so the kernel turns it off, as custom_op's autograd layer did (nothing in it may
+    record a graph: out= products, moments, recorded selections)."""
+    def kernel(*args):
+        if not torch.is_grad_enabled():
+            return fn(*args)
+        with torch.no_grad():
+            return fn(*args)
+    return _define(fn, kernel)
+
+
+def _fake(op):
+    return torch.library.register_fake(op, lib=_lib)
 
 
 # ---- token split ----------------------------------------------------------------------
@@ -58,7 +100,7 @@ def shared_token_rows(st, labels, attention_mask, shape, device) -> Tensor:
     return rows
 
 
-@torch.library.custom_op("sparselora::token_rows", mutates_args=())
+@_op_no_grad
 def token_rows(labels: Optional[Tensor], attention_mask: Optional[Tensor], x: Tensor,
                state_id: int) -> Tensor:
     """Bool [*x.shape[:-1]]: True for rows computed densely. Labels and the attention mask
@@ -72,46 +114,44 @@ def token_rows(labels: Optional[Tensor], attention_mask: Optional[Tensor], x: Te
     return rows
 
 
-@token_rows.register_fake
+@_fake(token_rows)
 def _(labels, attention_mask, x, state_id):
     return x.new_empty(x.shape[:-1], dtype=torch.bool)
 
 
 # ---- selection ----------------------------------------------------------------------
 
-def _record(state_id, name, **tensors):
-    st = get_state(state_id)
+def _record(st, name, **tensors):
     # not a checkpoint's recomputation in backward: same values, and a regional graph's
     # layer path is only known during the forward
     if st.record is not None and torch._C._current_graph_task_id() == -1:
         st.record[name] = {k: v.detach().clone() for k, v in tensors.items()}
 
 
-@torch.library.custom_op("sparselora::select_mlp", mutates_args=())
+@_op_no_grad
 def select_mlp(x: Tensor, a_gate: Tensor, b_gate: Tensor, a_up: Tensor, b_up: Tensor,
                res_gate: Tensor, res_up: Tensor, dense_rows: Tensor, k: int, state_id: int,
                name: str) -> Tensor:
     """Top-k intermediate channels by the estimator score; `res_gate`/`res_up` [d_ff] are
     the residual variances (`estimator.residual_variance`, zeros for plain SVD)."""
-    from .scores import mlp_scores
     st = get_state(state_id)
     name = st.block_name(name)
     collect_input(state_id, name, x)
     if st.sparse_now():
-        scores = mlp_scores(x, a_gate, b_gate, a_up, b_up, res_gate, res_up, dense_rows)
-        idx = selection.top_channels(scores, k)
+        s = scores.mlp_scores(x, a_gate, b_gate, a_up, b_up, res_gate, res_up, dense_rows)
+        idx = selection.top_channels(s, k)
     else:  # every row is dense (token_rows): no op reads the selection, skip the estimator
         idx = torch.arange(k, device=x.device)
-    _record(state_id, name, idx=idx, dense_rows=dense_rows)
+    _record(st, name, idx=idx, dense_rows=dense_rows)
     return idx
 
 
-@select_mlp.register_fake
+@_fake(select_mlp)
 def _(x, a_gate, b_gate, a_up, b_up, res_gate, res_up, dense_rows, k, state_id, name):
     return x.new_empty((k,), dtype=torch.int64)
 
 
-@torch.library.custom_op("sparselora::select_attention", mutates_args=())
+@_op_no_grad
 def select_attention(x: Tensor, a_q: Tensor, b_q: Tensor, a_k: Tensor, b_k: Tensor,
                      a_v: Tensor, b_v: Tensor, dense_rows: Tensor, k_qk: int, k_v: int,
                      n_heads: int, n_kv_heads: int, head_dim: int, state_id: int,
@@ -125,12 +165,12 @@ def select_attention(x: Tensor, a_q: Tensor, b_q: Tensor, a_k: Tensor, b_k: Tens
             n_heads, n_kv_heads, head_dim)
     else:  # all rows dense, as in select_mlp
         out = selection.placeholder_attention_selection(x.device, k_qk, k_v, n_heads, n_kv_heads, head_dim)
-    _record(state_id, name, idx_q=out[0], idx_k=out[1], idx_v=out[2], idx_o=out[3],
+    _record(st, name, idx_q=out[0], idx_k=out[1], idx_v=out[2], idx_o=out[3],
             dense_rows=dense_rows)
     return out
 
 
-@select_attention.register_fake
+@_fake(select_attention)
 def _(x, a_q, b_q, a_k, b_k, a_v, b_v, dense_rows, k_qk, k_v, n_heads, n_kv_heads,
       head_dim, state_id, name):
     n_rep = n_heads // n_kv_heads
@@ -148,56 +188,56 @@ def _count(state_id, dense_rows, m_cols, n_full, k):
                                     2 * (n_dense * n_full + (rows - n_dense) * k) * m_cols)
 
 
-@torch.library.custom_op("sparselora::out_sparse_linear", mutates_args=())
+@_op
 def out_sparse_linear(x: Tensor, w: Tensor, b: Optional[Tensor], idx: Tensor,
                       dense_rows: Tensor, state_id: int) -> Tensor:
     _count(state_id, dense_rows, w.shape[1], w.shape[0], idx.numel())
     return sparse_linear.out_sparse_forward(x, w, b, idx, dense_rows)
 
 
-@out_sparse_linear.register_fake
+@_fake(out_sparse_linear)
 def _(x, w, b, idx, dense_rows, state_id):
     return x.new_empty((*x.shape[:-1], w.shape[0]))
 
 
-@torch.library.custom_op("sparselora::out_sparse_grad", mutates_args=())
+@_op_no_grad
 def out_sparse_grad(gy: Tensor, w: Tensor, idx: Tensor, dense_rows: Tensor) -> Tensor:
     return sparse_linear.out_sparse_grad_input(gy, w.to(gy.dtype), idx, dense_rows)
 
 
-@out_sparse_grad.register_fake
+@_fake(out_sparse_grad)
 def _(gy, w, idx, dense_rows):
     return gy.new_empty((*gy.shape[:-1], w.shape[1]))
 
 
-@torch.library.custom_op("sparselora::in_sparse_linear", mutates_args=())
+@_op
 def in_sparse_linear(h: Tensor, w: Tensor, b: Optional[Tensor], idx: Tensor,
                      dense_rows: Tensor, state_id: int) -> Tensor:
     _count(state_id, dense_rows, w.shape[0], w.shape[1], idx.numel())
     return sparse_linear.in_sparse_forward(h, w, b, idx, dense_rows)
 
 
-@in_sparse_linear.register_fake
+@_fake(in_sparse_linear)
 def _(h, w, b, idx, dense_rows, state_id):
     return h.new_empty((*h.shape[:-1], w.shape[0]))
 
 
-@torch.library.custom_op("sparselora::in_sparse_grad", mutates_args=())
+@_op_no_grad
 def in_sparse_grad(gy: Tensor, w: Tensor, idx: Tensor, dense_rows: Tensor) -> Tensor:
     return sparse_linear.in_sparse_grad_input(gy, w.to(gy.dtype), idx, dense_rows)
 
 
-@in_sparse_grad.register_fake
+@_fake(in_sparse_grad)
 def _(gy, w, idx, dense_rows):
     return gy.new_empty((*gy.shape[:-1], w.shape[1]))
 
 
-@torch.library.custom_op("sparselora::mask_channels", mutates_args=())
+@_op
 def mask_channels(h: Tensor, idx: Tensor, dense_rows: Tensor) -> Tensor:
     return sparse_linear.mask_forward(h, idx, dense_rows)
 
 
-@mask_channels.register_fake
+@_fake(mask_channels)
 def _(h, idx, dense_rows):
     return torch.empty_like(h)
 
@@ -229,14 +269,14 @@ def _mask_backward(ctx, gy):
     return mask_channels(gy, idx, dense_rows), None, None
 
 
-out_sparse_linear.register_autograd(_out_backward, setup_context=_save_wd)
-in_sparse_linear.register_autograd(_in_backward, setup_context=_save_wd)
-mask_channels.register_autograd(_mask_backward, setup_context=_mask_setup)
+torch.library.register_autograd(out_sparse_linear, _out_backward, setup_context=_save_wd, lib=_lib)
+torch.library.register_autograd(in_sparse_linear, _in_backward, setup_context=_save_wd, lib=_lib)
+torch.library.register_autograd(mask_channels, _mask_backward, setup_context=_mask_setup, lib=_lib)
 
 
 # ---- the whole frozen gated MLP (no LoRA on gate, up, down) ----------------------------
 
-@torch.library.custom_op("sparselora::sparse_mlp", mutates_args=())
+@_op
 def sparse_mlp(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down: Tensor, b_gate: Optional[Tensor],
                b_up: Optional[Tensor], b_down: Optional[Tensor], idx: Tensor, dense_rows: Tensor,
                state_id: int) -> tuple[Tensor, Tensor]:
@@ -244,11 +284,11 @@ def sparse_mlp(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down: Tensor, b_gate: 
     its length depends on the token split, so the fake reports a data-dependent size."""
     h, f = w_gate.shape[1], w_gate.shape[0]
     _count(state_id, dense_rows, h, 3 * f, 3 * idx.numel())
-    from .sparse_mlp import sparse_mlp_forward
-    return sparse_mlp_forward(x, w_gate, w_up, w_down, b_gate, b_up, b_down, idx, dense_rows)
+    return mlp_impl.sparse_mlp_forward(x, w_gate, w_up, w_down, b_gate, b_up, b_down, idx,
+                                       dense_rows)
 
 
-@sparse_mlp.register_fake
+@_fake(sparse_mlp)
 def _(x, w_gate, w_up, w_down, b_gate, b_up, b_down, idx, dense_rows, state_id):
     return x.new_empty((*x.shape[:-1], w_down.shape[0])), x.new_empty((_data_dependent_size(),))
 
@@ -268,14 +308,13 @@ def _data_dependent_size():
     return n
 
 
-@torch.library.custom_op("sparselora::sparse_mlp_grad", mutates_args=())
+@_op_no_grad
 def sparse_mlp_grad(gy: Tensor, saved: Tensor, w_gate: Tensor, w_up: Tensor,
                     w_down: Tensor, idx: Tensor, dense_rows: Tensor) -> Tensor:
-    from .sparse_mlp import sparse_mlp_grad_input
-    return sparse_mlp_grad_input(gy, saved, w_gate, w_up, w_down, idx, dense_rows)
+    return mlp_impl.sparse_mlp_grad_input(gy, saved, w_gate, w_up, w_down, idx, dense_rows)
 
 
-@sparse_mlp_grad.register_fake
+@_fake(sparse_mlp_grad)
 def _(gy, saved, w_gate, w_up, w_down, idx, dense_rows):
     return gy.new_empty((*gy.shape[:-1], w_gate.shape[1]))
 
@@ -293,23 +332,26 @@ def _mlp_backward(ctx, gy, _gsaved):
     return gx, None, None, None, None, None, None, None, None, None
 
 
-sparse_mlp.register_autograd(_mlp_backward, setup_context=_mlp_setup)
+torch.library.register_autograd(sparse_mlp, _mlp_backward, setup_context=_mlp_setup, lib=_lib)
 
 
 # ---- autocast: follow the active autocast dtype, like F.linear does ----------------------
 
 def _autocast_kernel(op, device_type):
     key = getattr(torch._C.DispatchKey, "Autocast" + torch._C._dispatch_key_for_device(device_type))
+    exclude = torch._C.DispatchKeySet(key)
 
     def kernel(_keyset, *args):
         dtype = torch.get_autocast_dtype(device_type)
-        cast = [a.to(dtype) if isinstance(a, Tensor) and a.is_floating_point() else a for a in args]
-        with torch._C._ExcludeDispatchKeyGuard(torch._C.DispatchKeySet(key)):
+        # `.to` only where the dtype changes (else it returns the tensor, after a dispatch)
+        cast = [a.to(dtype) if isinstance(a, Tensor) and a.is_floating_point() and a.dtype != dtype
+                else a for a in args]
+        with torch._C._ExcludeDispatchKeyGuard(exclude):
             return op(*cast)
     return kernel
 
 
-for _op in (out_sparse_linear, in_sparse_linear, sparse_mlp):
+for _op_name in ("out_sparse_linear", "in_sparse_linear", "sparse_mlp"):
     for _dev in ("cpu", "cuda"):
-        _lib.impl(_op._name, _autocast_kernel(_op._opoverload, _dev),
+        _lib.impl(_op_name, _autocast_kernel(getattr(torch.ops.sparselora, _op_name).default, _dev),
                   "Autocast" + torch._C._dispatch_key_for_device(_dev), with_keyset=True)

@@ -51,7 +51,7 @@ def joined_factors(factors, dtype: torch.dtype) -> torch.Tensor:
 def top_channels(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Indices of the k largest scores, sorted ascending (sorted indices keep the gathers
     coalesced and make the selection a set, independent of top-k's tie order)."""
-    return torch.topk(scores, k, sorted=False).indices.sort().values
+    return torch.topk(scores, k, sorted=False).indices.msort()
 
 
 def dsilu(z: torch.Tensor) -> torch.Tensor:
@@ -87,10 +87,19 @@ def mlp_scores(x, a_gate, b_gate, a_up, b_up, res_gate, res_up, dense_rows) -> t
 def expand_kv_channels(kv_idx: torch.Tensor, n_heads: int, n_kv_heads: int, head_dim: int):
     """Query-side channels for kept kv channels under the repeat_kv layout: query head h
     reads kv head h // n_rep, so kv channel (g, d) maps to (h, d) for every h in group g."""
+    table = _query_channels(n_heads, n_kv_heads, head_dim, kv_idx.device)
+    return table.index_select(0, kv_idx).view(-1).msort()
+
+
+@functools.lru_cache(maxsize=64)
+def _query_channels(n_heads: int, n_kv_heads: int, head_dim: int, device) -> torch.Tensor:
+    """[kv channels, n_rep]: the query channels of each kv channel. Made once per layout: the
+    gather and sort above are three ops per call, computing the map was a dozen."""
     n_rep = n_heads // n_kv_heads
-    g, d = kv_idx // head_dim, kv_idx % head_dim
-    heads = g[:, None] * n_rep + torch.arange(n_rep, device=kv_idx.device)[None, :]
-    return (heads * head_dim + d[:, None]).reshape(-1).sort().values
+    c = torch.arange(n_kv_heads * head_dim, device=device)
+    g, d = c // head_dim, c % head_dim
+    heads = g[:, None] * n_rep + torch.arange(n_rep, device=device)[None, :]
+    return heads * head_dim + d[:, None]
 
 
 def _gram_column_sq_norms(x, factors, dense_rows):

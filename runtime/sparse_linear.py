@@ -9,7 +9,8 @@ the dense product; the other (context) rows use only the kept channels `idx`:
 
 The `*_reference` functions state the semantics the slow way (dense, then mask); the
 others are the fast path: gathers plus dense GEMMs of width k, or the Triton kernels on
-CUDA (see dispatch in `gathered`).
+CUDA (see dispatch in `gathered`). The fast path gathers and scatters rows and columns
+with index_select / index_copy_ (same values as advanced indexing, less host time).
 """
 from __future__ import annotations
 
@@ -21,13 +22,11 @@ from .row_split import context_rows, split_of
 
 
 def _channel_mask(idx, n, like):
-    m = torch.zeros(n, dtype=like.dtype, device=like.device)
-    m[idx] = 1
-    return m
+    return torch.zeros(n, dtype=like.dtype, device=like.device).index_fill_(0, idx, 1)
 
 
 def _rows_where(dense_rows, dense, sparse):
-    return torch.where(dense_rows.reshape(*dense_rows.shape, 1), dense, sparse)
+    return torch.where(dense_rows.unsqueeze(-1), dense, sparse)
 
 
 # ---- references: the semantics, computed densely ----------------------------------
@@ -47,71 +46,71 @@ def mask_reference(h, idx, dense_rows):
 
 # ---- fast path ----------------------------------------------------------------------
 
-def _split(dense_rows):
-    s = split_of(dense_rows)
-    return s.dense, s.ctx
+def _rows(t, rows):
+    return t.index_select(0, rows)
+
+
+def _assemble(like, n_out, split, dense_part, idx, kept):
+    """[rows, n_out]: `dense_part` on the dense rows; on context rows `kept` in columns idx
+    and zeros elsewhere. Not all context: context rows are built apart and copied in, two
+    row copies instead of one 2-D scatter (each of its index tensors costs host time)."""
+    if split.all_context:
+        return like.new_zeros(like.shape[0], n_out).index_copy_(1, idx, kept)
+    ctx = like.new_zeros(kept.shape[0], n_out).index_copy_(1, idx, kept)
+    out = like.new_empty(like.shape[0], n_out).index_copy_(0, split.dense, dense_part)
+    return out.index_copy_(0, split.ctx, ctx)
+
+
+def _stack(like, n_out, split, dense_part, ctx_part):
+    """[rows, n_out]: `dense_part` on the dense rows, `ctx_part` on the context rows."""
+    if split.all_context:
+        return ctx_part
+    out = like.new_empty(like.shape[0], n_out).index_copy_(0, split.dense, dense_part)
+    return out.index_copy_(0, split.ctx, ctx_part)
 
 
 def out_sparse_forward(x, w, b, idx, dense_rows):
-    lead, k_in = x.shape[:-1], x.shape[-1]
     split = split_of(dense_rows)
     if split.all_dense:  # the warm-up, or a batch of output tokens only
         return F.linear(x, w, b)
-    x2 = x.reshape(-1, k_in)
-    y = x2.new_zeros(x2.shape[0], w.shape[0])
-    if not split.all_context:
-        y[split.dense] = F.linear(x2[split.dense], w, b)
+    lead, x2 = x.shape[:-1], x.reshape(-1, x.shape[-1])
+    dense = None if split.all_context else F.linear(_rows(x2, split.dense), w, b)
     yk = gathered.out_sparse_matmul(context_rows(x2, split), w, idx)
     if b is not None:
-        yk = yk + b[idx]
-    if split.all_context:
-        y[:, idx] = yk
-    else:
-        y[split.ctx[:, None], idx[None, :]] = yk
-    return y.reshape(*lead, w.shape[0])
+        yk = yk + b.index_select(0, idx)
+    return _assemble(x2, w.shape[0], split, dense, idx, yk).view(*lead, w.shape[0])
 
 
 def out_sparse_grad_input(gy, w, idx, dense_rows):
-    if split_of(dense_rows).all_dense:
+    split = split_of(dense_rows)
+    if split.all_dense:
         return gy @ w
-    lead = gy.shape[:-1]
-    g2 = gy.reshape(-1, gy.shape[-1])
-    dense, ctx = _split(dense_rows)
-    gx = g2.new_zeros(g2.shape[0], w.shape[1])
-    if dense.numel():
-        gx[dense] = g2[dense] @ w
-    if ctx.numel():
-        gx[ctx] = gathered.out_sparse_grad_input(g2[ctx][:, idx], w, idx)
-    return gx.reshape(*lead, w.shape[1])
+    lead, g2 = gy.shape[:-1], gy.reshape(-1, gy.shape[-1])
+    dense = None if split.all_context else _rows(g2, split.dense) @ w
+    ctx = gathered.out_sparse_grad_input(context_rows(g2.index_select(1, idx), split), w, idx)
+    return _stack(g2, w.shape[1], split, dense, ctx).view(*lead, w.shape[1])
 
 
 def in_sparse_forward(h, w, b, idx, dense_rows):
-    if split_of(dense_rows).all_dense:
+    split = split_of(dense_rows)
+    if split.all_dense:
         return F.linear(h, w, b)
-    lead = h.shape[:-1]
-    h2 = h.reshape(-1, h.shape[-1])
-    dense, ctx = _split(dense_rows)
-    y = h2.new_empty(h2.shape[0], w.shape[0])
-    if dense.numel():
-        y[dense] = F.linear(h2[dense], w, b)
-    if ctx.numel():
-        yc = gathered.in_sparse_matmul(h2[ctx][:, idx], w, idx)
-        y[ctx] = yc if b is None else yc + b
-    return y.reshape(*lead, w.shape[0])
+    lead, h2 = h.shape[:-1], h.reshape(-1, h.shape[-1])
+    dense = None if split.all_context else F.linear(_rows(h2, split.dense), w, b)
+    ctx = gathered.in_sparse_matmul(context_rows(h2.index_select(1, idx), split), w, idx)
+    if b is not None:
+        ctx = ctx + b
+    return _stack(h2, w.shape[0], split, dense, ctx).view(*lead, w.shape[0])
 
 
 def in_sparse_grad_input(gy, w, idx, dense_rows):
-    if split_of(dense_rows).all_dense:
+    split = split_of(dense_rows)
+    if split.all_dense:
         return gy @ w
-    lead = gy.shape[:-1]
-    g2 = gy.reshape(-1, gy.shape[-1])
-    dense, ctx = _split(dense_rows)
-    gh = g2.new_zeros(g2.shape[0], w.shape[1])
-    if dense.numel():
-        gh[dense] = g2[dense] @ w
-    if ctx.numel():
-        gh[ctx[:, None], idx[None, :]] = gathered.in_sparse_grad_input(g2[ctx], w, idx)
-    return gh.reshape(*lead, w.shape[1])
+    lead, g2 = gy.shape[:-1], gy.reshape(-1, gy.shape[-1])
+    dense = None if split.all_context else _rows(g2, split.dense) @ w
+    kept = gathered.in_sparse_grad_input(_rows(g2, split.ctx), w, idx)
+    return _assemble(g2, w.shape[1], split, dense, idx, kept).view(*lead, w.shape[1])
 
 
 def mask_forward(h, idx, dense_rows):

@@ -19,13 +19,6 @@ from .row_split import split_of
 from .selection import dsilu
 
 
-def _add_bias(t, b, idx=None):
-    """t + b (b[idx] with idx); t itself when there is no bias (no extra pass over t)."""
-    if b is None:
-        return t
-    return t + (b if idx is None else b[idx])
-
-
 def sparse_mlp_reference(x, wg, wu, wd, bg, bu, bd, idx, dense_rows):
     """The definition: dense MLP with h ⊙ 1_S on context rows."""
     from .sparse_linear import mask_reference
@@ -42,58 +35,50 @@ def _swiglu(g, u):
 
 def _swiglu_grad(dh, g, u):
     """(dg, du) of h = silu(g) * u."""
-    if gathered._use_triton(g) and all(t.is_contiguous() for t in (dh, g, u)) and dh.dtype == g.dtype:
+    if (gathered._use_triton(g) and dh.is_contiguous() and g.is_contiguous() and u.is_contiguous()
+            and dh.dtype == g.dtype):
         from .kernels.swiglu import swiglu_grad
         return swiglu_grad(dh, g, u)
     return dh * u * dsilu(g), dh * F.silu(g)
 
 
-def _parts(n_rows, split, idx):
-    """(row indices or None for all rows, kept channels or None for dense) per part."""
-    if split.all_dense:
-        return [(None, None)]
-    if split.all_context:
-        return [(None, idx)]
-    return [(split.dense, None), (split.ctx, idx)]
-
-
-def _take(t, rows):
-    return t if rows is None else t.index_select(0, rows)
-
-
-def _put(out, rows, value):
-    if rows is None:
-        out.copy_(value)
-    else:
-        out.index_copy_(0, rows, value)
-
-
-def _saved_layout(n_rows, split, idx, d_ff):
-    """Per part: (rows, kept channels, offset of g in the flat buffer, width); and the total."""
-    layout, off = [], 0
-    for rows, sel in _parts(n_rows, split, idx):
-        n = n_rows if rows is None else rows.numel()
+def _layout(n_rows, split, idx, d_ff):
+    """Per part: (row indices or None for all rows, kept channels or None for dense, offset
+    of g in the flat buffer, rows, width); and the buffer's length. g and u of a part lie
+    back to back."""
+    if split.all_dense or split.all_context:
+        sel = None if split.all_dense else idx
         width = d_ff if sel is None else sel.numel()
-        layout.append((rows, sel, off, n, width))
-        off += 2 * n * width
-    return layout, off
+        return ((None, sel, 0, n_rows, width),), 2 * n_rows * width
+    n_dense, k = split.dense.numel(), idx.numel()
+    n_ctx, off = n_rows - n_dense, 2 * n_dense * d_ff
+    parts = (split.dense, None, 0, n_dense, d_ff), (split.ctx, idx, off, n_ctx, k)
+    return parts, off + 2 * n_ctx * k
 
 
 def _views(saved, off, n, width):
-    g = saved[off: off + n * width].view(n, width)
-    return g, saved[off + n * width: off + 2 * n * width].view(n, width)
+    """g and u of one part, [n, width] each (one as_strided each: slice + view is two ops)."""
+    if saved.stride(0) != 1:  # the backward's input; always dense in practice
+        saved = saved.contiguous()
+    base = saved.storage_offset() + off
+    return (saved.as_strided((n, width), (width, 1), base),
+            saved.as_strided((n, width), (width, 1), base + n * width))
+
+
+def _kept(b, sel):
+    return b if sel is None else b.index_select(0, sel)
 
 
 def sparse_mlp_forward(x, wg, wu, wd, bg, bu, bd, idx, dense_rows):
     """(y, saved): the MLP output and the flat (g, u) buffer the backward reads."""
-    lead = x.shape[:-1]
+    lead, n_out = x.shape[:-1], wd.shape[0]
     x2 = x.reshape(-1, x.shape[-1])
-    y = x2.new_empty(x2.shape[0], wd.shape[0])
-    layout, total = _saved_layout(x2.shape[0], split_of(dense_rows), idx, wg.shape[0])
+    y = x2.new_empty(x2.shape[0], n_out)
+    parts, total = _layout(x2.shape[0], split_of(dense_rows), idx, wg.shape[0])
     saved = x2.new_empty(total)
-    for rows, sel, off, n, width in layout:
+    for rows, sel, off, n, width in parts:
         g, u = _views(saved, off, n, width)
-        xr = _take(x2, rows)
+        xr = x2 if rows is None else x2.index_select(0, rows)
         if sel is None:
             torch.mm(xr, wg.t(), out=g)
             torch.mm(xr, wu.t(), out=u)
@@ -101,27 +86,37 @@ def sparse_mlp_forward(x, wg, wu, wd, bg, bu, bd, idx, dense_rows):
             gathered.out_sparse_matmul(xr, wg, sel, out=g)
             gathered.out_sparse_matmul(xr, wu, sel, out=u)
         if bg is not None:
-            g += bg if sel is None else bg[sel]
+            g += _kept(bg, sel)
         if bu is not None:
-            u += bu if sel is None else bu[sel]
+            u += _kept(bu, sel)
         h = _swiglu(g, u)
-        yr = F.linear(h, wd) if sel is None else gathered.in_sparse_matmul(h, wd, sel)
-        _put(y, rows, _add_bias(yr, bd))
-    return y.reshape(*lead, wd.shape[0]), saved
+        out = y if rows is None else None  # one part: straight into y
+        if sel is None:
+            yr = torch.mm(h, wd.t(), out=out)
+        else:
+            yr = gathered.in_sparse_matmul(h, wd, sel, out=out)
+        if bd is not None:
+            yr += bd
+        if rows is not None:
+            y.index_copy_(0, rows, yr)
+    return y.view(*lead, n_out), saved
 
 
 def sparse_mlp_grad_input(gy, saved, wg, wu, wd, idx, dense_rows):
-    lead = gy.shape[:-1]
+    lead, n_in = gy.shape[:-1], wg.shape[1]
     g2 = gy.reshape(-1, gy.shape[-1])
-    gx = g2.new_empty(g2.shape[0], wg.shape[1])
-    layout, _ = _saved_layout(g2.shape[0], split_of(dense_rows), idx, wg.shape[0])
-    for rows, sel, off, n, width in layout:
+    gx = g2.new_empty(g2.shape[0], n_in)
+    parts, _ = _layout(g2.shape[0], split_of(dense_rows), idx, wg.shape[0])
+    for rows, sel, off, n, width in parts:
         g, u = _views(saved, off, n, width)
-        gyr = _take(g2, rows)
+        gyr = g2 if rows is None else g2.index_select(0, rows)
         dh = gyr @ wd if sel is None else gathered.in_sparse_grad_input(gyr, wd, sel)
         dg, du = _swiglu_grad(dh, g, u)
+        out = gx if rows is None else None
         if sel is None:
-            _put(gx, rows, (dg @ wg).addmm_(du, wu))
+            gxr = torch.mm(dg, wg, out=out).addmm_(du, wu)
         else:
-            _put(gx, rows, gathered.out_sparse_grad_input_pair(dg, wg, du, wu, sel))
-    return gx.reshape(*lead, wg.shape[1])
+            gxr = gathered.out_sparse_grad_input_pair(dg, wg, du, wu, sel, out=out)
+        if rows is not None:
+            gx.index_copy_(0, rows, gxr)
+    return gx.view(*lead, n_in)

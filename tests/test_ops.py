@@ -183,6 +183,45 @@ def test_sparse_mlp_matches_reference(case, with_bias):
            sparse_mlp_reference, x, w, wu, wd, *bias, idx, rows, tol=1e-4)
 
 
+SPLIT_KINDS = {"dense": [[True] * 5] * 2, "context": [[False] * 5] * 2,
+               "mixed": [[False, True, False, False, True]] * 2}
+
+
+@pytest.mark.parametrize("kind", SPLIT_KINDS)
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_sparse_ops_match_reference_on_each_kind_of_split(kind, with_bias):
+    """A split with one part (all dense: the warm-up; all context) writes its output directly."""
+    from sparselora_compile.runtime.sparse_mlp import sparse_mlp_reference
+    g = torch.Generator().manual_seed(1)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
+    b = lambda n: r(n) if with_bias else None  # noqa: E731
+    rows, idx = torch.tensor(SPLIT_KINDS[kind]), torch.tensor([1, 4, 7])
+    x, w = r(2, 5, 8), r(12, 8)
+    _check(lambda x, *a: ops.out_sparse_linear(x, *a, STATE.state_id),
+           sparse_linear.out_sparse_reference, x, w, b(12), idx, rows)
+    _check(lambda h, *a: ops.in_sparse_linear(h, *a, STATE.state_id),
+           sparse_linear.in_sparse_reference, r(2, 5, 12), w.t().contiguous(), b(8), idx, rows)
+    _check(lambda x, *a: ops.sparse_mlp(x, *a, STATE.state_id)[0], sparse_mlp_reference,
+           x, w, r(12, 8), r(8, 12), b(12), b(12), b(8), idx, rows)
+
+
+def test_ops_without_a_backward_run_their_kernels_without_autograd():
+    """Eager training calls them with grad on and inputs that need grad (the saved buffer,
+    the hidden states): their kernels record no graph, like the sparse products' kernels."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 5, 8, generator=g, requires_grad=True)
+    wg, wu, wd = (torch.randn(*s, generator=g) for s in ((12, 8), (12, 8), (8, 12)))
+    rows, idx = torch.tensor(SPLIT_KINDS["mixed"]), torch.tensor([1, 3, 5])
+    y, saved = ops.sparse_mlp(x, wg, wu, wd, None, None, None, idx, rows, STATE.state_id)
+    assert saved.requires_grad
+    gy = torch.randn(y.shape, generator=g)
+    (want,) = torch.autograd.grad(y, x, gy, retain_graph=True)
+    assert torch.equal(ops.sparse_mlp_grad(gy, saved, wg, wu, wd, idx, rows).detach(), want)
+    a, bf = torch.randn(8, 2, generator=g), torch.randn(2, 12, generator=g)
+    sel = ops.select_mlp(x, a, bf, a, bf, torch.zeros(12), torch.zeros(12), rows, 3, STATE.state_id, "m")
+    assert sel.grad_fn is None and not ops.token_rows(None, None, x, STATE.state_id).requires_grad
+
+
 def test_padding_is_left_out_of_the_estimator_scores():
     """Padded positions run sparse but do not vote: huge pad activations change nothing."""
     torch.manual_seed(0)
