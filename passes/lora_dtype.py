@@ -86,7 +86,7 @@ def _cast_down(graph: fx.Graph, a: fx.Node, b: fx.Node, dtype: torch.dtype) -> N
                 if isinstance(n, fx.Node) and is_cast(n) and not n.users:
                     graph.erase_node(n)
     with graph.inserting_after(b):
-        up = graph.call_method("to", (b, torch.float32))
+        up = _cast(graph, b, torch.float32)
     b.replace_all_uses_with(up, delete_user_cb=lambda user: user is not up)
 
 
@@ -94,4 +94,13 @@ def _to(graph: fx.Graph, node: fx.Node, dtype: torch.dtype) -> fx.Node:
     """`node` in `dtype`; PEFT's up-cast of x is skipped rather than undone (no copy of x)."""
     if is_cast(node) and getattr(example_value(node.args[0]), "dtype", None) == dtype:
         return node.args[0]
-    return graph.call_method("to", (node, dtype))
+    return _cast(graph, node, dtype)
+
+
+def _cast(graph: fx.Graph, node: fx.Node, dtype: torch.dtype) -> fx.Node:
+    """`node.to(dtype)`, with the example value that later passes read shapes and dtypes from."""
+    cast = graph.call_method("to", (node, dtype))
+    v = example_value(node)
+    if v is not None:  # a fake tensor, as Dynamo's own example values (requires_grad kept)
+        cast.meta["example_value"] = v.to(dtype)
+    return cast

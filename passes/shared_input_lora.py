@@ -57,23 +57,11 @@ def _group_key(node: fx.Node):
     if m is None or m["ab"] != "A":
         return None
     x, w = _arg(node, 0, "input"), _arg(node, 1, "weight")
-    xv, wv = _shape_dtype(x), _shape_dtype(w)
-    if xv is None or wv is None or len(wv[0]) != 2:
+    xv, wv = example_value(x), example_value(w)
+    if xv is None or wv is None or wv.dim() != 2:
         return None
     source = x.args[0] if is_cast(x) and x.target != "contiguous" else x
-    return source, xv[1], wv[1]
-
-
-def _shape_dtype(node):
-    """(shape, dtype) from the example value, or for a cast our passes added (no example
-    value), from what it casts and the dtype it names."""
-    v = example_value(node)
-    if v is not None:
-        return tuple(v.shape), v.dtype
-    if is_cast(node) and node.target == "to" and len(node.args) == 2 and isinstance(node.args[1], torch.dtype):
-        src = example_value(node.args[0])
-        return None if src is None else (tuple(src.shape), node.args[1])
-    return None
+    return source, xv.dtype, wv.dtype
 
 
 def _fuse(graph: fx.Graph, members: list[fx.Node], order: dict) -> bool:
@@ -85,7 +73,7 @@ def _fuse(graph: fx.Graph, members: list[fx.Node], order: dict) -> bool:
         if order.get(w, len(order)) < order[first]:
             weights.append((w, None))
         elif is_cast(w) and w.target == "to" and order.get(w.args[0], len(order)) < order[first]:
-            weights.append((w.args[0], _shape_dtype(w)[1]))
+            weights.append((w.args[0], example_value(w).dtype))
         else:
             return False
     x = _arg(first, 0, "input")
@@ -94,7 +82,7 @@ def _fuse(graph: fx.Graph, members: list[fx.Node], order: dict) -> bool:
                    for src, dtype in weights]
         out = graph.call_function(torch._C._nn.linear,
                                   (x, graph.call_function(torch.cat, (stacked, 0))))
-        sizes = [_shape_dtype(_arg(n, 1, "weight"))[0][0] for n in members]
+        sizes = [example_value(_arg(n, 1, "weight")).shape[0] for n in members]
         parts = graph.call_function(torch.split, (out, sizes, -1))
     for i, node in enumerate(members):
         with graph.inserting_before(node):
