@@ -22,6 +22,9 @@ excluded, median of the timed steps (device-synchronised wall time per step):
 Inductor settings ride on a variant's name as suffixes (any variant but eager), each
 passed as inductor_config (sl_*) or torch.compile options (inductor*):
     _cpp      cpp_wrapper=True: the generated wrapper launches from C++, not Python
+    _cppat    the same with triton.autotune_at_compile_time=True: torch 2.11's default
+              (False) runs each new graph once on inputs made from its fake tensors to
+              collect the kernels, which cannot drive our data-dependent ops
     _combo    combo_kernels=True: independent small kernels share one launch
     _noassert size_asserts=False: no stride checks of graph inputs on every call
 
@@ -65,6 +68,7 @@ VARIANTS = ("eager", "inductor", "inductor_bf16", "inductor_regional", "sl_math1
             "sl_math10k_lora_model", "sl_math10k_mlp_lora_model", "sl_math10k_whole_lora_model",
             "sl_csr_lora_model")
 INDUCTOR_SUFFIXES = {"_cpp": {"cpp_wrapper": True}, "_combo": {"combo_kernels": True},
+                     "_cppat": {"cpp_wrapper": True, "triton.autotune_at_compile_time": True},
                      "_noassert": {"size_asserts": False}}
 
 
@@ -442,12 +446,26 @@ def check_tiny(args, device, log):
 
 # ---- output -------------------------------------------------------------------------------
 
+def _cpu_model():
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or None
+
+
 def env_info(device):
     import peft
     import transformers
     info = {"torch": torch.__version__, "transformers": transformers.__version__,
             "peft": peft.__version__, "python": platform.python_version(),
-            "device": str(device), "host": platform.node()}
+            "device": str(device), "host": platform.node(),
+            # the host's speed sets a host-bound step's: the kernel tells a gVisor sandbox
+            # (4.4.0) from a Firecracker VM; the CPU model and its load, the rest
+            "kernel": platform.release(), "cpu_model": _cpu_model(), "cpus": os.cpu_count(),
+            "load_avg": os.getloadavg() if hasattr(os, "getloadavg") else None}
     try:
         import triton
         info["triton"] = triton.__version__
