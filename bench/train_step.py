@@ -27,6 +27,8 @@ passed as inductor_config (sl_*) or torch.compile options (inductor*):
               collect the kernels, which cannot drive our data-dependent ops
     _combo    combo_kernels=True: independent small kernels share one launch
     _noassert size_asserts=False: no stride checks of graph inputs on every call
+A variant name ending in _ctxrows runs the sparse MLP's context part over the context rows
+only, as before session 6 (runtime/sparse_mlp.py ALL_ROWS_MAX_K = 0), for an A/B in one run.
 
 Every compiled variant is timed on both batch shapes (Math10K: 8 x 512 with 128 output
 tokens; CSR: 8 x 512 with 3 output tokens) without recompiling (same tensor shapes).
@@ -85,7 +87,7 @@ def split_variant(name: str) -> tuple[str, dict]:
 
 
 def variant_name(text: str) -> str:
-    base, config = split_variant(text)
+    base, config = split_variant(text.removesuffix("_ctxrows"))
     if base not in VARIANTS or (config and base == "eager"):
         raise argparse.ArgumentTypeError(f"unknown variant {text!r}: one of {VARIANTS}, plus any of "
                                          f"the suffixes {sorted(INDUCTOR_SUFFIXES)} except on eager")
@@ -284,7 +286,11 @@ def profile_step(fn, opt, ids, labels, device, step_ms):
 
 def run_variant(name, peft, init_state, batches, args, device, layers, log):
     """Compile (if any), then time each batch shape; returns the variant's figures."""
-    full_name, (name, inductor_config) = name, split_variant(name)
+    full_name, (name, inductor_config) = name, split_variant(name.removesuffix("_ctxrows"))
+    from sparselora_compile.runtime import sparse_mlp
+    all_rows_max_k = sparse_mlp.ALL_ROWS_MAX_K
+    if full_name.endswith("_ctxrows"):
+        sparse_mlp.ALL_ROWS_MAX_K = 0
     with torch.no_grad():  # same LoRA init for every variant, in the run's adapter dtype
         for n, p in peft.named_parameters():
             if n in init_state:
@@ -399,6 +405,7 @@ def run_variant(name, peft, init_state, batches, args, device, layers, log):
         fn.uncompile()
     del fn, opt, policy
     free(device)
+    sparse_mlp.ALL_ROWS_MAX_K = all_rows_max_k
     return res
 
 

@@ -42,15 +42,28 @@ def _swiglu_grad(dh, g, u):
     return dh * u * dsilu(g), dh * F.silu(g)
 
 
+# Below this many kept channels the context part runs on every row (dense rows too) and
+# the dense rows are overwritten afterwards: their extra k columns cost less than copying
+# the context rows out of x and back into y (and the same in the backward), two launches
+# and two passes over [context rows x hidden] each. At k = 512 on H200 (LLaMA-3-8B, 1024 of
+# 4096 rows dense) the extra FLOPs take about as long as the two copies; it is also where
+# the gathered GEMMs switch from slice + cuBLAS to Triton (gathered.MIN_TRITON_K).
+ALL_ROWS_MAX_K = 512
+
+
 def _layout(n_rows, split, idx, d_ff):
-    """Per part: (row indices or None for all rows, kept channels or None for dense, offset
-    of g in the flat buffer, rows, width); and the buffer's length. g and u of a part lie
-    back to back."""
+    """Per part, in the order they run: (row indices or None for all rows, kept channels or
+    None for dense, offset of g in the flat buffer, rows, width); and the buffer's length.
+    g and u of a part lie back to back. A part over all rows writes the output directly; a
+    part over some rows is copied into it afterwards (over whatever an earlier part wrote)."""
     if split.all_dense or split.all_context:
         sel = None if split.all_dense else idx
         width = d_ff if sel is None else sel.numel()
         return ((None, sel, 0, n_rows, width),), 2 * n_rows * width
     n_dense, k = split.dense.numel(), idx.numel()
+    if k < ALL_ROWS_MAX_K:
+        off = 2 * n_rows * k
+        return ((None, idx, 0, n_rows, k), (split.dense, None, off, n_dense, d_ff)), off + 2 * n_dense * d_ff
     n_ctx, off = n_rows - n_dense, 2 * n_dense * d_ff
     parts = (split.dense, None, 0, n_dense, d_ff), (split.ctx, idx, off, n_ctx, k)
     return parts, off + 2 * n_ctx * k

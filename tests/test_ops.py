@@ -1,4 +1,6 @@
 """The runtime ops against their plain-PyTorch references, forward and gradients."""
+import contextlib
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -168,9 +170,21 @@ def test_top_channels_is_sorted_set(k):
     assert got.tolist() == sorted(torch.topk(s, k).indices.tolist())
 
 
-@settings(max_examples=30, deadline=None)
-@given(op_case(), st.booleans())
-def test_sparse_mlp_matches_reference(case, with_bias):
+@contextlib.contextmanager
+def _all_rows_max_k(k):
+    """Pick the sparse MLP's layout for a mixed split: the context part over every row
+    (k below the limit) or over the context rows only (k at or above it)."""
+    from sparselora_compile.runtime import sparse_mlp
+    before, sparse_mlp.ALL_ROWS_MAX_K = sparse_mlp.ALL_ROWS_MAX_K, k
+    try:
+        yield
+    finally:
+        sparse_mlp.ALL_ROWS_MAX_K = before
+
+
+@settings(max_examples=40, deadline=None)
+@given(op_case(), st.booleans(), st.sampled_from([0, 10**9]))
+def test_sparse_mlp_matches_reference(case, with_bias, all_rows_max_k):
     from sparselora_compile.runtime.sparse_mlp import sparse_mlp_reference
     x, w, _, idx, rows = case  # w: [d_ff, hidden]
     g = torch.Generator().manual_seed(int(idx.sum()))
@@ -179,17 +193,19 @@ def test_sparse_mlp_matches_reference(case, with_bias):
     wd = torch.randn(hidden, d_ff, generator=g, dtype=x.dtype)
     bias = [torch.randn(n, generator=g, dtype=x.dtype) if with_bias else None for n in (d_ff, d_ff, hidden)]
     # fp32 tolerance for two chained products summed in another order
-    _check(lambda x, *a: ops.sparse_mlp(x, *a, STATE.state_id)[0],
-           sparse_mlp_reference, x, w, wu, wd, *bias, idx, rows, tol=1e-4)
+    with _all_rows_max_k(all_rows_max_k):
+        _check(lambda x, *a: ops.sparse_mlp(x, *a, STATE.state_id)[0],
+               sparse_mlp_reference, x, w, wu, wd, *bias, idx, rows, tol=1e-4)
 
 
 SPLIT_KINDS = {"dense": [[True] * 5] * 2, "context": [[False] * 5] * 2,
                "mixed": [[False, True, False, False, True]] * 2}
 
 
+@pytest.mark.parametrize("all_rows_max_k", [0, 10**9])
 @pytest.mark.parametrize("kind", SPLIT_KINDS)
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_sparse_ops_match_reference_on_each_kind_of_split(kind, with_bias):
+def test_sparse_ops_match_reference_on_each_kind_of_split(kind, with_bias, all_rows_max_k):
     """A split with one part (all dense: the warm-up; all context) writes its output directly."""
     from sparselora_compile.runtime.sparse_mlp import sparse_mlp_reference
     g = torch.Generator().manual_seed(1)
@@ -201,8 +217,9 @@ def test_sparse_ops_match_reference_on_each_kind_of_split(kind, with_bias):
            sparse_linear.out_sparse_reference, x, w, b(12), idx, rows)
     _check(lambda h, *a: ops.in_sparse_linear(h, *a, STATE.state_id),
            sparse_linear.in_sparse_reference, r(2, 5, 12), w.t().contiguous(), b(8), idx, rows)
-    _check(lambda x, *a: ops.sparse_mlp(x, *a, STATE.state_id)[0], sparse_mlp_reference,
-           x, w, r(12, 8), r(8, 12), b(12), b(12), b(8), idx, rows)
+    with _all_rows_max_k(all_rows_max_k):
+        _check(lambda x, *a: ops.sparse_mlp(x, *a, STATE.state_id)[0], sparse_mlp_reference,
+               x, w, r(12, 8), r(8, 12), b(12), b(12), b(8), idx, rows)
 
 
 def test_ops_without_a_backward_run_their_kernels_without_autograd():
@@ -254,3 +271,33 @@ def test_gram_column_norms_equal_explicit_products(tokens, hidden, shapes):
         want = (x.double() @ a.double() @ b.double()).square().sum(0).float()
         # fp32 Gram: relative to the largest norm (b^T G b cancels where the norm is small)
         torch.testing.assert_close(norms, want, rtol=1e-4, atol=1e-4 * float(want.max()) + 1e-6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: the ops' Triton paths in bf16")
+@pytest.mark.parametrize("k", [64, 640])  # all-rows layout + slice/cuBLAS; context rows + Triton
+def test_sparse_mlp_on_cuda_in_bf16_matches_reference(k):
+    """The CUDA path (Triton SwiGLU, gathered GEMMs from k >= 512) in bf16 against the fp32
+    reference, forward and input gradient, on a mixed split. The allocator's free blocks are
+    filled with NaN first, so outputs allocated from them start as NaN: an unwritten element
+    fails the comparison."""
+    from sparselora_compile.runtime.sparse_mlp import sparse_mlp_reference
+    g = torch.Generator().manual_seed(k)
+    dev, hidden, d_ff = torch.device("cuda"), 256, 1024
+    r = lambda *s: (torch.randn(*s, generator=g) / s[-1] ** 0.5).to(dev)  # noqa: E731
+    x, wg, wu, wd = r(2, 96, hidden), r(d_ff, hidden), r(d_ff, hidden), r(hidden, d_ff)
+    rows = torch.rand(2, 96, generator=g) < 0.3
+    idx = torch.randperm(d_ff, generator=g)[:k].sort().values.to(dev)
+    rows = rows.to(dev)
+    ref_x = x.clone().requires_grad_(True)
+    want = sparse_mlp_reference(ref_x, wg, wu, wd, None, None, None, idx, rows)
+    gy = torch.randn(want.shape, generator=g).to(dev)
+    want.backward(gy)
+    bf = lambda t: t.to(torch.bfloat16)  # noqa: E731
+    torch.empty(64 * 2**20, device=dev).fill_(float("nan"))  # freed at once: NaN in the pool
+    xb = bf(x).requires_grad_(True)
+    y = ops.sparse_mlp(xb, bf(wg), bf(wu), bf(wd), None, None, None, idx, rows, STATE.state_id)[0]
+    y.backward(bf(gy))
+    for got, ref in ((y, want), (xb.grad, ref_x.grad)):
+        assert not got.isnan().any()
+        scale = ref.abs().max().item()
+        torch.testing.assert_close(got.float(), ref.detach(), rtol=0, atol=2e-2 * scale)
