@@ -284,6 +284,46 @@ def profile_step(fn, opt, ids, labels, device, step_ms):
             "ops": ops}
 
 
+def _ab_settings():
+    """Runtime switches of a compiled sparselora variant (no recompile): name -> setter."""
+    from sparselora_compile.runtime import sparse_mlp
+    from sparselora_compile.runtime.kernels import launch
+
+    def setting(direct, all_rows_max_k):
+        def apply():
+            launch.ENABLED, sparse_mlp.ALL_ROWS_MAX_K = direct, all_rows_max_k
+        return apply
+    default = (launch.ENABLED, sparse_mlp.ALL_ROWS_MAX_K)
+    return {"default": setting(*default), "no_direct_launch": setting(False, default[1]),
+            "ctxrows": setting(default[0], 0)}, setting(*default)
+
+
+def interleaved_ab(fn, opt, batches, args, device, log, name):
+    """Steps of each setting in turn (A B C A B C ...): the host's speed drifts by 15% and
+    more within one process, so settings timed one after the other are not comparable."""
+    settings, restore = _ab_settings()
+    out = {}
+    try:
+        for shape, (ids, labels) in batches.items():
+            times = {k: [] for k in settings}
+            for i in range(args.ab + 1):
+                for k, apply in settings.items():
+                    apply()
+                    sync(device)
+                    t0 = time.perf_counter()
+                    train_step(fn, opt, ids, labels)
+                    sync(device)
+                    if i:  # round 0 warms each setting up
+                        times[k].append((time.perf_counter() - t0) * 1e3)
+            out[shape] = {k: {"median_ms": statistics.median(v), "steps_ms": [round(t, 2) for t in v]}
+                          for k, v in times.items()}
+            log(f"  {name} [{shape}] interleaved A/B, median ms: "
+                + ", ".join(f"{k} {v['median_ms']:.2f}" for k, v in out[shape].items()))
+    finally:
+        restore()
+    return out
+
+
 def run_variant(name, peft, init_state, batches, args, device, layers, log):
     """Compile (if any), then time each batch shape; returns the variant's figures."""
     full_name, (name, inductor_config) = name, split_variant(name.removesuffix("_ctxrows"))
@@ -382,6 +422,8 @@ def run_variant(name, peft, init_state, batches, args, device, layers, log):
             f"min {min(times) * 1e3:.2f}, max {max(times) * 1e3:.2f}, host queueing "
             f"{statistics.median(launch) * 1e3:.2f} ms (CPU {statistics.median(cpu) * 1e3:.2f}), gc {gc_stats['collections_per_generation']} "
             f"{gc_stats['ms']:.1f} ms")
+    if policy is not None and args.ab:
+        res["ab"] = interleaved_ab(fn, opt, batches, args, device, log, name)
     if policy is not None:
         res["policy_stats"] = policy.stats.as_dict()
         if layer_map is not None:
@@ -597,6 +639,9 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=512)
     ap.add_argument("--steps", type=int, default=10, help="timed steps per shape")
+    ap.add_argument("--ab", type=int, default=0, metavar="ROUNDS",
+                    help="after a sparselora variant, this many rounds of interleaved steps of its runtime "
+                         "settings (default, no_direct_launch, ctxrows)")
     ap.add_argument("--warmup", type=int, default=3, help="untimed steps per shape (incl. compile)")
     ap.add_argument("--total-steps", type=int, default=1000, help="the presets' total_steps")
     ap.add_argument("--inner", default="inductor", choices=("inductor", "aot_eager", "eager"))

@@ -1,0 +1,77 @@
+"""The direct Triton launcher (runtime/kernels/launch.py): its cache key on CPU; on the GPU,
+every kernel launched directly gives bit for bit what Triton's own launch path gives, also
+when a call changes the specialization (alignment, dtype, autotune key)."""
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from sparselora_compile.runtime.kernels import launch as fast  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+
+
+def test_key_holds_what_triton_specializes_on():
+    x = torch.zeros(64)
+    assert fast._arg_key(x) != fast._arg_key(x[1:])  # 4 bytes in: not 16-byte aligned
+    assert fast._arg_key(x) != fast._arg_key(x.half())
+    assert len({fast._arg_key(v) for v in (1, 16, 17, 2**31)}) == 4
+    assert fast._arg_key(True) != fast._arg_key(1)
+    assert fast._arg_key(32) == fast._arg_key(48)  # one class: one compiled kernel serves both
+    assert fast._arg_key("tf32") != fast._arg_key("ieee")
+
+
+@pytest.mark.skipif(CUDA, reason="the interpreter runs on CPU-only machines")
+def test_interpreted_kernels_take_the_normal_path():
+    from sparselora_compile.runtime.kernels import gathered_gemm, swiglu
+    assert fast._kernel_info(swiglu._swiglu_fwd_kernel) is fast._NORMAL
+    assert fast._kernel_info(gathered_gemm._gathered_gemm_kernel) is fast._NORMAL
+
+
+def _calls():
+    """Each kernel through its public wrapper; the second gathered GEMM reads a view 2 bytes
+    into its buffer (another alignment class), the last one another M bucket."""
+    from sparselora_compile.runtime.kernels import fused_estimator as fe
+    from sparselora_compile.runtime.kernels import gathered_gemm as gg
+    from sparselora_compile.runtime.kernels import swiglu as sw
+    g = torch.Generator().manual_seed(0)
+    r = lambda *s: torch.randn(*s, generator=g).to("cuda", torch.bfloat16)  # noqa: E731
+    x, w, buf = r(300, 512), r(1024, 512) / 20, r(300, 513)
+    idx = torch.randperm(1024, generator=g)[:600].sort().values.cuda()
+    rows = torch.arange(0, 300, 3, device="cuda")
+    gate, up, dh = r(200, 700), r(200, 700), r(200, 700)
+    xa, bg, bu = r(400, 16), r(8, 900), r(8, 900)
+    return [
+        lambda: gg.out_sparse_matmul(x, w, idx),
+        lambda: gg.out_sparse_matmul(buf[:, 1:], w, idx),
+        lambda: gg.out_sparse_matmul(x, w, idx, rows=rows),
+        lambda: gg.out_sparse_grad_input(r(300, 600), w, idx),
+        lambda: gg.out_sparse_matmul(x[:40], w, idx),
+        lambda: sw.swiglu(gate, up),
+        lambda: sw.swiglu_grad(dh, gate, up),
+        lambda: fe.mlp_channel_scores_projected(xa, bg, bu),
+    ]
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA: the interpreter has no compiled kernels")
+def test_direct_launches_match_tritons_launch_path(monkeypatch):
+    from sparselora_compile.runtime.kernels import fused_estimator as fe
+    from sparselora_compile.runtime.kernels import gathered_gemm as gg
+    from sparselora_compile.runtime.kernels import swiglu as sw
+    nan = lambda *s, **kw: torch.full(s[0] if len(s) == 1 else s, float("nan"), **kw)  # noqa: E731
+    monkeypatch.setattr(gg, "_empty", nan)
+    monkeypatch.setattr(fe, "_empty", nan)
+    monkeypatch.setattr(sw, "_empty", lambda t: torch.full_like(t, float("nan")))
+    calls = _calls()
+    monkeypatch.setattr(fast, "ENABLED", False)
+    want = [c() for c in calls]
+    monkeypatch.setattr(fast, "ENABLED", True)
+    fast.clear()
+    for _ in range(3):  # the first call of a key runs Triton's path, the next ones launch directly
+        for c, ref in zip(calls, want):
+            got = c()
+            for a, b in zip(got if isinstance(got, tuple) else (got,), ref if isinstance(ref, tuple) else (ref,)):
+                assert torch.equal(a, b)
+    direct = {key[0] for key, entry in fast._ENTRIES.items() if entry is not fast._NORMAL}
+    assert direct == {gg._gathered_gemm_kernel, sw._swiglu_fwd_kernel, sw._swiglu_bwd_kernel,
+                      fe._channel_scores_kernel}
