@@ -4,8 +4,9 @@ The 32-layer step is bound by the host on slower machines (bench/README.md): thi
 on shapes so small that the GPU never falls behind, what one call costs the host:
 cuBLAS and ATen launches, our Triton GEMM through its autotuner (the public path), the
 same kernel through `JITFunction.run` with the tuned config (no autotuner or heuristics
-layer), the compiled kernel's own launcher, our SwiGLU kernel, the sparse MLP op through
-the dispatcher, and a small Inductor-compiled function (guards + wrapper + 1 kernel).
+layer), the compiled kernel's own launcher, our direct launch (runtime/kernels/launch.py),
+our SwiGLU kernel both ways, the sparse MLP op through the dispatcher, and a small
+Inductor-compiled function (guards + wrapper + 1 kernel).
 
     python3 bench/launch_overhead.py --out bench/results
 """
@@ -61,7 +62,12 @@ def main(argv=None):
     rows = torch.arange(0, m, 2, device=dev)
     res["index_select"] = per_call_us(lambda: x.index_select(0, rows))
     res["empty"] = per_call_us(lambda: torch.empty(m, k, device=dev, dtype=dt))
+    from sparselora_compile.runtime.kernels import launch
+    launch.ENABLED = False  # Triton's own launch path
     res["triton_gathered_public"] = per_call_us(lambda: gg.out_sparse_matmul(x, w, idx, out=out))
+    launch.ENABLED = True  # runtime/kernels/launch.py: the compiled kernel's launcher
+    res["triton_gathered_direct"] = per_call_us(lambda: gg.out_sparse_matmul(x, w, idx, out=out))
+    torch.testing.assert_close(out, gg.out_sparse_matmul_reference(x, w, idx), rtol=2e-2, atol=2e-2)
 
     # the same launch below the autotuner and heuristics layers, with the tuned config
     autotuner = gg._gathered_gemm_kernel
@@ -88,7 +94,10 @@ def main(argv=None):
         res["triton_compiled_kernel_run_error"] = f"{type(e).__name__}: {e}"[:300]
 
     g, u = torch.randn(m, f, device=dev, dtype=dt), torch.randn(m, f, device=dev, dtype=dt)
+    launch.ENABLED = False
     res["triton_swiglu_public"] = per_call_us(lambda: swiglu(g, u))
+    launch.ENABLED = True
+    res["triton_swiglu_direct"] = per_call_us(lambda: swiglu(g, u))
 
     st = new_state()
     xb = torch.randn(2, m // 2, h, device=dev, dtype=dt)
@@ -97,7 +106,7 @@ def main(argv=None):
     rows[:, -4:] = True
     row_split.compute(rows)
     op = torch.ops.sparselora.sparse_mlp.default
-    with torch.no_grad():
+    with torch.no_grad():  # k = 256 < 512: slice + cuBLAS and the SwiGLU kernel
         res["op_sparse_mlp"] = per_call_us(
             lambda: op(xb, w, wu, wd, None, None, None, idx, rows, st.state_id), n=1000)
 
