@@ -294,7 +294,7 @@ def _ab_settings():
             launch.ENABLED, sparse_mlp.ALL_ROWS_MAX_K = direct, all_rows_max_k
         return apply
     default = (launch.ENABLED, sparse_mlp.ALL_ROWS_MAX_K)
-    return {"default": setting(*default), "no_direct_launch": setting(False, default[1]),
+    return {"default": setting(*default), "direct_launch": setting(not default[0], default[1]),
             "ctxrows": setting(default[0], 0)}, setting(*default)
 
 
@@ -641,7 +641,8 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=10, help="timed steps per shape")
     ap.add_argument("--ab", type=int, default=0, metavar="ROUNDS",
                     help="after a sparselora variant, this many rounds of interleaved steps of its runtime "
-                         "settings (default, no_direct_launch, ctxrows)")
+                         "settings (default; direct_launch: runtime/kernels/launch.py switched; ctxrows: "
+                         "the MLP's context part over context rows only)")
     ap.add_argument("--warmup", type=int, default=3, help="untimed steps per shape (incl. compile)")
     ap.add_argument("--total-steps", type=int, default=1000, help="the presets' total_steps")
     ap.add_argument("--inner", default="inductor", choices=("inductor", "aot_eager", "eager"))

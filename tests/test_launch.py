@@ -21,6 +21,22 @@ def test_key_holds_what_triton_specializes_on():
     assert fast._arg_key("tf32") != fast._arg_key("ieee")
 
 
+def test_empty_launch_hooks_do_not_count_as_hooks():
+    """Triton 3.6+ keeps its launch hooks as a HookChain, empty unless someone adds a hook
+    (session 6: reading any non-None hook as set kept every launch on Triton's path)."""
+    import triton
+    rt = triton.knobs.runtime
+    assert not fast._hooks_or_debug()
+    hook = lambda *a: None  # noqa: E731
+    if hasattr(rt.launch_enter_hook, "add"):
+        rt.launch_enter_hook.add(hook)
+        try:
+            assert fast._hooks_or_debug()
+        finally:
+            rt.launch_enter_hook.remove(hook)
+    assert not fast._hooks_or_debug()
+
+
 @pytest.mark.skipif(CUDA, reason="the interpreter runs on CPU-only machines")
 def test_interpreted_kernels_take_the_normal_path():
     from sparselora_compile.runtime.kernels import gathered_gemm, swiglu
