@@ -45,9 +45,12 @@ def _swiglu_grad(dh, g, u):
 # Below this many kept channels the context part runs on every row (dense rows too) and
 # the dense rows are overwritten afterwards: their extra k columns cost less than copying
 # the context rows out of x and back into y (and the same in the backward), two launches
-# and two passes over [context rows x hidden] each. At k = 512 on H200 (LLaMA-3-8B, 1024 of
-# 4096 rows dense) the extra FLOPs take about as long as the two copies; it is also where
-# the gathered GEMMs switch from slice + cuBLAS to Triton (gathered.MIN_TRITON_K).
+# and two passes over [context rows x hidden] each. By the H200's rates (bf16 GEMMs ~750
+# TFLOP/s, copies ~4.3 TB/s) with 1024 of 4096 rows dense on LLaMA-3-8B, the extra FLOPs
+# cost as much as the copies near k = 700; 512 keeps a margin and is where the gathered
+# GEMMs switch from slice + cuBLAS to Triton (gathered.MIN_TRITON_K). Measured at k = 144:
+# 1-3 ms less kernel time per step (bench/README.md, session 6). The FLOP statistics
+# (ops._count) count the method's products, not these extra columns (< 1% at k = 144).
 ALL_ROWS_MAX_K = 512
 
 
