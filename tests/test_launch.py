@@ -44,6 +44,69 @@ def test_interpreted_kernels_take_the_normal_path():
     assert fast._kernel_info(gathered_gemm._gathered_gemm_kernel) is fast._NORMAL
 
 
+def _compiled_twin(kernel):
+    """The real gathered-GEMM kernel wrapped as on a GPU (Autotuner > Heuristics >
+    JITFunction), whatever the interpreter made of it, so its arguments can be assembled
+    on CPU."""
+    from triton.runtime.autotuner import Autotuner, Heuristics
+    from triton.runtime.jit import JITFunction
+    raw = kernel.fn.fn
+    raw = getattr(raw, "fn", raw)
+    jit = JITFunction(raw, do_not_specialize=["M", "M_BUCKET"])
+    heur = Heuristics(jit, jit.arg_names, kernel.fn.values)
+    return Autotuner(heur, jit.arg_names, kernel.configs, kernel.keys, None, None)
+
+
+class _Compiled:
+    """Stands for Triton's compiled kernel: records what its launcher is called with."""
+    function, packed_metadata = "function-handle", "packed-metadata"
+
+    def __init__(self):
+        self.calls = []
+
+    def run(self, *a):
+        self.calls.append(a)
+
+
+def test_direct_launch_passes_the_arguments_tritons_launch_does(monkeypatch):
+    """The launcher gets the grid, the stream, the handles, no hooks, then every argument in
+    the kernel's signature order: the call's runtime arguments, then the constexprs (the
+    call's, the autotuner's choice, the heuristics')."""
+    import triton
+    from sparselora_compile.runtime.kernels import gathered_gemm as gg
+    kernel = _compiled_twin(gg._gathered_gemm_kernel)
+    config = kernel.configs[0]
+    compiled = _Compiled()
+
+    def triton_launch(grid):
+        def call(*args, **kw):
+            kernel.best_config = config  # what the autotuner records
+            return compiled
+        return call
+    monkeypatch.setattr(type(kernel), "__getitem__", lambda self, grid: triton_launch(grid))
+    monkeypatch.setattr(fast, "ENABLED", True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", lambda d: 1234, raising=False)
+    fast.clear()
+    a, w, c, idx = torch.zeros(64, 96), torch.zeros(80, 96), torch.zeros(64, 32), torch.arange(32)
+    args = (a, w, c, idx, idx, idx, 64, 32, 96, 96, 1, 1, 96, 32, 1, 64)
+    constexprs = dict(GATHER_R=False, GATHER_N=True, HAS_ROWS=False, PRECISION="ieee")
+    grid = lambda meta: (triton.cdiv(64, meta["BLOCK_M"]) * triton.cdiv(32, meta["BLOCK_N"]),)  # noqa: E731
+    assert fast.launch(kernel, grid, *args, **constexprs) is compiled  # first: Triton's path
+    assert fast.launch(kernel, grid, *args, **constexprs) is None  # then: the launcher
+    (call,) = compiled.calls
+    b = config.kwargs
+    assert call[:9] == (grid(b)[0], 1, 1, 1234, "function-handle", "packed-metadata", None, None, None)
+    assert call[9:9 + len(args)] == args
+    even_k = 96 % b["BLOCK_K"] == 0
+    assert list(call[9 + len(args):]) == [False, True, False, "ieee", b["BLOCK_M"], b["BLOCK_N"],
+                                          b["BLOCK_K"], b["GROUP_M"], even_k]
+    # another alignment class: Triton's path again, then a second entry
+    fast.launch(kernel, grid, a[:, 1:], *args[1:], **constexprs)
+    assert len(compiled.calls) == 1 and len(fast._ENTRIES) == 2
+    fast.clear()
+
+
 def _calls():
     """Each kernel through its public wrapper; the second gathered GEMM reads a view 2 bytes
     into its buffer (another alignment class), the last one another M bucket."""
