@@ -21,10 +21,12 @@ excluded, median of the timed steps (device-synchronised wall time per step):
 
 Inductor settings ride on a variant's name as suffixes (any variant but eager), each
 passed as inductor_config (sl_*) or torch.compile options (inductor*):
-    _cpp      cpp_wrapper=True: the generated wrapper launches from C++, not Python
-    _cppat    the same with triton.autotune_at_compile_time=True: torch 2.11's default
-              (False) runs each new graph once on inputs made from its fake tensors to
-              collect the kernels, which cannot drive our data-dependent ops
+    _cpp      cpp_wrapper=True: the generated wrapper launches from C++, not Python; with
+              the settings Inductor patches in for it (store_cubin, compile-time autotune:
+              sparselora_compile.backend.CPP_WRAPPER_SETTINGS), which torch 2.11 applies to
+              the forward's compile only, so that backward graphs compile too
+    _cppat    cpp_wrapper=True and triton.autotune_at_compile_time=True only (session 6's
+              first try; failed on the backward for lack of store_cubin)
     _combo    combo_kernels=True: independent small kernels share one launch
     _noassert size_asserts=False: no stride checks of graph inputs on every call
 A variant name ending in _ctxrows runs the sparse MLP's context part over the context rows
@@ -69,7 +71,9 @@ VARIANTS = ("eager", "inductor", "inductor_bf16", "inductor_regional", "sl_math1
             "sl_sparsity0", "sl_math10k_whole", "sl_csr_whole", "sl_sparsity0_whole", "sl_math10k_mlp",
             "sl_math10k_lora_model", "sl_math10k_mlp_lora_model", "sl_math10k_whole_lora_model",
             "sl_csr_lora_model")
-INDUCTOR_SUFFIXES = {"_cpp": {"cpp_wrapper": True}, "_combo": {"combo_kernels": True},
+from sparselora_compile.backend import CPP_WRAPPER_SETTINGS  # noqa: E402
+
+INDUCTOR_SUFFIXES = {"_cpp": {"cpp_wrapper": True, **CPP_WRAPPER_SETTINGS}, "_combo": {"combo_kernels": True},
                      "_cppat": {"cpp_wrapper": True, "triton.autotune_at_compile_time": True},
                      "_noassert": {"size_asserts": False}}
 

@@ -127,7 +127,25 @@ def _inner_compile(name, gm, example_inputs, inductor_config=None):
     # still applies to both graphs.
     import torch._functorch.config as functorch_config
     with functorch_config.patch(enable_autograd_cache=False):
-        return compile_fx(gm, example_inputs, config_patches=inductor_config)
+        return compile_fx(gm, example_inputs, config_patches=_with_cpp_wrapper_settings(inductor_config))
+
+
+# What Inductor itself patches in while it compiles with cpp_wrapper (compile_fx's
+# get_cpp_wrapper_config). torch 2.11 applies that only around the forward: the backward,
+# compiled later, got cpp_wrapper without store_cubin and failed with "CudaKernelParamCache
+# not populated" (bench/README.md, sessions 5-6; torch 2.13 patches the backward too).
+# Compile-time autotuning, not torch 2.11's default of running each new graph once on
+# inputs made from its fake tensors, which our data-dependent ops cannot take.
+CPP_WRAPPER_SETTINGS = {"triton.store_cubin": True, "triton.autotune_at_compile_time": True,
+                        "triton.autotune_cublasLt": False}
+
+
+def _with_cpp_wrapper_settings(inductor_config):
+    """`inductor_config` plus CPP_WRAPPER_SETTINGS when it turns cpp_wrapper on (the
+    caller's own values win): they then reach the backward's compile too."""
+    if not inductor_config or not inductor_config.get("cpp_wrapper"):
+        return inductor_config
+    return {**CPP_WRAPPER_SETTINGS, **inductor_config}
 
 
 def sparselora_backend(gm: torch.fx.GraphModule, example_inputs, options=None):

@@ -195,8 +195,7 @@ def compile_loss(model: torch.nn.Module, inner: str):
         return lambda: None
     before = base.__dict__.get("_loss_function")
     # Default Inductor settings, not `inductor_config`: the loss runs once per step, so host
-    # settings gain nothing here, and cpp_wrapper failed on its backward (torch 2.11, H200:
-    # "CudaKernelParamCache not populated", bench/results/train_step_32l_inductor_config.json).
+    # settings gain nothing here.
     base.loss_function = torch.compile(base.loss_function, backend=inner)
 
     def undo():

@@ -41,3 +41,15 @@ def test_inductor_config_reaches_the_layer_graphs_not_the_loss(monkeypatch):
     ours = [c for c, rewritten in calls if rewritten]
     assert ours and all(c == patches for c in ours)
     assert any(c is None or c == {} for c, rewritten in calls if not rewritten)
+
+
+def test_cpp_wrapper_brings_the_settings_inductor_patches_for_it():
+    """torch 2.11 patched store_cubin (and compile-time autotuning) only around the
+    forward's compile; passing them with cpp_wrapper makes them reach the backward's."""
+    from sparselora_compile.backend import CPP_WRAPPER_SETTINGS, _with_cpp_wrapper_settings
+    assert _with_cpp_wrapper_settings({"size_asserts": False}) == {"size_asserts": False}
+    assert _with_cpp_wrapper_settings(None) is None
+    got = _with_cpp_wrapper_settings({"cpp_wrapper": True, "triton.autotune_at_compile_time": False})
+    assert got == {**CPP_WRAPPER_SETTINGS, "cpp_wrapper": True, "triton.autotune_at_compile_time": False}
+    import torch._inductor.config as inductor_config
+    assert all(k in inductor_config._config for k in CPP_WRAPPER_SETTINGS)
