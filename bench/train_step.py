@@ -72,6 +72,7 @@ VARIANTS = ("eager", "inductor", "inductor_bf16", "inductor_regional", "sl_math1
             "sl_math10k_lora_model", "sl_math10k_mlp_lora_model", "sl_math10k_whole_lora_model",
             "sl_csr_lora_model")
 from sparselora_compile.backend import CPP_WRAPPER_SETTINGS  # noqa: E402
+from sparselora_compile.runtime.sparse_mlp import ALL_ROWS_MAX_K  # noqa: E402  (the default)
 
 INDUCTOR_SUFFIXES = {"_cpp": {"cpp_wrapper": True, **CPP_WRAPPER_SETTINGS}, "_combo": {"combo_kernels": True},
                      "_cppat": {"cpp_wrapper": True, "triton.autotune_at_compile_time": True},
@@ -332,9 +333,8 @@ def run_variant(name, peft, init_state, batches, args, device, layers, log):
     """Compile (if any), then time each batch shape; returns the variant's figures."""
     full_name, (name, inductor_config) = name, split_variant(name.removesuffix("_ctxrows"))
     from sparselora_compile.runtime import sparse_mlp
-    all_rows_max_k = sparse_mlp.ALL_ROWS_MAX_K
-    if full_name.endswith("_ctxrows"):
-        sparse_mlp.ALL_ROWS_MAX_K = 0
+    # set by every variant, so a _ctxrows variant that fails midway does not leak its layout
+    sparse_mlp.ALL_ROWS_MAX_K = 0 if full_name.endswith("_ctxrows") else ALL_ROWS_MAX_K
     with torch.no_grad():  # same LoRA init for every variant, in the run's adapter dtype
         for n, p in peft.named_parameters():
             if n in init_state:
@@ -451,7 +451,6 @@ def run_variant(name, peft, init_state, batches, args, device, layers, log):
         fn.uncompile()
     del fn, opt, policy
     free(device)
-    sparse_mlp.ALL_ROWS_MAX_K = all_rows_max_k
     return res
 
 
