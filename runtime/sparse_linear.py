@@ -109,7 +109,7 @@ def in_sparse_grad_input(gy, w, idx, dense_rows):
         return gy @ w
     lead, g2 = gy.shape[:-1], gy.reshape(-1, gy.shape[-1])
     dense = None if split.all_context else _rows(g2, split.dense) @ w
-    kept = gathered.in_sparse_grad_input(_rows(g2, split.ctx), w, idx)
+    kept = gathered.in_sparse_grad_input(context_rows(g2, split), w, idx)
     return _assemble(g2, w.shape[1], split, dense, idx, kept).view(*lead, w.shape[1])
 
 

@@ -34,8 +34,8 @@ class BackendOptions:
     lora_dtype: str = "adapter"
     # Inductor config for the graphs this backend compiles (with regional=True: the layers',
     # not the loss's), e.g. {"size_asserts": False}: the rewritten step is bound by the host,
-    # and these settings change how much host work a compiled graph does (cpp_wrapper fails
-    # on our graphs with torch 2.11: bench/README.md).
+    # and these settings change how much host work a compiled graph does (cpp_wrapper brings
+    # the settings it needs along: CPP_WRAPPER_SETTINGS below).
     inductor_config: dict | None = None
 
     @classmethod
