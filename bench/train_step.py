@@ -29,8 +29,10 @@ passed as inductor_config (sl_*) or torch.compile options (inductor*):
               first try; failed on the backward for lack of store_cubin)
     _combo    combo_kernels=True: independent small kernels share one launch
     _noassert size_asserts=False: no stride checks of graph inputs on every call
-A variant name ending in _ctxrows runs the sparse MLP's context part over the context rows
-only, as before session 6 (runtime/sparse_mlp.py ALL_ROWS_MAX_K = 0), for an A/B in one run.
+Runtime suffixes (sl_* variants), after any Inductor suffix:
+    _ctxrows  the sparse MLP's context part over the context rows only, as before session 6
+              (runtime/sparse_mlp.py ALL_ROWS_MAX_K = 0), for an A/B in one run
+    _graphs   slc.compile(..., cuda_graphs=True): the decoder layers replayed as CUDA graphs
 
 Every compiled variant is timed on both batch shapes (Math10K: 8 x 512 with 128 output
 tokens; CSR: 8 x 512 with 3 output tokens) without recompiling (same tensor shapes).
@@ -91,11 +93,29 @@ def split_variant(name: str) -> tuple[str, dict]:
     return name, config
 
 
+RUNTIME_SUFFIXES = ("_ctxrows", "_graphs")
+
+
+def runtime_flags(name: str) -> tuple[str, set]:
+    """'sl_math10k_lora_model_cpp_graphs' -> ('sl_math10k_lora_model_cpp', {'_graphs'})."""
+    flags, found = set(), True
+    while found:
+        found = False
+        for suffix in RUNTIME_SUFFIXES:
+            if name.endswith(suffix):
+                name, found = name.removesuffix(suffix), True
+                flags.add(suffix)
+    return name, flags
+
+
 def variant_name(text: str) -> str:
-    base, config = split_variant(text.removesuffix("_ctxrows"))
-    if base not in VARIANTS or (config and base == "eager"):
-        raise argparse.ArgumentTypeError(f"unknown variant {text!r}: one of {VARIANTS}, plus any of "
-                                         f"the suffixes {sorted(INDUCTOR_SUFFIXES)} except on eager")
+    stem, flags = runtime_flags(text)
+    base, config = split_variant(stem)
+    if (base not in VARIANTS or (config and base == "eager")
+            or flags and (not base.startswith("sl_") or "_whole" in base)):
+        raise argparse.ArgumentTypeError(
+            f"unknown variant {text!r}: one of {VARIANTS}, plus any of the suffixes "
+            f"{sorted(INDUCTOR_SUFFIXES)} except on eager, then {RUNTIME_SUFFIXES} on regional sl_*")
     return text
 
 
@@ -217,6 +237,23 @@ class GcWatch:
         return {"collections_per_generation": self.counts, "ms": round(self.ms, 2)}
 
 
+def cpu_jiffies():
+    """(steal, total) of /proc/stat's cpu line: on a VM, time the hypervisor gave this
+    machine's CPUs to others; a host-bound step stretches by it. None where unreadable."""
+    try:
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+        return v[7], sum(v[:8])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def steal_share(before, after):
+    if before is None or after is None or after[1] == before[1]:
+        return None
+    return (after[0] - before[0]) / (after[1] - before[1])
+
+
 def free(device):
     gc.collect()
     torch._dynamo.reset()
@@ -331,10 +368,11 @@ def interleaved_ab(fn, opt, batches, args, device, log, name):
 
 def run_variant(name, peft, init_state, batches, args, device, layers, log):
     """Compile (if any), then time each batch shape; returns the variant's figures."""
-    full_name, (name, inductor_config) = name, split_variant(name.removesuffix("_ctxrows"))
+    full_name, (stem, flags) = name, runtime_flags(name)
+    name, inductor_config = split_variant(stem)
     from sparselora_compile.runtime import sparse_mlp
     # set by every variant, so a _ctxrows variant that fails midway does not leak its layout
-    sparse_mlp.ALL_ROWS_MAX_K = 0 if full_name.endswith("_ctxrows") else ALL_ROWS_MAX_K
+    sparse_mlp.ALL_ROWS_MAX_K = 0 if "_ctxrows" in flags else ALL_ROWS_MAX_K
     with torch.no_grad():  # same LoRA init for every variant, in the run's adapter dtype
         for n, p in peft.named_parameters():
             if n in init_state:
@@ -373,7 +411,8 @@ def run_variant(name, peft, init_state, batches, args, device, layers, log):
             if base.endswith("_mlp"):
                 policy.sparsity = {k: v for k, v in policy.sparsity.items() if k.endswith(".mlp")}
             policy.set_step(10**6)  # past the dense warm-up
-        fn = slc_compile(peft, policy, inner=args.inner, regional=regional, **extra)
+        fn = slc_compile(peft, policy, inner=args.inner, regional=regional,
+                         cuda_graphs="_graphs" in flags, **extra)
     opt = torch.optim.AdamW(lora_params(peft), lr=1e-5)  # after inductor_bf16's cast
     res = {"variant": full_name, "shapes": {}, "inductor_config": inductor_config}
     name = full_name
@@ -386,6 +425,7 @@ def run_variant(name, peft, init_state, batches, args, device, layers, log):
         for i in range(args.warmup + args.steps):
             if i == args.warmup:
                 gc_watch.start()
+                jiffies = cpu_jiffies()
             sync(device)
             t0, c0 = time.perf_counter(), time.thread_time()
             loss = train_step(fn, opt, ids, labels)
@@ -410,6 +450,7 @@ def run_variant(name, peft, init_state, batches, args, device, layers, log):
                 launch.append(t_host)
                 cpu.append(c_host)
         gc_stats = gc_watch.stop()
+        steal = steal_share(jiffies, cpu_jiffies())
         med = statistics.median(times)
         ntok = ids.numel()
         res["shapes"][shape] = {
@@ -421,13 +462,19 @@ def run_variant(name, peft, init_state, batches, args, device, layers, log):
             "steps_ms": [round(t * 1e3, 2) for t in times],
             "host_steps_ms": [round(t * 1e3, 2) for t in launch],
             "host_cpu_ms": statistics.median(cpu) * 1e3,
-            "host_cpu_steps_ms": [round(t * 1e3, 2) for t in cpu], "gc": gc_stats}
+            "host_cpu_steps_ms": [round(t * 1e3, 2) for t in cpu], "gc": gc_stats,
+            "cpu_steal_share": steal}
         log(f"  {name} [{shape}]: median {med * 1e3:.2f} ms ({ntok / med:,.0f} tok/s), "
             f"min {min(times) * 1e3:.2f}, max {max(times) * 1e3:.2f}, host queueing "
             f"{statistics.median(launch) * 1e3:.2f} ms (CPU {statistics.median(cpu) * 1e3:.2f}), gc {gc_stats['collections_per_generation']} "
-            f"{gc_stats['ms']:.1f} ms")
+            f"{gc_stats['ms']:.1f} ms, CPU steal {'n/a' if steal is None else f'{100 * steal:.1f}%'}")
     if policy is not None and args.ab:
         res["ab"] = interleaved_ab(fn, opt, batches, args, device, log, name)
+    graphs = getattr(fn, "graphs", None)
+    if graphs is not None:
+        res["cuda_graphs"] = {"captures": graphs.captures, "graphed_forwards": graphs.graphed_forwards,
+                              "disabled": graphs.disabled}
+        log(f"  {name}: CUDA graphs {res['cuda_graphs']}")
     if policy is not None:
         res["policy_stats"] = policy.stats.as_dict()
         if layer_map is not None:

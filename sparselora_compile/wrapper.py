@@ -8,6 +8,8 @@ own and layers with the same plan share one compiled graph, so the first step co
 few layer compiles; the HF loss function is compiled on its own, and the embeddings,
 final norm and head run eagerly. With
 `regional=False` the whole model is one `torch.compile(model, backend="sparselora")`.
+`cuda_graphs=True` (regional, CUDA) replays the compiled layers' forward and backward as
+CUDA graphs in training steps past the warm-up (cuda_graphs.py).
 """
 from __future__ import annotations
 
@@ -21,17 +23,28 @@ class SparseLoRAModel(torch.nn.Module):
     Regional compilation installs the compiled layers on `.model` itself (as
     `nn.Module.compile` does); `uncompile()` removes them."""
 
-    def __init__(self, model: torch.nn.Module, policy: Policy, regional: bool = True, **options):
+    def __init__(self, model: torch.nn.Module, policy: Policy, regional: bool = True,
+                 cuda_graphs: bool = False, **options):
         super().__init__()
+        if cuda_graphs and not regional:
+            raise ValueError("sparselora: cuda_graphs=True graphs the regionally compiled "
+                             "decoder layers; it needs regional=True")
         self.model = model
         self.policy = policy
         self.regional = regional
         self._layers, self._undo_loss = [], lambda: None
+        self.graphs = None
         if regional:
             from .regional import compile_layers, compile_loss
             self._layers = compile_layers(model, policy, policy.runtime_state(), options)
             self._undo_loss = compile_loss(model, options.get("inner", "inductor"))
             self._compiled = model
+            if cuda_graphs:
+                from .cuda_graphs import LayerGraphs
+                from .regional import decoder_layers
+                self.graphs = LayerGraphs(policy.runtime_state())
+                for prefix, layer in decoder_layers(model):
+                    self.graphs.install(prefix, layer)
         else:
             self._compiled = torch.compile(model, backend="sparselora",
                                            options={"policy": policy, **options})
@@ -42,13 +55,31 @@ class SparseLoRAModel(torch.nn.Module):
         state.attention_mask = kwargs.get("attention_mask")
         state.force_dense = self.policy.dense_eval and not self.model.training
         state.forward_id += 1
+        graphs = self.graphs if torch.is_grad_enabled() else None
         if self.regional and torch.is_grad_enabled():
             state.begin_forward()  # whole-model graphs count their own steps
             self._token_rows_ahead(state, kwargs)
+        if graphs is not None:
+            graphs.begin(self._graph_key(state))
         try:
             return self._compiled(*args, **kwargs)
         finally:
             state.labels = state.attention_mask = None
+            if graphs is not None:
+                graphs.end()
+
+    def _graph_key(self, state):
+        """What a CUDA graph set of the layers is valid for (None: no graphs this forward):
+        a training forward past the warm-up whose token split was made ahead; its
+        shape and the split's sizes."""
+        from sparselora_compile.runtime import row_split
+        if (not self.model.training or state.force_dense or not state.sparse_now()
+                or state.record is not None or state.shared_rows is None or state.shared_rows[0][0] != state.forward_id):
+            return None
+        rows = state.shared_rows[1]
+        split = row_split.split_of(rows)
+        sizes = tuple(None if t is None else t.numel() for t in (split.dense, split.ctx, split.scored))
+        return (tuple(rows.shape), rows.device, sizes)
 
     @staticmethod
     def _token_rows_ahead(state, kwargs) -> None:
@@ -68,7 +99,9 @@ class SparseLoRAModel(torch.nn.Module):
 
 
 def compile(model: torch.nn.Module, policy: Policy | None = None, *, regional: bool = True,
-            **options) -> SparseLoRAModel:
-    """`regional`: compile one decoder layer per distinct plan and reuse it (see above)."""
+            cuda_graphs: bool = False, **options) -> SparseLoRAModel:
+    """`regional`: compile one decoder layer per distinct plan and reuse it; `cuda_graphs`:
+    replay those layers as CUDA graphs in training (see above)."""
     from . import presets
-    return SparseLoRAModel(model, policy or presets.default(), regional=regional, **options)
+    return SparseLoRAModel(model, policy or presets.default(), regional=regional,
+                           cuda_graphs=cuda_graphs, **options)

@@ -1,0 +1,264 @@
+"""CUDA graphs of the compiled decoder layers: `slc.compile(model, cuda_graphs=True)`.
+
+A sparse training step of a 32-layer model queues ~4,000 kernels, each through Python
+(Inductor's wrappers, cuBLAS dispatch, our ops). On an H200 the GPU needs ~127 ms for them
+and the host 150-185 ms to queue them, so the step waits on the host. A graph replays one
+layer's forward or backward with one launch. `torch.cuda.make_graphed_callables` captures
+every layer's forward and backward in one shared memory pool.
+
+A replay runs no Python, so what the layers read from Python is kept valid this way:
+- the token split (index tensors whose sizes depend on the labels): the capturing forward's
+  split tensors become static; each graphed forward copies its own split into them, and a
+  set of graphs serves only the split sizes, shapes and settings it was captured with (the
+  forward's `key`); a layer whose arguments differ from its capture runs ungraphed;
+- the ops' FLOP counters: a graphed layer adds what it counted when it last ran ungraphed;
+- the dense warm-up, eval and recording change what the ops do: only training forwards past
+  the warm-up with recording off use graphs;
+- the static activations: a replay overwrites the previous replay's, so while the previous
+  graphed forward's autograd graph is alive and its backward has not run, a forward runs
+  ungraphed.
+A key is captured when two forwards in a row had it (the first records the layers'
+arguments); at most MAX_SETS sets are kept, and a model captures at most MAX_CAPTURES
+times. A failing capture (a layer that syncs with the host, say) turns graphs off with a
+warning; training goes on ungraphed.
+"""
+from __future__ import annotations
+
+import logging
+import time
+import weakref
+from collections import OrderedDict
+
+import torch
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+log = logging.getLogger("sparselora_compile")
+
+MAX_SETS = 2
+MAX_CAPTURES = 8
+WARMUP_ITERS = 2  # make_graphed_callables' warm-up on a side stream before capturing
+_TENSOR = object()  # where a tensor goes among a call's leaves
+
+
+def call_signature(args, kwargs):
+    """(signature, tensors): the call's structure, its non-tensor values and each tensor's
+    shape, dtype, device and requires_grad; the tensors in leaf order."""
+    leaves, spec = tree_flatten((args, kwargs))
+    tensors = [x for x in leaves if isinstance(x, torch.Tensor)]
+    consts = tuple(_TENSOR if isinstance(x, torch.Tensor) else x for x in leaves)
+    metas = tuple((tuple(t.shape), t.dtype, t.device, t.requires_grad) for t in tensors)
+    return (spec, consts, metas), tensors
+
+
+def same_signature(a, b) -> bool:
+    try:
+        return a[0] == b[0] and a[2] == b[2] and len(a[1]) == len(b[1]) and all(
+            x is y or x == y for x, y in zip(a[1], b[1]))
+    except Exception:  # a non-tensor argument without a usable ==
+        return False
+
+
+class _LayerFn(torch.nn.Module):
+    """One layer as a function of its tensor arguments (the form make_graphed_callables
+    takes); its parameters are the layer's."""
+
+    def __init__(self, layer, call, signature):
+        super().__init__()
+        self.layer = layer
+        self._call, (self._spec, self._consts, _) = call, signature
+
+    def forward(self, *tensors):
+        it = iter(tensors)
+        args, kwargs = tree_unflatten([next(it) if c is _TENSOR else c for c in self._consts], self._spec)
+        return self._call(*args, **kwargs)
+
+
+class _Watch(torch.autograd.Function):
+    """Identity on a graphed forward's output; its node tells whether that forward's
+    autograd graph is alive and whether its backward has run."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.done = False
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        ctx.done = True
+        return g
+
+
+class _GraphSet:
+    def __init__(self, layers: dict, rows, split, flops: dict):
+        self.layers = layers      # prefix -> (signature, graphed callable)
+        self.rows, self.split = rows, split  # the static token split the graphs read
+        self.flops = flops        # prefix -> (dense, executed) FLOPs one layer counts
+        self.keep = None          # tensors the graphs read from caches (kept alive)
+
+
+class LayerGraphs:
+    """Graphs of the decoder layers of one compiled model (installed by the wrapper).
+    `make_graphed` and `needs_cuda` are attributes so that CPU tests can run the
+    bookkeeping with a stand-in for the capture."""
+
+    make_graphed = staticmethod(torch.cuda.make_graphed_callables)
+    needs_cuda = True
+
+    def __init__(self, state):
+        self.state = state
+        self.sets: "OrderedDict[tuple, _GraphSet]" = OrderedDict()
+        self.calls: dict = {}      # prefix -> (layer, its compiled call)
+        self.active: _GraphSet | None = None
+        self.recording: dict | None = None
+        self.recorded: tuple | None = None  # (key, {prefix: (signature, tensors, flops)})
+        self.last_key = None
+        self.captures = 0
+        self.disabled: str | None = None
+        self.watch = None          # the last graphed forward's _Watch node (a weakref)
+        self._unwatched = False    # the running graphed forward has not placed its _Watch
+        self.graphed_forwards = 0
+
+    # ---- installing ----------------------------------------------------------------------
+
+    def install(self, prefix: str, layer: torch.nn.Module) -> None:
+        inner = layer._compiled_call_impl
+        self.calls[prefix] = (layer, inner)
+
+        def call(*args, **kwargs):
+            return self._dispatch(prefix, inner, args, kwargs)
+        layer._compiled_call_impl = call
+
+    # ---- per forward -----------------------------------------------------------------------
+
+    def begin(self, key) -> None:
+        """Before a forward: pick its graph set, capturing one if due. `key` is None when
+        this forward must not use graphs."""
+        self.active, self.recording = None, None
+        prev, self.last_key = self.last_key, key
+        if key is None or self.disabled or self.needs_cuda and key[1].type != "cuda":
+            return
+        if self._previous_pending():
+            log.debug("sparselora: the previous graphed forward's backward has not run; "
+                      "this forward runs ungraphed")
+            return
+        graphs = self.sets.get(key)
+        if graphs is None and key == prev and self.recorded and self.recorded[0] == key:
+            graphs = self._capture(key)
+        if graphs is None:
+            self.recording = {}
+            return
+        self.sets.move_to_end(key)
+        self._load_split(graphs)
+        self.active, self._unwatched = graphs, True
+        self.graphed_forwards += 1
+
+    def end(self) -> None:
+        """After a forward: keep the layer arguments it recorded (for a capture)."""
+        if self.recording:
+            self.recorded = (self.last_key, self.recording)
+        self.active = self.recording = None
+
+    def _previous_pending(self) -> bool:
+        node = self.watch() if self.watch is not None else None
+        return node is not None and not node.done
+
+    # ---- per layer call --------------------------------------------------------------------
+
+    def _dispatch(self, prefix, inner, args, kwargs):
+        graphs = self.active
+        if graphs is not None and prefix in graphs.layers:
+            sig, tensors = call_signature(args, kwargs)
+            want, fn = graphs.layers[prefix]
+            if same_signature(sig, want):
+                out = fn.forward(*tensors)  # make_graphed_callables patched it to replay
+                self._count(graphs.flops.get(prefix))
+                if self._unwatched:
+                    self._unwatched = False
+                    out = self._watched(out)
+                return out
+        if self.recording is None:
+            return inner(*args, **kwargs)
+        sig, tensors = call_signature(args, kwargs)
+        stats = self.state.stats
+        before = (stats.base_flops_dense, stats.base_flops_executed)
+        out = inner(*args, **kwargs)
+        flops = (stats.base_flops_dense - before[0], stats.base_flops_executed - before[1])
+        self.recording[prefix] = (sig, [t.detach() for t in tensors], flops)
+        return out
+
+    def _watched(self, out):
+        # on the first graphed layer's output: its backward runs last but one, so `done`
+        # says the backward reached the first layer
+        leaves, spec = tree_flatten(out)
+        for i, x in enumerate(leaves):
+            if isinstance(x, torch.Tensor) and x.requires_grad:
+                leaves[i] = _Watch.apply(x)
+                self.watch = weakref.ref(leaves[i].grad_fn)
+                break
+        return tree_unflatten(leaves, spec)
+
+    def _count(self, flops) -> None:
+        if flops is not None:
+            self.state.stats.base_flops_dense += flops[0]
+            self.state.stats.base_flops_executed += flops[1]
+
+    # ---- capturing ---------------------------------------------------------------------------
+
+    def _load_split(self, graphs: _GraphSet) -> None:
+        from sparselora_compile.runtime import row_split
+        rows = self.state.shared_rows[1]
+        if rows is graphs.rows:
+            return
+        split = row_split.split_of(rows)
+        graphs.rows.copy_(rows)
+        for name in ("dense", "ctx", "scored"):
+            dst, src = getattr(graphs.split, name), getattr(split, name)
+            if dst is not None:
+                dst.copy_(src)
+
+    def _capture(self, key):
+        if self.captures >= MAX_CAPTURES:
+            if self.captures == MAX_CAPTURES:
+                log.warning("sparselora: %d CUDA graph captures made; the token split keeps "
+                            "changing, so new ones run ungraphed", MAX_CAPTURES)
+                self.captures += 1
+            return None
+        from sparselora_compile.runtime import row_split, selection
+        _, recorded = self.recorded
+        order = [p for p in self.calls if p in recorded]  # the layers' order
+        t0 = time.perf_counter()
+        stats = self.state.stats
+        saved = (stats.base_flops_dense, stats.base_flops_executed)
+        self.recorded = None
+        try:
+            fns, samples = [], []
+            for prefix in order:
+                sig, tensors, _ = recorded[prefix]
+                layer, inner = self.calls[prefix]
+                fns.append(_LayerFn(layer, inner, sig))
+                # fresh static inputs, with the recorded call's requires_grad (tensors were
+                # kept detached)
+                samples.append(tuple(t.clone().requires_grad_(meta[3])
+                                     for t, meta in zip(tensors, sig[2])))
+            graphed = self.make_graphed(
+                tuple(fns), tuple(samples), num_warmup_iters=WARMUP_ITERS, allow_unused_input=True)
+        except Exception as e:  # noqa: BLE001 - any failure: go on ungraphed, and say why
+            self.disabled = f"{type(e).__name__}: {e}"
+            log.warning("sparselora: capturing the decoder layers in CUDA graphs failed, so "
+                        "they run ungraphed: %s", self.disabled)
+            return None
+        finally:
+            stats.base_flops_dense, stats.base_flops_executed = saved
+        self.captures += 1
+        rows = self.state.shared_rows[1]
+        graphs = _GraphSet({p: (recorded[p][0], g) for p, g in zip(order, graphed)},
+                           rows, row_split.split_of(rows), {p: recorded[p][2] for p in order})
+        # the graphs read cached tensors by address: hold them while the graphs exist
+        graphs.keep = list(selection._JOINED.values())
+        self.sets[key] = graphs
+        while len(self.sets) > MAX_SETS:
+            self.sets.popitem(last=False)
+        log.info("sparselora: captured %d decoder layers in CUDA graphs in %.1f s "
+                 "(key %d of at most %d)", len(order), time.perf_counter() - t0,
+                 self.captures, MAX_CAPTURES)
+        return graphs

@@ -1,0 +1,167 @@
+"""cuda_graphs=True: the decoder layers replayed as CUDA graphs in training.
+
+On CPU the capture is replaced by a stand-in that returns the layer functions unchanged,
+which checks the bookkeeping (when a key is captured, which forwards replay, FLOP counts,
+fallbacks); on CUDA the real graphs are checked against ungraphed training step by step.
+"""
+import logging
+
+import pytest
+import torch
+
+import sparselora_compile as slc
+from sparselora_compile.cuda_graphs import LayerGraphs
+from sparselora_compile.runtime.state import RuntimeState
+
+from llama import ALL, batch, tiny_llama
+
+CUDA = torch.cuda.is_available()
+POLICY = dict(mlp=0.5, attention=0.5, sparsity={"layers.1.mlp": 0.75})
+
+
+class StandIn:
+    """make_graphed_callables' contract without a GPU: the modules come back, their forward
+    run without the ops' Python side effects (the FLOP counters), as a replay would."""
+
+    def __init__(self, fail=False):
+        self.calls, self.fail = [], fail
+
+    def __call__(self, fns, samples, **kwargs):
+        self.calls.append([[t.requires_grad for t in s] for s in samples])
+        if self.fail:
+            raise RuntimeError("operation not permitted when stream is capturing")
+        for fn in fns:
+            fn.forward = self._replaying(fn.forward)
+        return fns
+
+    @staticmethod
+    def _replaying(forward):
+        def replay(*tensors):
+            count = RuntimeState.count_flops
+            RuntimeState.count_flops = lambda *a: None
+            try:
+                return forward(*tensors)
+            finally:
+                RuntimeState.count_flops = count
+        return replay
+
+
+def _batches(n, n_out=(3,), t=12):
+    # different tokens each step; the split's sizes change only where n_out does
+    return [batch(t=t, n_out=n_out[i % len(n_out)], seed=10 + i) for i in range(n)]
+
+
+def _train(graphs, batches, device="cpu", monkeypatch=None, stand_in=None, inner="aot_eager",
+           dtype=torch.float32):
+    torch._dynamo.reset()
+    model = tiny_llama(ALL, layers=3).to(device, dtype)
+    if monkeypatch is not None:
+        monkeypatch.setattr(LayerGraphs, "needs_cuda", False)
+        monkeypatch.setattr(LayerGraphs, "make_graphed", stand_in)
+    policy = slc.Policy(**POLICY)
+    wrapped = slc.compile(model, policy, inner=inner, cuda_graphs=graphs)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for ids, labels in batches:
+        loss = wrapped(input_ids=ids.to(device), labels=labels.to(device)).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.detach().float().cpu())
+    params = {n: p.detach().float().cpu() for n, p in model.named_parameters() if p.requires_grad}
+    return losses, params, policy.stats.as_dict(), wrapped.graphs
+
+
+def _assert_same(a, b, rtol=1e-5, atol=1e-6):
+    for x, y in zip(a[0], b[0]):
+        torch.testing.assert_close(x, y, rtol=rtol, atol=atol)
+    for n in b[1]:
+        torch.testing.assert_close(a[1][n], b[1][n], rtol=rtol, atol=atol, msg=n)
+
+
+def test_capture_on_the_second_forward_of_a_key_then_replay(monkeypatch):
+    stand_in = StandIn()
+    batches = _batches(5)
+    plain = _train(False, batches)
+    graphed = _train(True, batches, monkeypatch=monkeypatch, stand_in=stand_in)
+    _assert_same(graphed, plain)
+    assert graphed[2] == plain[2] and plain[2]["saved_fraction"] > 0  # FLOPs of replayed layers
+    g = graphed[3]
+    # forward 1 records, forward 2 captures and replays, and so do forwards 3-5
+    assert g.captures == 1 and g.graphed_forwards == 4 and len(g.sets) == 1
+    # layer 0's input (the frozen embedding's output) needs no grad, the others do
+    assert stand_in.calls[0][0][0] is False and all(s[0] for s in stand_in.calls[0][1:])
+
+
+def test_a_new_split_runs_ungraphed_until_it_repeats(monkeypatch):
+    stand_in = StandIn()
+    # output tokens 3, 3, 5, 3, 5, 5, 5: the split's sizes key the graph sets
+    sizes = (3, 3, 5, 3, 5, 5, 5)
+    batches = [batch(t=12, n_out=n, seed=20 + i) for i, n in enumerate(sizes)]
+    plain = _train(False, batches)
+    graphed = _train(True, batches, monkeypatch=monkeypatch, stand_in=stand_in)
+    _assert_same(graphed, plain)
+    assert graphed[2] == plain[2]
+    g = graphed[3]
+    # key 3 captured at forward 2 (replayed at 2 and 4); key 5 captured at forward 6 (6, 7)
+    assert g.captures == 2 and g.graphed_forwards == 4 and len(g.sets) == 2
+
+
+def test_a_forward_whose_predecessor_awaits_its_backward_runs_ungraphed(monkeypatch):
+    monkeypatch.setattr(LayerGraphs, "needs_cuda", False)
+    monkeypatch.setattr(LayerGraphs, "make_graphed", StandIn())
+    torch._dynamo.reset()
+    model = tiny_llama(ALL, layers=3)
+    wrapped = slc.compile(model, slc.Policy(**POLICY), inner="aot_eager", cuda_graphs=True)
+    (ids, labels), = _batches(1)
+    for _ in range(2):
+        wrapped(input_ids=ids, labels=labels).loss.backward()
+    assert wrapped.graphs.graphed_forwards == 1
+    first = wrapped(input_ids=ids, labels=labels).loss      # replays
+    second = wrapped(input_ids=ids, labels=labels).loss     # first's backward pending
+    assert wrapped.graphs.graphed_forwards == 2
+    (first + second).backward()
+    wrapped(input_ids=ids, labels=labels).loss.backward()   # replays again
+    assert wrapped.graphs.graphed_forwards == 3
+    with torch.no_grad():  # no grad, eval: never graphed
+        wrapped(input_ids=ids, labels=labels)
+    model.eval()
+    wrapped(input_ids=ids, labels=labels)
+    assert wrapped.graphs.graphed_forwards == 3
+
+
+def test_a_failing_capture_turns_graphs_off_and_training_goes_on(monkeypatch, caplog):
+    batches = _batches(4)
+    plain = _train(False, batches)
+    with caplog.at_level(logging.WARNING, logger="sparselora_compile"):
+        graphed = _train(True, batches, monkeypatch=monkeypatch, stand_in=StandIn(fail=True))
+    _assert_same(graphed, plain)
+    assert graphed[2] == plain[2]
+    assert graphed[3].graphed_forwards == 0 and "stream is capturing" in graphed[3].disabled
+    assert "CUDA graphs failed" in caplog.text
+
+
+def test_cuda_graphs_needs_regional_compilation():
+    with pytest.raises(ValueError, match="regional=True"):
+        slc.compile(tiny_llama(ALL), slc.Policy(**POLICY), regional=False, cuda_graphs=True)
+
+
+def test_without_cuda_graphs_stay_off():
+    losses, _, _, g = _train(True, _batches(3))  # CPU tensors: the real capture needs CUDA
+    assert g.captures == 0 and g.graphed_forwards == 0 and g.disabled is None
+
+
+@pytest.mark.skipif(not CUDA, reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_graph_replay_matches_ungraphed_training_on_cuda(dtype):
+    """Real captures through Inductor: eight optimizer steps on changing tokens, with a
+    split size that appears once (ungraphed) in between; bf16 keeps its own tolerance."""
+    sizes = (3, 3, 3, 5, 3, 3, 3, 3)
+    batches = [batch(t=12, n_out=n, seed=30 + i) for i, n in enumerate(sizes)]
+    plain = _train(False, batches, device="cuda", inner="inductor", dtype=dtype)
+    graphed = _train(True, batches, device="cuda", inner="inductor", dtype=dtype)
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    _assert_same(graphed, plain, **tol)
+    assert graphed[2] == plain[2]
+    g = graphed[3]
+    assert g.disabled is None and g.captures == 1 and g.graphed_forwards == 6
