@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import time
+import traceback
 import weakref
 from collections import OrderedDict
 
@@ -114,6 +115,7 @@ class LayerGraphs:
         self.last_key = None
         self.captures = 0
         self.disabled: str | None = None
+        self.failure: str | None = None  # the failed capture's traceback
         self.watch = None          # the last graphed forward's _Watch node (a weakref)
         self._unwatched = False    # the running graphed forward has not placed its _Watch
         self.graphed_forwards = 0
@@ -244,6 +246,8 @@ class LayerGraphs:
                 tuple(fns), tuple(samples), num_warmup_iters=WARMUP_ITERS, allow_unused_input=True)
         except Exception as e:  # noqa: BLE001 - any failure: go on ungraphed, and say why
             self.disabled = f"{type(e).__name__}: {e}"
+            self.failure = traceback.format_exc()
+            log.debug("sparselora: CUDA graph capture failed:\n%s", self.failure)
             log.warning("sparselora: capturing the decoder layers in CUDA graphs failed, so "
                         "they run ungraphed: %s", self.disabled)
             return None
