@@ -34,14 +34,17 @@ def sync_check(inner):
     for _ in range(2):
         wrapped(input_ids=ids, labels=labels).loss.backward()
     layer = model.base_model.model.model.layers[1]
-    seen = {}
-    hook = layer.register_forward_pre_hook(lambda m, a, kw: seen.update(args=a, kwargs=kw), with_kwargs=True)
+    seen, call = {}, layer._compiled_call_impl
+
+    def spy(*a, **kw):
+        seen.update(args=a, kwargs=kw)
+        return call(*a, **kw)
+    layer._compiled_call_impl = spy
     wrapped(input_ids=ids, labels=labels).loss.backward()
-    hook.remove()
-    x = seen["args"][0].detach().requires_grad_(True) if seen["args"] else None
+    layer._compiled_call_impl = call
     kwargs = dict(seen["kwargs"])
-    if x is None:
-        x = kwargs.pop("hidden_states").detach().requires_grad_(True)
+    x = seen["args"][0] if seen["args"] else kwargs.pop("hidden_states")
+    x = x.detach().requires_grad_(True)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
