@@ -473,7 +473,7 @@ def run_variant(name, peft, init_state, batches, args, device, layers, log):
     graphs = getattr(fn, "graphs", None)
     if graphs is not None:
         res["cuda_graphs"] = {"captures": graphs.captures, "graphed_forwards": graphs.graphed_forwards,
-                              "disabled": graphs.disabled}
+                              "disabled": graphs.disabled, "failure": graphs.failure}
         log(f"  {name}: CUDA graphs {res['cuda_graphs']}")
     if policy is not None:
         res["policy_stats"] = policy.stats.as_dict()
