@@ -59,19 +59,40 @@ def same_signature(a, b) -> bool:
         return False
 
 
-class _LayerFn(torch.nn.Module):
-    """One layer as a function of its tensor arguments (the form make_graphed_callables
-    takes); its parameters are the layer's."""
+class _LayerFn:
+    """One layer as a function of its tensor arguments and trainable parameters, the form
+    make_graphed_callables takes.
+
+    The parameters are arguments, not the module's own: the capture runs the layer with
+    fresh leaf aliases of them (same storage). A parameter's gradient accumulator made in
+    an earlier step lives on the default stream while that step's autograd graph is alive
+    (a caller holding the last loss keeps it), and a captured backward that syncs with it
+    fails ("operation would make the legacy stream depend on a capturing blocking
+    stream"). A replay passes the real parameters, so their gradients land in `.grad`."""
 
     def __init__(self, layer, call, signature):
-        super().__init__()
-        self.layer = layer
         self._call, (self._spec, self._consts, _) = call, signature
+        self._slots = [(mod, name) for mod in layer.modules()
+                       for name, p in mod._parameters.items() if p is not None and p.requires_grad]
 
-    def forward(self, *tensors):
-        it = iter(tensors)
+    def params(self) -> tuple:
+        return tuple(mod._parameters[name] for mod, name in self._slots)
+
+    def aliases(self) -> tuple:
+        return tuple(torch.nn.Parameter(p.detach(), requires_grad=True) for p in self.params())
+
+    def __call__(self, *flat):
+        n = len(flat) - len(self._slots)
+        it = iter(flat[:n])
         args, kwargs = tree_unflatten([next(it) if c is _TENSOR else c for c in self._consts], self._spec)
-        return self._call(*args, **kwargs)
+        real = self.params()
+        for (mod, name), p in zip(self._slots, flat[n:]):
+            mod._parameters[name] = p
+        try:
+            return self._call(*args, **kwargs)
+        finally:
+            for (mod, name), p in zip(self._slots, real):
+                mod._parameters[name] = p
 
 
 class _Watch(torch.autograd.Function):
@@ -91,7 +112,7 @@ class _Watch(torch.autograd.Function):
 
 class _GraphSet:
     def __init__(self, layers: dict, rows, split, flops: dict):
-        self.layers = layers      # prefix -> (signature, graphed callable)
+        self.layers = layers      # prefix -> (signature, graphed callable, parameters)
         self.rows, self.split = rows, split  # the static token split the graphs read
         self.flops = flops        # prefix -> (dense, executed) FLOPs one layer counts
         self.keep = None          # tensors the graphs read from caches (kept alive)
@@ -170,9 +191,9 @@ class LayerGraphs:
         graphs = self.active
         if graphs is not None and prefix in graphs.layers:
             sig, tensors = call_signature(args, kwargs)
-            want, fn = graphs.layers[prefix]
+            want, fn, params = graphs.layers[prefix]
             if same_signature(sig, want):
-                out = fn.forward(*tensors)  # make_graphed_callables patched it to replay
+                out = fn(*tensors, *params)
                 self._count(graphs.flops.get(prefix))
                 if self._unwatched:
                     self._unwatched = False
@@ -239,9 +260,9 @@ class LayerGraphs:
                 layer, inner = self.calls[prefix]
                 fns.append(_LayerFn(layer, inner, sig))
                 # fresh static inputs, with the recorded call's requires_grad (tensors were
-                # kept detached)
+                # kept detached), then the parameters' aliases
                 samples.append(tuple(t.clone().requires_grad_(meta[3])
-                                     for t, meta in zip(tensors, sig[2])))
+                                     for t, meta in zip(tensors, sig[2])) + fns[-1].aliases())
             graphed = self.make_graphed(
                 tuple(fns), tuple(samples), num_warmup_iters=WARMUP_ITERS, allow_unused_input=True)
         except Exception as e:  # noqa: BLE001 - any failure: go on ungraphed, and say why
@@ -255,7 +276,7 @@ class LayerGraphs:
             stats.base_flops_dense, stats.base_flops_executed = saved
         self.captures += 1
         rows = self.state.shared_rows[1]
-        graphs = _GraphSet({p: (recorded[p][0], g) for p, g in zip(order, graphed)},
+        graphs = _GraphSet({p: (recorded[p][0], g, f.params()) for p, g, f in zip(order, graphed, fns)},
                            rows, row_split.split_of(rows), {p: recorded[p][2] for p in order})
         # the graphs read cached tensors by address: hold them while the graphs exist
         graphs.keep = list(selection._JOINED.values())

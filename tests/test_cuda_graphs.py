@@ -20,19 +20,18 @@ POLICY = dict(mlp=0.5, attention=0.5, sparsity={"layers.1.mlp": 0.75})
 
 
 class StandIn:
-    """make_graphed_callables' contract without a GPU: the modules come back, their forward
-    run without the ops' Python side effects (the FLOP counters), as a replay would."""
+    """make_graphed_callables' contract without a GPU: the functions come back, run without
+    the ops' Python side effects (the FLOP counters), as a replay would."""
 
     def __init__(self, fail=False):
         self.calls, self.fail = [], fail
 
     def __call__(self, fns, samples, **kwargs):
         self.calls.append([[t.requires_grad for t in s] for s in samples])
+        self.samples = samples
         if self.fail:
             raise RuntimeError("operation not permitted when stream is capturing")
-        for fn in fns:
-            fn.forward = self._replaying(fn.forward)
-        return fns
+        return tuple(self._replaying(fn) for fn in fns)
 
     @staticmethod
     def _replaying(forward):
@@ -91,6 +90,20 @@ def test_capture_on_the_second_forward_of_a_key_then_replay(monkeypatch):
     assert g.captures == 1 and g.graphed_forwards == 4 and len(g.sets) == 1
     # layer 0's input (the frozen embedding's output) needs no grad, the others do
     assert stand_in.calls[0][0][0] is False and all(s[0] for s in stand_in.calls[0][1:])
+
+
+def test_the_capture_sees_fresh_aliases_of_the_trainable_parameters(monkeypatch):
+    """A captured backward must not reach gradient accumulators made on the default stream
+    by earlier steps: the capture gets new leaves on the parameters' storage, and a replay
+    passes the real parameters (their .grad fills, as the first test checks)."""
+    stand_in = StandIn()
+    g = _train(True, _batches(2), monkeypatch=monkeypatch, stand_in=stand_in)[3]
+    (graphs,) = g.sets.values()
+    for sample, (_, _, params) in zip(stand_in.samples, graphs.layers.values()):
+        aliases = sample[-len(params):]
+        assert params and all(p.requires_grad for p in params)
+        for a, p in zip(aliases, params):
+            assert a is not p and a.is_leaf and a.requires_grad and a.data_ptr() == p.data_ptr()
 
 
 def test_a_new_split_runs_ungraphed_until_it_repeats(monkeypatch):
