@@ -329,15 +329,13 @@ def profile_step(fn, opt, ids, labels, device, step_ms):
 def _ab_settings():
     """Runtime switches of a compiled sparselora variant (no recompile): name -> setter."""
     from sparselora_compile.runtime import sparse_mlp
-    from sparselora_compile.runtime.kernels import launch
 
-    def setting(direct, all_rows_max_k):
+    def setting(all_rows_max_k):
         def apply():
-            launch.ENABLED, sparse_mlp.ALL_ROWS_MAX_K = direct, all_rows_max_k
+            sparse_mlp.ALL_ROWS_MAX_K = all_rows_max_k
         return apply
-    default = (launch.ENABLED, sparse_mlp.ALL_ROWS_MAX_K)
-    return {"default": setting(*default), "direct_launch": setting(not default[0], default[1]),
-            "ctxrows": setting(default[0], 0)}, setting(*default)
+    default = sparse_mlp.ALL_ROWS_MAX_K
+    return {"default": setting(default), "ctxrows": setting(0)}, setting(default)
 
 
 def interleaved_ab(fn, opt, batches, args, device, log, name):

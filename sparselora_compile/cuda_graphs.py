@@ -16,7 +16,9 @@ A replay runs no Python, so what the layers read from Python is kept valid this 
   the warm-up with recording off use graphs;
 - the static activations: a replay overwrites the previous replay's, so while the previous
   graphed forward's autograd graph is alive and its backward has not run, a forward runs
-  ungraphed.
+  ungraphed;
+- not graphed at all: layers under gradient checkpointing (recomputed in the backward) and
+  layers with active dropout (random masks under replay are not verified on a GPU yet).
 A key is captured when two forwards in a row had it (the first records the layers'
 arguments); at most MAX_SETS sets are kept, and a model captures at most MAX_CAPTURES
 times. A failing capture (a layer that syncs with the host, say) turns graphs off with a
@@ -139,11 +141,15 @@ class LayerGraphs:
         self.failure: str | None = None  # the failed capture's traceback
         self.watch = None          # the last graphed forward's _Watch node (a weakref)
         self._unwatched = False    # the running graphed forward has not placed its _Watch
+        self._dropout = False      # a layer holds a Dropout with p > 0
+        self._said: set = set()    # blockers already logged
         self.graphed_forwards = 0
 
     # ---- installing ----------------------------------------------------------------------
 
     def install(self, prefix: str, layer: torch.nn.Module) -> None:
+        if any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in layer.modules()):
+            self._dropout = True
         inner = layer._compiled_call_impl
         self.calls[prefix] = (layer, inner)
 
@@ -159,6 +165,12 @@ class LayerGraphs:
         self.active, self.recording = None, None
         prev, self.last_key = self.last_key, key
         if key is None or self.disabled or self.needs_cuda and key[1].type != "cuda":
+            return
+        blocker = self._blocker()
+        if blocker:
+            if blocker not in self._said:
+                self._said.add(blocker)
+                log.info("sparselora: cuda_graphs: the layers run ungraphed: %s", blocker)
             return
         if self._previous_pending():
             log.debug("sparselora: the previous graphed forward's backward has not run; "
@@ -180,6 +192,14 @@ class LayerGraphs:
         if self.recording:
             self.recorded = (self.last_key, self.recording)
         self.active = self.recording = None
+
+    def _blocker(self) -> str | None:
+        if self._dropout and any(m.training for layer, _ in self.calls.values()
+                                 for m in layer.modules() if isinstance(m, torch.nn.Dropout) and m.p > 0):
+            return "active dropout (random masks under graph replay are not verified yet)"
+        if any(getattr(layer, "gradient_checkpointing", False) for layer, _ in self.calls.values()):
+            return "gradient checkpointing recomputes the layers in the backward"
+        return None
 
     def _previous_pending(self) -> bool:
         node = self.watch() if self.watch is not None else None

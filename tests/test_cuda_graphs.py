@@ -154,6 +154,22 @@ def test_a_failing_capture_turns_graphs_off_and_training_goes_on(monkeypatch, ca
     assert "CUDA graphs failed" in caplog.text
 
 
+@pytest.mark.parametrize("blocker", ["dropout", "checkpointing"])
+def test_dropout_and_checkpointing_run_ungraphed(monkeypatch, caplog, blocker):
+    monkeypatch.setattr(LayerGraphs, "needs_cuda", False)
+    monkeypatch.setattr(LayerGraphs, "make_graphed", StandIn())
+    torch._dynamo.reset()
+    model = tiny_llama(ALL, layers=3, dropout=0.1 if blocker == "dropout" else 0.0,
+                       checkpointing=blocker == "checkpointing")
+    wrapped = slc.compile(model, slc.Policy(**POLICY), inner="aot_eager", cuda_graphs=True)
+    (ids, labels), = _batches(1)
+    with caplog.at_level(logging.INFO, logger="sparselora_compile"):
+        for _ in range(3):
+            wrapped(input_ids=ids, labels=labels).loss.backward()
+    assert wrapped.graphs.captures == 0 and wrapped.graphs.graphed_forwards == 0
+    assert ("random masks" if blocker == "dropout" else "recomputes the layers") in caplog.text
+
+
 def test_cuda_graphs_needs_regional_compilation():
     with pytest.raises(ValueError, match="regional=True"):
         slc.compile(tiny_llama(ALL), slc.Policy(**POLICY), regional=False, cuda_graphs=True)

@@ -22,7 +22,6 @@ import triton
 import triton.language as tl
 
 from ._common import autotune_bench, interpreting
-from .launch import launch
 
 
 _empty = torch.empty  # module attribute so tests can poison the partial sums with NaN
@@ -124,8 +123,8 @@ def _scores(xg, bg, xu, bu, rg=None, ru=None):
     else:
         rg = ru = part  # unused (RESIDUAL=False); any pointer will do
     grid = lambda meta: (triton.cdiv(f, meta["BLOCK_F"]), splits)
-    launch(
-        _channel_scores_kernel, grid, xg, bg, xu, bu, rg, ru, part, m, f, r, rpp,
+    _channel_scores_kernel[grid](
+        xg, bg, xu, bu, rg, ru, part, m, f, r, rpp,
         xg.stride(0), xg.stride(1), bg.stride(0), bg.stride(1),
         xu.stride(0), xu.stride(1), bu.stride(0), bu.stride(1),
         GATED=gated, RESIDUAL=residual, BLOCK_R=max(16, triton.next_power_of_2(r)),  # tl.dot needs K >= 16

@@ -23,7 +23,6 @@ import triton
 import triton.language as tl
 
 from ._common import autotune_bench, dot_precision, interpreting
-from .launch import launch
 
 
 _empty = torch.empty  # module attribute so tests can poison fresh outputs with NaN
@@ -158,8 +157,8 @@ def _launch(a, w, idx, n_out, gather_r, gather_n, w_r_stride, w_n_stride, rows, 
     if row_idx is not None:
         row_idx = row_idx.contiguous()
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n_out, meta["BLOCK_N"]),)
-    launch(
-        _gathered_gemm_kernel, grid, a_v, w, c_v, idx, idx, row_idx if row_idx is not None else idx,
+    _gathered_gemm_kernel[grid](
+        a_v, w, c_v, idx, idx, row_idx if row_idx is not None else idx,
         m, n_out, r,
         a_v.stride(0), a_v.stride(1), w_r_stride, w_n_stride, c_v.stride(0), c_v.stride(1),
         triton.next_power_of_2(m),

@@ -10,7 +10,6 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import launch
 
 _empty = torch.empty_like  # module attribute so tests can poison fresh outputs with NaN
 BLOCK = 1024
@@ -53,7 +52,7 @@ def swiglu(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     h = _empty(g)
     n = g.numel()
     if n:
-        launch(_swiglu_fwd_kernel, (triton.cdiv(n, BLOCK),), g, u, h, n, BLOCK=BLOCK)
+        _swiglu_fwd_kernel[(triton.cdiv(n, BLOCK),)](g, u, h, n, BLOCK=BLOCK)
     return h
 
 
@@ -63,7 +62,7 @@ def swiglu_grad(dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor) -> tuple[tor
     dg, du = _empty(g), _empty(u)
     n = g.numel()
     if n:
-        launch(_swiglu_bwd_kernel, (triton.cdiv(n, BLOCK),), dh, g, u, dg, du, n, BLOCK=BLOCK)
+        _swiglu_bwd_kernel[(triton.cdiv(n, BLOCK),)](dh, g, u, dg, du, n, BLOCK=BLOCK)
     return dg, du
 
 
