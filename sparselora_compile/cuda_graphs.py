@@ -114,7 +114,7 @@ class _Watch(torch.autograd.Function):
 
 class _GraphSet:
     def __init__(self, layers: dict, rows, split, flops: dict):
-        self.layers = layers      # prefix -> (signature, graphed callable, parameters)
+        self.layers = layers      # prefix -> (signature, graphed callable, its _LayerFn)
         self.rows, self.split = rows, split  # the static token split the graphs read
         self.flops = flops        # prefix -> (dense, executed) FLOPs one layer counts
         self.keep = None          # tensors the graphs read from caches (kept alive)
@@ -211,9 +211,11 @@ class LayerGraphs:
         graphs = self.active
         if graphs is not None and prefix in graphs.layers:
             sig, tensors = call_signature(args, kwargs)
-            want, fn, params = graphs.layers[prefix]
+            want, fn, layer_fn = graphs.layers[prefix]
             if same_signature(sig, want):
-                out = fn(*tensors, *params)
+                # the parameters as they are now: one replaced since the capture gets its
+                # values copied into the captured storage, and its gradient
+                out = fn(*tensors, *layer_fn.params())
                 self._count(graphs.flops.get(prefix))
                 if self._unwatched:
                     self._unwatched = False
@@ -261,10 +263,10 @@ class LayerGraphs:
 
     def _capture(self, key):
         if self.captures >= MAX_CAPTURES:
-            if self.captures == MAX_CAPTURES:
+            if "max captures" not in self._said:
+                self._said.add("max captures")
                 log.warning("sparselora: %d CUDA graph captures made; the token split keeps "
                             "changing, so new ones run ungraphed", MAX_CAPTURES)
-                self.captures += 1
             return None
         from sparselora_compile.runtime import row_split, selection
         _, recorded = self.recorded
@@ -296,7 +298,7 @@ class LayerGraphs:
             stats.base_flops_dense, stats.base_flops_executed = saved
         self.captures += 1
         rows = self.state.shared_rows[1]
-        graphs = _GraphSet({p: (recorded[p][0], g, f.params()) for p, g, f in zip(order, graphed, fns)},
+        graphs = _GraphSet({p: (recorded[p][0], g, f) for p, g, f in zip(order, graphed, fns)},
                            rows, row_split.split_of(rows), {p: recorded[p][2] for p in order})
         # the graphs read cached tensors by address: hold them while the graphs exist
         graphs.keep = list(selection._JOINED.values())

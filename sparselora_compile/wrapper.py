@@ -74,7 +74,8 @@ class SparseLoRAModel(torch.nn.Module):
         shape and the split's sizes."""
         from sparselora_compile.runtime import row_split
         if (not self.model.training or state.force_dense or not state.sparse_now()
-                or state.record is not None or state.shared_rows is None or state.shared_rows[0][0] != state.forward_id):
+                or state.record is not None or state.shared_rows is None
+                or state.shared_rows[0][0] != state.forward_id):
             return None
         rows = state.shared_rows[1]
         split = row_split.split_of(rows)
@@ -95,6 +96,7 @@ class SparseLoRAModel(torch.nn.Module):
         uncompile_layers(self._layers)
         self._undo_loss()
         self._layers, self._undo_loss = [], lambda: None
+        self.graphs = None  # its dispatch went with the compiled layers; frees the graphs' memory
         return self.model
 
 

@@ -103,7 +103,8 @@ def test_capture_on_the_second_forward_of_a_key_then_replay(monkeypatch):
     # by earlier steps: the capture gets new leaves on the parameters' storage, and a
     # replay passes the real parameters (whose .grad filled: the same training as above).
     (graphs,) = g.sets.values()
-    for sample, (_, _, params) in zip(stand_in.samples, graphs.layers.values()):
+    for sample, (_, _, layer_fn) in zip(stand_in.samples, graphs.layers.values()):
+        params = layer_fn.params()
         assert params and all(p.requires_grad for p in params)
         for a, p in zip(sample[-len(params):], params):
             assert a is not p and a.is_leaf and a.requires_grad and a.data_ptr() == p.data_ptr()
