@@ -74,6 +74,8 @@ def capture_check(inner, sdpa=None):
 
 def main():
     from torch.nn.attention import SDPBackend
+    if not torch.cuda.is_available():
+        sys.exit("capture_check: CUDA graphs need a GPU, and none is visible")
     for inner in ("aot_eager", "inductor"):
         sync_check(inner)
     capture_check("aot_eager")
