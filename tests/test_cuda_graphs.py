@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import sparselora_compile as slc
+from sparselora_compile import cuda_graphs
 from sparselora_compile.cuda_graphs import LayerGraphs
 from sparselora_compile.runtime.state import RuntimeState
 
@@ -122,6 +123,16 @@ def test_a_new_split_runs_ungraphed_until_it_repeats(monkeypatch):
     g = graphed[3]
     # key 3 captured at forward 2 (replayed at 2 and 4); key 5 captured at forward 6 (6, 7)
     assert g.captures == 2 and g.graphed_forwards == 4 and len(g.sets) == 2
+
+
+def test_past_the_capture_limit_new_splits_run_ungraphed(monkeypatch, caplog):
+    monkeypatch.setattr(cuda_graphs, "MAX_CAPTURES", 1)
+    batches = [batch(t=12, n_out=n, seed=40 + i) for i, n in enumerate((3, 3, 5, 5, 5))]
+    with caplog.at_level(logging.WARNING, logger="sparselora_compile"):
+        g = _train(True, batches, monkeypatch=monkeypatch, stand_in=StandIn())[3]
+    # split size 3 captured at forward 2; size 5 would be at forward 4, past the limit
+    assert g.captures == 1 and g.graphed_forwards == 1 and len(g.sets) == 1
+    assert caplog.text.count("1 CUDA graph captures made") == 1  # said once, not per forward
 
 
 def test_a_forward_whose_predecessor_awaits_its_backward_runs_ungraphed(monkeypatch):
