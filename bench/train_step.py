@@ -81,15 +81,25 @@ INDUCTOR_SUFFIXES = {"_cpp": {"cpp_wrapper": True, **CPP_WRAPPER_SETTINGS}, "_co
                      "_noassert": {"size_asserts": False}}
 
 
+def strip_suffixes(name: str, suffixes) -> tuple[str, list]:
+    """Peel any of `suffixes` off the end of `name`, repeatedly; returns the stem and the
+    suffixes found, outermost first."""
+    found, peeled = [], True
+    while peeled:
+        peeled = False
+        for suffix in suffixes:
+            if name.endswith(suffix):
+                name, peeled = name.removesuffix(suffix), True
+                found.append(suffix)
+    return name, found
+
+
 def split_variant(name: str) -> tuple[str, dict]:
     """'sl_math10k_lora_model_cpp' -> ('sl_math10k_lora_model', {'cpp_wrapper': True})."""
-    config, found = {}, True
-    while found:
-        found = False
-        for suffix, patch in INDUCTOR_SUFFIXES.items():
-            if name.endswith(suffix):
-                name, found = name.removesuffix(suffix), True
-                config.update(patch)
+    name, found = strip_suffixes(name, INDUCTOR_SUFFIXES)
+    config = {}
+    for suffix in found:
+        config.update(INDUCTOR_SUFFIXES[suffix])
     return name, config
 
 
@@ -98,14 +108,8 @@ RUNTIME_SUFFIXES = ("_ctxrows", "_graphs")
 
 def runtime_flags(name: str) -> tuple[str, set]:
     """'sl_math10k_lora_model_cpp_graphs' -> ('sl_math10k_lora_model_cpp', {'_graphs'})."""
-    flags, found = set(), True
-    while found:
-        found = False
-        for suffix in RUNTIME_SUFFIXES:
-            if name.endswith(suffix):
-                name, found = name.removesuffix(suffix), True
-                flags.add(suffix)
-    return name, flags
+    name, found = strip_suffixes(name, RUNTIME_SUFFIXES)
+    return name, set(found)
 
 
 def variant_name(text: str) -> str:

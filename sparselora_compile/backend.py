@@ -33,9 +33,9 @@ class BackendOptions:
     # (passes/lora_dtype.py); a numerics change, like autocast, so it is opt-in.
     lora_dtype: str = "adapter"
     # Inductor config for the graphs this backend compiles (with regional=True: the layers',
-    # not the loss's), e.g. {"size_asserts": False}: the rewritten step is bound by the host,
-    # and these settings change how much host work a compiled graph does (cpp_wrapper brings
-    # the settings it needs along: CPP_WRAPPER_SETTINGS below).
+    # not the loss's), e.g. {"size_asserts": False}: without cuda_graphs the rewritten step
+    # is bound by the host, and these settings change how much host work a compiled graph
+    # does (cpp_wrapper brings the settings it needs along: CPP_WRAPPER_SETTINGS below).
     inductor_config: dict | None = None
 
     @classmethod

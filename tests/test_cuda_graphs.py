@@ -4,6 +4,7 @@ On CPU the capture is replaced by a stand-in that returns the layer functions un
 which checks the bookkeeping (when a key is captured, which forwards replay, FLOP counts,
 fallbacks); on CUDA the real graphs are checked against ungraphed training step by step.
 """
+import functools
 import logging
 
 import pytest
@@ -72,14 +73,10 @@ def _train(graphs, batches, device="cpu", monkeypatch=None, stand_in=None, inner
     return losses, params, policy.stats.as_dict(), wrapped.graphs
 
 
-_PLAIN = {}
-
-
+@functools.cache
 def _plain_five_steps():
     """The ungraphed baseline that two tests compare with (trained once)."""
-    if not _PLAIN:
-        _PLAIN["run"] = _train(False, _batches(5))
-    return _PLAIN["run"]
+    return _train(False, _batches(5))
 
 
 def _assert_same(a, b, rtol=1e-5, atol=1e-6):

@@ -10,7 +10,6 @@ import torch
 import triton
 import triton.language as tl
 
-
 _empty = torch.empty_like  # module attribute so tests can poison fresh outputs with NaN
 BLOCK = 1024
 
