@@ -150,6 +150,56 @@ def test_gathered_products_interpreter(poisoned_alloc, product, dtype, data):
     check_product(product, a, W, idx, draw_rows(data, M, "cpu"), dtype)
 
 
+def test_m_bucket():
+    from sparselora_compile.runtime.kernels._common import m_bucket
+    assert [m_bucket(m) for m in (0, 1, 2, 3, 128, 129, 3000, 4096, 4097)] == [1, 1, 2, 4, 128, 256, 4096, 4096, 8192]
+
+
+@pytest.fixture
+def two_configs(monkeypatch):
+    """Give a kernel's autotuner two configs and a fake benchmark that runs the kernel once
+    and counts: the count is the number of (key, config) pairs tuned."""
+    def setup(kernel, configs):
+        calls = []
+        monkeypatch.setattr(kernel, "configs", configs)
+        monkeypatch.setattr(kernel, "cache", {})
+
+        def bench(kernel_call, quantiles):
+            kernel_call()
+            calls.append(1)
+            return [1.0, 1.0, 1.0]
+        monkeypatch.setattr(kernel, "_do_bench", bench)
+        return calls
+    return setup
+
+
+@cpu_only
+def test_autotune_keys_follow_row_buckets(two_configs):
+    """A new row count in a seen power-of-two bucket reuses the tuned config (on an H200 each
+    re-tune cost ~100 ms per kernel, paid at every first-seen padded length); both configs
+    still give the reference's result."""
+    import triton
+    c = triton.Config
+    est = two_configs(fe._channel_scores_kernel, [c({"BLOCK_M": 16, "BLOCK_F": 32}, num_warps=4, num_stages=1),
+                                                  c({"BLOCK_M": 32, "BLOCK_F": 32}, num_warps=4, num_stages=1)])
+    # One bucket (1024) and two token splits (ROWS_PER_PROG 384 and 512 under the interpreter).
+    # Keys: gated with residuals, gated, and plain (channel_sq_norms), each tuned once.
+    for M in (600, 900, 700, 1000):
+        check_scores(M, 16, 8, 40, torch.float32, "cpu", M, residual=M % 200 == 0)
+    assert len(fe._channel_scores_kernel.cache) == 3 and len(est) == 6
+    check_scores(1100, 16, 8, 40, torch.float32, "cpu", 1)  # the next bucket tunes again
+    assert len(fe._channel_scores_kernel.cache) == 5
+
+    gem = two_configs(gg._gathered_gemm_kernel,
+                      [c({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 16, "GROUP_M": 4}, num_warps=4, num_stages=1),
+                       c({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 16, "GROUP_M": 4}, num_warps=4, num_stages=1)])
+    for M in (33, 40, 64):
+        a, W, idx = make_case("out_sparse_matmul", M, 24, 40, 20, torch.float32, "cpu", seed=0)
+        torch.testing.assert_close(gg.out_sparse_matmul(a, W, idx), gg.out_sparse_matmul_reference(a, W, idx),
+                                   rtol=1e-4, atol=1e-4)
+    assert len(gg._gathered_gemm_kernel.cache) == 1 and len(gem) == 2
+
+
 @cpu_only
 def test_empty_selection_gives_zeros():
     W = torch.randn(9, 7)

@@ -25,6 +25,14 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "tf32"
 
 
+def m_bucket(m: int) -> int:
+    """The autotune key of a row count: its next power of two. Row counts follow the batch
+    (padded length, token split) and change nearly every step on real data; a key holding
+    the exact count re-tunes every kernel for each new one (configs x do_bench, ~100 ms per
+    kernel on an H200), while the best config only changes with the count's scale."""
+    return 1 << max(0, int(m) - 1).bit_length()
+
+
 def autotune_bench(kernel_call, quantiles):
     # Shorter than triton's default (25/100 ms): new (M, N, K) keys appear as k changes.
     import triton.testing

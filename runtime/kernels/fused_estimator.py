@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import autotune_bench, interpreting
+from ._common import autotune_bench, interpreting, m_bucket
 
 
 _empty = torch.empty  # module attribute so tests can poison the partial sums with NaN
@@ -35,11 +35,15 @@ def _configs():
             for bm, bf, w in [(64, 128, 4), (128, 128, 8), (64, 256, 8), (32, 128, 4)]]
 
 
-@triton.autotune(configs=_configs(), key=["F", "R", "ROWS_PER_PROG", "GATED", "RESIDUAL"], do_bench=autotune_bench)
-@triton.jit(do_not_specialize=["M", "ROWS_PER_PROG"])
+# Keyed on M's power-of-two bucket, not on ROWS_PER_PROG: that follows M in 128-row steps
+# (for the MLP on an H200, a new key every 512 tokens), so real batches re-tuned it nearly
+# every step. Any config is valid for any ROWS_PER_PROG (a multiple of 128, so of BLOCK_M).
+@triton.autotune(configs=_configs(), key=["F", "R", "M_BUCKET", "GATED", "RESIDUAL"], do_bench=autotune_bench)
+@triton.jit(do_not_specialize=["M", "ROWS_PER_PROG", "M_BUCKET"])
 def _channel_scores_kernel(
     ag_ptr, bg_ptr, au_ptr, bu_ptr, rg_ptr, ru_ptr, part_ptr,
     M, F, R, ROWS_PER_PROG,
+    M_BUCKET,  # autotune key only
     stride_am, stride_ar, stride_bn_r, stride_bn_f, stride_um, stride_ur, stride_bu_r, stride_bu_f,
     GATED: tl.constexpr, RESIDUAL: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_F: tl.constexpr,
@@ -124,7 +128,7 @@ def _scores(xg, bg, xu, bu, rg=None, ru=None):
         rg = ru = part  # unused (RESIDUAL=False); any pointer will do
     grid = lambda meta: (triton.cdiv(f, meta["BLOCK_F"]), splits)
     _channel_scores_kernel[grid](
-        xg, bg, xu, bu, rg, ru, part, m, f, r, rpp,
+        xg, bg, xu, bu, rg, ru, part, m, f, r, rpp, m_bucket(m),
         xg.stride(0), xg.stride(1), bg.stride(0), bg.stride(1),
         xu.stride(0), xu.stride(1), bu.stride(0), bu.stride(1),
         GATED=gated, RESIDUAL=residual, BLOCK_R=max(16, triton.next_power_of_2(r)),  # tl.dot needs K >= 16

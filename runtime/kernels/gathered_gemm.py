@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import autotune_bench, dot_precision, interpreting
+from ._common import autotune_bench, dot_precision, interpreting, m_bucket
 
 
 _empty = torch.empty  # module attribute so tests can poison fresh outputs with NaN
@@ -161,7 +161,7 @@ def _launch(a, w, idx, n_out, gather_r, gather_n, w_r_stride, w_n_stride, rows, 
         a_v, w, c_v, idx, idx, row_idx if row_idx is not None else idx,
         m, n_out, r,
         a_v.stride(0), a_v.stride(1), w_r_stride, w_n_stride, c_v.stride(0), c_v.stride(1),
-        triton.next_power_of_2(m),
+        m_bucket(m),
         GATHER_R=gather_r, GATHER_N=gather_n, HAS_ROWS=row_idx is not None,
         PRECISION=dot_precision(a.dtype),
     )
