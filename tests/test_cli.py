@@ -140,10 +140,17 @@ def test_bad_flags_are_argparse_errors(capsys):
     (["--tiny", "--device", "gpu0"], ["--device 'gpu0'"]),
     (["--model", "no/such/model.gguf"], ["no/such/model.gguf"]),
     (["--tiny", "--backend", "eager", "--data", "no/such.jsonl"], ["no/such.jsonl"]),
+    (["--tiny", *SPARSE, "--policy", "."], ["'.'", "not a preset"]),
 ])
 def test_bad_values_and_missing_files_fail_in_one_line(tmp_path, capsys, argv, needles):
     _fails(capsys, [*argv, "--out", str(tmp_path / "run")], *needles)
     assert not (tmp_path / "run").exists()
+
+
+def test_unwritable_output_fails_in_one_line(tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    _fails(capsys, ["--tiny", "--backend", "eager", "--steps", "1", "--eval-size", "2",
+                    "--out", str(tmp_path / "file" / "run")], "file")
 
 
 def test_malformed_yaml_policy_names_the_file(tmp_path, capsys):

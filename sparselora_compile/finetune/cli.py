@@ -165,9 +165,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if a.command == "finetune":
             return finetune_main(a)
-    except (ValueError, FileNotFoundError, ModelUnavailableError) as e:
-        # Bad values, missing files, no model: the message says what to fix; a
-        # traceback would only bury it.
+    except (ValueError, OSError, ModelUnavailableError) as e:
+        # Bad values, missing or unreadable files, no model: the message says what to
+        # fix; a traceback would only bury it.
         print(f"{PROG}: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     return 2
