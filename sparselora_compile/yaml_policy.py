@@ -99,7 +99,3 @@ def policy_kwargs_from_yaml(source, total_steps: int | None = None) -> dict:
     kwargs["sparsity"] = {k: v for k, v in values.items() if v > 0}
     return kwargs
 
-
-def policy_from_yaml(source, total_steps: int | None = None, *, cls):
-    """`cls(**policy_kwargs_from_yaml(...))`, for callers that pass the Policy class."""
-    return cls(**policy_kwargs_from_yaml(source, total_steps))
