@@ -34,8 +34,16 @@ Runtime suffixes (sl_* variants), after any Inductor suffix:
               (runtime/sparse_mlp.py ALL_ROWS_MAX_K = 0), for an A/B in one run
     _graphs   slc.compile(..., cuda_graphs=True): the decoder layers replayed as CUDA graphs
 
-Every compiled variant is timed on both batch shapes (Math10K: 8 x 512 with 128 output
-tokens; CSR: 8 x 512 with 3 output tokens) without recompiling (same tensor shapes).
+Batches (--batches, bench/batches.py): `fixed` (the default) times every compiled variant
+on both fixed batch shapes (Math10K: 8 x 512 with 128 output tokens; CSR: 8 x 512 with 3
+output tokens) without recompiling (same tensor shapes), median of the timed steps.
+`padded`, `long` and `packed` feed what users' data looks like: a different sequence
+length and token split nearly every step (SFT rows right-padded to a multiple of 8 with
+an attention_mask; batch-4 long rows; DataCollatorWithFlattening rows with position_ids).
+Every variant sees the same batches; the first --warmup steps (Dynamo's compile and its
+automatic-dynamic recompile) are reported apart, and every later step counts, first-seen
+shapes included: mean tokens/s of non-padding tokens, mean/median/p90/max step time, the
+distinct shapes and what a first-seen one cost, CUDA-graphed steps and captures.
 With fewer than 32 layers a preset's per-layer settings are sampled: small layer i takes
 the settings of layer floor((i + 0.75) * 32 / L) (identity at L = 32; at L = 8, MLP sparse
 on 7/8 layers and attention on 4/8, as in the 32-layer Math10K preset's 28/32 and 14/32).
@@ -47,10 +55,13 @@ compared too.
     python bench/train_step.py --smoke --device cpu --inner aot_eager    # CPU, ~1 min
     python bench/train_step.py --layers 4 8                              # H200
     python bench/train_step.py --layers 32 --variants inductor sl_math10k
+    python bench/train_step.py --layers 32 --batches padded --variants inductor inductor_bf16 \
+        sl_math10k_lora_model_graphs                                     # H200, 50 steps
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import math
@@ -63,10 +74,13 @@ from pathlib import Path
 
 import torch
 
-import sparselora_compile as slc
+if str(Path(__file__).resolve().parent) not in sys.path:  # run as a script it is sys.path[0]
+    sys.path.append(str(Path(__file__).resolve().parent))
+import batches as user_batches  # noqa: E402  (bench/batches.py)
+import sparselora_compile as slc  # noqa: E402
 # `slc.compile` resolves to the submodule after its first use (package __getattr__ +
 # submodule import): take the function itself.
-from sparselora_compile import compile as slc_compile
+from sparselora_compile import compile as slc_compile  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 VARIANTS = ("eager", "inductor", "inductor_bf16", "inductor_regional", "sl_math10k", "sl_csr",
@@ -183,11 +197,17 @@ def add_lora(model, targets, bf16_adapters, seed=1):
 
 
 def make_batch(cfg, batch, seq, n_out, device, seed):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, cfg.vocab_size, (batch, seq), generator=g)
-    labels = ids.clone()
-    labels[:, : seq - n_out] = -100
-    return ids.to(device), labels.to(device)
+    b = next(user_batches.fixed_batches(cfg.vocab_size, 1, batch, seq, n_out, seed))
+    return b["input_ids"].to(device), b["labels"].to(device)
+
+
+def make_stream(mode, cfg, args, n_out, device, steps, seed=7):
+    """The batches a variant steps through, on the device: one dict for `fixed` (reused
+    every step), else warm-up + timed steps' worth of user-shaped batches."""
+    if mode == "fixed":
+        steps = 1
+    return [{k: v.to(device) for k, v in b.items()} for b in user_batches.make_batches(
+        mode, cfg.vocab_size, steps, args.batch, args.seq, n_out, seed=seed)]
 
 
 def lora_params(model):
@@ -258,6 +278,27 @@ def steal_share(before, after):
     return (after[0] - before[0]) / (after[1] - before[1])
 
 
+def quantile(xs, q):
+    """Nearest-rank quantile (p90 of 50 steps: the 45th smallest)."""
+    xs = sorted(xs)
+    return xs[max(0, math.ceil(q * len(xs)) - 1)]
+
+
+def graph_stats(fn) -> dict:
+    """CUDA-graph counters of a `slc.compile(..., cuda_graphs=True)` model ({} without):
+    its graphs' own `stats` where they have them, plus the counters read directly."""
+    g = getattr(fn, "graphs", None)
+    if g is None:
+        return {}
+    st = getattr(g, "stats", None)
+    st = st() if callable(st) and not hasattr(st, "as_dict") else st
+    out = dict(st.as_dict() if hasattr(st, "as_dict") else st if isinstance(st, dict) else {})
+    for k in ("captures", "graphed_forwards", "disabled", "failure"):
+        if k not in out and hasattr(g, k):
+            out[k] = getattr(g, k)
+    return out
+
+
 def free(device):
     gc.collect()
     torch._dynamo.reset()
@@ -265,8 +306,8 @@ def free(device):
         torch.cuda.empty_cache()
 
 
-def train_step(fn, opt, ids, labels):
-    loss = fn(input_ids=ids, labels=labels).loss
+def train_step(fn, opt, batch):
+    loss = fn(**batch).loss
     loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
@@ -276,7 +317,7 @@ def train_step(fn, opt, ids, labels):
 SYNC_EVENTS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaMemcpy")
 
 
-def profile_step(fn, opt, ids, labels, device, step_ms):
+def profile_step(fn, opt, batch, device, step_ms):
     """One step under torch.profiler: time of each sparselora op, the kernel total, the
     estimator's share and which ops make the host wait for the device."""
     from torch.profiler import ProfilerActivity, profile
@@ -284,7 +325,7 @@ def profile_step(fn, opt, ids, labels, device, step_ms):
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     sync(device)
     with profile(activities=acts) as prof:
-        train_step(fn, opt, ids, labels)
+        train_step(fn, opt, batch)
         sync(device)  # recorded too: one parentless cudaDeviceSynchronize in sync_parents
     ka, events = prof.key_averages(), prof.events()
     if cuda:
@@ -348,14 +389,14 @@ def interleaved_ab(fn, opt, batches, args, device, log, name):
     settings, restore = _ab_settings()
     out = {}
     try:
-        for shape, (ids, labels) in batches.items():
+        for shape, stream in batches.items():
             times = {k: [] for k in settings}
             for i in range(args.ab + 1):
                 for k, apply in settings.items():
                     apply()
                     sync(device)
                     t0 = time.perf_counter()
-                    train_step(fn, opt, ids, labels)
+                    train_step(fn, opt, stream[i % len(stream)])
                     sync(device)
                     if i:  # round 0 warms each setting up
                         times[k].append((time.perf_counter() - t0) * 1e3)
@@ -411,26 +452,37 @@ def run_variant(name, peft, init_state, batches, args, device, layers, log):
             preset = base[3:].removesuffix("_mlp")
             policy, layer_map = sampled_policy(preset, layers, total_steps=args.total_steps)
             if base.endswith("_mlp"):
-                policy.sparsity = {k: v for k, v in policy.sparsity.items() if k.endswith(".mlp")}
-            policy.set_step(10**6)  # past the dense warm-up
+                policy = dataclasses.replace(
+                    policy, sparsity={k: v for k, v in policy.sparsity.items() if k.endswith(".mlp")})
         fn = slc_compile(peft, policy, inner=args.inner, regional=regional,
                          cuda_graphs="_graphs" in flags, **extra)
+        if base != "sl_sparsity0":
+            fn.set_step(10**6)  # past the dense warm-up
     opt = torch.optim.AdamW(lora_params(peft), lr=1e-5)  # after inductor_bf16's cast
     res = {"variant": full_name, "shapes": {}, "inductor_config": inductor_config}
     name = full_name
     from torch._dynamo.utils import counters
     counters.clear()
     first = True
-    for shape, (ids, labels) in batches.items():
-        times, launch, cpu = [], [], []
+    peaks = []
+    for shape, stream in batches.items():
+        times, launch, cpu, tokens, first_seen, compiles, graphed, lens = [], [], [], [], [], [], [], []
+        warm_ms, seen = [], set()
         gc_watch = GcWatch()
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
         for i in range(args.warmup + args.steps):
             if i == args.warmup:
                 gc_watch.start()
                 jiffies = cpu_jiffies()
+            batch = stream[i % len(stream)]
+            seq_shape = tuple(batch["input_ids"].shape)
+            new = seq_shape not in seen
+            seen.add(seq_shape)
+            graphs0, graphed0 = counters["stats"]["unique_graphs"], graph_stats(fn).get("graphed_forwards", 0)
             sync(device)
             t0, c0 = time.perf_counter(), time.thread_time()
-            loss = train_step(fn, opt, ids, labels)
+            loss = train_step(fn, opt, batch)
             t_host = time.perf_counter() - t0  # host done queueing; ~dt: the host is the bottleneck
             c_host = time.thread_time() - c0  # CPU time of this thread: without time it was descheduled
             if i == 0:
@@ -447,44 +499,84 @@ def run_variant(name, peft, init_state, batches, args, device, layers, log):
                 log(f"  {name}: first step {dt:.2f} s (loss {loss0:.5f}), "
                     f"{res['graph_breaks']} graph breaks, {res['graphs_compiled']} graphs compiled")
             first = False
-            if i >= args.warmup:
-                times.append(dt)
-                launch.append(t_host)
-                cpu.append(c_host)
+            if i < args.warmup:
+                warm_ms.append(round(dt * 1e3, 2))
+                continue
+            times.append(dt)
+            launch.append(t_host)
+            cpu.append(c_host)
+            tokens.append(user_batches.real_tokens(batch))
+            first_seen.append(new)
+            compiles.append(counters["stats"]["unique_graphs"] - graphs0)
+            graphed.append(graph_stats(fn).get("graphed_forwards", 0) > graphed0)
+            lens.append(seq_shape[-1])
         gc_stats = gc_watch.stop()
         steal = steal_share(jiffies, cpu_jiffies())
-        med = statistics.median(times)
-        ntok = ids.numel()
-        res["shapes"][shape] = {
-            "median_ms": med * 1e3, "min_ms": min(times) * 1e3, "max_ms": max(times) * 1e3,
-            "tokens_per_s": ntok / med, "ms_per_layer": med * 1e3 / layers,
+        med, mean = statistics.median(times), statistics.fmean(times)
+        varying = args.batches != "fixed"
+        ntok = tokens[0]
+        new_ms = [t * 1e3 for t, n in zip(times, first_seen) if n]
+        old_ms = [t * 1e3 for t, n in zip(times, first_seen) if not n]
+        r = res["shapes"][shape] = {
+            "batches": args.batches,
+            "median_ms": med * 1e3, "mean_ms": mean * 1e3, "p90_ms": quantile(times, 0.9) * 1e3,
+            "min_ms": min(times) * 1e3, "max_ms": max(times) * 1e3,
+            # fixed: one batch's tokens / the median step; varying: all non-padding tokens of
+            # the timed steps / their total time (the mean throughput a user sees)
+            "tokens_per_s": sum(tokens) / sum(times) if varying else ntok / med,
+            "tokens_per_s_mean": sum(tokens) / sum(times),
+            # what the ratios vs Inductor compare: the mean over varying batches, else the median
+            "ratio_basis": "mean" if varying else "median",
+            "ratio_basis_ms": (mean if varying else med) * 1e3,
+            "ms_per_layer": med * 1e3 / layers,
             "host_ms": statistics.median(launch) * 1e3,
-            "steps_timed": len(times), "step0_loss": loss0, "last_loss": loss.item(),
+            "steps_timed": len(times), "warmup_steps_ms": warm_ms, "step0_loss": loss0, "last_loss": loss.item(),
+            "distinct_shapes": len(set(lens)), "distinct_shapes_incl_warmup": len(seen),
+            "first_seen_steps": len(new_ms),
+            "first_seen_mean_ms": statistics.fmean(new_ms) if new_ms else None,
+            "seen_mean_ms": statistics.fmean(old_ms) if old_ms else None,
+            # Dynamo graphs compiled during the timed steps (0 once automatic dynamic has settled)
+            "graphs_compiled_timed": sum(compiles),
             # per timed step, in order: a host-bound step's drift and spikes show here
             "steps_ms": [round(t * 1e3, 2) for t in times],
+            "steps_seq_len": lens, "steps_tokens": tokens, "steps_first_seen": first_seen,
             "host_steps_ms": [round(t * 1e3, 2) for t in launch],
             "host_cpu_ms": statistics.median(cpu) * 1e3,
             "host_cpu_steps_ms": [round(t * 1e3, 2) for t in cpu], "gc": gc_stats,
             "cpu_steal_share": steal}
-        log(f"  {name} [{shape}]: median {med * 1e3:.2f} ms ({ntok / med:,.0f} tok/s), "
-            f"min {min(times) * 1e3:.2f}, max {max(times) * 1e3:.2f}, host queueing "
-            f"{statistics.median(launch) * 1e3:.2f} ms (CPU {statistics.median(cpu) * 1e3:.2f}), gc {gc_stats['collections_per_generation']} "
-            f"{gc_stats['ms']:.1f} ms, CPU steal {'n/a' if steal is None else f'{100 * steal:.1f}%'}")
+        g = graph_stats(fn)
+        if g:
+            r["graphed_steps"] = sum(graphed)
+            r["cuda_graphs"] = g
+        if device.type == "cuda":
+            sync(device)
+            r["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+            peaks.append(r["peak_mem_gib"])
+        log(f"  {name} [{shape}]: median {med * 1e3:.2f} ms, mean {mean * 1e3:.2f}, p90 {r['p90_ms']:.2f}, "
+            f"max {max(times) * 1e3:.2f} ({r['tokens_per_s']:,.0f} tok/s); warm-up {warm_ms} ms; "
+            f"{r['distinct_shapes']} shapes, {len(new_ms)} first-seen steps"
+            + (f" (mean {r['first_seen_mean_ms']:.2f} ms vs {r['seen_mean_ms']:.2f} seen)" if new_ms and old_ms else "")
+            + f", {sum(compiles)} graphs compiled while timed"
+            + (f", {sum(graphed)} graphed steps, {g.get('captures')} captures" if g else "")
+            + (f", peak {r['peak_mem_gib']:.2f} GiB" if "peak_mem_gib" in r else "")
+            + f"; host queueing {statistics.median(launch) * 1e3:.2f} ms (CPU {statistics.median(cpu) * 1e3:.2f}), "
+            f"gc {gc_stats['collections_per_generation']} {gc_stats['ms']:.1f} ms, CPU steal "
+            f"{'n/a' if steal is None else f'{100 * steal:.1f}%'}")
     if policy is not None and args.ab:
         res["ab"] = interleaved_ab(fn, opt, batches, args, device, log, name)
-    graphs = getattr(fn, "graphs", None)
-    if graphs is not None:
-        res["cuda_graphs"] = {"captures": graphs.captures, "graphed_forwards": graphs.graphed_forwards,
-                              "disabled": graphs.disabled, "failure": graphs.failure}
+    graphs = graph_stats(fn)
+    if graphs:
+        res["cuda_graphs"] = graphs
         log(f"  {name}: CUDA graphs {res['cuda_graphs']}")
     if policy is not None:
-        res["policy_stats"] = policy.stats.as_dict()
+        res["policy_stats"] = fn.stats.as_dict()
         if layer_map is not None:
             res["layer_map"] = layer_map
         if args.profile:
             res["profile"] = {}
-            for shape, (ids, labels) in batches.items():
-                p = res["profile"][shape] = profile_step(fn, opt, ids, labels, device,
+            for shape, stream in batches.items():
+                # the stream's last batch: a varying stream's shapes are seen by then
+                p = res["profile"][shape] = profile_step(fn, opt, stream[-1], device,
                                                          res["shapes"][shape]["median_ms"])
                 log(f"  {name} [{shape}] profile: select {p['select_ms']:.2f} ms, "
                     f"{100 * (p['estimator_share'] or 0):.2f}% of the step's {p['step_ms']:.2f} ms, "
@@ -493,7 +585,7 @@ def run_variant(name, peft, init_state, batches, args, device, layers, log):
                     f"{p['host_syncs']} host syncs")
     if device.type == "cuda":
         sync(device)
-        res["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        res["peak_mem_gib"] = max(peaks + [torch.cuda.max_memory_allocated() / 2**30])
     for m in compiled_layers:  # the next variant gets the plain model back
         m._compiled_call_impl = None
     if hasattr(fn, "uncompile"):
@@ -587,6 +679,24 @@ def env_info(device):
     return info
 
 
+def batches_info(args) -> dict:
+    """What a varying batch mode feeds (recorded with its results)."""
+    b = user_batches
+    info = {"seed": 7, "source": "bench/batches.py", "scale_of_lengths": args.seq / 512}
+    if args.batches == "packed":
+        info.update(rows=1, max_tokens=args.batch * args.seq,
+                    sequences=dataclasses.asdict(b.LENGTHS["padded"].scaled(args.seq / 512)))
+    else:
+        info.update(dataclasses.asdict(b.LENGTHS[args.batches].scaled(args.seq / 512)), pad_to_multiple_of=8)
+    return info
+
+
+def basis_ms(s) -> float:
+    """The step time a shape's ratios compare: the mean over varying batches, else the median
+    (results written before there were varying batches have no ratio_basis_ms)."""
+    return s.get("ratio_basis_ms", s["median_ms"])
+
+
 def summarize(run):
     """Ratios vs Inductor (and vs inductor_bf16 when run) and the step-0 loss check of the
     dense variants, per layer count."""
@@ -595,10 +705,11 @@ def summarize(run):
         base, base16 = vs.get("inductor"), vs.get("inductor_bf16")
         for v in vs.values():
             for shape, s in v["shapes"].items():
+                t = basis_ms(s)
                 if base and shape in base["shapes"]:
-                    s["speedup_vs_inductor"] = base["shapes"][shape]["median_ms"] / s["median_ms"]
+                    s["speedup_vs_inductor"] = basis_ms(base["shapes"][shape]) / t
                 if base16 and shape in base16["shapes"]:
-                    s["speedup_vs_inductor_bf16"] = base16["shapes"][shape]["median_ms"] / s["median_ms"]
+                    s["speedup_vs_inductor_bf16"] = basis_ms(base16["shapes"][shape]) / t
             if base and "peak_mem_gib" in v and "peak_mem_gib" in base:
                 v["peak_mem_vs_inductor"] = v["peak_mem_gib"] / base["peak_mem_gib"]
         if "eager" in vs:
@@ -662,17 +773,34 @@ def print_table(run, log):
     vs = [v for lay in run["layers"].values() for v in lay["variants"]]
     w = max([13] + [len(v["variant"]) for v in vs])
     bf16 = any("speedup_vs_inductor_bf16" in s for v in vs for s in v["shapes"].values())
-    log(f"\nlayers {'variant':<{w}} shape    median_ms  tok/s      vs_ind{'  vs_i16' if bf16 else ''}"
+    basis = "mean_ms  " if run.get("batches", "fixed") != "fixed" else "median_ms"
+    log(f"\nlayers {'variant':<{w}} shape    {basis}  tok/s      vs_ind{'  vs_i16' if bf16 else ''}"
         "  peak_GiB  first_s  est_share")
     for lay_n, lay in run["layers"].items():
         for v in lay["variants"]:
             for shape, s in v["shapes"].items():
                 share = v.get("profile", {}).get(shape, {}).get("estimator_share")
                 r16 = f" {s.get('speedup_vs_inductor_bf16', float('nan')):7.3f}" if bf16 else ""
-                log(f"{lay_n:>6} {v['variant']:<{w}} {shape:<8} {s['median_ms']:9.2f} "
+                log(f"{lay_n:>6} {v['variant']:<{w}} {shape:<8} {basis_ms(s):9.2f} "
                     f"{s['tokens_per_s']:10,.0f} {s.get('speedup_vs_inductor', float('nan')):6.3f}{r16} "
                     f"{v.get('peak_mem_gib', float('nan')):9.2f} {v['first_step_s']:8.2f} "
                     f"{'' if share is None else f'{100 * share:.2f}%'}")
+    if run.get("batches", "fixed") != "fixed":
+        nan = float("nan")
+        log(f"\n{run['batches']} batches, timed steps incl. first-seen shapes (ratios: mean step time)\n"
+            f"layers {'variant':<{w}}   mean   median      p90      max  tok/s      vs_ind  vs_i16 shapes "
+            "new: n  mean_ms seen_ms compiles graphed captures peak_GiB breaks")
+        for lay_n, lay in run["layers"].items():
+            for v in lay["variants"]:
+                for s in v["shapes"].values():
+                    fs, sm = s.get("first_seen_mean_ms"), s.get("seen_mean_ms")
+                    log(f"{lay_n:>6} {v['variant']:<{w}} {s['mean_ms']:7.2f} {s['median_ms']:8.2f} "
+                        f"{s['p90_ms']:8.2f} {s['max_ms']:8.2f} {s['tokens_per_s']:10,.0f} "
+                        f"{s.get('speedup_vs_inductor', nan):6.3f} {s.get('speedup_vs_inductor_bf16', nan):7.3f} "
+                        f"{s['distinct_shapes']:6d} {s['first_seen_steps']:6d} {fs or nan:8.2f} {sm or nan:7.2f} "
+                        f"{s['graphs_compiled_timed']:8d} {str(s.get('graphed_steps', '-')):>7} "
+                        f"{str(s.get('cuda_graphs', {}).get('captures', '-')):>8} "
+                        f"{s.get('peak_mem_gib', nan):8.2f} {v.get('graph_breaks', 0):6d}")
     if "per_layer_slope" in run:
         log(f"\nper-layer slope between {run['per_layer_slope']['layers']} layers:")
         for n, d in run["per_layer_slope"]["variants"].items():
@@ -687,15 +815,22 @@ def main(argv=None):
     ap.add_argument("--lora", choices=("qkvo", "all"), default="qkvo")
     ap.add_argument("--bf16-adapters", action="store_true", help="cast LoRA params to bf16")
     ap.add_argument("--variants", nargs="+", type=variant_name, default=list(VARIANTS))
-    ap.add_argument("--shapes", nargs="+", choices=("math10k", "csr"), default=["math10k", "csr"])
+    ap.add_argument("--batches", choices=user_batches.MODES, default="fixed",
+                    help="fixed: one repeated batch per --shapes; padded / long / packed: user-shaped "
+                         "batches that change every step (bench/batches.py)")
+    ap.add_argument("--shapes", nargs="+", choices=("math10k", "csr"), default=["math10k", "csr"],
+                    help="the fixed batches' output tokens (128 / 3); --batches fixed only")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=512)
-    ap.add_argument("--steps", type=int, default=10, help="timed steps per shape")
+    ap.add_argument("--steps", type=int, default=None,
+                    help="timed steps per shape (default: 10 with --batches fixed, else 50)")
     ap.add_argument("--ab", type=int, default=0, metavar="ROUNDS",
                     help="after a sparselora variant, this many rounds of interleaved steps of its runtime "
                          "settings (default; direct_launch: runtime/kernels/launch.py switched; ctxrows: "
                          "the MLP's context part over context rows only)")
-    ap.add_argument("--warmup", type=int, default=3, help="untimed steps per shape (incl. compile)")
+    ap.add_argument("--warmup", type=int, default=None,
+                    help="untimed steps per shape, reported apart (default: 3 with --batches fixed; else 2: "
+                         "the compile and the automatic-dynamic recompile at the second length)")
     ap.add_argument("--total-steps", type=int, default=1000, help="the presets' total_steps")
     ap.add_argument("--inner", default="inductor", choices=("inductor", "aot_eager", "eager"))
     ap.add_argument("--check-inner", default=None, choices=("inductor", "aot_eager", "eager"),
@@ -707,10 +842,19 @@ def main(argv=None):
     ap.add_argument("--out", default=str(RESULTS))
     ap.add_argument("--name", default="train_step", help="file stem of the JSON / PNG")
     args = ap.parse_args(argv)
+    varying = args.batches != "fixed"
+    if args.steps is None:
+        args.steps = 50 if varying else 10
+    if args.warmup is None:
+        args.warmup = 2 if varying else 3
     if args.smoke:
         if args.layers == [32]:
             args.layers = [2]
-        args.batch, args.seq, args.steps, args.warmup = min(args.batch, 2), min(args.seq, 64), min(args.steps, 3), 1
+        args.batch, args.seq, args.steps = min(args.batch, 2), min(args.seq, 64), min(args.steps, 3)
+        args.warmup = min(args.warmup, 2 if varying else 1)
+    if varying:  # the ratios need both dense baselines, measured in this process
+        missing = [b for b in ("inductor", "inductor_bf16") if b not in args.variants]
+        args.variants = missing + args.variants
     if args.check_inner is None:
         args.check_inner = args.inner if args.smoke else "aot_eager"
     device = torch.device(args.device)
@@ -729,10 +873,14 @@ def main(argv=None):
            "lora_targets": ALL if args.lora == "all" else QKVO, "lora_r": 32, "lora_alpha": 64,
            "adapter_dtype": "bf16" if args.bf16_adapters else "fp32 (PEFT default)",
            "model_dtype": "bf16", "inner": args.inner,
-           "batch_shapes": {s: {"batch": args.batch, "seq": args.seq, "output_tokens": n_out[s]}
-                            for s in args.shapes},
-           "steps_timed": args.steps, "warmup_steps": args.warmup, "timing": "median of "
-           "device-synchronised wall time per step (fwd + bwd + AdamW on LoRA params)",
+           "batches": args.batches,
+           "batch_shapes": ({s: {"batch": args.batch, "seq": args.seq, "output_tokens": n_out[s]}
+                             for s in args.shapes} if not varying else
+                            {args.batches: batches_info(args)}),
+           "steps_timed": args.steps, "warmup_steps": args.warmup, "timing": (
+               "device-synchronised wall time per step (fwd + bwd + AdamW on LoRA params); "
+               + ("mean over the timed steps, first-seen shapes included; the warm-up steps apart"
+                  if varying else "median of the timed steps")),
            "layers": {}}
 
     def save():
@@ -754,7 +902,10 @@ def main(argv=None):
             f"{sum(p.numel() for p in model.parameters()) / 1e9:.2f} B params, "
             f"{sum(p.numel() for p in lora_params(peft)) / 1e6:.1f} M LoRA params")
         init_state = {n: p.detach().clone() for n, p in peft.named_parameters() if p.requires_grad}
-        batches = {s: make_batch(cfg, args.batch, args.seq, n_out[s], device, seed=7) for s in args.shapes}
+        if varying:
+            batches = {args.batches: make_stream(args.batches, cfg, args, 0, device, args.warmup + args.steps)}
+        else:
+            batches = {s: make_stream("fixed", cfg, args, n_out[s], device, 1) for s in args.shapes}
         lay = run["layers"][str(layers)] = {"config": {k: getattr(cfg, k) for k in (
             "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
             "vocab_size", "num_hidden_layers")}, "variants": []}
