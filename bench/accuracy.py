@@ -58,7 +58,7 @@ def context_saved(policy, blocks) -> float:
 
 def uniform_for(budget, blocks, steps) -> tuple[float, float]:
     """The smallest uniform sparsity (grid 0.005) whose saving reaches `budget`."""
-    from sparselora_compile import finetune as ft
+    from sparselora_compile.finetune import train as ft
     s = 0.0
     while s < 0.99:
         s = round(s + 0.005, 3)
@@ -72,8 +72,8 @@ def calibration_batch(cfg, tok, n):
     """n training examples the fine-tune also trains on (a seeded subset)."""
     import random
 
-    from sparselora_compile import finetune as ft
-    from sparselora_compile import tasks
+    from sparselora_compile.finetune import train as ft
+    from sparselora_compile.finetune import tasks
     train, _ = ft.load_data(cfg)
     ex = random.Random(cfg.seed + 1).sample(train, n)
     enc = [tasks.encode_example(tok, e.prompt, e.response, cfg.max_len) for e in ex]
@@ -138,7 +138,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(RESULTS / "accuracy.json"))
     a = ap.parse_args(argv)
 
-    from sparselora_compile import finetune as ft
+    from sparselora_compile.finetune import train as ft
     from sparselora_compile import presets
     from sparselora_compile.calibrate import calibrate, find_blocks
 
@@ -158,7 +158,7 @@ def main(argv=None) -> int:
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     record = {"command": " ".join([sys.executable, *sys.argv]), "versions": versions(),
-              "config": {**vars(a), "model": "SmolLM2-135M (sparselora_compile.models.load_model)",
+              "config": {**vars(a), "model": "SmolLM2-135M (sparselora_compile.finetune.models.load_model)",
                          "task": "built-in arithmetic (tasks.arithmetic_task)", "lora_targets": base.lora_targets,
                          "lora_r": base.lora_r, "threads": torch.get_num_threads(),
                          "shortened": "fewer steps, smaller batch, shorter sequences and a smaller "
@@ -179,8 +179,8 @@ def main(argv=None) -> int:
         prev = json.loads(Path(a.calibration_from).read_text())
         from sparselora_compile import Policy
         from sparselora_compile.calibrate import resolve
-        pol = resolve(prev["calibration"], budget)  # the same measured table, this budget
-        record["calibration"] = {**pol.calibration, "reused_from": {
+        pol, table = resolve(prev["calibration"], budget, return_report=True)  # same table, this budget
+        record["calibration"] = {**table, "reused_from": {
             "file": a.calibration_from, "config": prev["config"], "command": prev["command"]}}
         record["calibrated_sparsity"] = pol.sparsity
         yaml_path = tmp / "calibrated.yaml"

@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from sparselora_compile.runtime import selection
+from sparselora_compile.runtime.row_split import compute_split
 from sparselora_compile.runtime.estimator import estimator_factors, residual_variance
 from sparselora_compile.runtime.second_moment import SecondMoment
 
@@ -167,7 +168,7 @@ def random_floor(oracle, k):
 
 def estimator_mlp_scores(x, gate, up, res_gate=None, res_up=None):
     """The runtime's MLP score (`selection.mlp_scores`, all rows context), as a norm."""
-    rows = torch.zeros(x.shape[0], dtype=torch.bool)
+    rows = compute_split(torch.zeros(x.shape[0], dtype=torch.bool))
     return selection.mlp_scores(x, *gate, *up, res_gate, res_up, rows).sqrt()
 
 
@@ -295,7 +296,7 @@ def main():
     torch.manual_seed(0)
     start = time.time()
 
-    from sparselora_compile.models import load_model
+    from sparselora_compile.finetune.models import load_model
 
     model, tok = load_model(args.model)
     model.eval()

@@ -64,21 +64,21 @@ def variants(kind, x_full, x_kept, dy_full, dy_kept, W, idx):
     """(forward, backward) x (dense, reference style, ours), plus the fp32 references to check them."""
     if kind == "out":  # y_kept = x @ W[idx].T ; dx = dy_kept @ W[idx]
         fwd = {"dense": lambda: F.linear(x_full, W), "ref": lambda: F.linear(x_full, W[idx]),
-               "ours": lambda: gg.out_sparse_matmul(x_full, W, idx)}
+               "ours": lambda: gg.gather_rows_mm_t(x_full, W, idx)}
         bwd = {"dense": lambda: dy_full @ W, "ref": lambda: dy_kept @ W[idx],
-               "ours": lambda: gg.out_sparse_grad_input(dy_kept, W, idx)}
-        truth = (lambda: gg.out_sparse_matmul_reference(x_full, W, idx),
-                 lambda: gg.out_sparse_grad_input_reference(dy_kept, W, idx))
+               "ours": lambda: gg.gather_rows_mm(dy_kept, W, idx)}
+        truth = (lambda: gg.gather_rows_mm_t_reference(x_full, W, idx),
+                 lambda: gg.gather_rows_mm_reference(dy_kept, W, idx))
     else:  # y = h_kept @ W[:, idx].T ; dh_kept = dy @ W[:, idx]
         Wcm = W.t().contiguous().t()  # column-major view of a transposed copy made once (W is frozen)
         fwd = {"dense": lambda: F.linear(x_full, W), "ref": lambda: F.linear(x_kept, W[:, idx]),
-               "ours": lambda: gg.in_sparse_matmul(x_kept, W, idx),
-               "ours_wt": lambda: gg.in_sparse_matmul(x_kept, Wcm, idx)}
+               "ours": lambda: gg.gather_cols_mm_t(x_kept, W, idx),
+               "ours_wt": lambda: gg.gather_cols_mm_t(x_kept, Wcm, idx)}
         bwd = {"dense": lambda: dy_full @ W, "ref": lambda: dy_full @ W[:, idx],
-               "ours": lambda: gg.in_sparse_grad_input(dy_full, W, idx),
-               "ours_wt": lambda: gg.in_sparse_grad_input(dy_full, Wcm, idx)}
-        truth = (lambda: gg.in_sparse_matmul_reference(x_kept, W, idx),
-                 lambda: gg.in_sparse_grad_input_reference(dy_full, W, idx))
+               "ours": lambda: gg.gather_cols_mm(dy_full, W, idx),
+               "ours_wt": lambda: gg.gather_cols_mm(dy_full, Wcm, idx)}
+        truth = (lambda: gg.gather_cols_mm_t_reference(x_kept, W, idx),
+                 lambda: gg.gather_cols_mm_reference(dy_full, W, idx))
     return fwd, bwd, truth
 
 

@@ -24,7 +24,7 @@ def main() -> int:
     from peft import LoraConfig, get_peft_model
 
     import sparselora_compile as slc
-    from sparselora_compile.models import load_model
+    from sparselora_compile.finetune.models import load_model
     from sparselora_compile.testing import assert_rewrite_equivalent
 
     torch.manual_seed(0)

@@ -66,8 +66,9 @@ def main(argv=None):
                 policy = ts.slc.Policy(mlp=0.5, attention=0.5, warmup_steps=10**9)
             else:
                 policy = ts.sampled_policy(name[3:], args.layers, 1000)[0]
-                policy.set_step(10**6)  # past the dense warm-up
             fn = ts.slc_compile(peft, policy)
+            if name != "sl_sparsity0":
+                fn.set_step(10**6)  # past the dense warm-up
             layers = []
         opt = torch.optim.AdamW(ts.lora_params(peft), lr=1e-5)
         for _ in range(3):

@@ -435,7 +435,7 @@ def run_variant(name, peft, init_state, batches, args, device, layers, log):
         fn = (torch.compile(peft, options=inductor_config or None) if args.inner == "inductor"
               else torch.compile(peft, backend=args.inner))
     elif name == "inductor_regional":
-        from sparselora_compile.regional import decoder_layers
+        from sparselora_compile.passes.blocks import decoder_layers
         fn, compiled_layers = peft, [m for _, m in decoder_layers(peft)]
         for m in compiled_layers:
             m.compile(backend=args.inner, options=inductor_config or None)

@@ -16,7 +16,7 @@ import torch.fx as fx
 
 from .graphs import LINEAR, GraphScope, example_value, module_path
 
-_LORA = re.compile(r"^(?P<layer>.+)\.lora_(?P<ab>[AB])\.(?P<adapter>[^.]+)$")
+LORA_PATH = re.compile(r"^(?P<layer>.+)\.lora_(?P<ab>[AB])\.(?P<adapter>[^.]+)$")
 
 
 @dataclass(eq=False)
@@ -67,7 +67,7 @@ def find_sites(scope: GraphScope) -> list[Site]:
         path = module_path(node)
         if path is None or example_value(node) is None:
             continue
-        m = _LORA.match(path)
+        m = LORA_PATH.match(path)
         if m:
             if m["ab"] == "A" and m["layer"] in by_path:
                 by_path[m["layer"]].adapters.append(m["adapter"])

@@ -125,14 +125,13 @@ def thread(scope: GraphScope, top_node: fx.Node, name: str, cache: dict) -> fx.N
     return cache[key]
 
 
-def add_input(scope: GraphScope, name: str, top_inputs: list, value: torch.Tensor,
-              cache: dict) -> fx.Node:
-    """A new graph input carrying `value` (appended to `top_inputs`), visible in `scope`."""
+def add_input(scope: GraphScope, name: str, cache: dict) -> tuple[fx.Node, fx.Node]:
+    """A new input of the top graph, visible in `scope`: (the top placeholder, the node
+    that carries it inside `scope`). Its value is supplied by whoever compiles the graph,
+    which also sets the placeholder's example value."""
     top = scope
     while top.parent is not None:
         top = top.parent
     ph = _new_placeholder(top.gm.graph, name)
-    ph.meta["example_value"] = value
     ph._dynamo_source = None  # not from user code (AOT autograd asks every input for one)
-    top_inputs.append(value)
-    return thread(scope, ph, name, cache)
+    return ph, thread(scope, ph, name, cache)

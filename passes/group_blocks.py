@@ -8,57 +8,17 @@ not fit is reported as skipped with the reason and left alone.
 """
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass, field
-
 import networkx as nx
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
+from .blocks import Block, Grouping, Skipped, layer_index
 from .find_sites import Site
 from .graphs import MUL, SDPA, SHAPE_METHODS, example_value, is_call, module_path, strip_casts
 
 ACTIVATIONS = {F.silu}  # what the estimator's gated score computes
 OTHER_ACTIVATIONS = {F.gelu, F.relu, torch.relu, torch.tanh, torch.sigmoid}
-
-
-@dataclass(eq=False)
-class Block:
-    kind: str
-    name: str
-    layer: int | None
-    sites: dict[str, Site]
-    mul: fx.Node | None = None          # mlp: the act(gate) * up node
-    sdpa: fx.Node | None = None
-    heads: tuple[int, int, int] | None = None  # attention: n_heads, n_kv_heads, head_dim
-
-    @property
-    def scope(self):
-        return next(iter(self.sites.values())).scope
-
-    @property
-    def channels(self) -> int:
-        if self.kind == "mlp":
-            return self.sites["gate"].out_features
-        return self.sites["k"].out_features
-
-
-@dataclass
-class Skipped:
-    where: str
-    reason: str
-
-
-@dataclass
-class Grouping:
-    blocks: list[Block] = field(default_factory=list)
-    skipped: list[Skipped] = field(default_factory=list)
-
-
-def _layer_index(path: str) -> int | None:
-    nums = re.findall(r"\.(\d+)(?=\.)", "." + path + ".")
-    return int(nums[-1]) if nums else None
 
 
 def _common_prefix(paths) -> str:
@@ -146,7 +106,7 @@ def _group_mlps(sites, by_output, out: Grouping, used: set) -> None:
         if outside:
             out.skipped.append(Skipped(name, "the gated product is used outside down_proj"))
             continue
-        blk = Block("mlp", name, _layer_index(name), {"gate": gate, "up": up, "down": down}, mul=mul)
+        blk = Block("mlp", name, layer_index(name), {"gate": gate, "up": up, "down": down}, mul=mul)
         out.blocks.append(blk)
         used.update(id(s) for s in blk.sites.values())
 
@@ -183,7 +143,7 @@ def _group_attention(graph, sites, by_output, out: Grouping, used: set) -> None:
         if v.out_features != k.out_features or n_heads % n_kv or o.in_features != q.out_features:
             out.skipped.append(Skipped(name, "q/k/v/o shapes are not grouped-query attention"))
             continue
-        blk = Block("attention", name, _layer_index(name), {"q": q, "k": k, "v": v, "o": o},
+        blk = Block("attention", name, layer_index(name), {"q": q, "k": k, "v": v, "o": o},
                     sdpa=node, heads=(n_heads, n_kv, head_dim))
         out.blocks.append(blk)
         used.update(id(s) for s in blk.sites.values())

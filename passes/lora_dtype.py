@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from .find_sites import _LORA, find_sites
+from .find_sites import LORA_PATH, find_sites
 from .graphs import LINEAR, example_value, is_call, is_cast, module_path, scopes
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
@@ -54,14 +54,14 @@ def _adapter_pair(node: fx.Node, base_dtype: dict):
     of a layer whose base runs in bf16/fp16, read only by its lora_B product."""
     if not is_call(node, LINEAR):
         return None
-    m = _LORA.match(module_path(node) or "")
+    m = LORA_PATH.match(module_path(node) or "")
     if m is None or m["ab"] != "A" or base_dtype.get(m["layer"]) not in LOW_PRECISION:
         return None
     v = example_value(node)
     if v is None or v.dtype != torch.float32 or len(node.users) != 1:
         return None  # under autocast the product is already in the model's dtype
     b = next(iter(node.users))
-    mb = _LORA.match(module_path(b) or "") if is_call(b, LINEAR) else None
+    mb = LORA_PATH.match(module_path(b) or "") if is_call(b, LINEAR) else None
     if mb is None or (mb["ab"], mb["layer"], mb["adapter"]) != ("B", m["layer"], m["adapter"]):
         return None
     if b.args[0] is not node:

@@ -1,26 +1,32 @@
-"""Ask the policy what each block gets; decide k, or why a block stays dense."""
+"""Ask the policy what each block gets; decide k, or why a block stays dense.
+
+The policy is duck-typed (`sparsity_for(info)`, `kept_channels(info, s)`,
+`check_layers(found)`): the passes read configuration, never the front door's objects.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sparselora_compile.policy import BlockInfo, Policy
-
+from .blocks import Block, BlockInfo, Skipped, base_flops_per_token
 from .graphs import example_value
-from .group_blocks import Block, Skipped
 
-# Below this sparsity a block stays dense: its estimator alone costs about 5% of the dense
-# block (H200, LLaMA-3-8B MLP: select_mlp 0.19 ms per layer against ~4 ms for the block's
-# forward and backward, bench/results/train_step_32l_bf16.json), so it cannot gain.
-MIN_SPARSITY = 0.05
 
-# On CUDA an attention block below this sparsity stays dense: its q/k/v/o split into
-# dense and context rows (row gathers, scatters, narrow GEMMs, the selection) costs more
-# than the channels it drops. Measured on the H200 at LLaMA-3-8B shapes, 32 layers: the
-# Math10K preset (attention 0.75 on 14 layers) took 298 ms per step with sparse attention
-# and 205 ms with those blocks dense (Inductor dense: 258 ms), and the per-op device time
-# of a sparse attention block was 1.47 ms against 0.93 ms on its dense path
-# (bench/results/train_step_32l_presets.json, _regional_v2.json). Set to 0 to force it.
-MIN_ATTENTION_SPARSITY_CUDA = 0.8
+@dataclass(frozen=True)
+class Limits:
+    """Where the backend keeps a block dense although the policy asks for sparsity; both
+    are backend options, and explain() reports each block they keep dense.
+
+    min_sparsity: the estimator of a block costs about 5% of the dense block (H200,
+        LLaMA-3-8B MLP: select_mlp 0.19 ms per layer against ~4 ms for the block's forward
+        and backward), so below this a block cannot gain.
+    min_attention_sparsity_cuda: on CUDA an attention block's row split (row gathers,
+        scatters, narrow q/k/v/o GEMMs, the selection) cost 1.47 ms per layer against
+        0.93 ms dense at sparsity 0.75 (H200, LLaMA-3-8B shapes); below this sparsity an
+        attention block stays dense on CUDA. 0 sparsifies every attention block asked for.
+    """
+
+    min_sparsity: float = 0.05
+    min_attention_sparsity_cuda: float = 0.8
 
 
 @dataclass
@@ -32,24 +38,10 @@ class PlannedBlock:
 
     def base_flops_per_token(self) -> tuple[int, int]:
         """(dense, sparse) FLOPs per context token of the block's base products."""
-        h, c, k = self.info.in_features, self.info.channels, self.k
-        if self.block.kind == "mlp":
-            return 2 * 3 * h * c, 2 * 3 * h * k
-        n_heads, n_kv, _ = self.block.heads
-        rep = n_heads // n_kv
-        return 2 * h * c * (2 * rep + 2), 2 * h * k * (2 * rep + 2)
+        return base_flops_per_token(self.info, self.k)
 
 
-def block_info(block: Block, num_layers: int | None) -> BlockInfo:
-    first = next(iter(block.sites.values()))
-    heads = block.heads or (None, None, None)
-    return BlockInfo(name=block.name, layer=block.layer, kind=block.kind,
-                     in_features=first.in_features, channels=block.channels,
-                     num_layers=num_layers, n_heads=heads[0], n_kv_heads=heads[1],
-                     head_dim=heads[2])
-
-
-def decide(info: BlockInfo, policy: Policy, thawed=(), cuda: bool = False
+def decide(info: BlockInfo, policy, thawed=(), cuda: bool = False, limits: Limits = Limits()
            ) -> tuple[float, int | None, str]:
     """(sparsity, k, why): k is None when the block stays dense, with the reason."""
     if thawed:
@@ -57,30 +49,31 @@ def decide(info: BlockInfo, policy: Policy, thawed=(), cuda: bool = False
     s = policy.sparsity_for(info)
     if s <= 0:
         return s, None, "policy: dense"
-    if s < MIN_SPARSITY:
-        return s, None, (f"sparsity {s:g} is below {MIN_SPARSITY:g}: the estimator would cost "
-                         "more than the block saves")
-    if cuda and info.kind == "attention" and s < MIN_ATTENTION_SPARSITY_CUDA:
-        return s, None, (f"attention sparsity {s:g} is below {MIN_ATTENTION_SPARSITY_CUDA:g}: on "
-                         "CUDA its row split costs more than it saves (passes/plan.py)")
+    if s < limits.min_sparsity:
+        return s, None, (f"sparsity {s:g} is below min_sparsity={limits.min_sparsity:g}: the "
+                         "estimator would cost more than the block saves")
+    if cuda and info.kind == "attention" and s < limits.min_attention_sparsity_cuda:
+        return s, None, (f"attention sparsity {s:g} is below min_attention_sparsity_cuda="
+                         f"{limits.min_attention_sparsity_cuda:g}: on CUDA its row split costs "
+                         "more than it saves (set the option to 0 to force it)")
     k = policy.kept_channels(info, s)
     if k >= info.channels:
         return s, None, f"sparsity {s} keeps every channel after rounding"
     return s, k, ""
 
 
-def plan_blocks(blocks: list[Block], policy: Policy, num_layers: int | None = None
-                ) -> tuple[list[PlannedBlock], list[Skipped]]:
+def plan_blocks(blocks: list[Block], policy, num_layers: int | None = None,
+                limits: Limits = Limits()) -> tuple[list[PlannedBlock], list[Skipped]]:
     layers = [b.layer for b in blocks if b.layer is not None]
     if num_layers is None:
         policy.check_layers(layers)
         num_layers = max(layers) + 1 if layers else None
     planned, skipped = [], []
     for block in blocks:
-        info = block_info(block, num_layers)
+        info = block.info(num_layers)
         thawed = [s.path for s in block.sites.values() if not s.frozen()]
         w = example_value(next(iter(block.sites.values())).weight)
-        s, k, why = decide(info, policy, thawed, cuda=w is not None and w.is_cuda)
+        s, k, why = decide(info, policy, thawed, cuda=w is not None and w.is_cuda, limits=limits)
         if k is None:
             skipped.append(Skipped(block.name, why))
         else:

@@ -7,7 +7,10 @@ MLP:       idx = select_mlp(x); gate/up base -> out_sparse_linear(x, W, b, idx);
 Attention: idx_q/k/v/o = select_attention(x); q/k/v base -> out_sparse_linear;
            o base -> in_sparse_linear
 LoRA branches are not touched. Estimator factors (A, B per projection, and for gate/up
-the residual variance, which the MLP score uses) enter as new graph inputs.
+the residual variance, which the MLP score uses) enter as new graph inputs: the rewrite
+adds the placeholders and describes each in a `FactorRequest`; the backend computes the
+tensors from the real weights and passes them in. The ops name their run by an int
+handle (`runtime.run`), the only runtime fact a pass knows.
 """
 from __future__ import annotations
 
@@ -18,29 +21,28 @@ from typing import NamedTuple, Optional
 import torch
 import torch.fx as fx
 
-from .graphs import GraphScope, add_input, example_value, input_index, placeholders, resolve_real, thread
+from .graphs import GraphScope, add_input, example_value, input_index, placeholders, thread
 from .plan import PlannedBlock
 
 ops = torch.ops.sparselora
 
 
-class FactorSlot(NamedTuple):
-    """Estimator tensors one site's graph inputs hold (refreshed in place after warm-up)."""
-    block: str
-    path: str
-    weight: torch.Tensor
-    a: torch.Tensor
-    b: torch.Tensor
-    residual: Optional[torch.Tensor]  # a graph input for MLP gate/up only, else None
-
-
 class FactorRequest(NamedTuple):
-    """How to make one site's factor inputs for another layer that reuses this graph: the
-    weight is top-graph input `weight_input`; the inputs are (A, B) or (A, B, residual)."""
+    """The estimator inputs one site needs: placeholders for (A, B), or (A, B, residual)
+    for MLP gate/up, made from the site's frozen weight. `weight_input` is the weight's
+    position among the top graph's inputs (None: a get_attr, see `weight` and `scope`),
+    so a graph that serves several layers can make them from each layer's weight."""
     block: str
     path: str
+    weight: fx.Node
+    scope: GraphScope
     weight_input: Optional[int]
-    residual: bool
+    placeholders: tuple   # in the top graph
+    scoped: tuple         # the same inputs as the site's own graph sees them
+
+    @property
+    def residual(self) -> bool:
+        return len(self.placeholders) == 3
 
 
 def find_input(top: fx.GraphModule, name: str) -> fx.Node | None:
@@ -53,13 +55,9 @@ def find_input(top: fx.GraphModule, name: str) -> fx.Node | None:
 
 
 class Rewriter:
-    def __init__(self, top: fx.GraphModule, example_inputs, state_id: int, factor_fn,
-                 name_root: str | None = None):
-        self.top, self.example_inputs, self.sid = top, example_inputs, state_id
-        self.factor_fn = factor_fn          # (weight tensor, site path) -> (A, B, residual)
+    def __init__(self, top: fx.GraphModule, run_handle: int, name_root: str | None = None):
+        self.top, self.sid = top, run_handle
         self.name_root = name_root          # regional: op names are relative to this layer
-        self.extra_inputs: list[torch.Tensor] = []
-        self.factor_slots: list[FactorSlot] = []
         self.factor_requests: list[FactorRequest] = []
         self.labels = find_input(top, "labels")
         self.attention_mask = find_input(top, "attention_mask")
@@ -67,17 +65,14 @@ class Rewriter:
 
     def _factors(self, site, scope: GraphScope, block_name: str, residual: bool = False):
         """Graph inputs (A, B), or (A, B, residual) with `residual`."""
-        w = resolve_real(site.weight, scope, self.example_inputs)
-        if w is None:
-            raise RuntimeError(f"sparselora: cannot find the weight tensor of {site.path}")
-        a, b, r = self.factor_fn(w, site.path)
-        self.factor_slots.append(FactorSlot(block_name, site.path, w, a, b, r if residual else None))
-        self.factor_requests.append(FactorRequest(block_name, site.path,
-                                                  input_index(site.weight, scope), residual))
         tag = re.sub(r"\W", "_", site.path)[-60:]
-        nodes = [add_input(scope, f"sparselora_{t}_{tag}", self.extra_inputs, v, self._cache)
-                 for t, v in (("A", a), ("B", b), ("R", r))[: 3 if residual else 2]]
-        return tuple(nodes)
+        added = [add_input(scope, f"sparselora_{t}_{tag}", self._cache)
+                 for t in ("A", "B", "R")[: 3 if residual else 2]]
+        self.factor_requests.append(FactorRequest(block_name, site.path, site.weight, scope,
+                                                  input_index(site.weight, scope),
+                                                  tuple(top for top, _ in added),
+                                                  tuple(node for _, node in added)))
+        return tuple(node for _, node in added)
 
     def _prologue(self, scope: GraphScope, x: fx.Node):
         graph = scope.gm.graph

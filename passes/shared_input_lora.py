@@ -19,7 +19,7 @@ import operator
 import torch
 import torch.fx as fx
 
-from .find_sites import _LORA
+from .find_sites import LORA_PATH
 from .graphs import LINEAR, example_value, is_call, is_cast, module_path, scopes
 
 
@@ -53,7 +53,7 @@ def _arg(node: fx.Node, i: int, name: str):
 def _group_key(node: fx.Node):
     if not is_call(node, LINEAR) or _arg(node, 2, "bias") is not None:
         return None
-    m = _LORA.match(module_path(node) or "")
+    m = LORA_PATH.match(module_path(node) or "")
     if m is None or m["ab"] != "A":
         return None
     x, w = _arg(node, 0, "input"), _arg(node, 1, "weight")

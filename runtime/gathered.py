@@ -20,7 +20,7 @@ import torch
 MIN_TRITON_K = 512
 
 
-def _use_triton(t: torch.Tensor, k: int | None = None) -> bool:
+def use_triton(t: torch.Tensor, k: int | None = None) -> bool:
     # Called several times per op: the cheap attribute tests first, the environment (read
     # at call time, so a test or a run can switch it) only on the way to a kernel.
     if not t.is_cuda or (k is not None and k < MIN_TRITON_K):
@@ -36,37 +36,37 @@ def _triton_imports() -> bool:
     return triton_available()
 
 
-def out_sparse_matmul(x, w, idx, out=None):
+def gather_rows_mm_t(x, w, idx, out=None):
     """x @ W[idx]^T -> [M, k], written into `out` when given"""
-    if _use_triton(x, idx.numel()):
-        from .kernels.gathered_gemm import out_sparse_matmul as kernel
+    if use_triton(x, idx.numel()):
+        from .kernels.gathered_gemm import gather_rows_mm_t as kernel
         return kernel(x, w, idx, out=out)
     return torch.mm(x, w.index_select(0, idx).t(), out=out)
 
 
-def out_sparse_grad_input(gy_kept, w, idx, out=None):
+def gather_rows_mm(gy_kept, w, idx, out=None):
     """gy_kept @ W[idx] -> [M, K], written into `out` when given"""
-    if _use_triton(gy_kept, idx.numel()):
-        from .kernels.gathered_gemm import out_sparse_grad_input as kernel
+    if use_triton(gy_kept, idx.numel()):
+        from .kernels.gathered_gemm import gather_rows_mm as kernel
         return kernel(gy_kept, w, idx, out=out)
     return torch.mm(gy_kept, w.index_select(0, idx), out=out)
 
 
-def out_sparse_grad_input_pair(gy_a, w_a, gy_b, w_b, idx, out=None):
+def gather_rows_mm_pair(gy_a, w_a, gy_b, w_b, idx, out=None):
     """gy_a @ W_a[idx] + gy_b @ W_b[idx] (the gate and up products share their channels),
     written into `out` when given"""
-    if _use_triton(gy_a, idx.numel()):
-        out = out_sparse_grad_input(gy_a, w_a, idx, out=out)
-        return out.add_(out_sparse_grad_input(gy_b, w_b, idx))
+    if use_triton(gy_a, idx.numel()):
+        out = gather_rows_mm(gy_a, w_a, idx, out=out)
+        return out.add_(gather_rows_mm(gy_b, w_b, idx))
     # no [M, K] temporary and add
     return torch.mm(gy_a, w_a.index_select(0, idx), out=out).addmm_(gy_b, w_b.index_select(0, idx))
 
 
-def in_sparse_matmul(h_kept, w, idx, out=None):
+def gather_cols_mm_t(h_kept, w, idx, out=None):
     """h_kept @ W[:, idx]^T -> [M, N], written into `out` when given"""
     return torch.mm(h_kept, w.index_select(1, idx).t(), out=out)
 
 
-def in_sparse_grad_input(gy, w, idx):
+def gather_cols_mm(gy, w, idx):
     """gy @ W[:, idx] -> [M, k]"""
     return gy @ w.index_select(1, idx)

@@ -19,14 +19,15 @@ raised.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-from . import row_split, scores, selection, sparse_linear
+from . import scores, selection, sparse_linear
 from . import sparse_mlp as mlp_impl
-from .state import collect_input, get_state
+from .run import Run, run_of
 
 _lib = torch.library.Library("sparselora", "FRAGMENT")
 
@@ -77,7 +78,7 @@ def _from_state(t, shape, device):
     return t.to(device) if t is not None and tuple(t.shape) == tuple(shape) else None
 
 
-def shared_token_rows(st, labels, attention_mask, shape, device) -> Tensor:
+def shared_token_rows(st: Run, labels, attention_mask, shape, device) -> Tensor:
     """This forward's dense-row mask with its split computed (one `nonzero` sync), shared
     by every layer's graph; made on first use, or by the wrapper before the model runs,
     when the GPU queue is short and the sync costs least."""
@@ -91,10 +92,16 @@ def shared_token_rows(st, labels, attention_mask, shape, device) -> Tensor:
     if not st.sparse_now():
         rows = torch.ones(shape, dtype=torch.bool, device=device)
     elif labels is None or not st.dense_output_tokens:
+        if labels is None and st.dense_output_tokens and "no labels" not in st.said:
+            st.said.add("no labels")
+            warnings.warn("sparselora: the batch's labels did not reach the sparse layers, so "
+                          "output tokens are computed sparse as well; use slc.compile(model, "
+                          "policy), which hands them over, or run.set_labels(labels) before "
+                          "the forward", stacklevel=2)
         rows = torch.zeros(shape, dtype=torch.bool, device=device)
     else:
         rows = dense_token_rows(labels).reshape(shape).clone()
-    row_split.compute(rows, None if attention_mask is None else attention_mask.reshape(shape) == 0)
+    st.splits.compute(rows, None if attention_mask is None else attention_mask.reshape(shape) == 0)
     if st.forward_id:
         st.shared_rows = (key, rows)
     return rows
@@ -102,20 +109,20 @@ def shared_token_rows(st, labels, attention_mask, shape, device) -> Tensor:
 
 @_op_no_grad
 def token_rows(labels: Optional[Tensor], attention_mask: Optional[Tensor], x: Tensor,
-               state_id: int) -> Tensor:
+               run: int) -> Tensor:
     """Bool [*x.shape[:-1]]: True for rows computed densely. Labels and the attention mask
     come from the graph, or from the state when the graph does not see them."""
-    st = get_state(state_id)
+    st = run_of(run)
     rows = shared_token_rows(st, labels, attention_mask, x.shape[:-1], x.device)
     if st.forward_id:  # an op's output must not alias another call's: a clone, same split
         copy = rows.clone()
-        row_split.alias(copy, rows)
+        st.splits.alias(copy, rows)
         return copy
     return rows
 
 
 @_fake(token_rows)
-def _(labels, attention_mask, x, state_id):
+def _(labels, attention_mask, x, run):
     return x.new_empty(x.shape[:-1], dtype=torch.bool)
 
 
@@ -130,15 +137,16 @@ def _record(st, name, **tensors):
 
 @_op_no_grad
 def select_mlp(x: Tensor, a_gate: Tensor, b_gate: Tensor, a_up: Tensor, b_up: Tensor,
-               res_gate: Tensor, res_up: Tensor, dense_rows: Tensor, k: int, state_id: int,
+               res_gate: Tensor, res_up: Tensor, dense_rows: Tensor, k: int, run: int,
                name: str) -> Tensor:
     """Top-k intermediate channels by the estimator score; `res_gate`/`res_up` [d_ff] are
     the residual variances (`estimator.residual_variance`, zeros for plain SVD)."""
-    st = get_state(state_id)
+    st = run_of(run)
     name = st.block_name(name)
-    collect_input(state_id, name, x)
+    st.collect_input(name, x)
     if st.sparse_now():
-        s = scores.mlp_scores(x, a_gate, b_gate, a_up, b_up, res_gate, res_up, dense_rows)
+        s = scores.mlp_scores(x, a_gate, b_gate, a_up, b_up, res_gate, res_up,
+                              st.splits.of(dense_rows), st.joined)
         idx = selection.top_channels(s, k)
     else:  # every row is dense (token_rows): no op reads the selection, skip the estimator
         idx = torch.arange(k, device=x.device)
@@ -147,22 +155,22 @@ def select_mlp(x: Tensor, a_gate: Tensor, b_gate: Tensor, a_up: Tensor, b_up: Te
 
 
 @_fake(select_mlp)
-def _(x, a_gate, b_gate, a_up, b_up, res_gate, res_up, dense_rows, k, state_id, name):
+def _(x, a_gate, b_gate, a_up, b_up, res_gate, res_up, dense_rows, k, run, name):
     return x.new_empty((k,), dtype=torch.int64)
 
 
 @_op_no_grad
 def select_attention(x: Tensor, a_q: Tensor, b_q: Tensor, a_k: Tensor, b_k: Tensor,
                      a_v: Tensor, b_v: Tensor, dense_rows: Tensor, k_qk: int, k_v: int,
-                     n_heads: int, n_kv_heads: int, head_dim: int, state_id: int,
+                     n_heads: int, n_kv_heads: int, head_dim: int, run: int,
                      name: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    st = get_state(state_id)
+    st = run_of(run)
     name = st.block_name(name)
-    collect_input(state_id, name, x)
+    st.collect_input(name, x)
     if st.sparse_now():
         out = selection.attention_selection(
-            x, ((a_q, b_q), (a_k, b_k), (a_v, b_v)), dense_rows, k_qk, k_v,
-            n_heads, n_kv_heads, head_dim)
+            x, ((a_q, b_q), (a_k, b_k), (a_v, b_v)), st.splits.of(dense_rows), k_qk, k_v,
+            n_heads, n_kv_heads, head_dim, st.joined)
     else:  # all rows dense, as in select_mlp
         out = selection.placeholder_attention_selection(x.device, k_qk, k_v, n_heads, n_kv_heads, head_dim)
     _record(st, name, idx_q=out[0], idx_k=out[1], idx_v=out[2], idx_o=out[3],
@@ -172,7 +180,7 @@ def select_attention(x: Tensor, a_q: Tensor, b_q: Tensor, a_k: Tensor, b_k: Tens
 
 @_fake(select_attention)
 def _(x, a_q, b_q, a_k, b_k, a_v, b_v, dense_rows, k_qk, k_v, n_heads, n_kv_heads,
-      head_dim, state_id, name):
+      head_dim, run, name):
     n_rep = n_heads // n_kv_heads
     e = lambda n: x.new_empty((n,), dtype=torch.int64)  # noqa: E731
     return e(k_qk * n_rep), e(k_qk), e(k_v), e(k_v * n_rep)
@@ -180,55 +188,58 @@ def _(x, a_q, b_q, a_k, b_k, a_v, b_v, dense_rows, k_qk, k_v, n_heads, n_kv_head
 
 # ---- sparse products ------------------------------------------------------------------
 
-def _count(state_id, dense_rows, m_cols, n_full, k):
-    """FLOPs of one base product: dense rows pay n_full, context rows pay k."""
-    rows = dense_rows.numel()
-    n_dense = row_split.split_of(dense_rows).n_dense
-    get_state(state_id).count_flops(2 * rows * n_full * m_cols,
-                                    2 * (n_dense * n_full + (rows - n_dense) * k) * m_cols)
+def _split_and_count(st: Run, dense_rows, m_cols, n_full, k):
+    """The rows' split; counts the FLOPs of one base product (dense rows pay n_full,
+    context rows pay k)."""
+    split = st.splits.of(dense_rows)
+    rows, n_dense = dense_rows.numel(), split.n_dense
+    st.count_flops(2 * rows * n_full * m_cols, 2 * (n_dense * n_full + (rows - n_dense) * k) * m_cols)
+    return split
 
 
 @_op
 def out_sparse_linear(x: Tensor, w: Tensor, b: Optional[Tensor], idx: Tensor,
-                      dense_rows: Tensor, state_id: int) -> Tensor:
-    _count(state_id, dense_rows, w.shape[1], w.shape[0], idx.numel())
-    return sparse_linear.out_sparse_forward(x, w, b, idx, dense_rows)
+                      dense_rows: Tensor, run: int) -> Tensor:
+    split = _split_and_count(run_of(run), dense_rows, w.shape[1], w.shape[0], idx.numel())
+    return sparse_linear.out_sparse_forward(x, w, b, idx, split)
 
 
 @_fake(out_sparse_linear)
-def _(x, w, b, idx, dense_rows, state_id):
+def _(x, w, b, idx, dense_rows, run):
     return x.new_empty((*x.shape[:-1], w.shape[0]))
 
 
 @_op_no_grad
-def out_sparse_grad(gy: Tensor, w: Tensor, idx: Tensor, dense_rows: Tensor) -> Tensor:
-    return sparse_linear.out_sparse_grad_input(gy, w.to(gy.dtype), idx, dense_rows)
+def out_sparse_grad(gy: Tensor, w: Tensor, idx: Tensor, dense_rows: Tensor, run: int) -> Tensor:
+    split = run_of(run).splits.of(dense_rows)
+    return sparse_linear.out_sparse_grad_input(gy, w.to(gy.dtype), idx, split)
 
 
 @_fake(out_sparse_grad)
-def _(gy, w, idx, dense_rows):
+def _(gy, w, idx, dense_rows, run):
     return gy.new_empty((*gy.shape[:-1], w.shape[1]))
 
 
 @_op
 def in_sparse_linear(h: Tensor, w: Tensor, b: Optional[Tensor], idx: Tensor,
-                     dense_rows: Tensor, state_id: int) -> Tensor:
-    _count(state_id, dense_rows, w.shape[0], w.shape[1], idx.numel())
-    return sparse_linear.in_sparse_forward(h, w, b, idx, dense_rows)
+                     dense_rows: Tensor, run: int) -> Tensor:
+    split = _split_and_count(run_of(run), dense_rows, w.shape[0], w.shape[1], idx.numel())
+    return sparse_linear.in_sparse_forward(h, w, b, idx, split)
 
 
 @_fake(in_sparse_linear)
-def _(h, w, b, idx, dense_rows, state_id):
+def _(h, w, b, idx, dense_rows, run):
     return h.new_empty((*h.shape[:-1], w.shape[0]))
 
 
 @_op_no_grad
-def in_sparse_grad(gy: Tensor, w: Tensor, idx: Tensor, dense_rows: Tensor) -> Tensor:
-    return sparse_linear.in_sparse_grad_input(gy, w.to(gy.dtype), idx, dense_rows)
+def in_sparse_grad(gy: Tensor, w: Tensor, idx: Tensor, dense_rows: Tensor, run: int) -> Tensor:
+    split = run_of(run).splits.of(dense_rows)
+    return sparse_linear.in_sparse_grad_input(gy, w.to(gy.dtype), idx, split)
 
 
 @_fake(in_sparse_grad)
-def _(gy, w, idx, dense_rows):
+def _(gy, w, idx, dense_rows, run):
     return gy.new_empty((*gy.shape[:-1], w.shape[1]))
 
 
@@ -245,19 +256,19 @@ def _(h, idx, dense_rows):
 # ---- autograd: the frozen weight passes dY @ W_kept back to its input ---------------------
 
 def _save_wd(ctx, inputs, output):
-    x, w, b, idx, dense_rows = inputs[:5]
+    x, w, b, idx, dense_rows, run = inputs
     ctx.save_for_backward(w, idx, dense_rows)
-    ctx.x_dtype = x.dtype
+    ctx.x_dtype, ctx.run = x.dtype, run
 
 
 def _out_backward(ctx, gy):
     w, idx, dense_rows = ctx.saved_tensors
-    return out_sparse_grad(gy, w, idx, dense_rows).to(ctx.x_dtype), None, None, None, None, None
+    return out_sparse_grad(gy, w, idx, dense_rows, ctx.run).to(ctx.x_dtype), None, None, None, None, None
 
 
 def _in_backward(ctx, gy):
     w, idx, dense_rows = ctx.saved_tensors
-    return in_sparse_grad(gy, w, idx, dense_rows).to(ctx.x_dtype), None, None, None, None, None
+    return in_sparse_grad(gy, w, idx, dense_rows, ctx.run).to(ctx.x_dtype), None, None, None, None, None
 
 
 def _mask_setup(ctx, inputs, output):
@@ -279,17 +290,18 @@ torch.library.register_autograd(mask_channels, _mask_backward, setup_context=_ma
 @_op
 def sparse_mlp(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down: Tensor, b_gate: Optional[Tensor],
                b_up: Optional[Tensor], b_down: Optional[Tensor], idx: Tensor, dense_rows: Tensor,
-               state_id: int) -> tuple[Tensor, Tensor]:
+               run: int) -> tuple[Tensor, Tensor]:
     """(y, saved): `saved` is the flat (g, u) buffer for the backward (see sparse_mlp.py);
     its length depends on the token split, so the fake reports a data-dependent size."""
     h, f = w_gate.shape[1], w_gate.shape[0]
-    _count(state_id, dense_rows, h, 3 * f, 3 * idx.numel())
+    st = run_of(run)
+    split = _split_and_count(st, dense_rows, h, 3 * f, 3 * idx.numel())
     return mlp_impl.sparse_mlp_forward(x, w_gate, w_up, w_down, b_gate, b_up, b_down, idx,
-                                       dense_rows)
+                                       split, st.mlp_all_rows_max_k)
 
 
 @_fake(sparse_mlp)
-def _(x, w_gate, w_up, w_down, b_gate, b_up, b_down, idx, dense_rows, state_id):
+def _(x, w_gate, w_up, w_down, b_gate, b_up, b_down, idx, dense_rows, run):
     return x.new_empty((*x.shape[:-1], w_down.shape[0])), x.new_empty((_data_dependent_size(),))
 
 
@@ -310,25 +322,27 @@ def _data_dependent_size():
 
 @_op_no_grad
 def sparse_mlp_grad(gy: Tensor, saved: Tensor, w_gate: Tensor, w_up: Tensor,
-                    w_down: Tensor, idx: Tensor, dense_rows: Tensor) -> Tensor:
-    return mlp_impl.sparse_mlp_grad_input(gy, saved, w_gate, w_up, w_down, idx, dense_rows)
+                    w_down: Tensor, idx: Tensor, dense_rows: Tensor, run: int) -> Tensor:
+    st = run_of(run)
+    return mlp_impl.sparse_mlp_grad_input(gy, saved, w_gate, w_up, w_down, idx,
+                                          st.splits.of(dense_rows), st.mlp_all_rows_max_k)
 
 
 @_fake(sparse_mlp_grad)
-def _(gy, saved, w_gate, w_up, w_down, idx, dense_rows):
+def _(gy, saved, w_gate, w_up, w_down, idx, dense_rows, run):
     return gy.new_empty((*gy.shape[:-1], w_gate.shape[1]))
 
 
 def _mlp_setup(ctx, inputs, output):
     # x itself is not saved: the backward needs only g and u (in `saved`).
-    x, wg, wu, wd, _bg, _bu, _bd, idx, dense_rows, _sid = inputs
+    x, wg, wu, wd, _bg, _bu, _bd, idx, dense_rows, run = inputs
     ctx.save_for_backward(output[1], wg, wu, wd, idx, dense_rows)
-    ctx.x_dtype = x.dtype
+    ctx.x_dtype, ctx.run = x.dtype, run
 
 
 def _mlp_backward(ctx, gy, _gsaved):
     saved, wg, wu, wd, idx, dense_rows = ctx.saved_tensors
-    gx = sparse_mlp_grad(gy, saved, wg, wu, wd, idx, dense_rows).to(ctx.x_dtype)
+    gx = sparse_mlp_grad(gy, saved, wg, wu, wd, idx, dense_rows, ctx.run).to(ctx.x_dtype)
     return gx, None, None, None, None, None, None, None, None, None
 
 

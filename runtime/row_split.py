@@ -5,7 +5,7 @@ and its backward needs the row indices and counts. `nonzero` synchronises the GP
 the split is computed once when the mask is made and looked up by the mask's storage
 afterwards (saved-for-backward tensors keep their storage). Each entry holds its mask,
 so no other tensor can take that address while the entry exists: a hit is always the
-same storage. The most recent entries are kept (masks are tiny).
+same storage. A run keeps its most recent entries (masks are tiny).
 """
 from __future__ import annotations
 
@@ -13,9 +13,6 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
-
-_SPLITS: "OrderedDict[tuple[int, int], tuple[torch.Tensor, RowSplit]]" = OrderedDict()
-_KEEP = 256
 
 
 @dataclass
@@ -38,37 +35,43 @@ class RowSplit:
         return self.dense.numel() == 0
 
 
-def _key(rows: torch.Tensor):
-    return rows.data_ptr(), rows.numel()
-
-
-def compute(rows: torch.Tensor, padding: torch.Tensor | None = None) -> RowSplit:
+def compute_split(rows: torch.Tensor, padding: torch.Tensor | None = None) -> RowSplit:
     """`padding`: bool mask of padded positions, left out of the estimator's scores (their
     hidden states are not text; they still run sparse, as nothing reads them)."""
     r = rows.reshape(-1)
     split = RowSplit(r.nonzero().squeeze(1), (~r).nonzero().squeeze(1), r.numel())
     if padding is not None:
         split.scored = (~r & ~padding.reshape(-1)).nonzero().squeeze(1)
-    _remember(rows, split)
     return split
 
 
-def _remember(rows: torch.Tensor, split: RowSplit) -> None:
-    key = _key(rows)
-    _SPLITS[key] = (rows, split)
-    _SPLITS.move_to_end(key)
-    while len(_SPLITS) > _KEEP:
-        _SPLITS.popitem(last=False)
+class SplitCache:
+    """The splits of one run's recent row masks, keyed by the mask's storage."""
 
+    KEEP = 256
 
-def alias(copy: torch.Tensor, rows: torch.Tensor) -> None:
-    """`copy` (a clone of `rows`) has the same split, without another nonzero."""
-    _remember(copy, split_of(rows))
+    def __init__(self):
+        self._entries: "OrderedDict[tuple[int, int], tuple[torch.Tensor, RowSplit]]" = OrderedDict()
 
+    def compute(self, rows: torch.Tensor, padding: torch.Tensor | None = None) -> RowSplit:
+        split = compute_split(rows, padding)
+        self._remember(rows, split)
+        return split
 
-def split_of(rows: torch.Tensor) -> RowSplit:
-    hit = _SPLITS.get((rows.data_ptr(), rows.numel()))  # _key, inline: every op asks
-    return hit[1] if hit is not None else compute(rows)
+    def alias(self, copy: torch.Tensor, rows: torch.Tensor) -> None:
+        """`copy` (a clone of `rows`) has the same split, without another nonzero."""
+        self._remember(copy, self.of(rows))
+
+    def of(self, rows: torch.Tensor) -> RowSplit:
+        hit = self._entries.get((rows.data_ptr(), rows.numel()))
+        return hit[1] if hit is not None else self.compute(rows)
+
+    def _remember(self, rows: torch.Tensor, split: RowSplit) -> None:
+        key = (rows.data_ptr(), rows.numel())
+        self._entries[key] = (rows, split)
+        self._entries.move_to_end(key)
+        while len(self._entries) > self.KEEP:
+            self._entries.popitem(last=False)
 
 
 def context_rows(x2: torch.Tensor, split: RowSplit) -> torch.Tensor:

@@ -4,12 +4,12 @@ kernel: `selection` gets q/k/v column norms from an r x r Gram matrix.)"""
 from __future__ import annotations
 
 from . import selection
-from .gathered import _use_triton
+from .gathered import use_triton
 
 
-def mlp_scores(x, a_gate, b_gate, a_up, b_up, res_gate, res_up, dense_rows):
-    if _use_triton(x):
+def mlp_scores(x, a_gate, b_gate, a_up, b_up, res_gate, res_up, split, joined=None):
+    if use_triton(x):
         from .kernels.fused_estimator import mlp_channel_scores_projected
-        xa = selection.scored_projection(x, (a_gate, a_up), dense_rows)
+        xa = selection.scored_projection(x, (a_gate, a_up), split, joined)
         return mlp_channel_scores_projected(xa, b_gate, b_up, res_gate, res_up)
-    return selection.mlp_scores(x, a_gate, b_gate, a_up, b_up, res_gate, res_up, dense_rows)
+    return selection.mlp_scores(x, a_gate, b_gate, a_up, b_up, res_gate, res_up, split, joined)

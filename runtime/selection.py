@@ -11,41 +11,53 @@ from collections import OrderedDict
 import torch
 import torch.nn.functional as F
 
+from .row_split import RowSplit, scored_rows
 
-def scored_projection(x: torch.Tensor, a_factors, dense_rows: torch.Tensor) -> torch.Tensor:
+
+def scored_projection(x: torch.Tensor, a_factors, split: RowSplit,
+                      joined: "JoinedFactors | None" = None) -> torch.Tensor:
     """x @ [A_1 A_2 ...] over the context rows the estimator scores, fp32 [scored, sum r].
 
     The product runs on every row in x's dtype and only its narrow result is gathered
     and cast: gathering and casting x itself ([tokens x hidden], fp32) cost more than the
     product on the GPU. In bf16 this rounds x A once to bf16, as any bf16 estimator would.
+    `joined`: the run's cache of the side-by-side factors (None: joined on each call).
     """
-    from .row_split import scored_rows, split_of
     x2 = x.reshape(-1, x.shape[-1])
-    return scored_rows(x2 @ joined_factors(a_factors, x2.dtype), split_of(dense_rows)).float()
+    a = joined.get(a_factors, x2.dtype) if joined is not None else torch.cat(list(a_factors), 1).to(x2.dtype)
+    return scored_rows(x2 @ a, split).float()
 
 
-_JOINED: "OrderedDict[tuple, tuple]" = OrderedDict()
-_JOINED_KEEP = 256
+class JoinedFactors:
+    """The A factors of a block side by side in one dtype, the operand of one projection
+    GEMM, cached per factor set (the cat and cast were two launches per block per step).
 
-
-def joined_factors(factors, dtype: torch.dtype) -> torch.Tensor:
-    """The A factors side by side in `dtype`, the operand of one projection GEMM.
-
-    Cached per factor set: factors change only when refreshed in place, which bumps their
-    version, and the cat and cast were two kernel launches per block per step. An entry
-    holds its factors, so their storage cannot be reused by other tensors while it exists.
+    Factors change only when refreshed in place, which bumps their version, so the key
+    holds each factor's address and version. An entry holds its factors, so their storage
+    cannot be reused by other tensors while it exists.
     """
-    if torch.is_grad_enabled() and any(a.requires_grad for a in factors):
-        return torch.cat(list(factors), 1).to(dtype)  # a cached result would hold a stale graph
-    key = (dtype, *((a.data_ptr(), a._version, tuple(a.shape)) for a in factors))
-    hit = _JOINED.get(key)
-    if hit is None:
-        hit = _JOINED[key] = (tuple(factors), torch.cat(list(factors), 1).to(dtype))
-        while len(_JOINED) > _JOINED_KEEP:
-            _JOINED.popitem(last=False)
-    else:
-        _JOINED.move_to_end(key)
-    return hit[1]
+
+    KEEP = 256
+
+    def __init__(self):
+        self._entries: "OrderedDict[tuple, tuple]" = OrderedDict()
+
+    def get(self, factors, dtype: torch.dtype) -> torch.Tensor:
+        if torch.is_grad_enabled() and any(a.requires_grad for a in factors):
+            return torch.cat(list(factors), 1).to(dtype)  # a cached result would hold a stale graph
+        key = (dtype, *((a.data_ptr(), a._version, tuple(a.shape)) for a in factors))
+        hit = self._entries.get(key)
+        if hit is None:
+            hit = self._entries[key] = (tuple(factors), torch.cat(list(factors), 1).to(dtype))
+            while len(self._entries) > self.KEEP:
+                self._entries.popitem(last=False)
+        else:
+            self._entries.move_to_end(key)
+        return hit[1]
+
+    def tensors(self) -> list:
+        """Every cached operand (CUDA graphs read them by address and must hold them)."""
+        return [v[1] for v in self._entries.values()]
 
 
 def top_channels(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -72,12 +84,13 @@ def corrected_gated_sq(g, u, res_gate, res_up) -> torch.Tensor:
     return gate * (u.square() if res_up is None else u.square() + res_up.float())
 
 
-def mlp_scores(x, a_gate, b_gate, a_up, b_up, res_gate, res_up, dense_rows) -> torch.Tensor:
+def mlp_scores(x, a_gate, b_gate, a_up, b_up, res_gate, res_up, split: RowSplit,
+               joined: JoinedFactors | None = None) -> torch.Tensor:
     """Per channel, sum over context tokens of the expected (silu(gate) * up)^2 under the
     low-rank estimate (`corrected_gated_sq`). `res_gate`/`res_up` [F] or None (= zeros: the
     paper's squared L2 norm of silu(x A_g B_g) * (x A_u B_u))."""
     r = a_gate.shape[1]
-    p = scored_projection(x, (a_gate, a_up), dense_rows)
+    p = scored_projection(x, (a_gate, a_up), split, joined)
     g, u = p[:, :r] @ b_gate, p[:, r:] @ b_up
     if res_gate is None and res_up is None:
         return (F.silu(g) * u).square().sum(0)
@@ -102,11 +115,11 @@ def _query_channels(n_heads: int, n_kv_heads: int, head_dim: int, device) -> tor
     return heads * head_dim + d[:, None]
 
 
-def _gram_column_sq_norms(x, factors, dense_rows):
+def gram_column_sq_norms(x, factors, split: RowSplit, joined: JoinedFactors | None = None):
     """||x_c A B||^2 per output column over the scored rows x_c, for each (A, B), without the
     [tokens x out] product: with P = x_c A and G = P^T P (r x r), column j's norm is
     b_j^T G b_j. One GEMM over the tokens for all factor pairs (their A's side by side)."""
-    p = scored_projection(x, [a for a, _ in factors], dense_rows)
+    p = scored_projection(x, [a for a, _ in factors], split, joined)
     gram = p.T @ p
     out, start = [], 0
     for a, b in factors:
@@ -117,15 +130,15 @@ def _gram_column_sq_norms(x, factors, dense_rows):
     return out
 
 
-def attention_selection(x, factors, dense_rows, k_qk: int, k_v: int,
-                        n_heads: int, n_kv_heads: int, head_dim: int):
+def attention_selection(x, factors, split: RowSplit, k_qk: int, k_v: int, n_heads: int,
+                        n_kv_heads: int, head_dim: int, joined: JoinedFactors | None = None):
     """Returns (idx_q, idx_k, idx_v, idx_o).
 
     QK score of kv channel (g, d): ||K_hat(g,d)|| * sum over h in group g of ||Q_hat(h,d)||.
     V score: ||V_hat(g,d)||. o keeps the input channels whose kv head kept V channel (g, d).
     """
     n_rep = n_heads // n_kv_heads
-    qn, kn, vn = _gram_column_sq_norms(x, factors, dense_rows)
+    qn, kn, vn = gram_column_sq_norms(x, factors, split, joined)
     q = qn.sqrt().view(n_kv_heads, n_rep, head_dim).sum(1)
     k = kn.sqrt().view(n_kv_heads, head_dim)
     idx_k = top_channels((q * k).reshape(-1), k_qk)

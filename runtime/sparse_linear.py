@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from . import gathered
-from .row_split import context_rows, split_of
+from .row_split import RowSplit, context_rows
 
 
 def _channel_mask(idx, n, like):
@@ -69,47 +69,43 @@ def _stack(like, n_out, split, dense_part, ctx_part):
     return out.index_copy_(0, split.ctx, ctx_part)
 
 
-def out_sparse_forward(x, w, b, idx, dense_rows):
-    split = split_of(dense_rows)
+def out_sparse_forward(x, w, b, idx, split: RowSplit):
     if split.all_dense:  # the warm-up, or a batch of output tokens only
         return F.linear(x, w, b)
     lead, x2 = x.shape[:-1], x.reshape(-1, x.shape[-1])
     dense = None if split.all_context else F.linear(_rows(x2, split.dense), w, b)
-    yk = gathered.out_sparse_matmul(context_rows(x2, split), w, idx)
+    yk = gathered.gather_rows_mm_t(context_rows(x2, split), w, idx)
     if b is not None:
         yk = yk + b.index_select(0, idx)
     return _assemble(x2, w.shape[0], split, dense, idx, yk).view(*lead, w.shape[0])
 
 
-def out_sparse_grad_input(gy, w, idx, dense_rows):
-    split = split_of(dense_rows)
+def out_sparse_grad_input(gy, w, idx, split: RowSplit):
     if split.all_dense:
         return gy @ w
     lead, g2 = gy.shape[:-1], gy.reshape(-1, gy.shape[-1])
     dense = None if split.all_context else _rows(g2, split.dense) @ w
-    ctx = gathered.out_sparse_grad_input(context_rows(g2.index_select(1, idx), split), w, idx)
+    ctx = gathered.gather_rows_mm(context_rows(g2.index_select(1, idx), split), w, idx)
     return _stack(g2, w.shape[1], split, dense, ctx).view(*lead, w.shape[1])
 
 
-def in_sparse_forward(h, w, b, idx, dense_rows):
-    split = split_of(dense_rows)
+def in_sparse_forward(h, w, b, idx, split: RowSplit):
     if split.all_dense:
         return F.linear(h, w, b)
     lead, h2 = h.shape[:-1], h.reshape(-1, h.shape[-1])
     dense = None if split.all_context else F.linear(_rows(h2, split.dense), w, b)
-    ctx = gathered.in_sparse_matmul(context_rows(h2.index_select(1, idx), split), w, idx)
+    ctx = gathered.gather_cols_mm_t(context_rows(h2.index_select(1, idx), split), w, idx)
     if b is not None:
         ctx = ctx + b
     return _stack(h2, w.shape[0], split, dense, ctx).view(*lead, w.shape[0])
 
 
-def in_sparse_grad_input(gy, w, idx, dense_rows):
-    split = split_of(dense_rows)
+def in_sparse_grad_input(gy, w, idx, split: RowSplit):
     if split.all_dense:
         return gy @ w
     lead, g2 = gy.shape[:-1], gy.reshape(-1, gy.shape[-1])
     dense = None if split.all_context else _rows(g2, split.dense) @ w
-    kept = gathered.in_sparse_grad_input(context_rows(g2, split), w, idx)
+    kept = gathered.gather_cols_mm(context_rows(g2, split), w, idx)
     return _assemble(g2, w.shape[1], split, dense, idx, kept).view(*lead, w.shape[1])
 
 

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from . import gathered
-from .row_split import split_of
+from .row_split import RowSplit
 from .selection import dsilu
 
 
@@ -27,7 +27,7 @@ def sparse_mlp_reference(x, wg, wu, wd, bg, bu, bd, idx, dense_rows):
 
 
 def _swiglu(g, u):
-    if gathered._use_triton(g) and g.is_contiguous() and u.is_contiguous():
+    if gathered.use_triton(g) and g.is_contiguous() and u.is_contiguous():
         from .kernels.swiglu import swiglu
         return swiglu(g, u)
     return F.silu(g) * u
@@ -35,7 +35,7 @@ def _swiglu(g, u):
 
 def _swiglu_grad(dh, g, u):
     """(dg, du) of h = silu(g) * u."""
-    if (gathered._use_triton(g) and dh.is_contiguous() and g.is_contiguous() and u.is_contiguous()
+    if (gathered.use_triton(g) and dh.is_contiguous() and g.is_contiguous() and u.is_contiguous()
             and dh.dtype == g.dtype):
         from .kernels.swiglu import swiglu_grad
         return swiglu_grad(dh, g, u)
@@ -49,12 +49,11 @@ def _swiglu_grad(dh, g, u):
 # TFLOP/s, copies ~4.3 TB/s) with 1024 of 4096 rows dense on LLaMA-3-8B, the extra FLOPs
 # cost as much as the copies near k = 700; 512 keeps a margin and is where the gathered
 # GEMMs switch from slice + cuBLAS to Triton (gathered.MIN_TRITON_K). Measured at k = 144:
-# 1-3 ms less kernel time per step (bench/README.md, session 6). The FLOP statistics
-# (ops._count) count the method's products, not these extra columns (< 1% at k = 144).
-ALL_ROWS_MAX_K = 512
+# 1-3 ms less kernel time per step on the H200. The FLOP statistics (ops._count) count the method's products, not these extra columns (< 1% at k = 144).
+ALL_ROWS_MAX_K = 512  # the default of the `mlp_all_rows_max_k` option
 
 
-def _layout(n_rows, split, idx, d_ff):
+def _layout(n_rows, split, idx, d_ff, all_rows_max_k):
     """Per part, in the order they run: (row indices or None for all rows, kept channels or
     None for dense, offset of g in the flat buffer, rows, width); and the buffer's length.
     g and u of a part lie back to back. A part over all rows writes the output directly; a
@@ -64,7 +63,7 @@ def _layout(n_rows, split, idx, d_ff):
         width = d_ff if sel is None else sel.numel()
         return ((None, sel, 0, n_rows, width),), 2 * n_rows * width
     n_dense, k = split.dense.numel(), idx.numel()
-    if k < ALL_ROWS_MAX_K:
+    if k < all_rows_max_k:
         off = 2 * n_rows * k
         return ((None, idx, 0, n_rows, k), (split.dense, None, off, n_dense, d_ff)), off + 2 * n_dense * d_ff
     n_ctx, off = n_rows - n_dense, 2 * n_dense * d_ff
@@ -85,12 +84,12 @@ def _kept(b, sel):
     return b if sel is None else b.index_select(0, sel)
 
 
-def sparse_mlp_forward(x, wg, wu, wd, bg, bu, bd, idx, dense_rows):
+def sparse_mlp_forward(x, wg, wu, wd, bg, bu, bd, idx, split: RowSplit, all_rows_max_k: int = 512):
     """(y, saved): the MLP output and the flat (g, u) buffer the backward reads."""
     lead, n_out = x.shape[:-1], wd.shape[0]
     x2 = x.reshape(-1, x.shape[-1])
     y = x2.new_empty(x2.shape[0], n_out)
-    parts, total = _layout(x2.shape[0], split_of(dense_rows), idx, wg.shape[0])
+    parts, total = _layout(x2.shape[0], split, idx, wg.shape[0], all_rows_max_k)
     saved = x2.new_empty(total)
     for rows, sel, off, n, width in parts:
         g, u = _views(saved, off, n, width)
@@ -99,8 +98,8 @@ def sparse_mlp_forward(x, wg, wu, wd, bg, bu, bd, idx, dense_rows):
             torch.mm(xr, wg.t(), out=g)
             torch.mm(xr, wu.t(), out=u)
         else:  # straight into the saved buffer: no [rows x k] temporaries and copies
-            gathered.out_sparse_matmul(xr, wg, sel, out=g)
-            gathered.out_sparse_matmul(xr, wu, sel, out=u)
+            gathered.gather_rows_mm_t(xr, wg, sel, out=g)
+            gathered.gather_rows_mm_t(xr, wu, sel, out=u)
         if bg is not None:
             g += _kept(bg, sel)
         if bu is not None:
@@ -110,7 +109,7 @@ def sparse_mlp_forward(x, wg, wu, wd, bg, bu, bd, idx, dense_rows):
         if sel is None:
             yr = torch.mm(h, wd.t(), out=out)
         else:
-            yr = gathered.in_sparse_matmul(h, wd, sel, out=out)
+            yr = gathered.gather_cols_mm_t(h, wd, sel, out=out)
         if bd is not None:
             yr += bd
         if rows is not None:
@@ -118,21 +117,21 @@ def sparse_mlp_forward(x, wg, wu, wd, bg, bu, bd, idx, dense_rows):
     return y.view(*lead, n_out), saved
 
 
-def sparse_mlp_grad_input(gy, saved, wg, wu, wd, idx, dense_rows):
+def sparse_mlp_grad_input(gy, saved, wg, wu, wd, idx, split: RowSplit, all_rows_max_k: int = 512):
     lead, n_in = gy.shape[:-1], wg.shape[1]
     g2 = gy.reshape(-1, gy.shape[-1])
     gx = g2.new_empty(g2.shape[0], n_in)
-    parts, _ = _layout(g2.shape[0], split_of(dense_rows), idx, wg.shape[0])
+    parts, _ = _layout(g2.shape[0], split, idx, wg.shape[0], all_rows_max_k)
     for rows, sel, off, n, width in parts:
         g, u = _views(saved, off, n, width)
         gyr = g2 if rows is None else g2.index_select(0, rows)
-        dh = gyr @ wd if sel is None else gathered.in_sparse_grad_input(gyr, wd, sel)
+        dh = gyr @ wd if sel is None else gathered.gather_cols_mm(gyr, wd, sel)
         dg, du = _swiglu_grad(dh, g, u)
         out = gx if rows is None else None
         if sel is None:
             gxr = torch.mm(dg, wg, out=out).addmm_(du, wu)
         else:
-            gxr = gathered.out_sparse_grad_input_pair(dg, wg, du, wu, sel, out=out)
+            gxr = gathered.gather_rows_mm_pair(dg, wg, du, wu, sel, out=out)
         if rows is not None:
             gx.index_copy_(0, rows, gxr)
     return gx.view(*lead, n_in)

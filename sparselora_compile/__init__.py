@@ -1,30 +1,37 @@
 """sparselora-compile: SparseLoRA contextual sparsity as a torch.compile backend.
 
-    model = torch.compile(model, backend="sparselora", options={"policy": policy})
+How `labels` and `policy` reach a Triton kernel:
+1. `torch.compile(model, backend="sparselora", options={"policy": p})`: Dynamo calls
+   `backend.sparselora_backend(gm, inputs, options)`; it parses the options and makes
+   the model's `Run` (runtime/run.py: step, stats, token split), kept in the options.
+2. `passes.PASSES` rewrite the graph: find sites -> group blocks (passes/blocks.py) ->
+   plan with `p.sparsity_for(block)` -> swap base products for `torch.ops.sparselora.*`
+   ops that carry `run.handle`; the graph's `labels` input feeds `token_rows`.
+3. The backend fills the estimator-factor inputs (factors.py) and hands the graph to Inductor.
+4. At run time `token_rows(labels, ...)` splits dense/context rows, `select_mlp` scores and
+   picks channels, `out_sparse_linear` & co (runtime/ops.py) look the run up by handle and
+   call runtime/sparse_linear.py -> runtime/gathered.py -> runtime/kernels (Triton, CUDA).
 """
 from __future__ import annotations
 
 import logging as _logging
 
 from sparselora_compile.runtime import ops as _ops  # noqa: F401  registers torch.ops.sparselora
+from sparselora_compile.runtime.run import Run, RunStats
 
 from . import presets
 from .backend import sparselora_backend
 from .explain import explain
 from .factors import collect_moments
 from .policy import BlockInfo, Policy
-from .wrapper import compile
+from .wrapper import SparseLoRAModel, compile, run_of
 
-__all__ = ["Policy", "BlockInfo", "presets", "sparselora_backend", "explain", "set_labels",
-           "calibrate", "compile", "collect_moments"]
+__all__ = ["Policy", "BlockInfo", "presets", "sparselora_backend", "explain", "calibrate",
+           "compile", "SparseLoRAModel", "run_of", "Run", "RunStats", "collect_moments"]
 __version__ = "0.1.0"
 
-_log = _logging.getLogger("sparselora_compile")
-if not _log.handlers:
-    _h = _logging.StreamHandler()
-    _h.setFormatter(_logging.Formatter("%(message)s"))
-    _log.addHandler(_h)
-    _log.setLevel(_logging.INFO)
+# A library logs, the application decides where it goes (the CLI configures it).
+_logging.getLogger("sparselora_compile").addHandler(_logging.NullHandler())
 
 
 def _register_backend() -> None:
@@ -41,14 +48,6 @@ def _register_backend() -> None:
 
 
 _register_backend()
-
-
-def set_labels(policy: Policy, labels, attention_mask=None) -> None:
-    """Hand the batch's labels (and padding mask) to the backend when the compiled graph
-    that holds the layers does not see them (e.g. HF gradient checkpointing splits the
-    graph there). `sparselora_compile.compile` does this for you."""
-    state = policy.runtime_state()
-    state.labels, state.attention_mask = labels, attention_mask
 
 
 def __getattr__(name):

@@ -1,8 +1,15 @@
 """The `sparselora` torch.compile backend.
 
-Dynamo hands us a torch-level FX graph; `passes` rewrites the recognised LoRA blocks into
-the runtime's custom ops, and the result goes to Inductor (or `aot_eager` / `eager` for
-fast debugging). Unknown graphs compile exactly as under the inner backend.
+Dynamo hands us a torch-level FX graph; the passes (`passes.PASSES`) rewrite the
+recognised LoRA blocks into the runtime's custom ops, this module makes the estimator
+factors the rewritten graph takes as inputs, and the result goes to Inductor (or
+`aot_eager` / `eager` for fast debugging). Unknown graphs compile exactly as under the
+inner backend.
+
+Every graph of one compiled model shares one `Run` (the step, statistics, token split):
+`slc.compile` makes it and passes it in `options["run"]`; under
+`torch.compile(model, backend="sparselora", options={...})` the first graph makes it and
+keeps it in that options dict, where `slc.run_of(compiled)` finds it.
 """
 from __future__ import annotations
 
@@ -12,8 +19,16 @@ from dataclasses import dataclass, fields
 
 import torch
 
+from sparselora_compile.passes import PassContext, run_passes
+from sparselora_compile.passes.graphs import resolve_real
+from sparselora_compile.passes.plan import Limits
+from sparselora_compile.runtime.run import Run
+from sparselora_compile.runtime.sparse_mlp import ALL_ROWS_MAX_K
+
 from . import presets
+from .factors import FactorInputs, factor_inputs, factor_provider
 from .policy import Policy
+from .regions import LayerInputs, report_signature
 
 log = logging.getLogger("sparselora_compile")
 INNER = ("inductor", "aot_eager", "eager")
@@ -22,21 +37,39 @@ LORA_DTYPES = ("adapter", "model")
 
 @dataclass
 class BackendOptions:
+    """The backend's options (`torch.compile(..., options={...})` or `slc.compile(**options)`).
+
+    policy: a Policy, a dict of its fields, a preset name or a YAML path (None: presets.default()).
+    inner: the compiler of the rewritten graph.
+    record: keep each block's last selection (for equivalence tests).
+    cache_dir: the estimator factor cache (None: ~/.cache/sparselora_compile/factors).
+    lora_dtype: "adapter" runs LoRA products in the adapters' dtype, as PEFT does (fp32
+        adapters on a bf16 model: fp32 GEMMs); "model" in the base layer's dtype, adapters
+        kept fp32 (passes/lora_dtype.py): a numerics change, like autocast, so opt-in.
+    inductor_config: Inductor settings for the graphs this backend compiles (regionally:
+        the layers'), e.g. {"size_asserts": False}.
+    moments: input second moments for estimator="activation_aware" (`collect_moments`);
+        without them the dense warm-up collects them.
+    min_sparsity, min_attention_sparsity_cuda: where a block stays dense although the
+        policy asks for sparsity (`passes.plan.Limits` says why); explain() reports them.
+    mlp_all_rows_max_k: below this many kept channels the sparse MLP runs its context part
+        on every row (runtime/sparse_mlp.py says why); a layout choice, same values.
+    run: the Run every graph of this model shares (see the module doc).
+    """
+
     policy: Policy | None = None
     inner: str = "inductor"
-    record: bool = False        # keep each block's last selection (for equivalence tests)
-    cache_dir: str | None = None  # estimator factor cache; None: the default directory
+    record: bool = False
+    cache_dir: str | None = None
     verbose: bool = True
-    region: object = None       # regional.Region: set by `compile(model, regional=True)`
-    # "adapter": LoRA products in the adapters' dtype, as PEFT runs them (fp32 adapters on a
-    # bf16 model: fp32 GEMMs). "model": in the base layer's dtype, adapters kept fp32
-    # (passes/lora_dtype.py); a numerics change, like autocast, so it is opt-in.
     lora_dtype: str = "adapter"
-    # Inductor config for the graphs this backend compiles (with regional=True: the layers',
-    # not the loss's), e.g. {"size_asserts": False}: without cuda_graphs the rewritten step
-    # is bound by the host, and these settings change how much host work a compiled graph
-    # does (cpp_wrapper brings the settings it needs along: CPP_WRAPPER_SETTINGS below).
     inductor_config: dict | None = None
+    moments: dict | None = None
+    min_sparsity: float = Limits.min_sparsity
+    min_attention_sparsity_cuda: float = Limits.min_attention_sparsity_cuda
+    mlp_all_rows_max_k: int = ALL_ROWS_MAX_K
+    run: Run | None = None
+    region: object = None   # regional.Region: set by `compile(model, regional=True)`
 
     @classmethod
     def parse(cls, options) -> "BackendOptions":
@@ -46,20 +79,43 @@ class BackendOptions:
         if unknown:
             raise ValueError(f"sparselora: unknown option(s) {unknown}; valid options: {sorted(names)}")
         opts = cls(**options)
-        if isinstance(opts.policy, dict):
-            opts.policy = Policy.from_dict(opts.policy)
-        elif isinstance(opts.policy, str):
-            opts.policy = _named_policy(opts.policy)
-        elif opts.policy is not None and not isinstance(opts.policy, Policy):
-            raise TypeError(f"sparselora: options['policy'] must be a Policy, dict, preset name or "
-                            f"YAML path, got {type(opts.policy).__name__}")
+        opts.policy = as_policy(opts.policy)
         if opts.inner not in INNER:
             raise ValueError(f"sparselora: options['inner']={opts.inner!r}; expected one of {INNER}")
         if opts.lora_dtype not in LORA_DTYPES:
             raise ValueError(f"sparselora: options['lora_dtype']={opts.lora_dtype!r}; expected one of "
                              f"{LORA_DTYPES}")
+        for name in ("min_sparsity", "min_attention_sparsity_cuda"):
+            v = getattr(opts, name)
+            if not isinstance(v, (int, float)) or not 0.0 <= v <= 1.0:
+                raise ValueError(f"sparselora: options[{name!r}]={v!r} is outside [0, 1]")
+        if opts.run is not None and not isinstance(opts.run, Run):
+            raise TypeError(f"sparselora: options['run'] must be a Run, got {type(opts.run).__name__}")
         _check_inductor_config(opts)
         return opts
+
+    @property
+    def limits(self) -> Limits:
+        return Limits(self.min_sparsity, self.min_attention_sparsity_cuda)
+
+
+def as_policy(policy) -> Policy:
+    """A Policy from what the options may hold (None: the default preset, a fresh one)."""
+    if policy is None:
+        return presets.default()
+    if isinstance(policy, Policy):
+        return policy
+    if isinstance(policy, dict):
+        return Policy.from_dict(policy)
+    if isinstance(policy, str):
+        if policy in presets.PRESETS:
+            return presets.PRESETS[policy]()
+        if policy.endswith((".yaml", ".yml")):
+            return Policy.from_yaml(policy)
+        raise ValueError(f"sparselora: policy {policy!r} is neither a preset {sorted(presets.PRESETS)} "
+                         "nor a YAML file")
+    raise TypeError(f"sparselora: options['policy'] must be a Policy, dict, preset name or "
+                    f"YAML path, got {type(policy).__name__}")
 
 
 def _check_inductor_config(opts) -> None:
@@ -78,22 +134,31 @@ def _check_inductor_config(opts) -> None:
                          "(see torch._inductor.config)")
 
 
-def _named_policy(name: str) -> Policy:
-    if name in presets.PRESETS:
-        return presets.PRESETS[name]()
-    if name.endswith((".yaml", ".yml")):
-        return Policy.from_yaml(name)
-    raise ValueError(f"sparselora: policy {name!r} is neither a preset {sorted(presets.PRESETS)} nor a YAML file")
+def new_run(opts: BackendOptions) -> Run:
+    """The run of one compiled model, set up from its options and policy."""
+    policy = opts.policy
+    run = Run(warmup_steps=policy.warmup(), dense_output_tokens=policy.dense_output_tokens,
+              mlp_all_rows_max_k=opts.mlp_all_rows_max_k)
+    run.collect_moments = policy.estimator == "activation_aware" and not opts.moments
+    if run.collect_moments and policy.warmup() == 0:
+        log.warning("sparselora: estimator='activation_aware' without moments needs a dense "
+                    "warm-up to collect them; using plain SVD factors")
+        run.collect_moments = False
+    if opts.record:
+        run.record = {}
+    return run
 
 
-_DEFAULT_POLICY: Policy | None = None
-
-
-def _default_policy() -> Policy:
-    global _DEFAULT_POLICY
-    if _DEFAULT_POLICY is None:
-        _DEFAULT_POLICY = presets.default()
-    return _DEFAULT_POLICY
+def _run_of_options(options, opts: BackendOptions) -> Run:
+    if opts.run is not None:
+        return opts.run
+    run = new_run(opts)
+    if isinstance(options, dict):
+        options["run"] = run  # every later graph of this compiled model finds it here
+    else:
+        log.warning("sparselora: compiled without options, so each graph keeps its own step "
+                    "count and statistics; pass options={'policy': ...} or use slc.compile")
+    return run
 
 
 def copy_graph_module(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
@@ -132,10 +197,10 @@ def _inner_compile(name, gm, example_inputs, inductor_config=None):
 
 # What Inductor itself patches in while it compiles with cpp_wrapper (compile_fx's
 # get_cpp_wrapper_config). torch 2.11 applies that only around the forward: the backward,
-# compiled later, got cpp_wrapper without store_cubin and failed with "CudaKernelParamCache
-# not populated" (bench/README.md, sessions 5-6; torch 2.13 patches the backward too).
-# Compile-time autotuning, not torch 2.11's default of running each new graph once on
-# inputs made from its fake tensors, which our data-dependent ops cannot take.
+# compiled later, gets cpp_wrapper without store_cubin and fails with "CudaKernelParamCache
+# not populated" (torch 2.13 patches the backward too). Compile-time autotuning, not
+# torch 2.11's default of running each new graph once on inputs made from its fake
+# tensors, which our data-dependent ops cannot take.
 CPP_WRAPPER_SETTINGS = {"triton.store_cubin": True, "triton.autotune_at_compile_time": True,
                         "triton.autotune_cublasLt": False}
 
@@ -149,80 +214,74 @@ def _with_cpp_wrapper_settings(inductor_config):
 
 
 def sparselora_backend(gm: torch.fx.GraphModule, example_inputs, options=None):
-    from sparselora_compile.passes import run_passes
-    from sparselora_compile.passes.lora_dtype import lora_products_in_model_dtype
-    from sparselora_compile.passes.shared_input_lora import fuse_shared_input_lora_a
-    from .factors import FactorInputs, factor_provider
-
     opts = BackendOptions.parse(options)
-    policy = opts.policy or _default_policy()
-    policy.validate()
-    state = policy.runtime_state()
-    state.collect_moments = policy.estimator == "activation_aware" and not policy.moments
-    if state.collect_moments and policy.warmup() == 0:
-        log.warning("sparselora: estimator='activation_aware' without moments needs a dense "
-                    "warm-up to collect them; using plain SVD factors")
-        state.collect_moments = False
-    if opts.record and state.record is None:
-        state.record = {}
+    policy = opts.policy
+    run = _run_of_options(options, opts)
+    layer = _running_layer(opts.region, run)
     rewrite = torch.is_grad_enabled() or not policy.dense_eval
-    lora_in_model_dtype = opts.lora_dtype == "model"
-    original = gm
-    if rewrite or lora_in_model_dtype:  # Dynamo keeps using its own graph: rewrite a copy
-        gm = copy_graph_module(gm)
-    factor_fn = factor_provider(policy, opts.cache_dir)
-    layer = _running_layer(opts.region, state)
-    # before the rewrite: it finds each LoRA layer's base product (and so its dtype)
-    lora_cast = lora_products_in_model_dtype(gm) if lora_in_model_dtype else 0
-    if not lora_in_model_dtype:
-        _hint_lora_dtype(gm)
-    report = run_passes(gm, example_inputs, policy, state.state_id, factor_fn,
-                        rewrite=rewrite, layer=layer)
+    original, gm = gm, copy_graph_module(gm)  # Dynamo keeps using its own graph
+    ctx = PassContext(policy, run_handle=run.handle, rewrite=rewrite, lora_dtype=opts.lora_dtype,
+                      limits=opts.limits, layer=layer)
+    report = run_passes(gm, ctx)
     if layer is not None:
         _check_region(opts.region, report, layer[0])
-    # last: the passes above read the per-adapter products
-    merged = fuse_shared_input_lora_a(gm) if gm is not original else 0
     if opts.verbose:
-        log.info("sparselora: %s%d blocks found, %d rewritten%s, estimated base FLOPs saved %.1f%%%s",
-                 _region_label(opts.region), len(report.found),
-                 len(report.planned) if rewrite else 0, "" if rewrite else " (no grad: dense)",
-                 100 * report.flops_saved_estimate() if rewrite else 0.0,
-                 (f", {lora_cast} LoRA adapter products in the model's dtype" if lora_in_model_dtype else "")
-                 + (f", {merged} lora_A products in shared GEMMs" if merged else ""))
-    if not (rewrite and report.planned):
-        return _inner_compile(opts.inner, gm if lora_cast or merged else original, example_inputs,
+        _log_report(opts, report, rewrite, run)
+    if not report.factor_requests:
+        return _inner_compile(opts.inner, gm if report.changed else original, example_inputs,
                               opts.inductor_config)
 
-    compiled = _inner_compile(opts.inner, gm, [*example_inputs, *report.extra_inputs],
-                              opts.inductor_config)
+    weights = [_real_weight(req, example_inputs) for req in report.factor_requests]
+    factor_fn = factor_provider(policy, opts.moments, opts.cache_dir)
+    factors = factor_inputs(report.factor_requests, weights, factor_fn)
+    _set_example_values(report.factor_requests, factors.inputs)
+    compiled = _inner_compile(opts.inner, gm, [*example_inputs, *factors.inputs], opts.inductor_config)
     if layer is not None:
-        return _regional_runner(compiled, report, layer[0], factor_fn, policy, state, opts)
+        return _regional_runner(compiled, report, layer[0], factors, factor_fn, run, opts)
     min_layer = report.min_layer
-    if min_layer is not None and (state.first_layer is None or min_layer < state.first_layer):
-        state.first_layer = min_layer
-    factors = FactorInputs(report.extra_inputs, report.factor_slots)
+    if min_layer is not None and (run.first_layer is None or min_layer < run.first_layer):
+        run.first_layer = min_layer
 
-    def run(*args):
+    def call(*args):
         # One training step per forward: the graph holding the first sparse layer counts.
-        if torch.is_grad_enabled() and min_layer == state.first_layer:
-            state.begin_forward()
-        factors.refresh_if_due(policy, state, opts.cache_dir)
+        if torch.is_grad_enabled() and min_layer == run.first_layer:
+            run.begin_forward()
+        factors.refresh_if_due(run, opts.cache_dir)
         return compiled(*args, *factors.inputs)
 
-    run._sparselora_report = report
-    return run
+    call._sparselora_report, call._sparselora_factors = report, factors
+    return call
 
 
-_HINTED = False
+def _real_weight(req, example_inputs) -> torch.Tensor:
+    w = resolve_real(req.weight, req.scope, example_inputs)
+    if w is None:
+        raise RuntimeError(f"sparselora: cannot find the weight tensor of {req.path}")
+    return w
 
 
-def _hint_lora_dtype(gm) -> None:
-    """Once per process: fp32 adapters on a bf16/fp16 model make every LoRA product an fp32
-    GEMM; say that `lora_dtype="model"` exists (38 ms of a 256 ms step on an H200)."""
-    global _HINTED
-    from sparselora_compile.passes.lora_dtype import lora_products_in_model_dtype
-    if not _HINTED and lora_products_in_model_dtype(gm, rewrite=False):
-        _HINTED = True
+def _set_example_values(requests, tensors) -> None:
+    it = iter(tensors)
+    for req in requests:
+        for top, scoped in zip(req.placeholders, req.scoped):
+            t = next(it)
+            top.meta["example_value"] = t
+            scoped.meta["example_value"] = t
+
+
+def _log_report(opts, report, rewrite, run) -> None:
+    extra = ""
+    if report.lora_in_model_dtype:
+        extra += f", {report.lora_in_model_dtype} LoRA adapter products in the model's dtype"
+    if report.shared_lora_a:
+        extra += f", {report.shared_lora_a} lora_A products in shared GEMMs"
+    log.info("sparselora: %s%d blocks found, %d rewritten%s, estimated base FLOPs saved %.1f%%%s",
+             _region_label(opts.region), len(report.found),
+             len(report.rewritten), "" if rewrite else " (no grad: dense)",
+             100 * report.flops_saved_estimate() if rewrite else 0.0, extra)
+    if report.fp32_adapters and "lora_dtype" not in run.said:
+        # fp32 adapters on a bf16 model make every LoRA product an fp32 GEMM
+        run.said.add("lora_dtype")
         log.info("sparselora: the LoRA adapters are fp32 on a lower-precision model, so their "
                  "products run in fp32; options lora_dtype='model' computes them in the model's "
                  "dtype (adapters and optimizer stay fp32)")
@@ -230,10 +289,10 @@ def _hint_lora_dtype(gm) -> None:
 
 # ---- regional compilation (see regional.py): one graph, many layers ----------------------
 
-def _running_layer(region, state):
+def _running_layer(region, run):
     if region is None:
         return None
-    prefix = state.layer_prefix
+    prefix = run.layer_prefix
     if prefix not in region.layers:
         raise RuntimeError(f"sparselora: a regional graph was compiled for layer {prefix!r}, "
                            f"which is not one of its group {sorted(region.layers)}")
@@ -241,7 +300,6 @@ def _running_layer(region, state):
 
 
 def _check_region(region, report, root) -> None:
-    from .regional import report_signature
     found = report_signature(report, root)
     if found != region.signature:
         raise RuntimeError(
@@ -257,14 +315,13 @@ def _region_label(region) -> str:
     return f"layers {idx[0]}..{idx[-1]} ({len(idx)} sharing one graph): "
 
 
-def _regional_runner(compiled, report, root, factor_fn, policy, state, opts):
-    from .regional import LayerInputs
-    layers = LayerInputs(report, root, factor_fn)
+def _regional_runner(compiled, report, root, root_factors: FactorInputs, factor_fn, run, opts):
+    layers = LayerInputs(report.factor_requests, root, root_factors, factor_fn)
 
-    def run(*args):
-        factors = layers.get(state.layer_prefix, args)
-        factors.refresh_if_due(policy, state, opts.cache_dir)
+    def call(*args):
+        factors = layers.get(run.layer_prefix, args)
+        factors.refresh_if_due(run, opts.cache_dir)
         return compiled(*args, *factors.inputs)
 
-    run._sparselora_report = report
-    return run
+    call._sparselora_report = report
+    return call

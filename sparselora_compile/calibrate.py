@@ -21,19 +21,17 @@ token a context token, k rounded to the policy's `k_multiple`.
 """
 from __future__ import annotations
 
-import math
-import re
 import time
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
-from .policy import BlockInfo, Policy
+from sparselora_compile.passes.blocks import BlockInfo, base_flops_per_token, base_layer, model_blocks
+from sparselora_compile.runtime.row_split import compute_split
 
-_BLOCK = re.compile(r"^(?:.*\.)?layers\.(\d+)\.(mlp|self_attn)$")
-_MLP_ROLES = {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
-_ATTN_ROLES = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj"}
+from .policy import Policy
+
 METRICS = ("loss", "output")
 
 
@@ -51,68 +49,19 @@ class _Block:
     rows: dict = field(default_factory=dict)  # candidate -> measurement
 
 
-def _base(mod):
-    return getattr(mod, "base_layer", mod)
-
-
-def _weight(mod) -> torch.Tensor:
-    return _base(mod).weight
-
-
-def find_blocks(model: torch.nn.Module, kinds=("mlp", "attention")) -> list[_Block]:
-    """Every `layers.N.mlp` (gate/up/down) and `layers.N.self_attn` (q/k/v/o) of the model."""
-    cfg = getattr(model, "config", None)
-    found = []
-    for name, mod in model.named_modules():
-        m = _BLOCK.match(name)
-        if not m:
-            continue
-        layer, key_kind = int(m.group(1)), m.group(2)
-        kind = "mlp" if key_kind == "mlp" else "attention"
-        roles = _MLP_ROLES if kind == "mlp" else _ATTN_ROLES
-        if not all(isinstance(getattr(mod, r, None), torch.nn.Module) for r in roles.values()):
-            continue
-        found.append((name, layer, key_kind, kind, mod))
+def find_blocks(model: torch.nn.Module) -> list[_Block]:
+    """Every MLP and attention block of the model's decoder layers (`passes.blocks`)."""
+    found = model_blocks(model)
     if not found:
-        raise ValueError("calibrate: no 'layers.N.mlp' / 'layers.N.self_attn' blocks found in the model")
-    num_layers = max(f[1] for f in found) + 1
-    blocks = []
-    for name, layer, key_kind, kind, mod in found:
-        if kind == "mlp":
-            w = _weight(mod.gate_proj)
-            info = BlockInfo(name=name, layer=layer, kind=kind, in_features=w.shape[1],
-                             channels=w.shape[0], num_layers=num_layers)
-        else:
-            wq, wk = _weight(mod.q_proj), _weight(mod.k_proj)
-            head_dim = getattr(mod, "head_dim", None) or getattr(cfg, "head_dim", None) or (
-                cfg.hidden_size // cfg.num_attention_heads)
-            info = BlockInfo(name=name, layer=layer, kind=kind, in_features=wq.shape[1],
-                             channels=wk.shape[0], num_layers=num_layers,
-                             n_heads=wq.shape[0] // head_dim, n_kv_heads=wk.shape[0] // head_dim,
-                             head_dim=head_dim)
-        blocks.append(_Block(name, f"layers.{layer}.{key_kind}", layer, kind, mod, info))
+        raise ValueError("calibrate: no gated-MLP or attention blocks found in the model's decoder layers")
+    blocks = [_Block(b.info.name, b.info.key, b.info.layer, b.info.kind, b.module, b.info) for b in found]
     blocks.sort(key=lambda b: (b.layer, b.kind))
     return blocks
 
 
 def block_flops(policy: Policy, info: BlockInfo, sparsity: float) -> tuple[int, int]:
     """(dense, sparse) base FLOPs per context token, as the planner counts them."""
-    h, c = info.in_features, info.channels
-    k = c if sparsity <= 0 else policy.kept_channels(info, sparsity)
-    if info.kind == "mlp":
-        return 6 * h * c, 6 * h * k
-    mult = 2 * h * (2 * (info.n_heads // info.n_kv_heads) + 2)
-    return mult * c, mult * k
-
-
-def _excluded(policy: Policy, info: BlockInfo) -> bool:
-    """Blocks the policy's own rules keep dense whatever the sparsity map says."""
-    if info.layer in policy.dense_layers:
-        return True
-    if policy.dense_edges and info.num_layers:
-        n_first = max(1, math.ceil(0.1 * info.num_layers))
-        return info.layer < n_first or info.layer == info.num_layers - 1
-    return False
+    return base_flops_per_token(info, None if sparsity <= 0 else policy.kept_channels(info, sparsity))
 
 
 # ---- the model, run from one layer on ----------------------------------------------------
@@ -201,10 +150,10 @@ def _selection(block: _Block, k: int, dense_rows: torch.Tensor) -> dict:
     x = block.x
     if block.kind == "mlp":
         (ag, bg, rg), (au, bu, ru) = block.factors
-        scores = selection.mlp_scores(x, ag, bg, au, bu, rg, ru, dense_rows)
+        scores = selection.mlp_scores(x, ag, bg, au, bu, rg, ru, compute_split(dense_rows))
         return {"idx": selection.top_channels(scores, k), "dense_rows": dense_rows}
     i = block.info
-    iq, ik, iv, io = selection.attention_selection(x, [f[:2] for f in block.factors], dense_rows, k, k,
+    iq, ik, iv, io = selection.attention_selection(x, [f[:2] for f in block.factors], compute_split(dense_rows), k, k,
                                                    i.n_heads, i.n_kv_heads, i.head_dim)
     return {"idx_q": iq, "idx_k": ik, "idx_v": iv, "idx_o": io, "dense_rows": dense_rows}
 
@@ -212,7 +161,7 @@ def _selection(block: _Block, k: int, dense_rows: torch.Tensor) -> dict:
 def _factors(block: _Block, rank: int):
     from sparselora_compile.runtime.estimator import estimator_factors
     roles = ("gate_proj", "up_proj") if block.kind == "mlp" else ("q_proj", "k_proj", "v_proj")
-    return tuple(estimator_factors(_weight(getattr(block.module, r)), rank) for r in roles)
+    return tuple(estimator_factors(base_layer(getattr(block.module, r)).weight, rank) for r in roles)
 
 
 # ---- the greedy ----------------------------------------------------------------------------
@@ -277,7 +226,7 @@ def calibrate(model: torch.nn.Module, batch: dict, flops_budget: float, *,
         layer on) or "output" (the block's relative output error; one layer per forward).
     policy_kwargs: other Policy fields (warmup_fraction, total_steps, k_multiple, ...);
         `dense_layers` / `dense_edges` blocks are kept dense and not measured.
-    The measured table is `policy.calibration` (also returned with return_report=True).
+    With return_report=True returns (policy, the measured table); `resolve` re-reads it.
     Raises ValueError when the budget is not in (0, 1) or above what the largest candidate
     on every allowed block saves (the message gives that maximum).
     """
@@ -302,7 +251,7 @@ def calibrate(model: torch.nn.Module, batch: dict, flops_budget: float, *,
     base = Policy(rank=rank, **policy_kwargs)
     blocks = find_blocks(model)
     total = float(sum(block_flops(base, b.info, 0.0)[0] for b in blocks))
-    allowed = [b for b in blocks if b.kind in kinds and not _excluded(base, b.info)]
+    allowed = [b for b in blocks if b.kind in kinds and not base.forced_dense(b.info)]
     max_saved = sum(d - s for d, s in (block_flops(base, b.info, cands[-1]) for b in allowed)) / total
     if not isinstance(flops_budget, (int, float)) or not 0.0 < flops_budget < 1.0:
         raise ValueError(f"flops_budget={flops_budget!r} must be a fraction in (0, 1); the most "
@@ -401,7 +350,6 @@ def calibrate(model: torch.nn.Module, batch: dict, flops_budget: float, *,
               "tokens": int(labels.numel()), "output_tokens": int(dense_rows.sum()),
               "seconds": time.perf_counter() - t0, "blocks": table}
     policy = Policy(sparsity=sparsity, rank=rank, **policy_kwargs)
-    policy.__dict__["calibration"] = report
     if progress:
         print(f"calibrate: {len(allowed)} blocks x {len(cands)} candidates in "
               f"{report['seconds']:.0f} s; base FLOPs saved {100 * report['flops_saved']:.1f}% "
@@ -409,9 +357,10 @@ def calibrate(model: torch.nn.Module, batch: dict, flops_budget: float, *,
     return (policy, report) if return_report else policy
 
 
-def resolve(report: dict, flops_budget: float, **policy_kwargs) -> Policy:
+def resolve(report: dict, flops_budget: float, *, return_report: bool = False, **policy_kwargs):
     """Re-run the budget greedy on an earlier `calibrate` report (no new measurements):
-    the same table, another budget. Blocks not measured then stay dense."""
+    the same table, another budget. Blocks not measured then stay dense. With
+    return_report=True returns (policy, the report with this budget's choices)."""
     total = float(sum(b["dense_flops_per_token"] for b in report["blocks"]))
     cands = [float(c) for c in report["candidates"]]
     metric = report["metric"]
@@ -437,7 +386,6 @@ def resolve(report: dict, flops_budget: float, **policy_kwargs) -> Policy:
     rank = policy_kwargs.pop("rank", report.get("rank", 8))
     policy = Policy(sparsity=sparsity, rank=rank, **policy_kwargs)
     saved = sum(options[k][lv][0] for k, lv in levels.items()) / total
-    policy.__dict__["calibration"] = {**report, "flops_budget": flops_budget, "flops_saved": saved,
-                                      "blocks": [{**b, "chosen": sparsity[b["block"]]}
-                                                 for b in report["blocks"]]}
-    return policy
+    report = {**report, "flops_budget": flops_budget, "flops_saved": saved,
+              "blocks": [{**b, "chosen": sparsity[b["block"]]} for b in report["blocks"]]}
+    return (policy, report) if return_report else policy

@@ -128,8 +128,8 @@ class LayerGraphs:
     make_graphed = staticmethod(torch.cuda.make_graphed_callables)
     needs_cuda = True
 
-    def __init__(self, state):
-        self.state = state
+    def __init__(self, run):
+        self.run = run
         self.sets: "OrderedDict[tuple, _GraphSet]" = OrderedDict()
         self.calls: dict = {}      # prefix -> (layer, its compiled call)
         self.active: _GraphSet | None = None
@@ -224,7 +224,7 @@ class LayerGraphs:
         if self.recording is None:
             return inner(*args, **kwargs)
         sig, tensors = call_signature(args, kwargs)
-        stats = self.state.stats
+        stats = self.run.stats
         before = (stats.base_flops_dense, stats.base_flops_executed)
         out = inner(*args, **kwargs)
         flops = (stats.base_flops_dense - before[0], stats.base_flops_executed - before[1])
@@ -244,17 +244,16 @@ class LayerGraphs:
 
     def _count(self, flops) -> None:
         if flops is not None:
-            self.state.stats.base_flops_dense += flops[0]
-            self.state.stats.base_flops_executed += flops[1]
+            self.run.stats.base_flops_dense += flops[0]
+            self.run.stats.base_flops_executed += flops[1]
 
     # ---- capturing ---------------------------------------------------------------------------
 
     def _load_split(self, graphs: _GraphSet) -> None:
-        from sparselora_compile.runtime import row_split
-        rows = self.state.shared_rows[1]
+        rows = self.run.shared_rows[1]
         if rows is graphs.rows:
             return
-        split = row_split.split_of(rows)
+        split = self.run.splits.of(rows)
         graphs.rows.copy_(rows)
         for name in ("dense", "ctx", "scored"):
             dst, src = getattr(graphs.split, name), getattr(split, name)
@@ -268,11 +267,10 @@ class LayerGraphs:
                 log.warning("sparselora: %d CUDA graph captures made; the token split keeps "
                             "changing, so new ones run ungraphed", MAX_CAPTURES)
             return None
-        from sparselora_compile.runtime import row_split, selection
         _, recorded = self.recorded
         order = [p for p in self.calls if p in recorded]  # the layers' order
         t0 = time.perf_counter()
-        stats = self.state.stats
+        stats = self.run.stats
         saved = (stats.base_flops_dense, stats.base_flops_executed)
         self.recorded = None
         try:
@@ -297,11 +295,11 @@ class LayerGraphs:
         finally:
             stats.base_flops_dense, stats.base_flops_executed = saved
         self.captures += 1
-        rows = self.state.shared_rows[1]
+        rows = self.run.shared_rows[1]
         graphs = _GraphSet({p: (recorded[p][0], g, f) for p, g, f in zip(order, graphed, fns)},
-                           rows, row_split.split_of(rows), {p: recorded[p][2] for p in order})
+                           rows, self.run.splits.of(rows), {p: recorded[p][2] for p in order})
         # the graphs read cached tensors by address: hold them while the graphs exist
-        graphs.keep = list(selection._JOINED.values())
+        graphs.keep = self.run.joined.tensors()
         self.sets[key] = graphs
         while len(self.sets) > MAX_SETS:
             self.sets.popitem(last=False)

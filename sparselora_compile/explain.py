@@ -6,6 +6,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from sparselora_compile.passes import ANALYSIS, PassContext, run_passes
+from sparselora_compile.passes.graphs import example_value
+
+from .backend import BackendOptions
 from .policy import Policy
 
 
@@ -36,25 +40,23 @@ class Explanation:
 
 
 def explain(model: torch.nn.Module, *args, policy: Policy | None = None, verbose: bool = True,
-            **kwargs) -> Explanation:
+            options: dict | None = None, **kwargs) -> Explanation:
     """Trace `model(*args, **kwargs)` with Dynamo, find and plan the blocks under `policy`
-    (no rewrite, the model runs eagerly), print and return the table. FLOPs are per call,
-    counting every token as a context token."""
-    from sparselora_compile.passes import run_passes
-
-    from . import presets
-    policy = policy or presets.default()
-    policy.validate()
+    and the backend `options` (no rewrite, the model runs eagerly), print and return the
+    table. FLOPs are per call, counting every token as a context token. Blocks the
+    backend keeps dense against the policy (its `min_*` options) are listed with why."""
+    opts = BackendOptions.parse({**(options or {}), "policy": policy})
     result = Explanation()
 
     def capture(gm, example_inputs):
-        report = run_passes(gm, example_inputs, policy, 0, factor_fn=None, rewrite=False)
+        ctx = PassContext(opts.policy, rewrite=False, limits=opts.limits)
+        report = run_passes(gm, ctx, ANALYSIS)
         result.graphs += 1
         tokens = _tokens(report)
         planned = {id(p.block): p for p in report.planned}
         for blk in report.found:
             pb = planned.get(id(blk))
-            dense = sum(2 * s.in_features * s.out_features for s in blk.sites.values()) * tokens.get(id(blk), 1)
+            dense = blk.dense_flops_per_token() * tokens.get(id(blk), 1)
             row = dict(block=blk.name, layer=blk.layer, kind=blk.kind, channels=blk.channels,
                        sparsity=pb.sparsity if pb else 0.0, k=pb.k if pb else blk.channels,
                        dense_flops=dense, sparse_flops=dense)
@@ -78,7 +80,6 @@ def explain(model: torch.nn.Module, *args, policy: Policy | None = None, verbose
 
 def _tokens(report) -> dict:
     """Rows (tokens) through each block in the traced call."""
-    from sparselora_compile.passes.graphs import example_value
     out = {}
     for b in report.found:
         v = example_value(next(iter(b.sites.values())).base)

@@ -1,8 +1,11 @@
 """Estimator factors for the rewrite: computed from the real weights at compile time,
 cached on disk by weight content, rank, estimator kind and calibration statistics.
 
+The graph passes add a placeholder per factor and describe it in a
+`passes.rewrite.FactorRequest`; `factor_inputs` makes the tensors from the real weights.
+
 The activation-aware estimator needs input second moments. Rule: moments the user gives
-(`Policy.moments`, from `collect_moments`) are used at compile time; otherwise the
+(the `moments` option, from `collect_moments`) are used at compile time; otherwise the
 compiled graph starts with plain SVD factors, the select ops stream each block's input
 moment during the dense warm-up, and when the warm-up ends the factors are recomputed and
 copied in place (same shapes: no recompile), residual variances included (zeros under
@@ -13,6 +16,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -28,9 +32,21 @@ def _lookup(moments: dict, path: str):
     return moments[max(hits, key=len)] if hits else None
 
 
-def factor_provider(policy, cache_dir=None):
+class FactorSlot(NamedTuple):
+    """The estimator tensors one site's graph inputs hold (refreshed in place after the
+    warm-up)."""
+    block: str
+    path: str
+    weight: torch.Tensor
+    a: torch.Tensor
+    b: torch.Tensor
+    residual: Optional[torch.Tensor]  # a graph input for MLP gate/up only, else None
+
+
+def factor_provider(policy, moments=None, cache_dir=None):
+    """fn(weight, site path) -> Factors, for `policy`'s estimator and rank."""
     cache = FactorCache(cache_dir)
-    moments = policy.moments or {}
+    moments = moments or {}
     kind = policy.estimator
     if kind == "activation_aware" and not moments:
         kind = "svd"  # placeholder until the warm-up's moments arrive (see module doc)
@@ -43,14 +59,29 @@ def factor_provider(policy, cache_dir=None):
     return factors
 
 
-def refresh_from_warmup(policy, state, slots, cache_dir=None) -> int:
+def factor_inputs(requests, weights, factor_fn, rename=None) -> "FactorInputs":
+    """The factor tensors of `requests` (one compiled graph's), made from `weights`, a
+    list with each request's real weight; `rename(path)` maps a request's path to the
+    layer that runs the graph (regional compilation)."""
+    rename = rename or (lambda p: p)
+    inputs, slots = [], []
+    for req, w in zip(requests, weights):
+        path, block = rename(req.path), rename(req.block)
+        a, b, r = factor_fn(w, path)
+        made = (a, b, r)[: len(req.placeholders)]
+        inputs += made
+        slots.append(FactorSlot(block, path, w, a, b, r if req.residual else None))
+    return FactorInputs(inputs, slots)
+
+
+def refresh_from_warmup(run, slots, cache_dir=None) -> int:
     """Recompute activation-aware factors from the moments the warm-up collected and copy
     them (and the residual variances, where the graph reads them) into the compiled graph's
     factor inputs. `slots`: `passes.rewrite.FactorSlot`s. Returns how many were refreshed."""
     cache = FactorCache(cache_dir)
     done = 0
     for slot in slots:
-        moment: SecondMoment | None = state.moments.get(slot.block)
+        moment: SecondMoment | None = run.moments.get(slot.block)
         if moment is None or moment.count == 0:
             continue
         with torch.no_grad():
@@ -75,16 +106,16 @@ class FactorInputs:
     slots: list
     refreshed: bool = False
 
-    def refresh_if_due(self, policy, state, cache_dir=None) -> None:
-        if state.collect_moments and not self.refreshed and state.sparse_now():
-            refresh_from_warmup(policy, state, self.slots, cache_dir)
+    def refresh_if_due(self, run, cache_dir=None) -> None:
+        if run.collect_moments and not self.refreshed and run.sparse_now():
+            refresh_from_warmup(run, self.slots, cache_dir)
             self.refreshed = True
 
 
 def collect_moments(model: torch.nn.Module, batches, *, max_batches: int | None = None) -> dict:
     """Input second moments of every frozen linear, streamed over `batches` (dicts of
-    model kwargs, or tensors passed positionally), for `Policy(estimator="activation_aware",
-    moments=...)`. Runs the model eagerly under no_grad; nothing is kept but [in, in]."""
+    model kwargs, or tensors passed positionally), for the activation-aware estimator:
+    `slc.compile(model, policy, moments=...)`. Runs the model eagerly under no_grad; nothing is kept but [in, in]."""
     moments: dict[str, SecondMoment] = {}
     handles = []
     for name, mod in model.named_modules():

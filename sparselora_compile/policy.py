@@ -1,36 +1,42 @@
 """The sensitivity policy: which block gets how much sparsity, and when.
 
-A policy answers one question per block, `sparsity_for(block) -> float`, plus a few
-global switches (warm-up, dense output tokens, estimator). Subclass it, or pass
-`decide=fn`, to write your own rule; see README "Custom policies".
+A policy is configuration only, immutable once made: it answers one question per block,
+`sparsity_for(block) -> float`, plus a few global switches (warm-up, dense output tokens,
+estimator). What changes while training (the step, statistics, the token split) belongs
+to the run of a compiled model (`runtime.run.Run`). Subclass it, or pass `decide=fn`, to
+write your own rule; see README "Custom policies".
 """
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, field, fields
-from typing import Callable, Collection
+from typing import Callable, Collection, Mapping
 
-ESTIMATORS = ("svd", "activation_aware")
-_KEY = re.compile(r"^(?:.*\.)?layers\.(\d+)\.(mlp|self_attn|attention)$")
+from sparselora_compile.passes.blocks import BLOCK_KEY, BlockInfo
+from sparselora_compile.runtime.estimator import KINDS as ESTIMATORS
+
+from .yaml_policy import policy_kwargs_from_yaml
+
+__all__ = ["Policy", "BlockInfo", "ESTIMATORS"]
+
+
+class FrozenMap(dict):
+    """A dict that refuses changes (the policy's per-block map)."""
+
+    def _refuse(self, *args, **kwargs):
+        raise TypeError("a Policy is immutable; make a new one (dataclasses.replace)")
+
+    __setitem__ = __delitem__ = clear = pop = popitem = setdefault = update = _refuse
+    __ior__ = _refuse
+
+    def __reduce__(self):
+        return FrozenMap, (dict(self),)
+
+    def __hash__(self):
+        return hash(frozenset(self.items()))
 
 
 @dataclass(frozen=True)
-class BlockInfo:
-    """What a policy sees of one block found in the graph."""
-
-    name: str            # module path, e.g. "model.layers.3.mlp"
-    layer: int | None    # decoder layer index read from the module names
-    kind: str            # "mlp" or "attention"
-    in_features: int     # hidden size feeding the block
-    channels: int        # selectable channels: d_ff (mlp) or n_kv_heads * head_dim (attention)
-    num_layers: int | None = None  # layers seen in this graph (max index + 1)
-    n_heads: int | None = None
-    n_kv_heads: int | None = None
-    head_dim: int | None = None
-
-
-@dataclass
 class Policy:
     """SparseLoRA policy.
 
@@ -46,14 +52,11 @@ class Policy:
     dense_eval: no sparsity under torch.no_grad() / inference mode.
     k_multiple: round each kept-channel count up to this multiple (GEMM tiles).
     decide: optional fn(BlockInfo) -> sparsity | None (None falls back to the rules).
-    moments: input second moments for the activation-aware estimator, from
-        `collect_moments(model, batches)`; without them the moments are collected during
-        the dense warm-up and the factors refreshed when it ends (needs warmup > 0).
     """
 
     mlp: float = 0.0
     attention: float = 0.0
-    sparsity: dict[str, float] = field(default_factory=dict)
+    sparsity: Mapping[str, float] = field(default_factory=dict)
     dense_layers: Collection[int] = ()
     dense_edges: bool = False
     rank: int = 8
@@ -65,12 +68,11 @@ class Policy:
     dense_eval: bool = True
     k_multiple: int = 8
     decide: Callable[[BlockInfo], float | None] | None = None
-    moments: dict | None = None  # activation_aware: {linear path: SecondMoment}, see collect_moments
 
     def __post_init__(self):
-        self.sparsity = dict(self.sparsity)
-        self.dense_layers = frozenset(int(i) for i in self.dense_layers)
-        self.validate()
+        object.__setattr__(self, "sparsity", FrozenMap(self.sparsity))
+        object.__setattr__(self, "dense_layers", frozenset(int(i) for i in self.dense_layers))
+        self._validate()
 
     # ---- the per-block decision -------------------------------------------------------
     def sparsity_for(self, block: BlockInfo) -> float:
@@ -80,17 +82,23 @@ class Policy:
                 _check_fraction(f"decide({block.name})", s)
                 return float(s)
         if block.layer is not None:
-            if block.layer in self.dense_layers:
+            if self.forced_dense(block):
                 return 0.0
-            if self.dense_edges and block.num_layers:
-                n_first = max(1, math.ceil(0.1 * block.num_layers))
-                if block.layer < n_first or block.layer == block.num_layers - 1:
-                    return 0.0
-            key_kind = "mlp" if block.kind == "mlp" else "self_attn"
-            key = f"layers.{block.layer}.{key_kind}"
-            if key in self.sparsity:
-                return float(self.sparsity[key])
+            if block.key in self.sparsity:
+                return float(self.sparsity[block.key])
         return float(self.mlp if block.kind == "mlp" else self.attention)
+
+    def forced_dense(self, block: BlockInfo) -> bool:
+        """The layer rules (`dense_layers`, `dense_edges`) keep this block dense whatever
+        the sparsity map says."""
+        if block.layer is None:
+            return False
+        if block.layer in self.dense_layers:
+            return True
+        if self.dense_edges and block.num_layers:
+            n_first = max(1, math.ceil(0.1 * block.num_layers))
+            return block.layer < n_first or block.layer == block.num_layers - 1
+        return False
 
     def kept_channels(self, block: BlockInfo, sparsity: float) -> int:
         k = int(block.channels * (1.0 - sparsity))
@@ -103,11 +111,11 @@ class Policy:
         return int(math.ceil(self.warmup_fraction * self.total_steps))
 
     # ---- checks ------------------------------------------------------------------------
-    def validate(self) -> None:
+    def _validate(self) -> None:
         _check_fraction("mlp", self.mlp)
         _check_fraction("attention", self.attention)
         for key, s in self.sparsity.items():
-            if not _KEY.match(key):
+            if not BLOCK_KEY.match(key):
                 raise ValueError(
                     f"Policy.sparsity key {key!r} is not of the form 'layers.N.mlp' or "
                     f"'layers.N.self_attn'")
@@ -130,7 +138,7 @@ class Policy:
 
     def referenced_layers(self) -> set[int]:
         layers = set(self.dense_layers)
-        layers |= {int(_KEY.match(k).group(1)) for k in self.sparsity}
+        layers |= {int(BLOCK_KEY.match(k).group(1)) for k in self.sparsity}
         return layers
 
     def check_layers(self, found: Collection[int]) -> None:
@@ -143,6 +151,13 @@ class Policy:
             raise ValueError(
                 f"Policy names layer(s) {missing}, but the model has layers 0..{max(found)}")
 
+    def check_rank(self, blocks) -> None:
+        """A rank the blocks cannot have is a mistake (a tiny layer gets its full rank)."""
+        for b in blocks:
+            if self.rank > b.in_features and self.rank > b.channels:
+                raise ValueError(f"Policy.rank={self.rank} exceeds both dimensions of {b.name} "
+                                 f"({b.in_features} x {b.channels})")
+
     # ---- construction ------------------------------------------------------------------
     @classmethod
     def from_dict(cls, d: dict) -> "Policy":
@@ -154,38 +169,11 @@ class Policy:
 
     @classmethod
     def from_yaml(cls, source: str, total_steps: int | None = None) -> "Policy":
-        from .yaml_policy import policy_from_yaml
-        return policy_from_yaml(source, total_steps=total_steps, cls=cls)
+        """The reference SparseLoRA YAML format (`start_step`, `mode: svd_8`,
+        `skip_output_tokens`, `sparsity:`), from a file path or YAML text."""
+        return cls(**policy_kwargs_from_yaml(source, total_steps=total_steps))
 
 
 def _check_fraction(name, s) -> None:
     if not isinstance(s, (int, float)) or not (0.0 <= float(s) < 1.0):
         raise ValueError(f"sparsity {name}={s!r} is outside [0, 1)")
-
-
-def _state_of(policy: Policy):
-    """The runtime state the compiled ops read (one per Policy object)."""
-    from sparselora_compile.runtime.state import new_state
-    st = policy.__dict__.get("_runtime_state")
-    if st is None:
-        st = new_state(warmup_steps=policy.warmup(), dense_output_tokens=policy.dense_output_tokens)
-        policy.__dict__["_runtime_state"] = st
-    return st
-
-
-Policy.runtime_state = _state_of
-Policy.stats = property(lambda self: _state_of(self).stats,
-                        doc="RunStats: steps and base FLOPs of training forwards.")
-Policy.step = property(lambda self: _state_of(self).step,
-                       doc="Index of the current (last started) training step.")
-
-
-def _set_step(self: Policy, step: int) -> None:
-    """Set the index of the next training forward (e.g. when resuming, or when your
-    model's graph breaks make per-forward counting unreliable)."""
-    st = _state_of(self)
-    st.next_step = int(step)
-    st.step = int(step)
-
-
-Policy.set_step = _set_step

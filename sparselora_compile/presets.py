@@ -37,7 +37,7 @@ def default() -> Policy:
 def smollm2_default(total_steps: int | None = None, estimator: str = "activation_aware") -> Policy:
     """The main job's policy for SmolLM2-135M (30 layers, d_ff 1536): MLP and attention
     0.5 on layers 3-27 (42% of the context tokens' base FLOPs), 5% dense warm-up, and the
-    activation-aware estimator fed by that warm-up. Measured (bench/results/accuracy*.json,
+    activation-aware estimator fed by that warm-up. Measured (bench/README.md, "Accuracy",
     30 steps): eval loss +2.1% vs dense LoRA with it, +68% with the paper's plain SVD."""
     sparsity = {**_layers(range(3, 28), "mlp", 0.5), **_layers(range(3, 28), "attention", 0.5)}
     return _preset(sparsity, total_steps, {"estimator": estimator})

@@ -23,11 +23,12 @@ def test_user_moments_give_activation_aware_factors(monkeypatch):
     model = tiny_llama(ALL, layers=1)
     ids, labels = batch()
     moments = slc.collect_moments(model, [{"input_ids": ids}])
-    policy = slc.Policy(mlp=0.5, attention=0.5, estimator="activation_aware", moments=moments, rank=4)
+    policy = slc.Policy(mlp=0.5, attention=0.5, estimator="activation_aware", rank=4)
     seen = []
     real = scores.mlp_scores
     monkeypatch.setattr(scores, "mlp_scores", lambda *a: seen.append(a) or real(*a))
-    cmp = assert_rewrite_equivalent(model, {"input_ids": ids, "labels": labels}, policy, expect_blocks=2)
+    cmp = assert_rewrite_equivalent(model, {"input_ids": ids, "labels": labels}, policy, expect_blocks=2,
+                                    moments=moments)
     assert cmp.blocks_checked == 2
     # the MLP selection scored with the activation-aware residual variances of gate and up
     (args,) = seen
@@ -49,7 +50,7 @@ def test_warmup_moments_refresh_factors_in_place_without_recompiling():
     for _ in range(3):
         compiled(input_ids=ids, labels=labels).loss.backward()
     assert counter.graphs == 1
-    state = policy.runtime_state()
+    state = counter.run
     mlp_name = next(n for n in state.moments if n.endswith("mlp"))
     assert state.moments[mlp_name].count == 2 * ids.numel()  # the two warm-up steps only
     gate = model.base_model.model.model.layers[0].mlp.gate_proj.base_layer.weight
@@ -57,7 +58,7 @@ def test_warmup_moments_refresh_factors_in_place_without_recompiling():
     expect_r = residual_variance(gate, expect_a, expect_b, state.moments[mlp_name])
     assert expect_r.sum() > 0
     # the factor tensors the graph reads now hold the activation-aware factors and residuals
-    slots = counter.last._sparselora_report.factor_slots
+    slots = counter.last._sparselora_factors.slots
     gate_slot = next(s for s in slots if s.path.endswith("mlp.gate_proj"))
     torch.testing.assert_close(gate_slot.a, expect_a)
     torch.testing.assert_close(gate_slot.residual, expect_r)

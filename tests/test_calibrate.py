@@ -39,12 +39,12 @@ def test_policy_meets_the_flops_budget():
     assert saved <= budget + 0.15, f"saved {saved:.3f} overshoots the budget {budget}"
     assert abs(report["flops_saved"] - saved) < 1e-6  # our count agrees with explain's
     assert set(policy.sparsity) == {f"layers.{i}.{k}" for i in range(3) for k in ("mlp", "self_attn")}
-    assert policy.calibration is report
     assert {r["block"] for r in report["blocks"]} == set(policy.sparsity)
     # the same table re-solved: the same map; a lower budget needs less
     assert resolve(report, budget).sparsity == policy.sparsity
-    lower = resolve(report, budget / 2)
-    assert budget / 2 <= lower.calibration["flops_saved"] <= report["flops_saved"]
+    lower, lower_report = resolve(report, budget / 2, return_report=True)
+    assert budget / 2 <= lower_report["flops_saved"] <= report["flops_saved"]
+    assert _saved(model, batch, lower) == pytest.approx(lower_report["flops_saved"], abs=1e-6)
     with pytest.raises(ValueError, match="at most"):
         resolve(report, 0.99)
 
@@ -56,21 +56,23 @@ def test_sensitive_block_gets_less_sparsity(metric, kw):
         model.base_model.model.model.layers[1].mlp.down_proj.weight.mul_(30.0)
     # (a random model's loss barely feels context-only sparsity, hence all tokens sparse
     # for the loss metric)
-    policy = calibrate(model, batch, 0.3, kinds=("mlp",), metric=metric, progress=False, **kw)
+    policy, report = calibrate(model, batch, 0.3, kinds=("mlp",), metric=metric, progress=False,
+                               return_report=True, **kw)
     s = policy.sparsity
     assert s["layers.1.mlp"] < s["layers.0.mlp"] and s["layers.1.mlp"] < s["layers.2.mlp"], s
     assert all(s[f"layers.{i}.self_attn"] == 0.0 for i in range(3))
-    assert policy.calibration["flops_saved"] >= 0.3 - 1e-9  # == explain's count (test above)
+    assert report["flops_saved"] >= 0.3 - 1e-9  # == explain's count (test above)
 
 
 def test_output_metric_and_policy_kwargs():
     model, batch = _model(layers=2), _batch()
-    policy = calibrate(model, batch, 0.2, metric="output", candidates=(0.5, 0.9), progress=False,
-                       warmup_steps=3, k_multiple=1, dense_layers=[0])
+    policy, report = calibrate(model, batch, 0.2, metric="output", candidates=(0.5, 0.9),
+                               progress=False, return_report=True, warmup_steps=3, k_multiple=1,
+                               dense_layers=[0])
     assert policy.warmup_steps == 3 and policy.k_multiple == 1
     assert policy.sparsity["layers.0.mlp"] == 0.0 and policy.sparsity["layers.0.self_attn"] == 0.0
-    assert policy.calibration["metric"] == "output"
-    assert policy.calibration["flops_saved"] >= 0.2 - 1e-9
+    assert report["metric"] == "output"
+    assert report["flops_saved"] >= 0.2 - 1e-9
 
 
 @pytest.mark.parametrize("budget", [0.0, -0.1, 1.0, 0.97])

@@ -13,7 +13,7 @@ import torch
 import sparselora_compile as slc
 from sparselora_compile import cuda_graphs
 from sparselora_compile.cuda_graphs import LayerGraphs
-from sparselora_compile.runtime.state import RuntimeState
+from sparselora_compile.runtime.run import Run
 
 from llama import ALL, batch, tiny_llama
 
@@ -38,12 +38,12 @@ class StandIn:
     @staticmethod
     def _replaying(forward):
         def replay(*tensors):
-            count = RuntimeState.count_flops
-            RuntimeState.count_flops = lambda *a: None
+            count = Run.count_flops
+            Run.count_flops = lambda *a: None
             try:
                 return forward(*tensors)
             finally:
-                RuntimeState.count_flops = count
+                Run.count_flops = count
         return replay
 
 
@@ -70,7 +70,7 @@ def _train(graphs, batches, device="cpu", monkeypatch=None, stand_in=None, inner
         opt.zero_grad(set_to_none=True)
         losses.append(loss.detach().float().cpu())
     params = {n: p.detach().float().cpu() for n, p in model.named_parameters() if p.requires_grad}
-    return losses, params, policy.stats.as_dict(), wrapped.graphs
+    return losses, params, wrapped.stats.as_dict(), wrapped.graphs
 
 
 @functools.cache

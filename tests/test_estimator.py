@@ -18,6 +18,7 @@ from sparselora_compile.runtime.estimator import (
 )
 from sparselora_compile.runtime.factor_cache import FactorCache, default_cache_dir, factor_key, weight_fingerprint
 from sparselora_compile.runtime.second_moment import SecondMoment
+from sparselora_compile.runtime.row_split import compute_split
 from sparselora_compile.runtime.selection import mlp_scores
 
 
@@ -205,7 +206,7 @@ def test_residual_correction_captures_more_oracle_mass_on_held_out_inputs(seed):
         oracle = (torch.nn.functional.silu(x @ wg.T) * (x @ wu.T)).square().sum(0)
         best = oracle.topk(k).values.sum()
         for name, rg, ru in (("plain", None, None), ("corrected", fg.residual, fu.residual)):
-            est = mlp_scores(x, fg.a, fg.b, fu.a, fu.b, rg, ru, rows)
+            est = mlp_scores(x, fg.a, fg.b, fu.a, fu.b, rg, ru, compute_split(rows))
             mass = (oracle[est.topk(k).indices].sum() / best).item() / 4
             if name == "plain":
                 plain += mass
@@ -440,7 +441,8 @@ def test_factors_shapes_dtype_and_optimality(case):
 def test_joined_factors_follow_in_place_refresh():
     """The joined A factors are cached per factor set, and an in-place refresh (what the
     warm-up's activation-aware refresh does) must show in the next call."""
-    from sparselora_compile.runtime.selection import joined_factors
+    from sparselora_compile.runtime.selection import JoinedFactors
+    joined_factors = JoinedFactors().get
     a, b = torch.randn(8, 2), torch.randn(8, 3)
     first = joined_factors((a, b), torch.float16)
     torch.testing.assert_close(first, torch.cat([a, b], 1).half())

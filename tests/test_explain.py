@@ -26,4 +26,4 @@ def test_too_little_sparsity_stays_dense_with_a_reason():
     ids, labels = batch()
     e = slc.explain(model, input_ids=ids, labels=labels, policy=slc.Policy(mlp=0.02, attention=0.5))
     assert {b["kind"]: b["sparsity"] for b in e.blocks} == {"attention": 0.5, "mlp": 0.0}
-    assert any("below 0.05" in s["reason"] and s["where"].endswith("mlp") for s in e.skipped)
+    assert any("below min_sparsity=0.05" in s["reason"] and s["where"].endswith("mlp") for s in e.skipped)

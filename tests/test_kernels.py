@@ -30,7 +30,7 @@ from sparselora_compile.runtime.kernels import swiglu as sw  # noqa: E402
 from sparselora_compile.runtime.kernels import triton_available  # noqa: E402
 
 TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 2e-2}
-PRODUCTS = ["out_sparse_matmul", "in_sparse_matmul", "out_sparse_grad_input", "in_sparse_grad_input"]
+PRODUCTS = ["gather_rows_mm_t", "gather_cols_mm_t", "gather_rows_mm", "gather_cols_mm"]
 cpu_only = pytest.mark.skipif(CUDA, reason="interpreter tests run on CPU-only machines; see TestGPU")
 
 
@@ -42,19 +42,19 @@ def make_case(product, M, K, N, k, dtype, device, seed, pad=0):
     """Operands for one product: A (maybe a column slice of a wider buffer: row stride != width), W, idx."""
     g = torch.Generator().manual_seed(seed)
     W = (torch.randn(N, K, generator=g) / K**0.5).to(device, dtype)
-    gathered_dim = N if product in ("out_sparse_matmul", "out_sparse_grad_input") else K
+    gathered_dim = N if product in ("gather_rows_mm_t", "gather_rows_mm") else K
     k = min(k, gathered_dim)
     idx = torch.randperm(gathered_dim, generator=g)[:k].sort().values
     idx = idx.to(torch.int32 if seed % 2 else torch.int64).to(device)
-    a_cols = {"out_sparse_matmul": K, "in_sparse_matmul": k, "out_sparse_grad_input": k,
-              "in_sparse_grad_input": N}[product]
+    a_cols = {"gather_rows_mm_t": K, "gather_cols_mm_t": k, "gather_rows_mm": k,
+              "gather_cols_mm": N}[product]
     a = torch.randn(M, a_cols + pad, generator=g).to(device, dtype)[:, :a_cols]
     return a, W, idx
 
 
 def out_width(product, W, idx):
-    return {"out_sparse_matmul": idx.numel(), "in_sparse_matmul": W.shape[0],
-            "out_sparse_grad_input": W.shape[1], "in_sparse_grad_input": idx.numel()}[product]
+    return {"gather_rows_mm_t": idx.numel(), "gather_cols_mm_t": W.shape[0],
+            "gather_rows_mm": W.shape[1], "gather_cols_mm": idx.numel()}[product]
 
 
 def check_product(product, a, W, idx, rows, dtype):
@@ -194,8 +194,8 @@ def test_autotune_keys_follow_row_buckets(two_configs):
                       [c({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 16, "GROUP_M": 4}, num_warps=4, num_stages=1),
                        c({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 16, "GROUP_M": 4}, num_warps=4, num_stages=1)])
     for M in (33, 40, 64):
-        a, W, idx = make_case("out_sparse_matmul", M, 24, 40, 20, torch.float32, "cpu", seed=0)
-        torch.testing.assert_close(gg.out_sparse_matmul(a, W, idx), gg.out_sparse_matmul_reference(a, W, idx),
+        a, W, idx = make_case("gather_rows_mm_t", M, 24, 40, 20, torch.float32, "cpu", seed=0)
+        torch.testing.assert_close(gg.gather_rows_mm_t(a, W, idx), gg.gather_rows_mm_t_reference(a, W, idx),
                                    rtol=1e-4, atol=1e-4)
     assert len(gg._gathered_gemm_kernel.cache) == 1 and len(gem) == 2
 
@@ -204,9 +204,9 @@ def test_autotune_keys_follow_row_buckets(two_configs):
 def test_empty_selection_gives_zeros():
     W = torch.randn(9, 7)
     none = torch.empty(0, dtype=torch.int64)
-    assert gg.in_sparse_matmul(torch.randn(5, 0), W, none).eq(0).all()
-    assert gg.out_sparse_grad_input(torch.randn(5, 0), W, none).eq(0).all()
-    assert gg.out_sparse_matmul(torch.randn(5, 7), W, none).shape == (5, 0)
+    assert gg.gather_cols_mm_t(torch.randn(5, 0), W, none).eq(0).all()
+    assert gg.gather_rows_mm(torch.randn(5, 0), W, none).eq(0).all()
+    assert gg.gather_rows_mm_t(torch.randn(5, 7), W, none).shape == (5, 0)
 
 
 def check_scores(M, H, r, F, dtype, device, seed, residual=False):
@@ -250,16 +250,17 @@ def test_estimator_token_split(poisoned_alloc, residual):
 def test_estimator_residual_matches_selection(poisoned_alloc):
     """The kernel's corrected score is `selection.mlp_scores`' (the CPU path) on the same rows."""
     from sparselora_compile.runtime import selection
+    from sparselora_compile.runtime.row_split import compute_split
     g = torch.Generator().manual_seed(3)
     x = torch.randn(1, 37, 24, generator=g)
     Ag, Au = (torch.randn(24, 4, generator=g) / 5 for _ in range(2))
     Bg, Bu = (torch.randn(4, 50, generator=g) for _ in range(2))
     Rg, Ru = (torch.rand(50, generator=g) for _ in range(2))
     rows = torch.rand(1, 37, generator=g) > 0.6
-    want = selection.mlp_scores(x, Ag, Bg, Au, Bu, Rg, Ru, rows)
+    want = selection.mlp_scores(x, Ag, Bg, Au, Bu, Rg, Ru, compute_split(rows))
     got = fe.mlp_channel_scores(x[~rows], Ag, Bg, Au, Bu, Rg, Ru)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
-    assert not torch.allclose(want, selection.mlp_scores(x, Ag, Bg, Au, Bu, None, None, rows))
+    assert not torch.allclose(want, selection.mlp_scores(x, Ag, Bg, Au, Bu, None, None, compute_split(rows)))
 
 
 @pytest.mark.gpu

@@ -142,11 +142,9 @@ def test_bad_lora_dtype_is_rejected():
         slc.compile(tiny_llama(), slc.Policy(mlp=0.5), lora_dtype="bf16")
 
 
-def test_fp32_lora_products_get_a_hint_once(caplog, monkeypatch):
+def test_fp32_lora_products_get_a_hint_once(caplog):
     """Left at the default, a bf16 model with fp32 adapters says once (over its several
     layer graphs) that the option exists."""
-    from sparselora_compile import backend
-    monkeypatch.setattr(backend, "_HINTED", False)
     with caplog.at_level("INFO", logger="sparselora_compile"):
         _loss_grads(_model(QKVO, torch.bfloat16), dict(mlp=0.5, attention=0.5), True)
     assert sum("lora_dtype='model'" in r.getMessage() for r in caplog.records) == 1

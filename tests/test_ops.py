@@ -9,10 +9,11 @@ from hypothesis import strategies as st
 import sparselora_compile  # noqa: F401  registers torch.ops.sparselora
 from sparselora_compile.runtime import selection, sparse_linear
 from sparselora_compile.runtime.ops import dense_token_rows
-from sparselora_compile.runtime.state import new_state
+from sparselora_compile.runtime.row_split import compute_split
+from sparselora_compile.runtime.run import Run
 
 ops = torch.ops.sparselora
-STATE = new_state()
+RUN = Run()  # the run the ops below count into (a module global keeps it alive)
 
 
 @st.composite
@@ -45,7 +46,7 @@ def _check(op_fn, ref_fn, x, *rest, tol=None):
 @given(op_case())
 def test_out_sparse_linear_matches_reference(case):
     x, w, b, idx, rows = case
-    _check(lambda x, *a: ops.out_sparse_linear(x, *a, STATE.state_id),
+    _check(lambda x, *a: ops.out_sparse_linear(x, *a, RUN.handle),
            sparse_linear.out_sparse_reference, x, w, b, idx, rows)
 
 
@@ -56,7 +57,7 @@ def test_in_sparse_linear_matches_reference(case):
     w = w.t().contiguous()  # [k_in, n]: reads n input channels
     b = None if b is None else torch.randn(w.shape[0], dtype=x.dtype)
     h = torch.randn(*x.shape[:-1], w.shape[1], dtype=x.dtype)
-    _check(lambda h, *a: ops.in_sparse_linear(h, *a, STATE.state_id),
+    _check(lambda h, *a: ops.in_sparse_linear(h, *a, RUN.handle),
            sparse_linear.in_sparse_reference, h, w, b, idx, rows)
 
 
@@ -73,10 +74,10 @@ def test_output_token_rows_equal_dense():
     idx = torch.tensor([1, 4, 7])
     rows = torch.tensor([[False] * 4 + [True] * 2] * 2)
     dense = torch.nn.functional.linear(x, w)
-    y = ops.out_sparse_linear(x, w, None, idx, rows, STATE.state_id)
+    y = ops.out_sparse_linear(x, w, None, idx, rows, RUN.handle)
     torch.testing.assert_close(y[rows], dense[rows])
     assert not torch.equal(y[~rows], dense[~rows])
-    z = ops.in_sparse_linear(torch.randn(2, 6, 12), w.t().contiguous(), None, idx, rows, STATE.state_id)
+    z = ops.in_sparse_linear(torch.randn(2, 6, 12), w.t().contiguous(), None, idx, rows, RUN.handle)
     assert z.shape == (2, 6, 8)
 
 
@@ -109,7 +110,7 @@ def test_attention_selection_scores_follow_groups():
     ak, bk = eye, torch.randn(hidden, n_kv * hd)
     av, bv = eye, torch.randn(hidden, n_kv * hd)
     rows = torch.zeros(1, 5, dtype=torch.bool)
-    iq, ik, iv, io = selection.attention_selection(x, ((aq, bq), (ak, bk), (av, bv)), rows, hd, hd,
+    iq, ik, iv, io = selection.attention_selection(x, ((aq, bq), (ak, bk), (av, bv)), compute_split(rows), hd, hd,
                                                    n_heads, n_kv, hd)
     assert ik.tolist() == list(range(hd, 2 * hd))
     assert iq.tolist() == list(range(2 * hd, 4 * hd))
@@ -120,12 +121,12 @@ def test_mlp_scores_use_context_rows_only():
     x = torch.randn(1, 4, 6)
     a, b = torch.randn(6, 2), torch.randn(2, 10)
     rows = torch.tensor([[False, False, True, True]])
-    got = selection.mlp_scores(x, a, b, a, b, None, None, rows)
+    got = selection.mlp_scores(x, a, b, a, b, None, None, compute_split(rows))
     xc = x[0, :2]
     ref = (torch.nn.functional.silu(xc @ a @ b) * (xc @ a @ b)).square().sum(0)
     torch.testing.assert_close(got, ref)
     zero = torch.zeros(10)  # zero residuals: exactly the paper's score
-    torch.testing.assert_close(selection.mlp_scores(x, a, b, a, b, zero, zero, rows), ref)
+    torch.testing.assert_close(selection.mlp_scores(x, a, b, a, b, zero, zero, compute_split(rows)), ref)
 
 
 def test_mlp_scores_add_the_residual_energy():
@@ -135,7 +136,7 @@ def test_mlp_scores_add_the_residual_energy():
     ag, bg, au, bu = torch.randn(6, 2), torch.randn(2, 10), torch.randn(6, 2), torch.randn(2, 10)
     rg, ru = torch.rand(10), torch.rand(10)
     rows = torch.tensor([[False, True, False, False, True]])
-    got = selection.mlp_scores(x, ag, bg, au, bu, rg, ru, rows)
+    got = selection.mlp_scores(x, ag, bg, au, bu, rg, ru, compute_split(rows))
     xc = x[0, [0, 2, 3]].double()
     g, u = xc @ ag.double() @ bg.double(), xc @ au.double() @ bu.double()
     dsilu = torch.func.vmap(torch.func.grad(torch.nn.functional.silu))(g.reshape(-1)).reshape(g.shape)
@@ -148,7 +149,7 @@ def test_ops_under_autocast_follow_its_dtype():
     x, w = torch.randn(2, 3, 8), torch.randn(6, 8)
     rows = torch.zeros(2, 3, dtype=torch.bool)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        y = ops.out_sparse_linear(x, w, None, torch.tensor([0, 2]), rows, STATE.state_id)
+        y = ops.out_sparse_linear(x, w, None, torch.tensor([0, 2]), rows, RUN.handle)
     assert y.dtype == torch.bfloat16
 
 
@@ -174,12 +175,11 @@ def test_top_channels_is_sorted_set(k):
 def _all_rows_max_k(k):
     """Pick the sparse MLP's layout for a mixed split: the context part over every row
     (k below the limit) or over the context rows only (k at or above it)."""
-    from sparselora_compile.runtime import sparse_mlp
-    before, sparse_mlp.ALL_ROWS_MAX_K = sparse_mlp.ALL_ROWS_MAX_K, k
+    before, RUN.mlp_all_rows_max_k = RUN.mlp_all_rows_max_k, k
     try:
         yield
     finally:
-        sparse_mlp.ALL_ROWS_MAX_K = before
+        RUN.mlp_all_rows_max_k = before
 
 
 @settings(max_examples=40, deadline=None)
@@ -194,7 +194,7 @@ def test_sparse_mlp_matches_reference(case, with_bias, all_rows_max_k):
     bias = [torch.randn(n, generator=g, dtype=x.dtype) if with_bias else None for n in (d_ff, d_ff, hidden)]
     # fp32 tolerance for two chained products summed in another order
     with _all_rows_max_k(all_rows_max_k):
-        _check(lambda x, *a: ops.sparse_mlp(x, *a, STATE.state_id)[0],
+        _check(lambda x, *a: ops.sparse_mlp(x, *a, RUN.handle)[0],
                sparse_mlp_reference, x, w, wu, wd, *bias, idx, rows, tol=1e-4)
 
 
@@ -213,12 +213,12 @@ def test_sparse_ops_match_reference_on_each_kind_of_split(kind, with_bias, all_r
     b = lambda n: r(n) if with_bias else None  # noqa: E731
     rows, idx = torch.tensor(SPLIT_KINDS[kind]), torch.tensor([1, 4, 7])
     x, w = r(2, 5, 8), r(12, 8)
-    _check(lambda x, *a: ops.out_sparse_linear(x, *a, STATE.state_id),
+    _check(lambda x, *a: ops.out_sparse_linear(x, *a, RUN.handle),
            sparse_linear.out_sparse_reference, x, w, b(12), idx, rows)
-    _check(lambda h, *a: ops.in_sparse_linear(h, *a, STATE.state_id),
+    _check(lambda h, *a: ops.in_sparse_linear(h, *a, RUN.handle),
            sparse_linear.in_sparse_reference, r(2, 5, 12), w.t().contiguous(), b(8), idx, rows)
     with _all_rows_max_k(all_rows_max_k):
-        _check(lambda x, *a: ops.sparse_mlp(x, *a, STATE.state_id)[0], sparse_mlp_reference,
+        _check(lambda x, *a: ops.sparse_mlp(x, *a, RUN.handle)[0], sparse_mlp_reference,
                x, w, r(12, 8), r(8, 12), b(12), b(12), b(8), idx, rows)
 
 
@@ -229,14 +229,14 @@ def test_ops_without_a_backward_run_their_kernels_without_autograd():
     x = torch.randn(2, 5, 8, generator=g, requires_grad=True)
     wg, wu, wd = (torch.randn(*s, generator=g) for s in ((12, 8), (12, 8), (8, 12)))
     rows, idx = torch.tensor(SPLIT_KINDS["mixed"]), torch.tensor([1, 3, 5])
-    y, saved = ops.sparse_mlp(x, wg, wu, wd, None, None, None, idx, rows, STATE.state_id)
+    y, saved = ops.sparse_mlp(x, wg, wu, wd, None, None, None, idx, rows, RUN.handle)
     assert saved.requires_grad
     gy = torch.randn(y.shape, generator=g)
     (want,) = torch.autograd.grad(y, x, gy, retain_graph=True)
-    assert torch.equal(ops.sparse_mlp_grad(gy, saved, wg, wu, wd, idx, rows).detach(), want)
+    assert torch.equal(ops.sparse_mlp_grad(gy, saved, wg, wu, wd, idx, rows, RUN.handle).detach(), want)
     a, bf = torch.randn(8, 2, generator=g), torch.randn(2, 12, generator=g)
-    sel = ops.select_mlp(x, a, bf, a, bf, torch.zeros(12), torch.zeros(12), rows, 3, STATE.state_id, "m")
-    assert sel.grad_fn is None and not ops.token_rows(None, None, x, STATE.state_id).requires_grad
+    sel = ops.select_mlp(x, a, bf, a, bf, torch.zeros(12), torch.zeros(12), rows, 3, RUN.handle, "m")
+    assert sel.grad_fn is None and not ops.token_rows(None, None, x, RUN.handle).requires_grad
 
 
 def test_padding_is_left_out_of_the_estimator_scores():
@@ -246,16 +246,16 @@ def test_padding_is_left_out_of_the_estimator_scores():
     labels = torch.full((1, 6), -100)
     mask = torch.tensor([[1, 1, 1, 1, 0, 0]])
     a, b = torch.randn(8, 3), torch.randn(3, 16)
-    rows = ops.token_rows(labels, mask, x, STATE.state_id)
+    rows = ops.token_rows(labels, mask, x, RUN.handle)
     assert not rows.any()
     r = torch.rand(16)
-    base = ops.select_mlp(x, a, b, a, b, r, r, rows, 4, STATE.state_id, "t")
+    base = ops.select_mlp(x, a, b, a, b, r, r, rows, 4, RUN.handle, "t")
     x_loud = x.clone()
     x_loud[0, 4:] = 1e4 * torch.randn(2, 8)
-    rows2 = ops.token_rows(labels, mask, x_loud, STATE.state_id)
-    assert torch.equal(ops.select_mlp(x_loud, a, b, a, b, r, r, rows2, 4, STATE.state_id, "t"), base)
-    rows3 = ops.token_rows(labels, None, x_loud, STATE.state_id)  # without the mask they vote
-    assert not torch.equal(ops.select_mlp(x_loud, a, b, a, b, r, r, rows3, 4, STATE.state_id, "t"), base)
+    rows2 = ops.token_rows(labels, mask, x_loud, RUN.handle)
+    assert torch.equal(ops.select_mlp(x_loud, a, b, a, b, r, r, rows2, 4, RUN.handle, "t"), base)
+    rows3 = ops.token_rows(labels, None, x_loud, RUN.handle)  # without the mask they vote
+    assert not torch.equal(ops.select_mlp(x_loud, a, b, a, b, r, r, rows3, 4, RUN.handle, "t"), base)
 
 
 @settings(max_examples=30, deadline=None)
@@ -266,7 +266,7 @@ def test_gram_column_norms_equal_explicit_products(tokens, hidden, shapes):
     g = torch.Generator().manual_seed(tokens * 1000 + hidden)
     x = torch.randn(tokens, hidden, generator=g)
     factors = [(torch.randn(hidden, r, generator=g), torch.randn(r, out, generator=g)) for r, out in shapes]
-    got = selection._gram_column_sq_norms(x, factors, torch.zeros(tokens, dtype=torch.bool))
+    got = selection.gram_column_sq_norms(x, factors, compute_split(torch.zeros(tokens, dtype=torch.bool)))
     for (a, b), norms in zip(factors, got):
         want = (x.double() @ a.double() @ b.double()).square().sum(0).float()
         # fp32 Gram: relative to the largest norm (b^T G b cancels where the norm is small)
@@ -295,7 +295,7 @@ def test_sparse_mlp_on_cuda_in_bf16_matches_reference(k):
     bf = lambda t: t.to(torch.bfloat16)  # noqa: E731
     torch.empty(64 * 2**20, device=dev).fill_(float("nan"))  # freed at once: NaN in the pool
     xb = bf(x).requires_grad_(True)
-    y = ops.sparse_mlp(xb, bf(wg), bf(wu), bf(wd), None, None, None, idx, rows, STATE.state_id)[0]
+    y = ops.sparse_mlp(xb, bf(wg), bf(wu), bf(wd), None, None, None, idx, rows, RUN.handle)[0]
     y.backward(bf(gy))
     for got, ref in ((y, want), (xb.grad, ref_x.grad)):
         assert not got.isnan().any()

@@ -26,7 +26,7 @@ def test_plain_mlp_is_left_alone():
     policy = slc.Policy(mlp=0.5, attention=0.5)
     compiled = torch.compile(model, backend="sparselora", options={"policy": policy, "inner": "aot_eager"})
     torch.testing.assert_close(compiled(x), model(x))
-    assert policy.runtime_state().stats.base_flops_dense == 0
+    assert slc.run_of(compiled).stats.base_flops_dense == 0
 
 
 def test_gated_mlp_with_biases_and_frozen_linears():
@@ -47,4 +47,4 @@ def test_trainable_base_weight_is_never_rewritten():
     compiled = torch.compile(model, backend="sparselora", options={"policy": policy, "inner": "aot_eager"})
     x = torch.randn(2, 4, 16)
     torch.testing.assert_close(compiled(x), model(x))
-    assert policy.runtime_state().stats.base_flops_dense == 0
+    assert slc.run_of(compiled).stats.base_flops_dense == 0

@@ -116,7 +116,8 @@ def test_decide_returning_bad_sparsity_is_an_error():
 
 
 def test_attention_below_the_cuda_threshold_stays_dense_on_cuda_only():
-    from sparselora_compile.passes.plan import MIN_ATTENTION_SPARSITY_CUDA, decide
+    from sparselora_compile.passes.plan import Limits, decide
+    MIN_ATTENTION_SPARSITY_CUDA = Limits().min_attention_sparsity_cuda
     info = slc.BlockInfo(name="model.layers.3.self_attn", layer=3, kind="attention", in_features=64,
                          channels=32, num_layers=8, n_heads=8, n_kv_heads=2, head_dim=16)
     low = slc.Policy(attention=MIN_ATTENTION_SPARSITY_CUDA / 2)
@@ -128,3 +129,16 @@ def test_attention_below_the_cuda_threshold_stays_dense_on_cuda_only():
     mlp = slc.BlockInfo(name="model.layers.3.mlp", layer=3, kind="mlp", in_features=64,
                         channels=128, num_layers=8)
     assert decide(mlp, slc.Policy(mlp=0.5), cuda=True)[1] == 64
+    # the option: 0 sparsifies every attention block the policy asks for
+    assert decide(info, low, cuda=True, limits=Limits(min_attention_sparsity_cuda=0.0))[1] is not None
+
+
+def test_policy_is_immutable():
+    import dataclasses
+    p = slc.Policy(mlp=0.5, sparsity={"layers.1.mlp": 0.9})
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        p.mlp = 0.9
+    with pytest.raises(TypeError, match="immutable"):
+        p.sparsity["layers.2.mlp"] = 0.5
+    assert not hasattr(p, "stats") and not hasattr(p, "set_step")
+    assert dataclasses.replace(p, mlp=0.25).sparsity == p.sparsity

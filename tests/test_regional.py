@@ -4,7 +4,9 @@ import torch
 from torch._dynamo.utils import counters
 
 import sparselora_compile as slc
-from sparselora_compile.regional import decoder_layers, layer_signature
+from sparselora_compile.passes.blocks import decoder_layers
+from sparselora_compile.passes.plan import Limits
+from sparselora_compile.regions import layer_signature
 from sparselora_compile.testing import assert_rewrite_equivalent
 
 from llama import ALL, QKVO, batch, tiny_llama
@@ -32,8 +34,8 @@ def _train(regional, targets=ALL, layers=3, policy=PER_LAYER, steps=2, embeds=Fa
         loss.backward()
         losses.append(loss.detach())
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    record = policy.runtime_state().record
-    return losses, grads, policy.stats.as_dict(), record, counters["stats"]["unique_graphs"]
+    record = wrapped.run.record
+    return losses, grads, wrapped.stats.as_dict(), record, counters["stats"]["unique_graphs"]
 
 
 def _same_selections(a, b):
@@ -93,7 +95,7 @@ def test_layer_signature_groups_layers_by_plan():
     model = tiny_llama(ALL, layers=6)
     layers = decoder_layers(model)
     assert [p for p, _ in layers] == [f"base_model.model.model.layers.{i}" for i in range(6)]
-    sigs = [layer_signature(m, p, i, 6, PER_LAYER) for i, (p, m) in enumerate(layers)]
+    sigs = [layer_signature(m, p, i, 6, PER_LAYER, Limits()) for i, (p, m) in enumerate(layers)]
     assert len(set(sigs)) == 3 and sigs[0] == sigs[3] == sigs[5] != sigs[1] != sigs[2]
     kinds = {e[1]: e[4] for e in sigs[2]}
     assert kinds == {"mlp": 32, "attention": None}  # d_ff 64 at 0.5; attention dense
@@ -125,8 +127,8 @@ def test_regional_eval_is_dense_and_the_split_is_made_once_per_forward(monkeypat
     ids, labels = batch()
     wrapped = slc.compile(model, slc.Policy(mlp=0.5, attention=0.5), inner="aot_eager")
     calls = []
-    compute = row_split.compute
-    monkeypatch.setattr(row_split, "compute", lambda *a, **k: calls.append(1) or compute(*a, **k))
+    compute = row_split.compute_split
+    monkeypatch.setattr(row_split, "compute_split", lambda *a, **k: calls.append(1) or compute(*a, **k))
     for step in range(2):
         wrapped(input_ids=ids, labels=labels).loss.backward()
         assert len(calls) == step + 1

@@ -4,10 +4,10 @@ One Triton kernel computes C[rows] = A[rows] @ B, where B is a *view* of W whose
 (the reduction axis) or column index (the output axis) may go through `idx`. The four
 products of a sparse linear are the four ways to read W:
 
-    out_sparse_matmul       x  [M,K] @ W[idx].T      gather output rows of W  (coalesced)
-    in_sparse_matmul        h  [M,k] @ W[:,idx].T    gather reduction cols    (strided)
-    out_sparse_grad_input   dy [M,k] @ W[idx]        gather reduction rows    (coalesced)
-    in_sparse_grad_input    dy [M,N] @ W[:,idx]      gather output cols       (strided)
+    gather_rows_mm_t       x  [M,K] @ W[idx].T      gather output rows of W  (coalesced)
+    gather_cols_mm_t        h  [M,k] @ W[:,idx].T    gather reduction cols    (strided)
+    gather_rows_mm   dy [M,k] @ W[idx]        gather reduction rows    (coalesced)
+    gather_cols_mm    dy [M,N] @ W[:,idx]      gather output cols       (strided)
 
 W is never copied or sliced on the host. W may be any strided [N, K] view: a column gather
 (in_sparse_*) reads scattered elements of a row-major W, which is slow; pass `Wt.t()` with
@@ -168,25 +168,25 @@ def _launch(a, w, idx, n_out, gather_r, gather_n, w_r_stride, w_n_stride, rows, 
     return out
 
 
-def out_sparse_matmul(x, W, idx, rows=None, out=None):
+def gather_rows_mm_t(x, W, idx, rows=None, out=None):
     """x [M,K] @ W[idx].T -> [M,k]: only the kept output channels of the linear."""
     return _launch(x, W, idx, idx.numel(), False, True, W.stride(1), W.stride(0), rows, out)
 
 
-def in_sparse_matmul(h_kept, W, idx, rows=None, out=None):
+def gather_cols_mm_t(h_kept, W, idx, rows=None, out=None):
     """h_kept [M,k] @ W[:, idx].T -> [M,N]: the reduction runs over the kept input channels only."""
     assert h_kept.shape[1] == idx.numel()
     return _launch(h_kept, W, idx, W.shape[0], True, False, W.stride(1), W.stride(0), rows, out)
 
 
-def out_sparse_grad_input(dy_kept, W, idx, rows=None, out=None):
-    """dy_kept [M,k] @ W[idx] -> [M,K]: input gradient of out_sparse_matmul."""
+def gather_rows_mm(dy_kept, W, idx, rows=None, out=None):
+    """dy_kept [M,k] @ W[idx] -> [M,K]: input gradient of gather_rows_mm_t."""
     assert dy_kept.shape[1] == idx.numel()
     return _launch(dy_kept, W, idx, W.shape[1], True, False, W.stride(0), W.stride(1), rows, out)
 
 
-def in_sparse_grad_input(dy, W, idx, rows=None, out=None):
-    """dy [M,N] @ W[:, idx] -> [M,k]: input gradient of in_sparse_matmul."""
+def gather_cols_mm(dy, W, idx, rows=None, out=None):
+    """dy [M,N] @ W[:, idx] -> [M,k]: input gradient of gather_cols_mm_t."""
     return _launch(dy, W, idx, idx.numel(), False, True, W.stride(0), W.stride(1), rows, out)
 
 
@@ -207,17 +207,17 @@ def _ref(a, b, rows, out, n_out):
     return out
 
 
-def out_sparse_matmul_reference(x, W, idx, rows=None, out=None):
+def gather_rows_mm_t_reference(x, W, idx, rows=None, out=None):
     return _ref(x, W[idx.long()].T, rows, out, idx.numel())
 
 
-def in_sparse_matmul_reference(h_kept, W, idx, rows=None, out=None):
+def gather_cols_mm_t_reference(h_kept, W, idx, rows=None, out=None):
     return _ref(h_kept, W[:, idx.long()].T, rows, out, W.shape[0])
 
 
-def out_sparse_grad_input_reference(dy_kept, W, idx, rows=None, out=None):
+def gather_rows_mm_reference(dy_kept, W, idx, rows=None, out=None):
     return _ref(dy_kept, W[idx.long()], rows, out, W.shape[1])
 
 
-def in_sparse_grad_input_reference(dy, W, idx, rows=None, out=None):
+def gather_cols_mm_reference(dy, W, idx, rows=None, out=None):
     return _ref(dy, W[:, idx.long()], rows, out, idx.numel())

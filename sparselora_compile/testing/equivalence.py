@@ -48,36 +48,30 @@ def _run(model, inputs, call, seed=0):
 def assert_rewrite_equivalent(model: torch.nn.Module, inputs: dict, policy, *,
                               inner: str = "aot_eager", atol: float = 1e-4, rtol: float = 1e-4,
                               autocast_dtype: torch.dtype | None = None,
-                              expect_blocks: int | None = None, regional: bool = False) -> Comparison:
+                              expect_blocks: int | None = None, regional: bool = False,
+                              **options) -> Comparison:
     """Compile a copy of `model` with the sparselora backend, run forward and backward on
     `inputs` (keyword arguments; the loss is `out.loss`, else a function of the output),
     and compare the loss and every gradient (trainable parameters and inputs that require
     grad) with the eager model under the reference semantics, using the channel
     selections the compiled run made. Resets Dynamo's caches first. Raises AssertionError with the largest mismatch.
     `regional`: compile through `sparselora_compile.compile(..., regional=True)` (one graph
-    per group of identically planned decoder layers) instead of the whole model."""
-    from sparselora_compile.backend import BackendOptions  # noqa: F401  (import registers ops)
+    per group of identically planned decoder layers) instead of the whole model.
+    `options`: further backend options (e.g. `moments`)."""
+    from sparselora_compile.wrapper import compile as slc_compile
 
     # Many models of one class exhaust Dynamo's per-code recompile limit, after which it
     # silently runs eager; a property test compiles hundreds, so start from a clean cache.
     torch._dynamo.reset()
     compiled_model = copy.deepcopy(model)
     reference_model = copy.deepcopy(model)
-    policy = copy.deepcopy(policy)
-    policy.__dict__.pop("_runtime_state", None)
-    if regional:
-        from sparselora_compile.wrapper import compile as slc_compile
-        compiled = slc_compile(compiled_model, policy, regional=True, inner=inner, record=True)
-    else:
-        compiled = torch.compile(compiled_model, backend="sparselora",
-                                 options={"policy": policy, "inner": inner, "record": True})
+    compiled = slc_compile(compiled_model, policy, regional=regional, inner=inner, record=True,
+                           **options)
     amp = (torch.autocast(next(model.parameters()).device.type, dtype=autocast_dtype)
            if autocast_dtype else _nullcontext())
     with amp:
         loss_c, grads_c = _run(compiled_model, inputs, compiled)
-    record = policy.runtime_state().record
-    if record is None:
-        raise AssertionError("the sparselora backend never ran on this model")
+    record = compiled.run.record  # empty when the policy left every block dense
     if expect_blocks is not None and len(record) != expect_blocks:
         raise AssertionError(f"expected {expect_blocks} rewritten blocks, {len(record)} ran: {sorted(record)}")
     with reference_semantics(reference_model, record), amp:

@@ -1,0 +1,194 @@
+"""What a block is: the one place that says it, for the graph passes, regional
+compilation, calibration and explain.
+
+A block is a gated MLP (gate, up, down) or a grouped-query attention (q, k, v, o) whose
+frozen base products the method sparsifies together. It is found two ways: in a Dynamo
+graph (`group_blocks` builds `Block`s from linear sites) and in the modules
+(`module_blocks`, before anything is compiled). Both describe it to a policy as a
+`BlockInfo`, name it by the reference's key (`layers.N.mlp`, `layers.N.self_attn`) and
+count its FLOPs with `base_flops_per_token`.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import torch
+
+KINDS = ("mlp", "attention")
+MLP_ROLES = {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
+ATTENTION_ROLES = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj"}
+# "layers.29.mlp", "layers.29.self_attn": the reference's keys (any prefix is allowed).
+BLOCK_KEY = re.compile(r"^(?:.*\.)?layers\.(\d+)\.(mlp|self_attn|attention)$")
+
+
+@dataclass(frozen=True)
+class BlockInfo:
+    """What a policy sees of one block."""
+
+    name: str            # module path, e.g. "model.layers.3.mlp"
+    layer: int | None    # decoder layer index read from the module names
+    kind: str            # "mlp" or "attention"
+    in_features: int     # hidden size feeding the block
+    channels: int        # selectable channels: d_ff (mlp) or n_kv_heads * head_dim (attention)
+    num_layers: int | None = None  # decoder layers of the model (or of the graph)
+    n_heads: int | None = None
+    n_kv_heads: int | None = None
+    head_dim: int | None = None
+
+    @property
+    def key(self) -> str | None:
+        return None if self.layer is None else block_key(self.layer, self.kind)
+
+
+def block_key(layer: int, kind: str) -> str:
+    return f"layers.{layer}.{'mlp' if kind == 'mlp' else 'self_attn'}"
+
+
+def parse_block_key(key: str) -> tuple[int, str]:
+    """(layer, kind) of a key; ValueError for anything else."""
+    m = BLOCK_KEY.match(key)
+    if not m:
+        raise ValueError(f"{key!r} is not a block key of the form 'layers.N.mlp' or 'layers.N.self_attn'")
+    return int(m.group(1)), ("mlp" if m.group(2) == "mlp" else "attention")
+
+
+def base_flops_per_token(info: BlockInfo, k: int | None = None) -> tuple[int, int]:
+    """(dense, sparse) FLOPs per context token of the block's base products with k kept
+    channels (None: dense). MLP: gate, up and down at width k. Attention: q and o at
+    k * n_rep (the grouped-query map), k and v at k."""
+    c = info.channels
+    k = c if k is None else k
+    if info.kind == "mlp":
+        per_channel = 2 * 3 * info.in_features
+    else:
+        per_channel = 2 * info.in_features * (2 * (info.n_heads // info.n_kv_heads) + 2)
+    return per_channel * c, per_channel * k
+
+
+# ---- from the graph --------------------------------------------------------------------
+
+@dataclass(eq=False)
+class Block:
+    """A block found in a Dynamo graph: its linear sites (`find_sites.Site`) by role."""
+
+    kind: str
+    name: str
+    layer: int | None
+    sites: dict
+    mul: object = None       # mlp: the act(gate) * up node
+    sdpa: object = None
+    heads: tuple[int, int, int] | None = None  # attention: n_heads, n_kv_heads, head_dim
+
+    @property
+    def scope(self):
+        return next(iter(self.sites.values())).scope
+
+    @property
+    def channels(self) -> int:
+        if self.kind == "mlp":
+            return self.sites["gate"].out_features
+        return self.sites["k"].out_features
+
+    def dense_flops_per_token(self) -> int:
+        """Every site's base product, dense (LoRA terms not counted)."""
+        return sum(2 * s.in_features * s.out_features for s in self.sites.values())
+
+    def info(self, num_layers: int | None) -> BlockInfo:
+        first = next(iter(self.sites.values()))
+        heads = self.heads or (None, None, None)
+        return BlockInfo(name=self.name, layer=self.layer, kind=self.kind,
+                         in_features=first.in_features, channels=self.channels,
+                         num_layers=num_layers, n_heads=heads[0], n_kv_heads=heads[1],
+                         head_dim=heads[2])
+
+
+@dataclass
+class Skipped:
+    where: str
+    reason: str
+
+
+@dataclass
+class Grouping:
+    blocks: list[Block] = field(default_factory=list)
+    skipped: list[Skipped] = field(default_factory=list)
+
+
+def layer_index(path: str) -> int | None:
+    """The last number between dots of a module path ("model.layers.3.mlp" -> 3)."""
+    nums = re.findall(r"\.(\d+)(?=\.)", "." + path + ".")
+    return int(nums[-1]) if nums else None
+
+
+# ---- from the modules --------------------------------------------------------------------
+
+@dataclass
+class ModuleBlock:
+    """A block found in the modules: `rel` is its path inside its decoder layer."""
+
+    rel: str
+    info: BlockInfo
+    module: torch.nn.Module
+    frozen: bool   # every base weight of the block is frozen
+
+
+def decoder_layers(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    """The longest ModuleList of same-class modules holding linears (the decoder stack)."""
+    best: list = []
+    for name, mod in model.named_modules():
+        if not isinstance(mod, torch.nn.ModuleList) or not len(mod):
+            continue
+        kinds = {type(m) for m in mod}
+        if len(kinds) == 1 and any(isinstance(x, torch.nn.Linear) for x in mod[0].modules()):
+            if len(mod) > len(best):
+                best = [(f"{name}.{i}" if name else str(i), m) for i, m in enumerate(mod)]
+    return best
+
+
+def base_layer(linear: torch.nn.Module) -> torch.nn.Module:
+    return getattr(linear, "base_layer", linear)  # PEFT's LoRA wrapper keeps it there
+
+
+def _frozen(mod, roles) -> bool:
+    return all(not p.requires_grad for r in roles.values()
+               for p in base_layer(getattr(mod, r)).parameters())
+
+
+def _head_dim(attn: torch.nn.Module) -> int | None:
+    cfg = getattr(attn, "config", None)
+    hd = getattr(attn, "head_dim", None) or getattr(cfg, "head_dim", None)
+    if not hd and cfg is not None and getattr(cfg, "num_attention_heads", None):
+        hd = cfg.hidden_size // cfg.num_attention_heads
+    return hd
+
+
+def module_blocks(layer: torch.nn.Module, prefix: str, index: int, num_layers: int) -> list[ModuleBlock]:
+    """The gated MLPs and attentions of one decoder layer, read from module names and
+    weight shapes (the graph passes confirm them when they compile the layer)."""
+    out = []
+    for rel, mod in layer.named_modules():
+        name = f"{prefix}.{rel}" if rel else prefix
+        if all(isinstance(getattr(mod, r, None), torch.nn.Module) for r in MLP_ROLES.values()):
+            gate = base_layer(mod.gate_proj).weight
+            info = BlockInfo(name=name, layer=index, kind="mlp", in_features=gate.shape[1],
+                             channels=gate.shape[0], num_layers=num_layers)
+            out.append(ModuleBlock(rel, info, mod, _frozen(mod, MLP_ROLES)))
+        elif all(isinstance(getattr(mod, r, None), torch.nn.Module) for r in ATTENTION_ROLES.values()):
+            q, k = base_layer(mod.q_proj).weight, base_layer(mod.k_proj).weight
+            head_dim = _head_dim(mod)
+            if not head_dim:
+                continue
+            info = BlockInfo(name=name, layer=index, kind="attention", in_features=q.shape[1],
+                             channels=k.shape[0], num_layers=num_layers,
+                             n_heads=q.shape[0] // head_dim, n_kv_heads=k.shape[0] // head_dim,
+                             head_dim=head_dim)
+            out.append(ModuleBlock(rel, info, mod, _frozen(mod, ATTENTION_ROLES)))
+    return out
+
+
+def model_blocks(model: torch.nn.Module) -> list[ModuleBlock]:
+    """Every block of every decoder layer of `model`, in layer order."""
+    layers = decoder_layers(model)
+    return [b for i, (prefix, layer) in enumerate(layers)
+            for b in module_blocks(layer, prefix, i, len(layers))]
