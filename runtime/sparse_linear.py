@@ -14,11 +14,16 @@ with index_select / index_copy_ (same values as advanced indexing, less host tim
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 from . import gathered
+from .library import fake, op, op_no_grad, register_autocast, register_autograd
 from .row_split import RowSplit, context_rows
+from .run import Run, run_of
 
 
 def _channel_mask(idx, n, like):
@@ -111,3 +116,104 @@ def in_sparse_grad_input(gy, w, idx, split: RowSplit):
 
 def mask_forward(h, idx, dense_rows):
     return mask_reference(h, idx, dense_rows)
+
+
+# ---- the ops: forward, input gradient, autograd, autocast ------------------------------
+
+def split_and_count(st: Run, dense_rows, m_cols, n_full, k):
+    """The rows' split; counts the FLOPs of one base product (dense rows pay n_full,
+    context rows pay k)."""
+    split = st.splits.of(dense_rows)
+    rows, n_dense = dense_rows.numel(), split.n_dense
+    st.count_flops(2 * rows * n_full * m_cols, 2 * (n_dense * n_full + (rows - n_dense) * k) * m_cols)
+    return split
+
+
+@op
+def out_sparse_linear(x: Tensor, w: Tensor, b: Optional[Tensor], idx: Tensor,
+                      dense_rows: Tensor, run: int) -> Tensor:
+    split = split_and_count(run_of(run), dense_rows, w.shape[1], w.shape[0], idx.numel())
+    return out_sparse_forward(x, w, b, idx, split)
+
+
+@fake(out_sparse_linear)
+def _(x, w, b, idx, dense_rows, run):
+    return x.new_empty((*x.shape[:-1], w.shape[0]))
+
+
+@op_no_grad
+def out_sparse_grad(gy: Tensor, w: Tensor, idx: Tensor, dense_rows: Tensor, run: int) -> Tensor:
+    split = run_of(run).splits.of(dense_rows)
+    return out_sparse_grad_input(gy, w.to(gy.dtype), idx, split)
+
+
+@fake(out_sparse_grad)
+def _(gy, w, idx, dense_rows, run):
+    return gy.new_empty((*gy.shape[:-1], w.shape[1]))
+
+
+@op
+def in_sparse_linear(h: Tensor, w: Tensor, b: Optional[Tensor], idx: Tensor,
+                     dense_rows: Tensor, run: int) -> Tensor:
+    split = split_and_count(run_of(run), dense_rows, w.shape[0], w.shape[1], idx.numel())
+    return in_sparse_forward(h, w, b, idx, split)
+
+
+@fake(in_sparse_linear)
+def _(h, w, b, idx, dense_rows, run):
+    return h.new_empty((*h.shape[:-1], w.shape[0]))
+
+
+@op_no_grad
+def in_sparse_grad(gy: Tensor, w: Tensor, idx: Tensor, dense_rows: Tensor, run: int) -> Tensor:
+    split = run_of(run).splits.of(dense_rows)
+    return in_sparse_grad_input(gy, w.to(gy.dtype), idx, split)
+
+
+@fake(in_sparse_grad)
+def _(gy, w, idx, dense_rows, run):
+    return gy.new_empty((*gy.shape[:-1], w.shape[1]))
+
+
+@op
+def mask_channels(h: Tensor, idx: Tensor, dense_rows: Tensor) -> Tensor:
+    return mask_forward(h, idx, dense_rows)
+
+
+@fake(mask_channels)
+def _(h, idx, dense_rows):
+    return torch.empty_like(h)
+
+
+# ---- autograd: the frozen weight passes dY @ W_kept back to its input ---------------------
+
+def _save_wd(ctx, inputs, output):
+    x, w, b, idx, dense_rows, run = inputs
+    ctx.save_for_backward(w, idx, dense_rows)
+    ctx.x_dtype, ctx.run = x.dtype, run
+
+
+def _out_backward(ctx, gy):
+    w, idx, dense_rows = ctx.saved_tensors
+    return out_sparse_grad(gy, w, idx, dense_rows, ctx.run).to(ctx.x_dtype), None, None, None, None, None
+
+
+def _in_backward(ctx, gy):
+    w, idx, dense_rows = ctx.saved_tensors
+    return in_sparse_grad(gy, w, idx, dense_rows, ctx.run).to(ctx.x_dtype), None, None, None, None, None
+
+
+def _mask_setup(ctx, inputs, output):
+    ctx.save_for_backward(inputs[1], inputs[2])
+
+
+def _mask_backward(ctx, gy):
+    idx, dense_rows = ctx.saved_tensors
+    return mask_channels(gy, idx, dense_rows), None, None
+
+
+register_autograd(out_sparse_linear, _out_backward, setup_context=_save_wd)
+register_autograd(in_sparse_linear, _in_backward, setup_context=_save_wd)
+register_autograd(mask_channels, _mask_backward, setup_context=_mask_setup)
+register_autocast(out_sparse_linear)
+register_autocast(in_sparse_linear)

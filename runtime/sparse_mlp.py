@@ -11,12 +11,18 @@ so memory stays at most the dense step's.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 from . import gathered
+from .library import data_dependent_size, fake, op, op_no_grad, register_autocast, register_autograd
 from .row_split import RowSplit
+from .run import run_of
 from .selection import dsilu
+from .sparse_linear import split_and_count
 
 
 def sparse_mlp_reference(x, wg, wu, wd, bg, bu, bd, idx, dense_rows):
@@ -135,3 +141,53 @@ def sparse_mlp_grad_input(gy, saved, wg, wu, wd, idx, split: RowSplit, all_rows_
         if rows is not None:
             gx.index_copy_(0, rows, gxr)
     return gx.view(*lead, n_in)
+
+
+# ---- the op: forward, input gradient, autograd, autocast --------------------------------
+
+@op
+def sparse_mlp(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down: Tensor, b_gate: Optional[Tensor],
+               b_up: Optional[Tensor], b_down: Optional[Tensor], idx: Tensor, dense_rows: Tensor,
+               run: int) -> tuple[Tensor, Tensor]:
+    """(y, saved): `saved` is the flat (g, u) buffer for the backward (see sparse_mlp.py);
+    its length depends on the token split, so the fake reports a data-dependent size."""
+    h, f = w_gate.shape[1], w_gate.shape[0]
+    st = run_of(run)
+    split = split_and_count(st, dense_rows, h, 3 * f, 3 * idx.numel())
+    return sparse_mlp_forward(x, w_gate, w_up, w_down, b_gate, b_up, b_down, idx,
+                                       split, st.mlp_all_rows_max_k)
+
+
+@fake(sparse_mlp)
+def _(x, w_gate, w_up, w_down, b_gate, b_up, b_down, idx, dense_rows, run):
+    return x.new_empty((*x.shape[:-1], w_down.shape[0])), x.new_empty((data_dependent_size(),))
+
+
+@op_no_grad
+def sparse_mlp_grad(gy: Tensor, saved: Tensor, w_gate: Tensor, w_up: Tensor,
+                    w_down: Tensor, idx: Tensor, dense_rows: Tensor, run: int) -> Tensor:
+    st = run_of(run)
+    return sparse_mlp_grad_input(gy, saved, w_gate, w_up, w_down, idx,
+                                          st.splits.of(dense_rows), st.mlp_all_rows_max_k)
+
+
+@fake(sparse_mlp_grad)
+def _(gy, saved, w_gate, w_up, w_down, idx, dense_rows, run):
+    return gy.new_empty((*gy.shape[:-1], w_gate.shape[1]))
+
+
+def _mlp_setup(ctx, inputs, output):
+    # x itself is not saved: the backward needs only g and u (in `saved`).
+    x, wg, wu, wd, _bg, _bu, _bd, idx, dense_rows, run = inputs
+    ctx.save_for_backward(output[1], wg, wu, wd, idx, dense_rows)
+    ctx.x_dtype, ctx.run = x.dtype, run
+
+
+def _mlp_backward(ctx, gy, _gsaved):
+    saved, wg, wu, wd, idx, dense_rows = ctx.saved_tensors
+    gx = sparse_mlp_grad(gy, saved, wg, wu, wd, idx, dense_rows, ctx.run).to(ctx.x_dtype)
+    return gx, None, None, None, None, None, None, None, None, None
+
+
+register_autograd(sparse_mlp, _mlp_backward, setup_context=_mlp_setup)
+register_autocast(sparse_mlp)

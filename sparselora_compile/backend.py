@@ -89,6 +89,9 @@ class BackendOptions:
             v = getattr(opts, name)
             if not isinstance(v, (int, float)) or not 0.0 <= v <= 1.0:
                 raise ValueError(f"sparselora: options[{name!r}]={v!r} is outside [0, 1]")
+        if not isinstance(opts.mlp_all_rows_max_k, int) or opts.mlp_all_rows_max_k < 0:
+            raise ValueError(f"sparselora: options['mlp_all_rows_max_k']={opts.mlp_all_rows_max_k!r} "
+                             "must be an int >= 0")
         if opts.run is not None and not isinstance(opts.run, Run):
             raise TypeError(f"sparselora: options['run'] must be a Run, got {type(opts.run).__name__}")
         _check_inductor_config(opts)

@@ -142,3 +142,13 @@ def test_policy_is_immutable():
         p.sparsity["layers.2.mlp"] = 0.5
     assert not hasattr(p, "stats") and not hasattr(p, "set_step")
     assert dataclasses.replace(p, mlp=0.25).sparsity == p.sparsity
+
+
+@pytest.mark.parametrize("options,match", [
+    ({"min_sparsity": 1.5}, "outside"), ({"min_attention_sparsity_cuda": -0.1}, "outside"),
+    ({"mlp_all_rows_max_k": -1}, "int >= 0"), ({"lora_dtype": "fp8"}, "lora_dtype"),
+    ({"run": object()}, "must be a Run")])
+def test_bad_option_values_are_errors(options, match):
+    from sparselora_compile.backend import BackendOptions
+    with pytest.raises((ValueError, TypeError), match=match):
+        BackendOptions.parse(options)
