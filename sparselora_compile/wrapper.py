@@ -6,12 +6,27 @@ mode.
 By default it compiles *regionally* (regional.py): each decoder layer is compiled on its
 own and layers with the same plan share one compiled graph, so the first step costs a
 few layer compiles; the HF loss function is compiled on its own, and the embeddings,
-final norm and head run eagerly. With `regional=False` the whole model is one
-`torch.compile(model, backend="sparselora")`. `cuda_graphs=True` (regional, CUDA) replays
-the compiled layers' forward and backward as CUDA graphs in training steps past the
-warm-up (cuda_graphs.py).
+final norm and head run eagerly. The compiled layers are installed on `model` itself (as
+`nn.Module.compile` does), and so is the glue, as forward hooks: after `slc.compile(model)`,
+`model(...)` and the returned wrapper compute the same thing, so the model itself can be
+handed to code that needs the real class (HF `Trainer`, TRL, `save_pretrained`; see
+trainer.py). `uncompile()` removes both.
+
+With `regional=False` the whole model is one `torch.compile(model, backend="sparselora")`
+and the glue lives in the wrapper's forward: call the wrapper. `cuda_graphs=True`
+(regional, CUDA) replays the compiled layers' forward and backward as CUDA graphs in
+training steps past the warm-up (cuda_graphs.py).
+
+The wrapper stands in for the model it wraps: its forward has the model's signature (the
+HF Trainer keeps only the dataset columns that the signature names), its `state_dict` and
+`load_state_dict` use the model's own keys, and attributes it does not have itself
+(`config`, `save_pretrained`, `get_input_embeddings`, `gradient_checkpointing_enable`,
+`generate`, ...) are the model's.
 """
 from __future__ import annotations
+
+import inspect
+import weakref
 
 import torch
 
@@ -23,9 +38,9 @@ from .policy import Policy
 
 
 class SparseLoRAModel(torch.nn.Module):
-    """Calls the compiled model; `.model` is the original (for save_pretrained etc.), `.run`
-    its run (step, statistics). Regional compilation installs the compiled layers on
-    `.model` itself (as `nn.Module.compile` does); `uncompile()` removes them."""
+    """Calls the compiled model; `.model` is the original, `.run` its run (step, statistics).
+    Regional compilation installs the compiled layers and the glue on `.model` itself;
+    `uncompile()` removes them. See the module doc for what the wrapper forwards."""
 
     def __init__(self, model: torch.nn.Module, policy: Policy | None = None, regional: bool = True,
                  cuda_graphs: bool = False, **options):
@@ -35,19 +50,22 @@ class SparseLoRAModel(torch.nn.Module):
                              "decoder layers; it needs regional=True")
         if "run" in options or "region" in options:
             raise ValueError("sparselora: 'run' and 'region' are set by compile itself")
+        if getattr(model, "_sparselora", None) is not None:
+            raise ValueError("sparselora: this model is already compiled with slc.compile; use that "
+                             "wrapper (model._sparselora), or call its uncompile() first")
         opts = BackendOptions.parse({**options, "policy": policy})  # a bad option fails here
         opts.run = new_run(opts)
         options = {**options, "policy": opts.policy, "run": opts.run}
-        self.model = model
+        self.model = model   # the only submodule: the compiled model below is not registered
         self.policy, self.run = opts.policy, opts.run
         self.regional = regional
-        self._layers, self._undo_loss = [], lambda: None
+        self._layers, self._undo_loss, self._hooks = [], lambda: None, []
         self.graphs = None
+        self._graphs_now = None  # the graph set of the running forward
         if regional:
             from .regional import compile_layers, compile_loss
             self._layers = compile_layers(model, opts, options)
             self._undo_loss = compile_loss(model, opts.inner)
-            self._compiled = model
             if cuda_graphs:
                 from sparselora_compile.passes.blocks import decoder_layers
 
@@ -55,8 +73,16 @@ class SparseLoRAModel(torch.nn.Module):
                 self.graphs = LayerGraphs(self.run)
                 for prefix, layer in decoder_layers(model):
                     self.graphs.install(prefix, layer)
+            self._install_glue(model)
+            compiled = model
         else:
-            self._compiled = torch.compile(model, backend="sparselora", options=options)
+            compiled = torch.compile(model, backend="sparselora", options=options)
+        # Not a submodule: a second name for the model's parameters would put every tensor
+        # in the state dict twice (with regional compilation it is the model itself).
+        self.__dict__["_compiled"] = compiled
+        self.register_state_dict_post_hook(_without_model_prefix)
+        self.register_load_state_dict_pre_hook(_with_model_prefix)
+        self.__dict__["forward"] = _forward_with_signature(self, model)
 
     # ---- the run ---------------------------------------------------------------------------
     @property
@@ -75,29 +101,56 @@ class SparseLoRAModel(torch.nn.Module):
 
     # ---- calling -----------------------------------------------------------------------------
     def forward(self, *args, **kwargs):
-        run = self.run
-        run.labels = kwargs.get("labels")
-        run.attention_mask = kwargs.get("attention_mask")
-        run.force_dense = self.policy.dense_eval and not self.model.training
-        run.forward_id += 1
-        graphs = self.graphs if torch.is_grad_enabled() else None
-        if self.regional and torch.is_grad_enabled():
-            run.begin_forward()  # whole-model graphs count their own steps
-            self._token_rows_ahead(run, kwargs)
-        if graphs is not None:
-            graphs.begin(self._graph_key(run))
+        if self.regional:
+            return self.model(*args, **kwargs)  # the glue runs in the model's hooks
+        self._begin(self.model, kwargs)
         try:
             return self._compiled(*args, **kwargs)
         finally:
-            run.labels = run.attention_mask = None
-            if graphs is not None:
-                graphs.end()
+            self._end()
 
-    def _graph_key(self, run: Run):
+    def _begin(self, model: torch.nn.Module, kwargs) -> None:
+        run = self.run
+        run.labels = kwargs.get("labels")
+        run.attention_mask = kwargs.get("attention_mask")
+        run.force_dense = self.policy.dense_eval and not model.training
+        run.forward_id += 1
+        if self.regional and torch.is_grad_enabled():
+            run.begin_forward()  # whole-model graphs count their own steps
+            self._token_rows_ahead(run, kwargs)
+        self._graphs_now = self.graphs if torch.is_grad_enabled() else None
+        if self._graphs_now is not None:
+            self._graphs_now.begin(self._graph_key(run, model))
+
+    def _end(self) -> None:
+        self.run.labels = self.run.attention_mask = None
+        graphs, self._graphs_now = self._graphs_now, None
+        if graphs is not None:
+            graphs.end()
+
+    def _install_glue(self, model: torch.nn.Module) -> None:
+        """Forward hooks on the model: the glue runs however the model is called (the
+        wrapper, a Trainer holding the model, DDP). They hold the wrapper weakly; while
+        the model is compiled, it holds the wrapper (`model._sparselora`)."""
+        ref = weakref.ref(self)
+
+        def before(module, args, kwargs):
+            if (wrapper := ref()) is not None:
+                wrapper._begin(module, kwargs)
+
+        def after(module, args, kwargs, output):
+            if (wrapper := ref()) is not None:
+                wrapper._end()
+
+        self._hooks = [model.register_forward_pre_hook(before, with_kwargs=True),
+                       model.register_forward_hook(after, with_kwargs=True, always_call=True)]
+        model.__dict__["_sparselora"] = self  # not a submodule of the model
+
+    def _graph_key(self, run: Run, model: torch.nn.Module):
         """What a CUDA graph set of the layers is valid for (None: no graphs this forward):
         a training forward past the warm-up whose token split was made ahead; its
         shape and the split's sizes."""
-        if (not self.model.training or run.force_dense or not run.sparse_now()
+        if (not model.training or run.force_dense or not run.sparse_now()
                 or run.record is not None or run.shared_rows is None
                 or run.shared_rows[0][0] != run.forward_id):
             return None
@@ -118,24 +171,80 @@ class SparseLoRAModel(torch.nn.Module):
         from .regional import uncompile_layers
         uncompile_layers(self._layers)
         self._undo_loss()
-        self._layers, self._undo_loss = [], lambda: None
+        for hook in self._hooks:
+            hook.remove()
+        if self.model.__dict__.get("_sparselora") is self:
+            del self.model.__dict__["_sparselora"]
+        self._layers, self._undo_loss, self._hooks = [], lambda: None, []
         self.graphs = None  # its dispatch went with the compiled layers; frees the graphs' memory
         return self.model
+
+    # ---- standing in for the model -----------------------------------------------------------
+    def save_pretrained(self, *args, **kwargs):
+        """The model's `save_pretrained` (a PEFT model saves its adapters only)."""
+        return self.model.save_pretrained(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)  # parameters, buffers, submodules
+        except AttributeError:
+            model = self.__dict__.get("_modules", {}).get("model")
+            if model is None or name.startswith("__"):
+                raise
+            return getattr(model, name)
+
+    def __dir__(self):
+        return sorted(set(super().__dir__()) | set(dir(self.model)))
+
+
+def _without_model_prefix(module, state_dict, prefix, local_metadata) -> None:
+    """State-dict hook: the wrapped model's keys, without the wrapper's `model.`."""
+    inner = prefix + "model."
+    for key in [k for k in state_dict if k.startswith(inner)]:
+        state_dict[prefix + key[len(inner):]] = state_dict.pop(key)
+
+
+def _with_model_prefix(module, state_dict, prefix, local_metadata, strict, missing_keys,
+                       unexpected_keys, error_msgs) -> None:
+    """Load-state-dict pre-hook: the inverse of `_without_model_prefix`."""
+    for key in [k for k in state_dict if k.startswith(prefix)]:
+        state_dict[prefix + "model." + key[len(prefix):]] = state_dict.pop(key)
+
+
+def _forward_with_signature(wrapper: SparseLoRAModel, model: torch.nn.Module):
+    """The wrapper's forward, showing the signature that the HF Trainer reads for this
+    model: for a PEFT model, its base model's (the Trainer drops dataset columns that the
+    signature does not name; `*args, **kwargs` would drop them all)."""
+    ref = weakref.ref(wrapper)
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+
+    def forward(*args, **kwargs):
+        return SparseLoRAModel.forward(ref(), *args, **kwargs)
+    try:
+        forward.__signature__ = inspect.signature(inner.forward)
+    except (TypeError, ValueError):
+        pass
+    forward.__doc__ = SparseLoRAModel.forward.__doc__
+    return forward
 
 
 def compile(model: torch.nn.Module, policy: Policy | None = None, *, regional: bool = True,
             cuda_graphs: bool = False, **options) -> SparseLoRAModel:
-    """`regional`: compile one decoder layer per distinct plan and reuse it; `cuda_graphs`:
-    replay those layers as CUDA graphs in training (see above). `options`: the backend's
-    (`backend.BackendOptions`)."""
+    """`regional`: compile one decoder layer per distinct plan and reuse it, in place (the
+    model itself then trains sparse, see above); `cuda_graphs`: replay those layers as CUDA
+    graphs in training (see above). `options`: the backend's (`backend.BackendOptions`)."""
     return SparseLoRAModel(model, policy, regional=regional, cuda_graphs=cuda_graphs, **options)
 
 
 def run_of(model) -> Run:
-    """The run of a model compiled with this backend: an `slc.compile` wrapper, or
-    `torch.compile(model, backend="sparselora", options={...})` once it has run a forward."""
+    """The run of a model compiled with this backend: an `slc.compile` wrapper or the model
+    it compiled regionally, or `torch.compile(model, backend="sparselora", options={...})`
+    once it has run a forward."""
     if isinstance(model, SparseLoRAModel):
         return model.run
+    wrapper = getattr(model, "__dict__", {}).get("_sparselora")
+    if isinstance(wrapper, SparseLoRAModel):
+        return wrapper.run
     fn = getattr(getattr(model, "dynamo_ctx", None), "callback", None)
     seen = set()
     while fn is not None and id(fn) not in seen:  # Dynamo's wrappers around the backend
