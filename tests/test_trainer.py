@@ -203,3 +203,20 @@ def test_trl_sft_trainer(tmp_path, mode):
         assert 0 < supervised < 10 * sequences  # completion tokens only
     assert "no labels" not in sparse.run.said
     assert sparse.stats.steps == 2 and sparse.stats.saved_fraction > 0
+
+
+def test_the_model_itself_runs_the_glue_until_uncompiled():
+    """After slc.compile the model itself (what a Trainer holds) hands labels over and
+    counts steps exactly as the wrapper does; uncompile() removes the glue with the layers."""
+    from llama import ALL, batch
+    ids, labels = batch(n_out=3)
+    model = tiny_llama(ALL)
+    sparse = slc.compile(model, slc.Policy(**POLICY), inner="aot_eager")
+    model(input_ids=ids, labels=labels).loss.backward()
+    sparse(input_ids=ids, labels=labels).loss.backward()
+    # 4 of 10 rows are output tokens (3 supervised + the one predicting the first)
+    assert sparse.stats.steps == 2 and sparse.stats.saved_fraction == pytest.approx(0.5 * 6 / 10, abs=1e-6)
+    assert slc.run_of(model) is sparse.run
+    assert sparse.uncompile() is model and "_sparselora" not in model.__dict__
+    model(input_ids=ids, labels=labels).loss.backward()
+    assert sparse.stats.steps == 2
