@@ -5,11 +5,12 @@ variant runs forward + backward + AdamW on the LoRA params, a few warm-up steps
 excluded, median of the timed steps (device-synchronised wall time per step):
 
     eager              plain PEFT
-    inductor           torch.compile(model)                    (the baseline of the ratios)
+    inductor           torch.compile(model)         (the baseline of the ratios; --baseline)
     inductor_bf16      the same with the LoRA params cast to bf16 for this variant (what a
                        bf16-adapter baseline costs; = inductor under --bf16-adapters)
     inductor_regional  each decoder layer compiled with Inductor, one graph reused
                        (`layer.compile()`; the rest eager): its compile-time baseline
+    inductor_regional_bf16  the same with the LoRA params cast to bf16, as inductor_bf16
     sl_math10k         slc.compile, presets.math10k, warm-up skipped
     sl_csr             slc.compile, presets.csr,     warm-up skipped
     sl_sparsity0       slc.compile, blocks rewritten, every op on its dense path (overhead)
@@ -34,16 +35,31 @@ Runtime suffixes (sl_* variants), after any Inductor suffix:
               (runtime/sparse_mlp.py ALL_ROWS_MAX_K = 0), for an A/B in one run
     _graphs   slc.compile(..., cuda_graphs=True): the decoder layers replayed as CUDA graphs
 
-Batches (--batches, bench/batches.py): `fixed` (the default) times every compiled variant
-on both fixed batch shapes (Math10K: 8 x 512 with 128 output tokens; CSR: 8 x 512 with 3
-output tokens) without recompiling (same tensor shapes), median of the timed steps.
-`padded`, `long` and `packed` feed what users' data looks like: a different sequence
-length and token split nearly every step (SFT rows right-padded to a multiple of 8 with
-an attention_mask; batch-4 long rows; DataCollatorWithFlattening rows with position_ids).
-Every variant sees the same batches; the first --warmup steps (Dynamo's compile and its
-automatic-dynamic recompile) are reported apart, and every later step counts, first-seen
-shapes included: mean tokens/s of non-padding tokens, mean/median/p90/max step time, the
-distinct shapes and what a first-seen one cost, CUDA-graphed steps and captures.
+Batches (--batches, bench/batches.py, one or several modes): `fixed` (the default) times
+every compiled variant on the fixed batch shapes of --shapes (Math10K: 8 x 512 with 128
+output tokens; CSR: 8 x 512 with 3 output tokens) without recompiling (same tensor
+shapes), median of the timed steps. `padded`, `long` and `packed` feed what users' data
+looks like: a different sequence length and token split nearly every step (SFT rows
+right-padded to a multiple of 8 with an attention_mask; batch-4 long rows;
+DataCollatorWithFlattening rows with position_ids). Every variant is compiled once and
+then steps through each mode's batches in the order given (e.g. `--batches fixed padded
+packed long`), the same batches for every variant; per mode the first --warmup steps
+(Dynamo's compile and its automatic-dynamic recompiles at the mode's new shapes) are
+reported apart, and every later step counts, first-seen shapes included: mean tokens/s of
+non-padding tokens, mean/median/p90/max step time, the distinct shapes and what a
+first-seen one cost, CUDA-graphed steps and captures, peak memory of the mode.
+
+Ratios (per mode) are against the same run's dense baselines, --baseline whole (default:
+`inductor` / `inductor_bf16`) or regional (`inductor_regional` / `inductor_regional_bf16`,
+an 8 s compile instead of ~100 s and the faster of the two per step); the chosen pair is
+added when missing with a varying mode or an explicit --baseline, and named in the JSON's
+`ratio_baseline`. `speedup_vs_inductor` / `speedup_vs_inductor_bf16` are against that
+pair, `speedup_vs` against every dense baseline in the run.
+
+--time-budget SECONDS: once the process has run that long, the mode under way finishes and
+the rest (modes, variants, layer counts, profiles, A/B rounds) is skipped and listed under
+`skipped`; the JSON is rewritten after every mode, so a killed process leaves its results.
+
 With fewer than 32 layers a preset's per-layer settings are sampled: small layer i takes
 the settings of layer floor((i + 0.75) * 32 / L) (identity at L = 32; at L = 8, MLP sparse
 on 7/8 layers and attention on 4/8, as in the 32-layer Math10K preset's 28/32 and 14/32).
@@ -57,6 +73,9 @@ compared too.
     python bench/train_step.py --layers 32 --variants inductor sl_math10k
     python bench/train_step.py --layers 32 --batches padded --variants inductor inductor_bf16 \
         sl_math10k_lora_model_graphs                                     # H200, 50 steps
+    python bench/train_step.py --layers 32 --no-check --batches fixed padded packed long \
+        --shapes math10k --baseline regional --time-budget 450 \
+        --variants sl_math10k_lora_model sl_math10k_lora_model_graphs   # H200, all modes
 """
 from __future__ import annotations
 
@@ -64,6 +83,7 @@ import argparse
 import dataclasses
 import gc
 import json
+import logging
 import math
 import os
 import platform
@@ -82,13 +102,38 @@ import sparselora_compile as slc  # noqa: E402
 # submodule import): take the function itself.
 from sparselora_compile import compile as slc_compile  # noqa: E402
 
+
+
+def _process_start() -> float:
+    """time.perf_counter() at this process's start, from /proc (the imports before this line
+    included); where unreadable, now."""
+    now = time.perf_counter()
+    try:
+        with open("/proc/self/stat") as f:
+            ticks = int(f.read().rsplit(")", 1)[1].split()[19])  # field 22: starttime
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        age = uptime - ticks / os.sysconf("SC_CLK_TCK")
+        return now - age if 0 <= age < 600 else now
+    except (OSError, ValueError, IndexError):
+        return now
+
+
+T_PROCESS = _process_start()  # --time-budget and the log's timestamps count from here
 RESULTS = Path(__file__).parent / "results"
-VARIANTS = ("eager", "inductor", "inductor_bf16", "inductor_regional", "sl_math10k", "sl_csr",
+VARIANTS = ("eager", "inductor", "inductor_bf16", "inductor_regional", "inductor_regional_bf16",
+            "sl_math10k", "sl_csr",
             "sl_sparsity0", "sl_math10k_whole", "sl_csr_whole", "sl_sparsity0_whole", "sl_math10k_mlp",
             "sl_math10k_lora_model", "sl_math10k_mlp_lora_model", "sl_math10k_whole_lora_model",
             "sl_csr_lora_model")
 from sparselora_compile.backend import CPP_WRAPPER_SETTINGS  # noqa: E402
 from sparselora_compile.runtime.sparse_mlp import ALL_ROWS_MAX_K  # noqa: E402  (the default)
+
+# the dense baselines a run's ratios can be against (--baseline): (fp32 adapters, bf16 adapters)
+BASELINES = {"whole": ("inductor", "inductor_bf16"),
+             "regional": ("inductor_regional", "inductor_regional_bf16")}
+DENSE_BASELINES = tuple(b for pair in BASELINES.values() for b in pair)
+BF16_CAST = ("inductor_bf16", "inductor_regional_bf16")  # variants that cast the LoRA params
 
 INDUCTOR_SUFFIXES = {"_cpp": {"cpp_wrapper": True, **CPP_WRAPPER_SETTINGS}, "_combo": {"combo_kernels": True},
                      "_cppat": {"cpp_wrapper": True, "triton.autotune_at_compile_time": True},
@@ -306,7 +351,11 @@ def free(device):
         torch.cuda.empty_cache()
 
 
-def train_step(fn, opt, batch):
+def train_step(fn, opt, batch, labels=None):
+    """One step on a batch dict; (fn, opt, input_ids, labels) as before batches were dicts
+    (bench/sync_points.py calls it so)."""
+    if labels is not None:
+        batch = {"input_ids": batch, "labels": labels}
     loss = fn(**batch).loss
     loss.backward()
     opt.step()
@@ -409,21 +458,194 @@ def interleaved_ab(fn, opt, batches, args, device, log, name):
     return out
 
 
-def run_variant(name, peft, init_state, batches, args, device, layers, log):
-    """Compile (if any), then time each batch shape; returns the variant's figures."""
+@dataclasses.dataclass
+class Stream:
+    """One mode's batches as a variant steps through them: `fixed` has one batch per
+    --shapes entry (reused every step), the others warm-up + timed steps' worth."""
+    mode: str
+    batches: list
+    warmup: int
+    steps: int
+
+
+class Budget:
+    """--time-budget: seconds since the process started after which no new work starts."""
+
+    def __init__(self, seconds):
+        self.seconds = seconds
+        self.exceeded_at = None
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - T_PROCESS
+
+    def over(self) -> bool:
+        if self.seconds is None:
+            return False
+        if self.exceeded_at is None and self.elapsed() > self.seconds:
+            self.exceeded_at = self.elapsed()
+        return self.exceeded_at is not None
+
+
+class RecompileLimitWatch(logging.Handler):
+    """Counts Dynamo's "hit config.recompile_limit" warnings: past the limit a frame runs
+    eagerly from then on, silently but for that warning, and a step time would lie."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.hits = 0
+
+    def emit(self, record):
+        try:
+            if "hit config." in str(record.msg):
+                self.hits += 1
+        except Exception:  # a logging handler must not raise
+            pass
+
+
+_DYNAMO_LOG = "torch._dynamo.convert_frame"
+
+
+def time_stream(fn, opt, shape, st, res, args, device, layers, log, name):
+    """Warm-up, then the timed steps of one stream; returns its figures (res["shapes"][shape])."""
+    from torch._dynamo.utils import counters
+    stream = st.batches
+    times, launch, cpu, tokens, first_seen, compiles, graphed, lens = [], [], [], [], [], [], [], []
+    warm_ms, seen = [], set()
+    gc_watch, limit_watch = GcWatch(), RecompileLimitWatch()
+    logging.getLogger(_DYNAMO_LOG).addHandler(limit_watch)
+    if device.type == "cuda":
+        sync(device)
+        torch.cuda.reset_peak_memory_stats()  # peak memory per mode
+    graphs_start = counters["stats"]["unique_graphs"]
+    log(f"  {name} [{shape}] {st.mode}: {st.warmup} warm-up + {st.steps} timed steps")
+    t_mode = time.perf_counter()
+    jiffies = None
+    try:
+        for i in range(st.warmup + st.steps):
+            if i == st.warmup:
+                gc_watch.start()
+                jiffies = cpu_jiffies()
+            batch = stream[i % len(stream)]
+            seq_shape = tuple(batch["input_ids"].shape)
+            new = seq_shape not in seen
+            seen.add(seq_shape)
+            graphs0, graphed0 = counters["stats"]["unique_graphs"], graph_stats(fn).get("graphed_forwards", 0)
+            sync(device)
+            t0, c0 = time.perf_counter(), time.thread_time()
+            loss = train_step(fn, opt, batch)
+            t_host = time.perf_counter() - t0  # host done queueing; ~dt: the host is the bottleneck
+            c_host = time.thread_time() - c0  # CPU time of this thread: without time it was descheduled
+            if i == 0:
+                loss0 = loss.item()
+            sync(device)
+            dt = time.perf_counter() - t0
+            if "first_step_s" not in res:  # the variant's very first step: its compile
+                res["first_step_s"] = dt
+                res["first_step_mode"] = shape
+                res["step0_loss"] = loss0
+                # A backend that fails on a data-dependent shape becomes a silent graph
+                # break (Dynamo falls back): count them so such a run is visible.
+                res["graph_breaks"] = sum(counters["graph_break"].values())
+                res["graphs_compiled"] = counters["stats"]["unique_graphs"]
+                log(f"  {name}: first step {dt:.2f} s (loss {loss0:.5f}), "
+                    f"{res['graph_breaks']} graph breaks, {res['graphs_compiled']} graphs compiled")
+            if i < st.warmup:
+                warm_ms.append(round(dt * 1e3, 2))
+                if i == st.warmup - 1:
+                    log(f"  {name} [{shape}] warm-up steps {warm_ms} ms, "
+                        f"{counters['stats']['unique_graphs'] - graphs_start} graphs compiled")
+                continue
+            times.append(dt)
+            launch.append(t_host)
+            cpu.append(c_host)
+            tokens.append(user_batches.real_tokens(batch))
+            first_seen.append(new)
+            compiles.append(counters["stats"]["unique_graphs"] - graphs0)
+            graphed.append(graph_stats(fn).get("graphed_forwards", 0) > graphed0)
+            lens.append(seq_shape[-1])
+    finally:
+        logging.getLogger(_DYNAMO_LOG).removeHandler(limit_watch)
+        gc_stats = gc_watch.stop()
+    steal = steal_share(jiffies, cpu_jiffies())
+    med, mean = statistics.median(times), statistics.fmean(times)
+    varying = st.mode != "fixed"
+    ntok = tokens[0]
+    new_ms = [t * 1e3 for t, n in zip(times, first_seen) if n]
+    old_ms = [t * 1e3 for t, n in zip(times, first_seen) if not n]
+    r = {
+        "batches": st.mode,
+        "median_ms": med * 1e3, "mean_ms": mean * 1e3, "p90_ms": quantile(times, 0.9) * 1e3,
+        "min_ms": min(times) * 1e3, "max_ms": max(times) * 1e3,
+        # fixed: one batch's tokens / the median step; varying: all non-padding tokens of
+        # the timed steps / their total time (the mean throughput a user sees)
+        "tokens_per_s": sum(tokens) / sum(times) if varying else ntok / med,
+        "tokens_per_s_mean": sum(tokens) / sum(times),
+        # what the ratios vs Inductor compare: the mean over varying batches, else the median
+        "ratio_basis": "mean" if varying else "median",
+        "ratio_basis_ms": (mean if varying else med) * 1e3,
+        "ms_per_layer": med * 1e3 / layers,
+        "host_ms": statistics.median(launch) * 1e3,
+        "steps_timed": len(times), "warmup_steps_ms": warm_ms, "step0_loss": loss0, "last_loss": loss.item(),
+        "distinct_shapes": len(set(lens)), "distinct_shapes_incl_warmup": len(seen),
+        "first_seen_steps": len(new_ms),
+        "first_seen_mean_ms": statistics.fmean(new_ms) if new_ms else None,
+        "seen_mean_ms": statistics.fmean(old_ms) if old_ms else None,
+        # Dynamo graphs compiled during the timed steps (0 once automatic dynamic has settled)
+        "graphs_compiled_timed": sum(compiles),
+        # ... and during the whole mode, warm-up included (its recompiles at the mode's shapes)
+        "graphs_compiled_in_mode": counters["stats"]["unique_graphs"] - graphs_start,
+        # Dynamo's recompile-limit warnings: a frame past the limit runs eagerly from then on
+        "recompile_limit_hits": limit_watch.hits,
+        "mode_wall_s": time.perf_counter() - t_mode,
+        # per timed step, in order: a host-bound step's drift and spikes show here
+        "steps_ms": [round(t * 1e3, 2) for t in times],
+        "steps_seq_len": lens, "steps_tokens": tokens, "steps_first_seen": first_seen,
+        "host_steps_ms": [round(t * 1e3, 2) for t in launch],
+        "host_cpu_ms": statistics.median(cpu) * 1e3,
+        "host_cpu_steps_ms": [round(t * 1e3, 2) for t in cpu], "gc": gc_stats,
+        "cpu_steal_share": steal}
+    g = graph_stats(fn)
+    if g:
+        r["graphed_steps"] = sum(graphed)
+        r["cuda_graphs"] = g
+    if device.type == "cuda":
+        sync(device)
+        r["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    log(f"  {name} [{shape}]: median {med * 1e3:.2f} ms, mean {mean * 1e3:.2f}, p90 {r['p90_ms']:.2f}, "
+        f"max {max(times) * 1e3:.2f} ({r['tokens_per_s']:,.0f} tok/s); warm-up {warm_ms} ms; "
+        f"{r['distinct_shapes']} shapes, {len(new_ms)} first-seen steps"
+        + (f" (mean {r['first_seen_mean_ms']:.2f} ms vs {r['seen_mean_ms']:.2f} seen)" if new_ms and old_ms else "")
+        + f", {sum(compiles)} graphs compiled while timed ({r['graphs_compiled_in_mode']} in the mode)"
+        + (f", {limit_watch.hits} RECOMPILE-LIMIT HITS" if limit_watch.hits else "")
+        + (f", {sum(graphed)} graphed steps, {g.get('captures')} captures" if g else "")
+        + (f", peak {r['peak_mem_gib']:.2f} GiB" if "peak_mem_gib" in r else "")
+        + f"; host queueing {statistics.median(launch) * 1e3:.2f} ms (CPU {statistics.median(cpu) * 1e3:.2f}), "
+        f"gc {gc_stats['collections_per_generation']} {gc_stats['ms']:.1f} ms, CPU steal "
+        f"{'n/a' if steal is None else f'{100 * steal:.1f}%'}; mode took {r['mode_wall_s']:.1f} s")
+    return r
+
+
+def run_variant(name, peft, init_state, streams, args, device, layers, log, res=None,
+                checkpoint=lambda: None, budget=None):
+    """Compile (if any) once, then time each stream (mode) in turn; fills and returns `res`,
+    the variant's figures. `checkpoint()` runs after every mode (the caller writes the JSON);
+    past `budget` the mode under way finishes and the rest is listed in res["skipped"]."""
+    budget = budget or Budget(None)
+    res = {} if res is None else res
     full_name, (stem, flags) = name, runtime_flags(name)
     name, inductor_config = split_variant(stem)
+    res.update({"variant": full_name, "shapes": {}, "inductor_config": inductor_config})
     from sparselora_compile.runtime import sparse_mlp
     # set by every variant, so a _ctxrows variant that fails midway does not leak its layout
     sparse_mlp.ALL_ROWS_MAX_K = 0 if "_ctxrows" in flags else ALL_ROWS_MAX_K
     with torch.no_grad():  # same LoRA init for every variant, in the run's adapter dtype
         for n, p in peft.named_parameters():
             if n in init_state:
-                # undoes inductor_bf16's cast, also when that variant failed midway
+                # undoes a bf16 variant's cast, also when that variant failed midway
                 if p.dtype != init_state[n].dtype:
                     p.data = p.data.to(init_state[n].dtype)
                 p.copy_(init_state[n])
-                if name == "inductor_bf16":  # what add_lora(bf16_adapters=True) does
+                if name in BF16_CAST:  # what add_lora(bf16_adapters=True) does
                     p.data = p.data.to(torch.bfloat16)
     free(device)
     if device.type == "cuda":
@@ -434,7 +656,7 @@ def run_variant(name, peft, init_state, batches, args, device, layers, log):
     elif name in ("inductor", "inductor_bf16"):
         fn = (torch.compile(peft, options=inductor_config or None) if args.inner == "inductor"
               else torch.compile(peft, backend=args.inner))
-    elif name == "inductor_regional":
+    elif name in ("inductor_regional", "inductor_regional_bf16"):
         from sparselora_compile.passes.blocks import decoder_layers
         fn, compiled_layers = peft, [m for _, m in decoder_layers(peft)]
         for m in compiled_layers:
@@ -458,140 +680,63 @@ def run_variant(name, peft, init_state, batches, args, device, layers, log):
                          cuda_graphs="_graphs" in flags, **extra)
         if base != "sl_sparsity0":
             fn.set_step(10**6)  # past the dense warm-up
-    opt = torch.optim.AdamW(lora_params(peft), lr=1e-5)  # after inductor_bf16's cast
-    res = {"variant": full_name, "shapes": {}, "inductor_config": inductor_config}
+    opt = torch.optim.AdamW(lora_params(peft), lr=1e-5)  # after the bf16 variants' cast
     name = full_name
     from torch._dynamo.utils import counters
     counters.clear()
-    first = True
     peaks = []
-    for shape, stream in batches.items():
-        times, launch, cpu, tokens, first_seen, compiles, graphed, lens = [], [], [], [], [], [], [], []
-        warm_ms, seen = [], set()
-        gc_watch = GcWatch()
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        for i in range(args.warmup + args.steps):
-            if i == args.warmup:
-                gc_watch.start()
-                jiffies = cpu_jiffies()
-            batch = stream[i % len(stream)]
-            seq_shape = tuple(batch["input_ids"].shape)
-            new = seq_shape not in seen
-            seen.add(seq_shape)
-            graphs0, graphed0 = counters["stats"]["unique_graphs"], graph_stats(fn).get("graphed_forwards", 0)
-            sync(device)
-            t0, c0 = time.perf_counter(), time.thread_time()
-            loss = train_step(fn, opt, batch)
-            t_host = time.perf_counter() - t0  # host done queueing; ~dt: the host is the bottleneck
-            c_host = time.thread_time() - c0  # CPU time of this thread: without time it was descheduled
-            if i == 0:
-                loss0 = loss.item()
-            sync(device)
-            dt = time.perf_counter() - t0
-            if first and i == 0:
-                res["first_step_s"] = dt
-                res["step0_loss"] = loss0
-                # A backend that fails on a data-dependent shape becomes a silent graph
-                # break (Dynamo falls back): count them so such a run is visible.
-                res["graph_breaks"] = sum(counters["graph_break"].values())
-                res["graphs_compiled"] = counters["stats"]["unique_graphs"]
-                log(f"  {name}: first step {dt:.2f} s (loss {loss0:.5f}), "
-                    f"{res['graph_breaks']} graph breaks, {res['graphs_compiled']} graphs compiled")
-            first = False
-            if i < args.warmup:
-                warm_ms.append(round(dt * 1e3, 2))
+    skipped = []
+    try:
+        for shape, st in streams.items():
+            if budget.over():
+                skipped.append(shape)
                 continue
-            times.append(dt)
-            launch.append(t_host)
-            cpu.append(c_host)
-            tokens.append(user_batches.real_tokens(batch))
-            first_seen.append(new)
-            compiles.append(counters["stats"]["unique_graphs"] - graphs0)
-            graphed.append(graph_stats(fn).get("graphed_forwards", 0) > graphed0)
-            lens.append(seq_shape[-1])
-        gc_stats = gc_watch.stop()
-        steal = steal_share(jiffies, cpu_jiffies())
-        med, mean = statistics.median(times), statistics.fmean(times)
-        varying = args.batches != "fixed"
-        ntok = tokens[0]
-        new_ms = [t * 1e3 for t, n in zip(times, first_seen) if n]
-        old_ms = [t * 1e3 for t, n in zip(times, first_seen) if not n]
-        r = res["shapes"][shape] = {
-            "batches": args.batches,
-            "median_ms": med * 1e3, "mean_ms": mean * 1e3, "p90_ms": quantile(times, 0.9) * 1e3,
-            "min_ms": min(times) * 1e3, "max_ms": max(times) * 1e3,
-            # fixed: one batch's tokens / the median step; varying: all non-padding tokens of
-            # the timed steps / their total time (the mean throughput a user sees)
-            "tokens_per_s": sum(tokens) / sum(times) if varying else ntok / med,
-            "tokens_per_s_mean": sum(tokens) / sum(times),
-            # what the ratios vs Inductor compare: the mean over varying batches, else the median
-            "ratio_basis": "mean" if varying else "median",
-            "ratio_basis_ms": (mean if varying else med) * 1e3,
-            "ms_per_layer": med * 1e3 / layers,
-            "host_ms": statistics.median(launch) * 1e3,
-            "steps_timed": len(times), "warmup_steps_ms": warm_ms, "step0_loss": loss0, "last_loss": loss.item(),
-            "distinct_shapes": len(set(lens)), "distinct_shapes_incl_warmup": len(seen),
-            "first_seen_steps": len(new_ms),
-            "first_seen_mean_ms": statistics.fmean(new_ms) if new_ms else None,
-            "seen_mean_ms": statistics.fmean(old_ms) if old_ms else None,
-            # Dynamo graphs compiled during the timed steps (0 once automatic dynamic has settled)
-            "graphs_compiled_timed": sum(compiles),
-            # per timed step, in order: a host-bound step's drift and spikes show here
-            "steps_ms": [round(t * 1e3, 2) for t in times],
-            "steps_seq_len": lens, "steps_tokens": tokens, "steps_first_seen": first_seen,
-            "host_steps_ms": [round(t * 1e3, 2) for t in launch],
-            "host_cpu_ms": statistics.median(cpu) * 1e3,
-            "host_cpu_steps_ms": [round(t * 1e3, 2) for t in cpu], "gc": gc_stats,
-            "cpu_steal_share": steal}
-        g = graph_stats(fn)
-        if g:
-            r["graphed_steps"] = sum(graphed)
-            r["cuda_graphs"] = g
+            r = res["shapes"][shape] = time_stream(fn, opt, shape, st, res, args, device, layers, log, name)
+            if "peak_mem_gib" in r:
+                peaks.append(r["peak_mem_gib"])
+            if policy is not None and args.profile:
+                if budget.over():
+                    res.setdefault("skipped", []).append(f"profile {shape}")
+                else:
+                    # the stream's last batch: a varying stream's shapes are seen by then
+                    p = res.setdefault("profile", {})[shape] = profile_step(
+                        fn, opt, st.batches[-1], device, r["median_ms"])
+                    log(f"  {name} [{shape}] profile: select {p['select_ms']:.2f} ms, "
+                        f"{100 * (p['estimator_share'] or 0):.2f}% of the step's {p['step_ms']:.2f} ms, "
+                        f"{100 * (p['estimator_share_of_kernels'] or 0):.2f}% of {p['kernel_ms']:.2f} ms "
+                        f"{'kernel' if device.type == 'cuda' else 'CPU'} time; "
+                        f"{p['host_syncs']} host syncs")
+            if device.type == "cuda":
+                res["peak_mem_gib"] = max(peaks + [torch.cuda.max_memory_allocated() / 2**30])
+            checkpoint()
+        if skipped:
+            res.setdefault("skipped", []).extend(f"mode {s}" for s in skipped)
+            log(f"  {name}: time budget spent ({budget.elapsed():.0f} s), skipped modes {skipped}")
+        if policy is not None and args.ab:
+            if budget.over():
+                res.setdefault("skipped", []).append("ab")
+            else:
+                res["ab"] = interleaved_ab(fn, opt, {k: st.batches for k, st in streams.items()
+                                                     if k in res["shapes"]}, args, device, log, name)
+        graphs = graph_stats(fn)
+        if graphs:
+            res["cuda_graphs"] = graphs
+            log(f"  {name}: CUDA graphs {res['cuda_graphs']}")
+        if policy is not None:
+            res["policy_stats"] = fn.stats.as_dict()
+            if layer_map is not None:
+                res["layer_map"] = layer_map
         if device.type == "cuda":
             sync(device)
-            r["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
-            peaks.append(r["peak_mem_gib"])
-        log(f"  {name} [{shape}]: median {med * 1e3:.2f} ms, mean {mean * 1e3:.2f}, p90 {r['p90_ms']:.2f}, "
-            f"max {max(times) * 1e3:.2f} ({r['tokens_per_s']:,.0f} tok/s); warm-up {warm_ms} ms; "
-            f"{r['distinct_shapes']} shapes, {len(new_ms)} first-seen steps"
-            + (f" (mean {r['first_seen_mean_ms']:.2f} ms vs {r['seen_mean_ms']:.2f} seen)" if new_ms and old_ms else "")
-            + f", {sum(compiles)} graphs compiled while timed"
-            + (f", {sum(graphed)} graphed steps, {g.get('captures')} captures" if g else "")
-            + (f", peak {r['peak_mem_gib']:.2f} GiB" if "peak_mem_gib" in r else "")
-            + f"; host queueing {statistics.median(launch) * 1e3:.2f} ms (CPU {statistics.median(cpu) * 1e3:.2f}), "
-            f"gc {gc_stats['collections_per_generation']} {gc_stats['ms']:.1f} ms, CPU steal "
-            f"{'n/a' if steal is None else f'{100 * steal:.1f}%'}")
-    if policy is not None and args.ab:
-        res["ab"] = interleaved_ab(fn, opt, batches, args, device, log, name)
-    graphs = graph_stats(fn)
-    if graphs:
-        res["cuda_graphs"] = graphs
-        log(f"  {name}: CUDA graphs {res['cuda_graphs']}")
-    if policy is not None:
-        res["policy_stats"] = fn.stats.as_dict()
-        if layer_map is not None:
-            res["layer_map"] = layer_map
-        if args.profile:
-            res["profile"] = {}
-            for shape, stream in batches.items():
-                # the stream's last batch: a varying stream's shapes are seen by then
-                p = res["profile"][shape] = profile_step(fn, opt, stream[-1], device,
-                                                         res["shapes"][shape]["median_ms"])
-                log(f"  {name} [{shape}] profile: select {p['select_ms']:.2f} ms, "
-                    f"{100 * (p['estimator_share'] or 0):.2f}% of the step's {p['step_ms']:.2f} ms, "
-                    f"{100 * (p['estimator_share_of_kernels'] or 0):.2f}% of {p['kernel_ms']:.2f} ms "
-                    f"{'kernel' if device.type == 'cuda' else 'CPU'} time; "
-                    f"{p['host_syncs']} host syncs")
-    if device.type == "cuda":
-        sync(device)
-        res["peak_mem_gib"] = max(peaks + [torch.cuda.max_memory_allocated() / 2**30])
-    for m in compiled_layers:  # the next variant gets the plain model back
-        m._compiled_call_impl = None
-    if hasattr(fn, "uncompile"):
-        fn.uncompile()
-    del fn, opt, policy
-    free(device)
+            res["peak_mem_gib"] = max(peaks + [torch.cuda.max_memory_allocated() / 2**30])
+        res["graphs_compiled_total"] = counters["stats"]["unique_graphs"]
+    finally:
+        for m in compiled_layers:  # the next variant gets the plain model back
+            m._compiled_call_impl = None
+        if hasattr(fn, "uncompile"):
+            fn.uncompile()
+        del fn, opt, policy
+        free(device)
     return res
 
 
@@ -679,15 +824,15 @@ def env_info(device):
     return info
 
 
-def batches_info(args) -> dict:
+def batches_info(args, mode) -> dict:
     """What a varying batch mode feeds (recorded with its results)."""
     b = user_batches
-    info = {"seed": 7, "source": "bench/batches.py", "scale_of_lengths": args.seq / 512}
-    if args.batches == "packed":
+    info = {"mode": mode, "seed": 7, "source": "bench/batches.py", "scale_of_lengths": args.seq / 512}
+    if mode == "packed":
         info.update(rows=1, max_tokens=args.batch * args.seq,
                     sequences=dataclasses.asdict(b.LENGTHS["padded"].scaled(args.seq / 512)))
     else:
-        info.update(dataclasses.asdict(b.LENGTHS[args.batches].scaled(args.seq / 512)), pad_to_multiple_of=8)
+        info.update(dataclasses.asdict(b.LENGTHS[mode].scaled(args.seq / 512)), pad_to_multiple_of=8)
     return info
 
 
@@ -697,25 +842,38 @@ def basis_ms(s) -> float:
     return s.get("ratio_basis_ms", s["median_ms"])
 
 
+def ratio_pair(run) -> tuple[str, str]:
+    """The (fp32-adapter, bf16-adapter) dense baselines the run's ratios are against."""
+    rb = run.get("ratio_baseline") or {}
+    return rb.get("speedup_vs_inductor", "inductor"), rb.get("speedup_vs_inductor_bf16", "inductor_bf16")
+
+
 def summarize(run):
-    """Ratios vs Inductor (and vs inductor_bf16 when run) and the step-0 loss check of the
-    dense variants, per layer count."""
+    """Per layer count and mode: ratios vs the run's baseline pair (`speedup_vs_inductor`,
+    `speedup_vs_inductor_bf16`; run["ratio_baseline"] names them) and vs every dense baseline
+    run (`speedup_vs`), peak memory vs the pair, and the step-0 loss check."""
+    b32, b16 = ratio_pair(run)
     for lay in run["layers"].values():
         vs = {v["variant"]: v for v in lay["variants"]}
-        base, base16 = vs.get("inductor"), vs.get("inductor_bf16")
+        base, base16 = vs.get(b32), vs.get(b16)
         for v in vs.values():
             for shape, s in v["shapes"].items():
                 t = basis_ms(s)
-                if base and shape in base["shapes"]:
-                    s["speedup_vs_inductor"] = basis_ms(base["shapes"][shape]) / t
-                if base16 and shape in base16["shapes"]:
-                    s["speedup_vs_inductor_bf16"] = basis_ms(base16["shapes"][shape]) / t
-            if base and "peak_mem_gib" in v and "peak_mem_gib" in base:
-                v["peak_mem_vs_inductor"] = v["peak_mem_gib"] / base["peak_mem_gib"]
-        if "eager" in vs:
+                s["speedup_vs"] = {b: basis_ms(vs[b]["shapes"][shape]) / t for b in DENSE_BASELINES
+                                   if b in vs and shape in vs[b]["shapes"]}
+                for key, ref in (("inductor", base), ("inductor_bf16", base16)):
+                    if ref and shape in ref["shapes"]:
+                        rs = ref["shapes"][shape]
+                        s[f"speedup_vs_{key}"] = basis_ms(rs) / t
+                        if "peak_mem_gib" in s and "peak_mem_gib" in rs:
+                            s[f"peak_mem_vs_{key}"] = s["peak_mem_gib"] / rs["peak_mem_gib"]
+            for key, ref in (("inductor", base), ("inductor_bf16", base16)):
+                if ref and "peak_mem_gib" in v and "peak_mem_gib" in ref:
+                    v[f"peak_mem_vs_{key}"] = v["peak_mem_gib"] / ref["peak_mem_gib"]
+        if "eager" in vs and "step0_loss" in vs["eager"]:
             ref = vs["eager"]["step0_loss"]
             lay["step0_loss_rel_diff_vs_eager"] = {
-                n: abs(v["step0_loss"] - ref) / abs(ref) for n, v in vs.items()}
+                n: abs(v["step0_loss"] - ref) / abs(ref) for n, v in vs.items() if "step0_loss" in v}
     # per-layer slope between two layer counts (removes embedding / lm_head / loss)
     ls = sorted(int(k) for k in run["layers"])
     if len(ls) >= 2:
@@ -743,26 +901,32 @@ def plot(run, path):
     except ImportError:
         return None
     groups = [(lay_n, v) for lay_n, lay in run["layers"].items() for v in lay["variants"]]
-    shapes = sorted({s for _, v in groups for s in v["shapes"]})
-    fig, axes = plt.subplots(1, len(run["layers"]), figsize=(6 * len(run["layers"]), 4.2), squeeze=False)
+    shapes = list(dict.fromkeys(s for _, v in groups for s in v["shapes"]))  # run order
+    if not shapes:
+        return None
+    b32, b16 = ratio_pair(run)
+    key = "speedup_vs_inductor_bf16" if any(v["variant"] == b16 for _, v in groups) else "speedup_vs_inductor"
+    fig, axes = plt.subplots(1, len(run["layers"]), figsize=(max(6, 1.2 * len(shapes) + 4) * len(run["layers"]), 4.2),
+                             squeeze=False)
     for ax, (lay_n, lay) in zip(axes[0], run["layers"].items()):
         names = [v["variant"] for v in lay["variants"]]
         w = 0.8 / max(1, len(shapes))
         for si, shape in enumerate(shapes):
             ys = [v["shapes"].get(shape, {}).get("tokens_per_s", 0) / 1e3 for v in lay["variants"]]
             xs = [i + (si - (len(shapes) - 1) / 2) * w for i in range(len(names))]
-            bars = ax.bar(xs, ys, w, label=f"{shape} shape")
+            bars = ax.bar(xs, ys, w, label=shape)
             for b, v in zip(bars, lay["variants"]):
-                r = v["shapes"].get(shape, {}).get("speedup_vs_inductor")
+                r = v["shapes"].get(shape, {}).get(key)
                 if r:
                     ax.annotate(f"{r:.2f}x", (b.get_x() + b.get_width() / 2, b.get_height()),
-                                ha="center", va="bottom", fontsize=7)
+                                ha="center", va="bottom", fontsize=6)
         ax.set_xticks(range(len(names)), names, rotation=20, fontsize=8)
-        ax.set_ylabel("k tokens / s")
+        ax.set_ylabel("k tokens / s (non-padding)")
         ax.set_title(f"{lay_n} layers, LoRA {run['lora']}, {run['env'].get('gpu', run['env']['device'])}",
                      fontsize=9)
         ax.legend(fontsize=7)
-    fig.suptitle("LoRA training step (fwd+bwd+AdamW), ratio vs Inductor dense", fontsize=10)
+    fig.suptitle("LoRA training step (fwd+bwd+AdamW), ratio vs "
+                 f"{b16 if key.endswith('_bf16') else b32} per mode (fixed: median; varying: mean)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -772,35 +936,49 @@ def plot(run, path):
 def print_table(run, log):
     vs = [v for lay in run["layers"].values() for v in lay["variants"]]
     w = max([13] + [len(v["variant"]) for v in vs])
-    bf16 = any("speedup_vs_inductor_bf16" in s for v in vs for s in v["shapes"].values())
-    basis = "mean_ms  " if run.get("batches", "fixed") != "fixed" else "median_ms"
-    log(f"\nlayers {'variant':<{w}} shape    {basis}  tok/s      vs_ind{'  vs_i16' if bf16 else ''}"
+    shapes = list(dict.fromkeys(s for v in vs for s in v["shapes"]))
+    b32, b16 = ratio_pair(run)
+    ab32, ab16 = ("vs_reg", "vs_r16") if b32 == "inductor_regional" else ("vs_ind", "vs_i16")
+    nan = float("nan")
+    log(f"\nratios vs {b32} ({ab32}) and {b16} ({ab16}), per mode; ms: fixed median, varying mean")
+    log(f"layers {'variant':<{w}} mode     {'shape':<8}        ms  tok/s      {ab32}  {ab16}"
         "  peak_GiB  first_s  est_share")
     for lay_n, lay in run["layers"].items():
         for v in lay["variants"]:
             for shape, s in v["shapes"].items():
                 share = v.get("profile", {}).get(shape, {}).get("estimator_share")
-                r16 = f" {s.get('speedup_vs_inductor_bf16', float('nan')):7.3f}" if bf16 else ""
-                log(f"{lay_n:>6} {v['variant']:<{w}} {shape:<8} {basis_ms(s):9.2f} "
-                    f"{s['tokens_per_s']:10,.0f} {s.get('speedup_vs_inductor', float('nan')):6.3f}{r16} "
-                    f"{v.get('peak_mem_gib', float('nan')):9.2f} {v['first_step_s']:8.2f} "
+                log(f"{lay_n:>6} {v['variant']:<{w}} {s.get('batches', 'fixed'):<8} {shape:<8} {basis_ms(s):9.2f} "
+                    f"{s['tokens_per_s']:10,.0f} {s.get('speedup_vs_inductor', nan):6.3f} "
+                    f"{s.get('speedup_vs_inductor_bf16', nan):7.3f} "
+                    f"{s.get('peak_mem_gib', v.get('peak_mem_gib', nan)):9.2f} {v.get('first_step_s', nan):8.2f} "
                     f"{'' if share is None else f'{100 * share:.2f}%'}")
-    if run.get("batches", "fixed") != "fixed":
-        nan = float("nan")
-        log(f"\n{run['batches']} batches, timed steps incl. first-seen shapes (ratios: mean step time)\n"
-            f"layers {'variant':<{w}}   mean   median      p90      max  tok/s      vs_ind  vs_i16 shapes "
-            "new: n  mean_ms seen_ms compiles graphed captures peak_GiB breaks")
+    log(f"\nper mode, timed steps incl. first-seen shapes (ratios: mean step time with varying batches)\n"
+        f"layers {'variant':<{w}} {'shape':<8}    mean   median      p90      max  tok/s      {ab32}  {ab16} shapes "
+        "new: n  mean_ms seen_ms compiles graphed captures peak_GiB breaks lim_hits")
+    for shape in shapes:
         for lay_n, lay in run["layers"].items():
             for v in lay["variants"]:
-                for s in v["shapes"].values():
-                    fs, sm = s.get("first_seen_mean_ms"), s.get("seen_mean_ms")
-                    log(f"{lay_n:>6} {v['variant']:<{w}} {s['mean_ms']:7.2f} {s['median_ms']:8.2f} "
-                        f"{s['p90_ms']:8.2f} {s['max_ms']:8.2f} {s['tokens_per_s']:10,.0f} "
-                        f"{s.get('speedup_vs_inductor', nan):6.3f} {s.get('speedup_vs_inductor_bf16', nan):7.3f} "
-                        f"{s['distinct_shapes']:6d} {s['first_seen_steps']:6d} {fs or nan:8.2f} {sm or nan:7.2f} "
-                        f"{s['graphs_compiled_timed']:8d} {str(s.get('graphed_steps', '-')):>7} "
-                        f"{str(s.get('cuda_graphs', {}).get('captures', '-')):>8} "
-                        f"{s.get('peak_mem_gib', nan):8.2f} {v.get('graph_breaks', 0):6d}")
+                s = v["shapes"].get(shape)
+                if s is None:
+                    continue
+                fs, sm = s.get("first_seen_mean_ms"), s.get("seen_mean_ms")
+                log(f"{lay_n:>6} {v['variant']:<{w}} {shape:<8} {s['mean_ms']:7.2f} {s['median_ms']:8.2f} "
+                    f"{s['p90_ms']:8.2f} {s['max_ms']:8.2f} {s['tokens_per_s']:10,.0f} "
+                    f"{s.get('speedup_vs_inductor', nan):6.3f} {s.get('speedup_vs_inductor_bf16', nan):7.3f} "
+                    f"{s['distinct_shapes']:6d} {s['first_seen_steps']:6d} {fs or nan:8.2f} {sm or nan:7.2f} "
+                    f"{s['graphs_compiled_timed']:8d} {str(s.get('graphed_steps', '-')):>7} "
+                    f"{str(s.get('cuda_graphs', {}).get('captures', '-')):>8} "
+                    f"{s.get('peak_mem_gib', nan):8.2f} {v.get('graph_breaks', 0):6d} "
+                    f"{s.get('recompile_limit_hits', 0):8d}")
+    if len(shapes) > 1:  # one line per variant: the ratio vs the bf16 baseline in every mode
+        log(f"\n{ab16} ({b16}) per mode\nlayers {'variant':<{w}} " + " ".join(f"{s:>8}" for s in shapes))
+        for lay_n, lay in run["layers"].items():
+            for v in lay["variants"]:
+                log(f"{lay_n:>6} {v['variant']:<{w}} " + " ".join(
+                    f"{v['shapes'].get(s, {}).get('speedup_vs_inductor_bf16', nan):8.3f}" for s in shapes))
+    if run.get("skipped"):
+        log("\nskipped (time budget): " + "; ".join(
+            f"{k['layers']} layers {k.get('variant', 'all variants')}: {', '.join(k['what'])}" for k in run["skipped"]))
     if "per_layer_slope" in run:
         log(f"\nper-layer slope between {run['per_layer_slope']['layers']} layers:")
         for n, d in run["per_layer_slope"]["variants"].items():
@@ -815,22 +993,31 @@ def main(argv=None):
     ap.add_argument("--lora", choices=("qkvo", "all"), default="qkvo")
     ap.add_argument("--bf16-adapters", action="store_true", help="cast LoRA params to bf16")
     ap.add_argument("--variants", nargs="+", type=variant_name, default=list(VARIANTS))
-    ap.add_argument("--batches", choices=user_batches.MODES, default="fixed",
-                    help="fixed: one repeated batch per --shapes; padded / long / packed: user-shaped "
+    ap.add_argument("--batches", nargs="+", choices=user_batches.MODES, default=["fixed"],
+                    help="one or several modes, run in this order by every variant after one compile: "
+                         "fixed: one repeated batch per --shapes; padded / long / packed: user-shaped "
                          "batches that change every step (bench/batches.py)")
+    ap.add_argument("--baseline", choices=tuple(BASELINES), default=None,
+                    help="the dense pair the ratios are against: whole (inductor, inductor_bf16; the "
+                         "default) or regional (inductor_regional, inductor_regional_bf16); added when "
+                         "missing if given or with a varying mode")
     ap.add_argument("--shapes", nargs="+", choices=("math10k", "csr"), default=["math10k", "csr"],
-                    help="the fixed batches' output tokens (128 / 3); --batches fixed only")
+                    help="the fixed batches' output tokens (128 / 3); the fixed mode only")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=512)
     ap.add_argument("--steps", type=int, default=None,
-                    help="timed steps per shape (default: 10 with --batches fixed, else 50)")
+                    help="timed steps per mode (and per shape of the fixed mode); default 10 for fixed, "
+                         "50 for a varying mode")
     ap.add_argument("--ab", type=int, default=0, metavar="ROUNDS",
                     help="after a sparselora variant, this many rounds of interleaved steps of its runtime "
                          "settings (default; direct_launch: runtime/kernels/launch.py switched; ctxrows: "
                          "the MLP's context part over context rows only)")
     ap.add_argument("--warmup", type=int, default=None,
-                    help="untimed steps per shape, reported apart (default: 3 with --batches fixed; else 2: "
-                         "the compile and the automatic-dynamic recompile at the second length)")
+                    help="untimed steps per mode, reported apart (default: 3 for fixed; 2 for a varying mode: "
+                         "its new shapes' recompile and the automatic-dynamic recompile at its second length)")
+    ap.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
+                    help="once the process has run this long, finish the mode under way and skip the rest "
+                         "(listed in the JSON's `skipped`); the JSON and tables are still written")
     ap.add_argument("--total-steps", type=int, default=1000, help="the presets' total_steps")
     ap.add_argument("--inner", default="inductor", choices=("inductor", "aot_eager", "eager"))
     ap.add_argument("--check-inner", default=None, choices=("inductor", "aot_eager", "eager"),
@@ -842,57 +1029,85 @@ def main(argv=None):
     ap.add_argument("--out", default=str(RESULTS))
     ap.add_argument("--name", default="train_step", help="file stem of the JSON / PNG")
     args = ap.parse_args(argv)
-    varying = args.batches != "fixed"
-    if args.steps is None:
-        args.steps = 50 if varying else 10
-    if args.warmup is None:
-        args.warmup = 2 if varying else 3
+    modes = list(dict.fromkeys(args.batches))  # once each, in the order given
+    varying = any(m != "fixed" for m in modes)
+    steps = {m: args.steps if args.steps is not None else (10 if m == "fixed" else 50) for m in modes}
+    warmup = {m: args.warmup if args.warmup is not None else (3 if m == "fixed" else 2) for m in modes}
     if args.smoke:
         if args.layers == [32]:
             args.layers = [2]
-        args.batch, args.seq, args.steps = min(args.batch, 2), min(args.seq, 64), min(args.steps, 3)
-        args.warmup = min(args.warmup, 2 if varying else 1)
-    if varying:  # the ratios need both dense baselines, measured in this process
-        missing = [b for b in ("inductor", "inductor_bf16") if b not in args.variants]
+        args.batch, args.seq = min(args.batch, 2), min(args.seq, 64)
+        steps = {m: min(n, 3) for m, n in steps.items()}
+        warmup = {m: min(n, 1 if m == "fixed" else 2) for m, n in warmup.items()}
+    baseline = args.baseline or "whole"
+    if varying or args.baseline:  # the ratios need both dense baselines, measured in this process
+        missing = [b for b in BASELINES[baseline] if b not in args.variants]
         args.variants = missing + args.variants
+    args.variants = list(dict.fromkeys(args.variants))
     if args.check_inner is None:
         args.check_inner = args.inner if args.smoke else "aot_eager"
     device = torch.device(args.device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     json_path, png_path = out / f"{args.name}.json", out / f"{args.name}.png"
-    t_start = time.perf_counter()
+    budget = Budget(args.time_budget)
 
     def log(msg):
-        print(f"[{time.perf_counter() - t_start:7.1f}s] {msg}" if msg and not msg.startswith("\n") else msg,
-              flush=True)
+        print(f"[{budget.elapsed():7.1f}s] {msg}" if msg and not msg.startswith("\n") else msg, flush=True)
 
+    # Several modes in one process: one variant's layer code meets every mode's inputs
+    # (static, dynamic length, batch 1, a mask or none), each a cache entry; past Dynamo's
+    # recompile_limit (8) a frame would run eagerly from then on. A bench artefact (a user
+    # has one kind of data), so raised here; hits are counted per mode regardless.
+    if len(modes) > 1 and torch._dynamo.config.recompile_limit < 64:
+        torch._dynamo.config.recompile_limit = 64
     n_out = {"math10k": min(128, args.seq // 4), "csr": 3}
+    b32, b16 = BASELINES[baseline]
     run = {"command": " ".join([os.path.basename(sys.executable), *sys.argv]), "argv": sys.argv,
            "env": env_info(device), "smoke": args.smoke, "lora": args.lora,
            "lora_targets": ALL if args.lora == "all" else QKVO, "lora_r": 32, "lora_alpha": 64,
            "adapter_dtype": "bf16" if args.bf16_adapters else "fp32 (PEFT default)",
            "model_dtype": "bf16", "inner": args.inner,
-           "batches": args.batches,
-           "batch_shapes": ({s: {"batch": args.batch, "seq": args.seq, "output_tokens": n_out[s]}
-                             for s in args.shapes} if not varying else
-                            {args.batches: batches_info(args)}),
-           "steps_timed": args.steps, "warmup_steps": args.warmup, "timing": (
-               "device-synchronised wall time per step (fwd + bwd + AdamW on LoRA params); "
-               + ("mean over the timed steps, first-seen shapes included; the warm-up steps apart"
-                  if varying else "median of the timed steps")),
+           "batches": modes,
+           # what speedup_vs_inductor / speedup_vs_inductor_bf16 (and peak_mem_vs_*) are against
+           "ratio_baseline": {"baseline": baseline, "speedup_vs_inductor": b32, "speedup_vs_inductor_bf16": b16},
+           "batch_shapes": {
+               **({s: {"mode": "fixed", "batch": args.batch, "seq": args.seq, "output_tokens": n_out[s]}
+                   for s in args.shapes} if "fixed" in modes else {}),
+               **{m: batches_info(args, m) for m in modes if m != "fixed"}},
+           "steps_timed": steps, "warmup_steps": warmup, "timing": (
+               "device-synchronised wall time per step (fwd + bwd + AdamW on LoRA params); per mode: "
+               "fixed, the median of the timed steps; a varying mode, the mean over the timed steps, "
+               "first-seen shapes included; the warm-up steps apart"),
+           "variants_planned": args.variants,
+           "dynamo_recompile_limit": torch._dynamo.config.recompile_limit,
+           "time_budget_s": args.time_budget,
            "layers": {}}
 
     def save():
         summarize(run)
-        json_path.write_text(json.dumps(run, indent=1))
+        run["elapsed_s"] = budget.elapsed()
+        if budget.exceeded_at is not None:
+            run["time_budget_exceeded_at_s"] = budget.exceeded_at
+        tmp = json_path.with_suffix(".json.tmp")  # never a half-written file
+        tmp.write_text(json.dumps(run, indent=1))
+        tmp.replace(json_path)
+
+    def skip(layers, variant, what):
+        run.setdefault("skipped", []).append({"layers": layers, "variant": variant, "what": what,
+                                              "reason": "time budget"})
 
     log(f"env: {run['env']}")
+    log(f"modes {modes}, timed steps {steps}, warm-up {warmup}; variants {args.variants}; ratios vs "
+        f"{b32} / {b16}" + (f"; time budget {args.time_budget:.0f} s" if args.time_budget else ""))
     if not args.no_check:
         log("correctness check (tiny model, bf16, sparsity 0 vs eager)")
         run["check"] = check_tiny(args, device, log)
         save()
     for layers in args.layers:
+        if budget.over():
+            skip(layers, None, [f"layer count {layers}"])
+            continue
         cfg = llama_config(layers, args.smoke)
         t0 = time.perf_counter()
         model = build_model(cfg, device)
@@ -902,27 +1117,44 @@ def main(argv=None):
             f"{sum(p.numel() for p in model.parameters()) / 1e9:.2f} B params, "
             f"{sum(p.numel() for p in lora_params(peft)) / 1e6:.1f} M LoRA params")
         init_state = {n: p.detach().clone() for n, p in peft.named_parameters() if p.requires_grad}
-        if varying:
-            batches = {args.batches: make_stream(args.batches, cfg, args, 0, device, args.warmup + args.steps)}
-        else:
-            batches = {s: make_stream("fixed", cfg, args, n_out[s], device, 1) for s in args.shapes}
+        streams = {}
+        for m in modes:
+            if m == "fixed":
+                for s in args.shapes:
+                    streams[s] = Stream(m, make_stream(m, cfg, args, n_out[s], device, 1), warmup[m], steps[m])
+            else:
+                streams[m] = Stream(m, make_stream(m, cfg, args, 0, device, warmup[m] + steps[m]),
+                                    warmup[m], steps[m])
         lay = run["layers"][str(layers)] = {"config": {k: getattr(cfg, k) for k in (
             "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
-            "vocab_size", "num_hidden_layers")}, "variants": []}
-        for name in args.variants:
+            "vocab_size", "num_hidden_layers")}, "streams": list(streams), "variants": []}
+        for k, name in enumerate(args.variants):
+            if budget.over():
+                skip(layers, name, ["all modes"])
+                log(f"{name}: skipped, time budget spent ({budget.elapsed():.0f} s)")
+                continue
+            log(f"variant {k + 1}/{len(args.variants)}: {name}")
+            res = {"variant": name, "shapes": {}}
+            lay["variants"].append(res)
             try:
-                lay["variants"].append(run_variant(name, peft, init_state, batches, args, device, layers, log))
+                run_variant(name, peft, init_state, streams, args, device, layers, log, res=res,
+                            checkpoint=save, budget=budget)
             except Exception as e:  # keep the other variants' figures
                 import traceback
                 traceback.print_exc()
                 lay.setdefault("errors", {})[name] = f"{type(e).__name__}: {e}"[:2000]
+                res["error"] = lay["errors"][name]
+                if not res["shapes"]:
+                    lay["variants"].remove(res)
                 free(device)
+            if res.get("skipped"):
+                skip(layers, name, res["skipped"])
             save()
-        del model, peft, init_state, batches
+        del model, peft, init_state, streams
         free(device)
     save()
     run["plot"] = plot(run, png_path)
-    json_path.write_text(json.dumps(run, indent=1))
+    save()
     print_table(run, log)
     if "check" in run:
         log(f"\ncorrectness check: {'PASS' if run['check']['pass'] else 'FAIL'}")
@@ -930,6 +1162,8 @@ def main(argv=None):
         if "step0_loss_rel_diff_vs_eager" in lay:
             log(f"{lay_n} layers, step-0 loss rel. diff vs eager: " + ", ".join(
                 f"{k} {v:.2e}" for k, v in lay["step0_loss_rel_diff_vs_eager"].items()))
+        if lay.get("errors"):
+            log(f"{lay_n} layers, errors: {lay['errors']}")
     log(f"wrote {json_path}" + (f" and {png_path}" if run["plot"] else ""))
     return 0 if run.get("check", {}).get("pass", True) else 1
 
