@@ -17,14 +17,29 @@ import torch
 
 @dataclass
 class RowSplit:
+    """Row indices of one forward's dense and context rows.
+
+    `bucket` > 0 rounds the two index lists to fixed capacities, so that a CUDA graph
+    captured for one split serves every split of the same bucket: the dense list is
+    padded with copies of its first row up to a multiple of `bucket_step` (`bucket`, or an
+    eighth of the count's power of two), the context list with copies of its first row
+    to the complement. A copy computes the same row again
+    and every sparse op writes rows with index_copy_, so the result is unchanged.
+
+    The estimator scores the context rows with weight 1 and skips padding positions and
+    copies (weight 0: `score_weight`, None when every context row counts); `n_unscored`
+    counts the weight-0 rows, on the device (no host sync).
+    """
     dense: torch.Tensor   # row indices computed densely
     ctx: torch.Tensor     # context row indices
     n_rows: int
-    scored: torch.Tensor | None = None  # context rows the estimator scores (no padding); None: ctx
+    n_dense_rows: int     # real dense rows (without the copies)
+    score_weight: torch.Tensor | None = None
+    n_unscored: torch.Tensor | None = None
 
     @property
     def n_dense(self) -> int:
-        return self.dense.numel()
+        return self.n_dense_rows
 
     @property
     def all_dense(self) -> bool:
@@ -34,39 +49,71 @@ class RowSplit:
     def all_context(self) -> bool:
         return self.dense.numel() == 0
 
+    @property
+    def capacities(self) -> tuple[int, int]:
+        return self.dense.numel(), self.ctx.numel()
 
-def compute_split(rows: torch.Tensor, padding: torch.Tensor | None = None) -> RowSplit:
+
+def bucket_step(n: int, bucket: int) -> int:
+    """The rounding step for a size n: `bucket`, or an eighth of n's power of two when that
+    is larger, so that rounding up adds at most 12.5% and a few buckets span a wide range."""
+    return max(bucket, (1 << max(n.bit_length() - 1, 0)) // 8)
+
+
+def _pad_to(idx: torch.Tensor, n: int) -> torch.Tensor:
+    if idx.numel() >= n or idx.numel() == 0:
+        return idx
+    return torch.cat([idx, idx[:1].expand(n - idx.numel())])
+
+
+def compute_split(rows: torch.Tensor, padding: torch.Tensor | None = None, bucket: int = 0) -> RowSplit:
     """`padding`: bool mask of padded positions, left out of the estimator's scores (their
-    hidden states are not text; they still run sparse, as nothing reads them)."""
+    hidden states are not text; they still run sparse, as nothing reads them). `bucket`:
+    round the index lists to fixed capacities (see RowSplit)."""
     r = rows.reshape(-1)
-    split = RowSplit(r.nonzero().squeeze(1), (~r).nonzero().squeeze(1), r.numel())
-    if padding is not None:
-        split.scored = (~r & ~padding.reshape(-1)).nonzero().squeeze(1)
+    dense, ctx = r.nonzero().squeeze(1), (~r).nonzero().squeeze(1)
+    n_dense, n_ctx = dense.numel(), ctx.numel()
+    step = bucket_step(n_dense, bucket) if bucket > 0 else 0
+    if step and n_dense and n_ctx and n_dense % step:
+        floor = n_dense - n_dense % step
+        dense, ctx = _pad_to(dense, floor + step), _pad_to(ctx, r.numel() - floor)
+    split = RowSplit(dense, ctx, r.numel(), n_dense)
+    if padding is not None or ctx.numel() > n_ctx:
+        weight = torch.zeros(ctx.numel(), dtype=torch.float32, device=r.device)
+        real = ctx[:n_ctx]
+        keep = torch.ones(n_ctx, dtype=torch.float32, device=r.device)
+        if padding is not None:
+            keep = (~padding.reshape(-1)).index_select(0, real).float()
+        weight[:n_ctx] = keep
+        split.score_weight = weight
+        split.n_unscored = weight.numel() - weight.sum()
     return split
 
 
 class SplitCache:
-    """The splits of one run's recent row masks, keyed by the mask's storage."""
+    """The splits of one run's recent row masks, keyed by the mask's storage; `bucket`
+    rounds them to capacities (RowSplit; set for CUDA graphs)."""
 
     KEEP = 256
 
-    def __init__(self):
+    def __init__(self, bucket: int = 0):
+        self.bucket = bucket
         self._entries: "OrderedDict[tuple[int, int], tuple[torch.Tensor, RowSplit]]" = OrderedDict()
 
     def compute(self, rows: torch.Tensor, padding: torch.Tensor | None = None) -> RowSplit:
-        split = compute_split(rows, padding)
-        self._remember(rows, split)
+        split = compute_split(rows, padding, self.bucket)
+        self.remember(rows, split)
         return split
 
     def alias(self, copy: torch.Tensor, rows: torch.Tensor) -> None:
         """`copy` (a clone of `rows`) has the same split, without another nonzero."""
-        self._remember(copy, self.of(rows))
+        self.remember(copy, self.of(rows))
 
     def of(self, rows: torch.Tensor) -> RowSplit:
         hit = self._entries.get((rows.data_ptr(), rows.numel()))
         return hit[1] if hit is not None else self.compute(rows)
 
-    def _remember(self, rows: torch.Tensor, split: RowSplit) -> None:
+    def remember(self, rows: torch.Tensor, split: RowSplit) -> None:
         key = (rows.data_ptr(), rows.numel())
         self._entries[key] = (rows, split)
         self._entries.move_to_end(key)
@@ -79,7 +126,6 @@ def context_rows(x2: torch.Tensor, split: RowSplit) -> torch.Tensor:
 
 
 def scored_rows(x2: torch.Tensor, split: RowSplit) -> torch.Tensor:
-    """The rows the estimator scores: context rows that are not padding."""
-    if split.scored is None:
-        return context_rows(x2, split)
-    return x2.index_select(0, split.scored)
+    """The context rows, those the estimator must skip zeroed (`RowSplit.score_weight`)."""
+    rows = context_rows(x2, split)
+    return rows if split.score_weight is None else rows * split.score_weight.to(rows.dtype)[:, None]

@@ -11,5 +11,6 @@ def mlp_scores(x, a_gate, b_gate, a_up, b_up, res_gate, res_up, split, joined=No
     if use_triton(x):
         from .kernels.fused_estimator import mlp_channel_scores_projected
         xa = selection.scored_projection(x, (a_gate, a_up), split, joined)
-        return mlp_channel_scores_projected(xa, b_gate, b_up, res_gate, res_up)
+        scores = mlp_channel_scores_projected(xa, b_gate, b_up, res_gate, res_up)
+        return selection.without_zeroed_rows(scores, split, res_gate, res_up)
     return selection.mlp_scores(x, a_gate, b_gate, a_up, b_up, res_gate, res_up, split, joined)

@@ -94,7 +94,16 @@ def mlp_scores(x, a_gate, b_gate, a_up, b_up, res_gate, res_up, split: RowSplit,
     g, u = p[:, :r] @ b_gate, p[:, r:] @ b_up
     if res_gate is None and res_up is None:
         return (F.silu(g) * u).square().sum(0)
-    return corrected_gated_sq(g, u, res_gate, res_up).sum(0)
+    return without_zeroed_rows(corrected_gated_sq(g, u, res_gate, res_up).sum(0), split, res_gate, res_up)
+
+
+def without_zeroed_rows(scores, split: RowSplit, res_gate, res_up) -> torch.Tensor:
+    """Take out what the rows the estimator skips added: `scored_rows` zeroes them, and a
+    zero row's corrected term is (silu(0)^2 + silu'(0)^2 σ²_gate)(0 + σ²_up) = σ²_gate σ²_up / 4
+    per channel (zero without both residuals)."""
+    if split.n_unscored is None or res_gate is None or res_up is None:
+        return scores
+    return scores - split.n_unscored * 0.25 * res_gate.float() * res_up.float()
 
 
 def expand_kv_channels(kv_idx: torch.Tensor, n_heads: int, n_kv_heads: int, head_dim: int):

@@ -68,11 +68,11 @@ def _layout(n_rows, split, idx, d_ff, all_rows_max_k):
         sel = None if split.all_dense else idx
         width = d_ff if sel is None else sel.numel()
         return ((None, sel, 0, n_rows, width),), 2 * n_rows * width
-    n_dense, k = split.dense.numel(), idx.numel()
+    n_dense, k = split.dense.numel(), idx.numel()  # capacities: see RowSplit
     if k < all_rows_max_k:
         off = 2 * n_rows * k
         return ((None, idx, 0, n_rows, k), (split.dense, None, off, n_dense, d_ff)), off + 2 * n_dense * d_ff
-    n_ctx, off = n_rows - n_dense, 2 * n_dense * d_ff
+    n_ctx, off = split.ctx.numel(), 2 * n_dense * d_ff
     parts = (split.dense, None, 0, n_dense, d_ff), (split.ctx, idx, off, n_ctx, k)
     return parts, off + 2 * n_ctx * k
 

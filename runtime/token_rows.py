@@ -52,7 +52,8 @@ def shared_token_rows(st: Run, labels, attention_mask, shape, device) -> Tensor:
         rows = torch.zeros(shape, dtype=torch.bool, device=device)
     else:
         rows = dense_token_rows(labels).reshape(shape).clone()
-    st.splits.compute(rows, None if attention_mask is None else attention_mask.reshape(shape) == 0)
+    padding = None if attention_mask is None else attention_mask.reshape(shape) == 0
+    st.splits.compute(rows, padding)
     if st.forward_id:
         st.shared_rows = (key, rows)
     return rows

@@ -19,13 +19,17 @@ A replay runs no Python, so what the layers read from Python is kept valid this 
   ungraphed;
 - not graphed at all: layers under gradient checkpointing (recomputed in the backward) and
   layers with active dropout (random masks under replay are not verified on a GPU yet).
-A key is captured when two forwards in a row had it (the first records the layers'
-arguments); at most MAX_SETS sets are kept, and a model captures at most MAX_CAPTURES
-times. A failing capture (a layer that syncs with the host, say) turns graphs off with a
+Every ungraphed forward records its layers' arguments and token split; once CAPTURE_AFTER
+forwards had the recorded one's key, that key is captured at the start of the next forward
+(whatever that forward's own key). With bucketing (`graph_bucket`, wrapper.py) keys stand
+for shape buckets, so a handful of sets serves a dataset of varying lengths. At most
+MAX_SETS sets are kept (least recently used goes first), and a model captures at most
+MAX_CAPTURES times. A failing capture (a layer that syncs with the host, say) turns graphs off with a
 warning; training goes on ungraphed.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 import traceback
@@ -37,10 +41,19 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 log = logging.getLogger("sparselora_compile")
 
-MAX_SETS = 2
-MAX_CAPTURES = 8
+MAX_SETS = 4        # each kept set holds its own static activations (~2.6 GiB at 8 x 512, 8B shape)
+MAX_CAPTURES = 16
+CAPTURE_AFTER = 2   # forwards with a key before it is captured
 WARMUP_ITERS = 2  # make_graphed_callables' warm-up on a side stream before capturing
 _TENSOR = object()  # where a tensor goes among a call's leaves
+
+
+SPLIT_TENSORS = ("dense", "ctx", "score_weight", "n_unscored")
+
+
+def _clone_split(split):
+    return dataclasses.replace(split, **{n: getattr(split, n).clone() for n in SPLIT_TENSORS
+                                         if getattr(split, n) is not None})
 
 
 def call_signature(args, kwargs):
@@ -134,7 +147,8 @@ class LayerGraphs:
         self.calls: dict = {}      # prefix -> (layer, its compiled call)
         self.active: _GraphSet | None = None
         self.recording: dict | None = None
-        self.recorded: tuple | None = None  # (key, {prefix: (signature, tensors, flops)})
+        self.recorded: tuple | None = None  # (key, {prefix: (signature, tensors, flops)}, rows, split)
+        self.seen: "OrderedDict[tuple, int]" = OrderedDict()  # forwards per key (recent keys)
         self.last_key = None
         self.captures = 0
         self.disabled: str | None = None
@@ -163,7 +177,7 @@ class LayerGraphs:
         """Before a forward: pick its graph set, capturing one if due. `key` is None when
         this forward must not use graphs."""
         self.active, self.recording = None, None
-        prev, self.last_key = self.last_key, key
+        self.last_key = key
         if key is None or self.disabled or self.needs_cuda and key[1].type != "cuda":
             return
         blocker = self._blocker()
@@ -176,9 +190,15 @@ class LayerGraphs:
             log.debug("sparselora: the previous graphed forward's backward has not run; "
                       "this forward runs ungraphed")
             return
+        self.seen[key] = self.seen.get(key, 0) + 1
+        self.seen.move_to_end(key)
+        while len(self.seen) > 64:
+            self.seen.popitem(last=False)
         graphs = self.sets.get(key)
-        if graphs is None and key == prev and self.recorded and self.recorded[0] == key:
-            graphs = self._capture(key)
+        if (graphs is None and self.recorded and self.recorded[0] not in self.sets
+                and self.seen.get(self.recorded[0], 0) >= CAPTURE_AFTER):
+            self._capture(self.recorded[0])
+            graphs = self.sets.get(key)
         if graphs is None:
             self.recording = {}
             return
@@ -188,9 +208,12 @@ class LayerGraphs:
         self.graphed_forwards += 1
 
     def end(self) -> None:
-        """After a forward: keep the layer arguments it recorded (for a capture)."""
+        """After a forward: keep the layer arguments and the token split it recorded (for a
+        capture of its key)."""
         if self.recording:
-            self.recorded = (self.last_key, self.recording)
+            rows = self.run.shared_rows[1]
+            self.recorded = (self.last_key, self.recording, rows.clone(),
+                             _clone_split(self.run.splits.of(rows)))
         self.active = self.recording = None
 
     def _blocker(self) -> str | None:
@@ -255,7 +278,7 @@ class LayerGraphs:
             return
         split = self.run.splits.of(rows)
         graphs.rows.copy_(rows)
-        for name in ("dense", "ctx", "scored"):
+        for name in SPLIT_TENSORS:
             dst, src = getattr(graphs.split, name), getattr(split, name)
             if dst is not None:
                 dst.copy_(src)
@@ -267,8 +290,14 @@ class LayerGraphs:
                 log.warning("sparselora: %d CUDA graph captures made; the token split keeps "
                             "changing, so new ones run ungraphed", MAX_CAPTURES)
             return None
-        _, recorded = self.recorded
+        _, recorded, rows, split = self.recorded
         order = [p for p in self.calls if p in recorded]  # the layers' order
+        run = self.run
+        # the layers' token_rows op reads this forward's split: during the capture, the
+        # recorded forward's (its key's sizes), whose tensors the graphs then read
+        outer = run.shared_rows
+        run.shared_rows = ((run.forward_id, tuple(rows.shape), rows.device, True), rows)
+        run.splits.remember(rows, split)
         t0 = time.perf_counter()
         stats = self.run.stats
         saved = (stats.base_flops_dense, stats.base_flops_executed)
@@ -294,10 +323,10 @@ class LayerGraphs:
             return None
         finally:
             stats.base_flops_dense, stats.base_flops_executed = saved
+            run.shared_rows = outer
         self.captures += 1
-        rows = self.run.shared_rows[1]
         graphs = _GraphSet({p: (recorded[p][0], g, f) for p, g, f in zip(order, graphed, fns)},
-                           rows, self.run.splits.of(rows), {p: recorded[p][2] for p in order})
+                           rows, split, {p: recorded[p][2] for p in order})
         # the graphs read cached tensors by address: hold them while the graphs exist
         graphs.keep = self.run.joined.tensors()
         self.sets[key] = graphs

@@ -31,6 +31,7 @@ import weakref
 import torch
 
 from sparselora_compile.runtime.ops import shared_token_rows
+from sparselora_compile.runtime.row_split import bucket_step
 from sparselora_compile.runtime.run import Run, RunStats
 
 from .backend import BackendOptions, new_run
@@ -43,11 +44,13 @@ class SparseLoRAModel(torch.nn.Module):
     `uncompile()` removes them. See the module doc for what the wrapper forwards."""
 
     def __init__(self, model: torch.nn.Module, policy: Policy | None = None, regional: bool = True,
-                 cuda_graphs: bool = False, **options):
+                 cuda_graphs: bool = False, graph_bucket: int = 64, **options):
         super().__init__()
         if cuda_graphs and not regional:
             raise ValueError("sparselora: cuda_graphs=True graphs the regionally compiled "
                              "decoder layers; it needs regional=True")
+        if not isinstance(graph_bucket, int) or graph_bucket < 0:
+            raise ValueError(f"sparselora: graph_bucket={graph_bucket!r} must be an int >= 0")
         if "run" in options or "region" in options:
             raise ValueError("sparselora: 'run' and 'region' are set by compile itself")
         if getattr(model, "_sparselora", None) is not None:
@@ -62,6 +65,8 @@ class SparseLoRAModel(torch.nn.Module):
         self._layers, self._undo_loss, self._hooks = [], lambda: None, []
         self.graphs = None
         self._graphs_now = None  # the graph set of the running forward
+        self.graph_bucket = graph_bucket if cuda_graphs else 0
+        self._padded = 0         # positions the running forward's batch was padded by
         if regional:
             from .regional import compile_layers, compile_loss
             self._layers = compile_layers(model, opts, options)
@@ -71,6 +76,7 @@ class SparseLoRAModel(torch.nn.Module):
 
                 from .cuda_graphs import LayerGraphs
                 self.graphs = LayerGraphs(self.run)
+                self.run.splits.bucket = self.graph_bucket
                 for prefix, layer in decoder_layers(model):
                     self.graphs.install(prefix, layer)
             self._install_glue(model)
@@ -103,30 +109,45 @@ class SparseLoRAModel(torch.nn.Module):
     def forward(self, *args, **kwargs):
         if self.regional:
             return self.model(*args, **kwargs)  # the glue runs in the model's hooks
-        self._begin(self.model, kwargs)
+        kwargs = self._begin(self.model, kwargs)
+        out = None
         try:
-            return self._compiled(*args, **kwargs)
+            out = self._compiled(*args, **kwargs)
         finally:
-            self._end()
+            out = self._end(out)
+        return out
 
-    def _begin(self, model: torch.nn.Module, kwargs) -> None:
+    def _begin(self, model: torch.nn.Module, kwargs) -> dict:
+        """Before a forward; returns its keyword arguments (padded when graph buckets apply)."""
         run = self.run
-        run.labels = kwargs.get("labels")
-        run.attention_mask = kwargs.get("attention_mask")
         run.force_dense = self.policy.dense_eval and not model.training
         run.forward_id += 1
-        if self.regional and torch.is_grad_enabled():
+        training = self.regional and torch.is_grad_enabled()
+        if training:
             run.begin_forward()  # whole-model graphs count their own steps
+        self._padded, score_mask = 0, kwargs.get("attention_mask")
+        if training and self.graph_bucket and model.training and run.sparse_now() and _graphable(
+                self.graphs, kwargs):
+            kwargs, self._padded, score_mask = pad_batch(kwargs, self.graph_bucket, _pad_id(model))
+        run.labels, run.attention_mask = kwargs.get("labels"), score_mask
+        if training:
             self._token_rows_ahead(run, kwargs)
         self._graphs_now = self.graphs if torch.is_grad_enabled() else None
         if self._graphs_now is not None:
             self._graphs_now.begin(self._graph_key(run, model))
+        return kwargs
 
-    def _end(self) -> None:
+    def _end(self, output=None):
+        """After a forward; returns its output (logits cut back to the unpadded length)."""
         self.run.labels = self.run.attention_mask = None
         graphs, self._graphs_now = self._graphs_now, None
         if graphs is not None:
             graphs.end()
+        padded, self._padded = self._padded, 0
+        logits = getattr(output, "logits", None)
+        if padded and isinstance(logits, torch.Tensor) and logits.dim() == 3:
+            output["logits"] = logits[:, : logits.shape[1] - padded]
+        return output
 
     def _install_glue(self, model: torch.nn.Module) -> None:
         """Forward hooks on the model: the glue runs however the model is called (the
@@ -136,11 +157,11 @@ class SparseLoRAModel(torch.nn.Module):
 
         def before(module, args, kwargs):
             if (wrapper := ref()) is not None:
-                wrapper._begin(module, kwargs)
+                return args, wrapper._begin(module, kwargs)
 
         def after(module, args, kwargs, output):
             if (wrapper := ref()) is not None:
-                wrapper._end()
+                return wrapper._end(output)
 
         self._hooks = [model.register_forward_pre_hook(before, with_kwargs=True),
                        model.register_forward_hook(after, with_kwargs=True, always_call=True)]
@@ -156,8 +177,7 @@ class SparseLoRAModel(torch.nn.Module):
             return None
         rows = run.shared_rows[1]
         split = run.splits.of(rows)
-        sizes = tuple(None if t is None else t.numel() for t in (split.dense, split.ctx, split.scored))
-        return (tuple(rows.shape), rows.device, sizes)
+        return (tuple(rows.shape), rows.device, split.capacities, split.score_weight is not None)
 
     @staticmethod
     def _token_rows_ahead(run: Run, kwargs) -> None:
@@ -197,6 +217,52 @@ class SparseLoRAModel(torch.nn.Module):
         return sorted(set(super().__dir__()) | set(dir(self.model)))
 
 
+PADDABLE = ("input_ids", "labels", "attention_mask", "position_ids")
+
+
+def pad_batch(kwargs: dict, multiple: int, pad_id: int) -> tuple[dict, int, torch.Tensor | None]:
+    """Right-pad a batch's sequence length up to a multiple of `row_split.bucket_step`
+    (`multiple`, or an eighth of the length's power of two), so that CUDA graphs captured
+    for one length serve the nearby ones: `input_ids` with `pad_id`,
+    `labels` with -100, `attention_mask` with 0, `position_ids` restarting at 0 (a new
+    sequence, as packed batches mark them). Appended positions come after every real one,
+    so under causal attention no real token sees them and the loss ignores them.
+    Returns (kwargs, positions added, the mask of real positions for the estimator).
+    Batches with other [B, T] inputs (`inputs_embeds`, ...) are left as they are."""
+    ids, mask = kwargs.get("input_ids"), kwargs.get("attention_mask")
+    shaped = [k for k, v in kwargs.items() if isinstance(v, torch.Tensor) and v.dim() >= 2]
+    if ids is None or ids.dim() != 2 or any(k not in PADDABLE for k in shaped):
+        return kwargs, 0, mask
+    n = (-ids.shape[1]) % bucket_step(ids.shape[1], multiple)
+    if n == 0:
+        return kwargs, 0, mask
+    pad = lambda t, value: torch.nn.functional.pad(t, (0, n), value=value)  # noqa: E731
+    out = dict(kwargs, input_ids=pad(ids, pad_id))
+    if kwargs.get("labels") is not None:
+        out["labels"] = pad(kwargs["labels"], -100)
+    real = torch.ones_like(ids, dtype=torch.long) if mask is None else mask
+    score_mask = pad(real, 0)
+    if mask is not None:
+        out["attention_mask"] = score_mask
+    if kwargs.get("position_ids") is not None:
+        tail = torch.arange(n, device=ids.device, dtype=kwargs["position_ids"].dtype)
+        out["position_ids"] = torch.cat([kwargs["position_ids"], tail.expand(ids.shape[0], n)], 1)
+    return out, n, score_mask
+
+
+def _graphable(graphs, kwargs) -> bool:
+    """Whether this batch can replay graphs at all (CUDA, unless a test stands in)."""
+    ids = kwargs.get("input_ids")
+    return graphs is not None and not graphs.disabled and (
+        not graphs.needs_cuda or (isinstance(ids, torch.Tensor) and ids.is_cuda))
+
+
+def _pad_id(model) -> int:
+    cfg = getattr(model, "config", None)
+    pid = getattr(cfg, "pad_token_id", None)
+    return pid if isinstance(pid, int) else 0
+
+
 def _without_model_prefix(module, state_dict, prefix, local_metadata) -> None:
     """State-dict hook: the wrapped model's keys, without the wrapper's `model.`."""
     inner = prefix + "model."
@@ -229,11 +295,15 @@ def _forward_with_signature(wrapper: SparseLoRAModel, model: torch.nn.Module):
 
 
 def compile(model: torch.nn.Module, policy: Policy | None = None, *, regional: bool = True,
-            cuda_graphs: bool = False, **options) -> SparseLoRAModel:
+            cuda_graphs: bool = False, graph_bucket: int = 64, **options) -> SparseLoRAModel:
     """`regional`: compile one decoder layer per distinct plan and reuse it, in place (the
     model itself then trains sparse, see above); `cuda_graphs`: replay those layers as CUDA
-    graphs in training (see above). `options`: the backend's (`backend.BackendOptions`)."""
-    return SparseLoRAModel(model, policy, regional=regional, cuda_graphs=cuda_graphs, **options)
+    graphs in training (see above); `graph_bucket` (with cuda_graphs): pad sequence lengths
+    and round the token split's dense rows up to multiples of it, so that graphs captured
+    for one batch serve batches of nearby lengths (0: exact shapes only). `options`: the
+    backend's (`backend.BackendOptions`)."""
+    return SparseLoRAModel(model, policy, regional=regional, cuda_graphs=cuda_graphs,
+                           graph_bucket=graph_bucket, **options)
 
 
 def run_of(model) -> Run:

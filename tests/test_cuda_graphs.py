@@ -53,14 +53,14 @@ def _batches(n, n_out=(3,), t=12):
 
 
 def _train(graphs, batches, device="cpu", monkeypatch=None, stand_in=None, inner="aot_eager",
-           dtype=torch.float32):
+           dtype=torch.float32, graph_bucket=0):
     torch._dynamo.reset()
     model = tiny_llama(ALL, layers=3).to(device, dtype)
     if monkeypatch is not None:
         monkeypatch.setattr(LayerGraphs, "needs_cuda", False)
         monkeypatch.setattr(LayerGraphs, "make_graphed", stand_in)
     policy = slc.Policy(**POLICY)
-    wrapped = slc.compile(model, policy, inner=inner, cuda_graphs=graphs)
+    wrapped = slc.compile(model, policy, inner=inner, cuda_graphs=graphs, graph_bucket=graph_bucket)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     losses = []
     for ids, labels in batches:
@@ -118,8 +118,9 @@ def test_a_new_split_runs_ungraphed_until_it_repeats(monkeypatch):
     _assert_same(graphed, plain)
     assert graphed[2] == plain[2]
     g = graphed[3]
-    # key 3 captured at forward 2 (replayed at 2 and 4); key 5 captured at forward 6 (6, 7)
-    assert g.captures == 2 and g.graphed_forwards == 4 and len(g.sets) == 2
+    # key 3 captured at forward 2 (replayed at 2 and 4); key 5, recorded at forward 3 and
+    # seen again at 5, captured there (replayed at 5, 6, 7)
+    assert g.captures == 2 and g.graphed_forwards == 5 and len(g.sets) == 2
 
 
 def test_past_the_capture_limit_new_splits_run_ungraphed(monkeypatch, caplog):
@@ -179,6 +180,43 @@ def test_dropout_and_checkpointing_run_ungraphed(monkeypatch, caplog, blocker):
             wrapped(input_ids=ids, labels=labels).loss.backward()
     assert wrapped.graphs.captures == 0 and wrapped.graphs.graphed_forwards == 0
     assert ("random masks" if blocker == "dropout" else "recomputes the layers") in caplog.text
+
+
+def test_buckets_let_one_capture_serve_varying_lengths(monkeypatch):
+    """Lengths 10-13 and 2-4 output tokens per row, padded to 16 with the dense rows
+    rounded to 16: one key, captured at forward 2 and replayed from then on; the training
+    equals ungraphed training on the unpadded batches."""
+    shapes = [(10, 3), (12, 2), (11, 4), (13, 3), (12, 4), (10, 2)]
+    batches = [batch(t=t, n_out=n, seed=50 + i) for i, (t, n) in enumerate(shapes)]
+    plain = _train(False, batches)
+    graphed = _train(True, batches, monkeypatch=monkeypatch, stand_in=StandIn(), graph_bucket=16)
+    _assert_same(graphed, plain, rtol=1e-4, atol=1e-5)
+    g = graphed[3]
+    assert g.captures == 1 and g.graphed_forwards == len(shapes) - 1 and len(g.sets) == 1
+    (key,) = g.sets
+    assert key[0] == (2, 16) and key[2] == (16, 32)  # [B, T] padded; dense, context capacities
+
+
+@pytest.mark.parametrize("with_mask,with_positions", [(True, False), (False, True), (False, False)])
+def test_padding_a_batch_keeps_its_loss_and_logits(with_mask, with_positions):
+    from sparselora_compile.wrapper import pad_batch
+    model = tiny_llama(ALL, layers=2)
+    ids, labels = batch(t=11, n_out=4)
+    kwargs = {"input_ids": ids, "labels": labels}
+    if with_mask:
+        kwargs["attention_mask"] = torch.ones_like(ids)
+        kwargs["attention_mask"][0, -2:] = 0  # the row's own right padding
+        kwargs["labels"][0, -2:] = -100
+    if with_positions:  # two packed sequences per row
+        kwargs["position_ids"] = torch.cat([torch.arange(5), torch.arange(6)]).expand(2, 11)
+    padded, n, score_mask = pad_batch(kwargs, 16, 0)
+    assert n == 5 and padded["input_ids"].shape == (2, 16) and score_mask[:, 11:].eq(0).all()
+    assert ("attention_mask" in padded) == with_mask
+    with torch.no_grad():
+        want, got = model(**kwargs), model(**padded)
+    torch.testing.assert_close(got.loss, want.loss)
+    torch.testing.assert_close(got.logits[:, :11], want.logits, rtol=1e-5, atol=1e-6)
+    assert pad_batch({"inputs_embeds": torch.zeros(2, 11, 32), "labels": labels}, 16, 0)[1] == 0
 
 
 def test_cuda_graphs_needs_regional_compilation():

@@ -301,3 +301,52 @@ def test_sparse_mlp_on_cuda_in_bf16_matches_reference(k):
         assert not got.isnan().any()
         scale = ref.abs().max().item()
         torch.testing.assert_close(got.float(), ref.detach(), rtol=0, atol=2e-2 * scale)
+
+
+@settings(max_examples=40, deadline=None)
+@given(op_case(), st.integers(1, 5), st.integers(0, 10**9))
+def test_bucketed_splits_give_the_reference_products(case, bucket, all_rows_max_k):
+    """Index lists rounded to capacities (copies of a row, for CUDA graphs) change nothing:
+    every sparse op, forward and input gradient, still equals its reference."""
+    from sparselora_compile.runtime.sparse_mlp import sparse_mlp_reference
+    x, w, b, idx, rows = case
+    run = Run(mlp_all_rows_max_k=all_rows_max_k % 64)
+    run.splits.bucket = bucket
+    _check(lambda x, *a: ops.out_sparse_linear(x, *a, run.handle),
+           sparse_linear.out_sparse_reference, x, w, b, idx, rows)
+    wt = w.t().contiguous()
+    h = torch.randn(*x.shape[:-1], wt.shape[1], dtype=x.dtype)
+    _check(lambda h, *a: ops.in_sparse_linear(h, *a, run.handle),
+           sparse_linear.in_sparse_reference, h, wt, None, idx, rows)
+    g = torch.Generator().manual_seed(bucket)
+    wu = torch.randn(*w.shape, generator=g, dtype=x.dtype)
+    wd = torch.randn(w.shape[1], w.shape[0], generator=g, dtype=x.dtype)
+    _check(lambda x, *a: ops.sparse_mlp(x, *a, run.handle)[0], sparse_mlp_reference,
+           x, w, wu, wd, None, None, None, idx, rows, tol=1e-4)
+    split = run.splits.of(rows)
+    if split.n_dense % bucket and not split.all_dense:
+        assert split.dense.numel() % bucket == 0 and split.dense.numel() + split.ctx.numel() > rows.numel()
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(2, 30), st.integers(1, 5), st.integers(0, 2**16), st.booleans())
+def test_score_weights_skip_padding_and_copies(tokens, bucket, seed, residual):
+    """Scores over a bucketed split with padding equal scores over the real, unpadded
+    context rows alone (the zeroed rows' residual term is taken out)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(1, tokens, 6, generator=g, dtype=torch.float32)
+    rows = torch.rand(1, tokens, generator=g) < 0.3
+    padding = torch.rand(1, tokens, generator=g) < 0.3
+    ag, au = torch.randn(6, 2, generator=g, dtype=torch.float32), torch.randn(6, 2, generator=g, dtype=torch.float32)
+    bg, bu = torch.randn(2, 9, generator=g, dtype=torch.float32), torch.randn(2, 9, generator=g, dtype=torch.float32)
+    rg, ru = (torch.rand(9, generator=g, dtype=torch.float32) for _ in range(2)) if residual else (None, None)
+    split = compute_split(rows, padding, bucket)
+    got = selection.mlp_scores(x, ag, bg, au, bu, rg, ru, split).double()
+    real = (~rows & ~padding).reshape(-1)
+    want = selection.mlp_scores(x[:, real], ag, bg, au, bu, rg, ru,
+                                compute_split(torch.zeros(1, int(real.sum()), dtype=torch.bool))).double()
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    qn = selection.gram_column_sq_norms(x, [(ag, bg)], split)[0].double()
+    qw = selection.gram_column_sq_norms(x[:, real], [(ag, bg)], compute_split(
+        torch.zeros(1, int(real.sum()), dtype=torch.bool)))[0].double()
+    torch.testing.assert_close(qn, qw, rtol=1e-4, atol=1e-4)
