@@ -41,8 +41,8 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 log = logging.getLogger("sparselora_compile")
 
-MAX_SETS = 4        # each kept set holds its own static activations (~2.6 GiB at 8 x 512, 8B shape)
-MAX_CAPTURES = 16
+MAX_SETS = 2        # each kept set holds its own static activations and inputs
+MAX_CAPTURES = 8
 CAPTURE_AFTER = 2   # forwards with a key before it is captured
 WARMUP_ITERS = 2  # make_graphed_callables' warm-up on a side stream before capturing
 _TENSOR = object()  # where a tensor goes among a call's leaves

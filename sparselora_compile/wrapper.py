@@ -44,7 +44,7 @@ class SparseLoRAModel(torch.nn.Module):
     `uncompile()` removes them. See the module doc for what the wrapper forwards."""
 
     def __init__(self, model: torch.nn.Module, policy: Policy | None = None, regional: bool = True,
-                 cuda_graphs: bool = False, graph_bucket: int = 64, **options):
+                 cuda_graphs: bool = False, graph_bucket: int = 0, **options):
         super().__init__()
         if cuda_graphs and not regional:
             raise ValueError("sparselora: cuda_graphs=True graphs the regionally compiled "
@@ -295,12 +295,13 @@ def _forward_with_signature(wrapper: SparseLoRAModel, model: torch.nn.Module):
 
 
 def compile(model: torch.nn.Module, policy: Policy | None = None, *, regional: bool = True,
-            cuda_graphs: bool = False, graph_bucket: int = 64, **options) -> SparseLoRAModel:
+            cuda_graphs: bool = False, graph_bucket: int = 0, **options) -> SparseLoRAModel:
     """`regional`: compile one decoder layer per distinct plan and reuse it, in place (the
     model itself then trains sparse, see above); `cuda_graphs`: replay those layers as CUDA
-    graphs in training (see above); `graph_bucket` (with cuda_graphs): pad sequence lengths
-    and round the token split's dense rows up to multiples of it, so that graphs captured
-    for one batch serve batches of nearby lengths (0: exact shapes only). `options`: the
+    graphs in training (see above); `graph_bucket` (with cuda_graphs, opt-in): pad sequence
+    lengths and round the token split's dense rows up to multiples of it, so that graphs
+    captured for one batch serve batches of nearby lengths (0, the default: exact shapes;
+    README "CUDA graphs" has what bucketing measured). `options`: the
     backend's (`backend.BackendOptions`)."""
     return SparseLoRAModel(model, policy, regional=regional, cuda_graphs=cuda_graphs,
                            graph_bucket=graph_bucket, **options)
