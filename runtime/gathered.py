@@ -4,10 +4,11 @@ Plain PyTorch slices the frozen weight (`W[idx]`) and calls the dense GEMM; the 
 kernels read the kept rows/columns inside the kernel and copy nothing. The slices use
 `index_select` (same values and layout as `W[idx]`; advanced indexing costs more host time).
 
-Rule (from bench/results/kernels.json, H200 bf16): the row-gathering kernels
-(out-sparse forward and its input gradient) win over slice + cuBLAS once k >= 512 kept
-channels; below that too few output tiles fill the GPU. Column gathers on a row-major W
-(in-sparse) read scattered 2-byte words and lose 5-10x, so they slice + cuBLAS.
+Rule: the row-gathering kernels (out-sparse forward and its input gradient) run from
+k = 512 kept channels; below that, on narrow weights (q, k, v), too few output tiles fill
+the GPU and slicing plus cuBLAS wins (bench/README.md, "Kernels", has the measurements and
+what they leave open). Column gathers on a row-major W (in-sparse) read scattered 2-byte
+words and lose 5-15x, so they slice + cuBLAS.
 """
 from __future__ import annotations
 

@@ -1,16 +1,15 @@
 """sparselora-compile: SparseLoRA contextual sparsity as a torch.compile backend.
 
 How `labels` and `policy` reach a Triton kernel:
-1. `torch.compile(model, backend="sparselora", options={"policy": p})`: Dynamo calls
-   `backend.sparselora_backend(gm, inputs, options)`; it parses the options and makes
-   the model's `Run` (runtime/run.py: step, stats, token split), kept in the options.
-2. `passes.PASSES` rewrite the graph: find sites -> group blocks (passes/blocks.py) ->
-   plan with `p.sparsity_for(block)` -> swap base products for `torch.ops.sparselora.*`
-   ops that carry `run.handle`; the graph's `labels` input feeds `token_rows`.
-3. The backend fills the estimator-factor inputs (factors.py) and hands the graph to Inductor.
-4. At run time `token_rows(labels, ...)` splits dense/context rows, `select_mlp` scores and
-   picks channels, `out_sparse_linear` & co (runtime/ops.py) look the run up by handle and
-   call runtime/sparse_linear.py -> runtime/gathered.py -> runtime/kernels (Triton, CUDA).
+1. `torch.compile(model, backend="sparselora", options={"policy": p})` -> Dynamo calls
+   `backend.sparselora_backend(gm, inputs, options)`: options parsed, the model's `Run` made.
+2. `passes.PASSES`: find sites -> group blocks (passes/blocks.py) -> plan with
+   `p.sparsity_for(block)` -> base products become `torch.ops.sparselora.*` ops carrying
+   `run.handle`; the graph's `labels` input feeds `token_rows`.
+3. The backend fills the estimator-factor inputs (factors.py); Inductor compiles the rest.
+4. Per step: `token_rows(labels)` splits rows (runtime/token_rows.py), `select_mlp` picks
+   channels (select_channels.py), `out_sparse_linear` finds the run by handle and calls
+   runtime/sparse_linear.py -> gathered.py -> kernels/gathered_gemm.py (Triton on CUDA).
 """
 from __future__ import annotations
 
@@ -27,7 +26,7 @@ from .policy import BlockInfo, Policy
 from .wrapper import SparseLoRAModel, compile, run_of
 
 __all__ = ["Policy", "BlockInfo", "presets", "sparselora_backend", "explain", "calibrate",
-           "compile", "SparseLoRAModel", "run_of", "Run", "RunStats", "collect_moments"]
+           "compile", "SparseLoRAModel", "run_of", "Run", "RunStats", "collect_moments", "trainer"]
 __version__ = "0.1.0"
 
 # A library logs, the application decides where it goes (the CLI configures it).
@@ -55,4 +54,7 @@ def __getattr__(name):
         from .calibrate import calibrate as fn
         globals()["calibrate"] = fn
         return fn
+    if name == "trainer":  # imported on use: it imports transformers' Trainer
+        import importlib
+        return importlib.import_module(".trainer", __name__)
     raise AttributeError(name)
