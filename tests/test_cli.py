@@ -129,6 +129,7 @@ def test_bad_flags_are_argparse_errors(capsys):
     _fails(capsys, ["--tiny", "--no-such-flag"], "--no-such-flag")
     _fails(capsys, ["--tiny", "--steps", "many"], "--steps", "'many'")
     _fails(capsys, ["--tiny", "--estimator", "exact"], "--estimator")
+    _fails(capsys, ["--tiny", "--task", "nope"], "--task", "'nope'")
 
 
 @pytest.mark.parametrize("argv, needles", [
@@ -141,6 +142,7 @@ def test_bad_flags_are_argparse_errors(capsys):
     (["--model", "no/such/model.gguf"], ["no/such/model.gguf"]),
     (["--tiny", "--backend", "eager", "--data", "no/such.jsonl"], ["no/such.jsonl"]),
     (["--tiny", *SPARSE, "--policy", "."], ["'.'", "not a preset"]),
+    (["--tiny", "--task", "chain", "--data", "d.jsonl"], ["--task and --data"]),
 ])
 def test_bad_values_and_missing_files_fail_in_one_line(tmp_path, capsys, argv, needles):
     _fails(capsys, [*argv, "--out", str(tmp_path / "run")], *needles)
@@ -168,3 +170,21 @@ def test_backend_log_lines_reach_the_user(monkeypatch):
     monkeypatch.setattr(log, "level", logging.NOTSET)
     assert cli.main(["finetune", "--tiny"]) == 0
     assert log.isEnabledFor(logging.INFO)
+
+
+def test_help_lists_the_tasks(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["finetune", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "--task {arithmetic,chain}" in out and "(default: arithmetic)" in out
+    assert "chain: 3-5 steps" in out
+
+
+def test_tiny_chain_task(tmp_path):
+    _, rec = _finetune(tmp_path, "--tiny", *SPARSE, "--task", "chain", "--steps", "2",
+                       "--eval-size", "3")
+    assert rec["config"]["task"] == "chain" and rec["config"]["max_len"] == 192
+    r = rec["runs"][0]
+    assert r["eval_n"] == 3 and 0 <= r["exact_match_hits"] <= 3
+    assert all(" #### " in s["reference"] for s in r["samples"])
+    assert all(" bags of " in s["prompt"] or "How many" in s["prompt"] for s in r["samples"])

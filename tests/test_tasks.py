@@ -162,3 +162,110 @@ def test_split_examples_disjoint_and_checked():
     assert len(ev) == 5 and len(train) == 15 and not set(train) & set(ev)
     with pytest.raises(tasks.DataError, match="leaves no training data"):
         tasks.split_examples(ex, 20)
+
+
+# ---- the chain task ---------------------------------------------------------------------
+
+import re
+
+# The test's own reading of the prompt text (not the generator's templates).
+_OPS = [
+    (r"(?:buys|finds|gets|is given) (\d+) more", lambda t, n: t + n),
+    (r"(?:gives (\d+) away|loses (\d+)|sells (\d+)|uses (\d+))", lambda t, n: t - n),
+    (r"doubles them|gets twice as many", lambda t, n: 2 * t),
+    (r"triples them", lambda t, n: 3 * t),
+    (r"(?:multiplies them by|ends up with) (\d+)(?: times as many)?", lambda t, n: t * n),
+    (r"(?:shares them equally among (\d+) friends and keeps one share|"
+     r"splits them into (\d+) equal piles and keeps one pile)", None),
+]
+
+
+def _solve(prompt):
+    m = re.match(r"(\w+) has (?:(\d+) bags of (\w+) with (\d+) in each bag|(\d+) (\w+))\. "
+                 r"\1 (.*)\. How many (\w+) does \1 have now\?$", prompt)
+    assert m, prompt
+    name, a, item1, b, start, item2, body, item = m.groups()
+    assert item == (item1 or item2)
+    total = int(a) * int(b) if a else int(start)
+    values = [total]
+    clauses = body.split(", then ")
+    for c in clauses:
+        for pat, fn in _OPS:
+            mm = re.fullmatch(pat, c)
+            if mm:
+                n = next((int(g) for g in mm.groups() if g), 0)
+                if fn is None:
+                    assert total % n == 0, f"inexact division in {prompt!r}"
+                    total //= n
+                else:
+                    total = fn(total, n)
+                break
+        else:
+            raise AssertionError(f"unknown clause {c!r}")
+        values.append(total)
+    return total, values, len(clauses)
+
+
+def test_chain_task_is_seeded_and_distinct():
+    a = tasks.chain_task(300, "train", seed=5)
+    assert a == tasks.chain_task(300, "train", seed=5)
+    assert a != tasks.chain_task(300, "train", seed=6)
+    assert len({e.prompt for e in a}) == 300
+
+
+def test_chain_answers_are_correct_exact_and_multi_step():
+    ex = tasks.chain_task(1000, "train", seed=0) + tasks.chain_task(500, "eval", seed=0)
+    kinds = set()
+    for e in ex:
+        total, values, n_ops = _solve(e.prompt)
+        assert 3 <= n_ops <= 5
+        assert all(isinstance(v, int) and 1 <= v <= 999 for v in values), e
+        assert tasks.final_answer(e.response) == str(total), e
+        # the worked chain's steps are true equations ending in the answer
+        steps = e.response.split(" #### ")[0].split(", ")
+        for s in steps:
+            lhs, rhs = s.split("=")
+            x, op, y = re.fullmatch(r"(\d+)([-+*/])(\d+)", lhs).groups()
+            kinds.add(op)
+            want = {"+": int(x) + int(y), "-": int(x) - int(y), "*": int(x) * int(y),
+                    "/": int(x) // int(y)}[op]
+            assert op != "/" or int(x) % int(y) == 0
+            assert int(rhs) == want, e
+        assert int(steps[-1].split("=")[1]) == total
+    assert kinds == set("+-*/")
+
+
+def test_chain_held_out_split_is_disjoint_across_seeds():
+    train = {e.prompt for s in range(3) for e in tasks.chain_task(1000, "train", seed=s)}
+    evals = {e.prompt for s in range(3) for e in tasks.chain_task(500, "eval", seed=s)}
+    assert len(evals) > 500 and not train & evals
+    # and by construction: the split is a function of the prompt alone
+    assert all(tasks._split_of(p) == "eval" for p in evals)
+
+
+def test_chain_prompt_masked_out_of_the_loss(tok):
+    e = tasks.chain_task(1, "train", seed=1)[0]
+    enc = tasks.encode_example(tok, e.prompt, e.response, 1024)
+    sup = _supervised(tok, enc)
+    assert sup[-1] == tok.eos_token_id
+    assert tok.decode(sup[:-1]).strip() == e.response
+    n_prompt = len(enc["labels"]) - len(sup)
+    assert all(l == tasks.IGNORE for l in enc["labels"][:n_prompt])
+    assert e.prompt in tok.decode(enc["input_ids"][:n_prompt])
+
+
+def test_chain_scoring_uses_the_final_answer_only():
+    refs = ["2*3=6, 6+1=7 #### 7", "4-1=3, 3*2=6 #### 6", "1+1=2 #### 2"]
+    preds = ["2*3=6, 6+1=8 #### 7\nnoise", "4-1=3, 3*2=6 #### 5", " 2 "]
+    assert tasks.exact_hits(preds, refs, tasks.final_answer) == 2
+    assert tasks.exact_match(preds, refs, tasks.get_task("chain").answer) == pytest.approx(2 / 3)
+    assert tasks.final_answer("#### 12 ####  13") == "13"
+
+
+def test_task_registry():
+    assert tasks.DEFAULT_TASK == "arithmetic"
+    assert set(tasks.TASKS) >= {"arithmetic", "chain"}
+    assert tasks.get_task("arithmetic").make(5, "eval", 0) == tasks.arithmetic_task(5, "eval", 0)
+    assert tasks.get_task("chain").make(5, "eval", 0) == tasks.chain_task(5, "eval", 0)
+    with pytest.raises(ValueError, match="chain"):
+        tasks.get_task("nope")

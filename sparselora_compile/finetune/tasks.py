@@ -60,18 +60,125 @@ def _problem(rng: random.Random) -> Example:
 def arithmetic_task(n: int, split: str = "train", seed: int = 0) -> list[Example]:
     """`n` distinct seeded problems from `split` ("train" or "eval"); the splits are
     disjoint by construction (hash-assigned)."""
+    return _distinct(_problem, n, split, seed)
+
+
+def _distinct(make, n: int, split: str, seed: int) -> list[Example]:
+    """`n` distinct problems from `make(rng)` that hash into `split`; the arithmetic task
+    keeps its original RNG stream (earlier results stay reproducible)."""
     if split not in ("train", "eval"):
         raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
-    rng = random.Random(f"{seed}-{split}")
+    rng = random.Random(f"{seed}-{split}" + (f"-{make.__name__}" if make is not _problem else ""))
     out, seen = [], set()
     for _ in range(200 * n + 1000):
         if len(out) == n:
             return out
-        ex = _problem(rng)
+        ex = make(rng)
         if ex.prompt not in seen and _split_of(ex.prompt) == split:
             seen.add(ex.prompt)
             out.append(ex)
     raise RuntimeError(f"could not generate {n} distinct {split} problems")
+
+
+# ---- built-in task: longer chains with multiplication and division ---------------------
+#
+# 3-5 operations on one running count (add, subtract, multiply, divide exactly), the start
+# sometimes a product itself ("4 bags of 6"), so every step carries the previous result.
+# The response is a worked chain on one line, "4*6=24, 24+5=29, 29*2=58 #### 58"; scoring
+# compares only the final answer after "####" (exact match).
+
+_MUL = {2: ["doubles them", "gets twice as many"], 3: ["triples them"]}
+_MUL_N = ["multiplies them by {n}", "ends up with {n} times as many"]
+_DIV = ["shares them equally among {n} friends and keeps one share",
+        "splits them into {n} equal piles and keeps one pile"]
+_CHAIN_MAX = 999  # every intermediate count stays in 1..999
+
+
+def _chain_problem(rng: random.Random) -> Example:
+    name, item = rng.choice(_NAMES), rng.choice(_ITEMS)
+    steps = []
+    if rng.random() < 0.5:
+        a, b = rng.randint(2, 9), rng.randint(2, 12)
+        total = a * b
+        start = f"{a} bags of {item} with {b} in each bag"
+        steps.append(f"{a}*{b}={total}")
+    else:
+        total = rng.randint(5, 60)
+        start = f"{total} {item}"
+    clauses = []
+    n_ops = rng.randint(3, 5)
+    while len(clauses) < n_ops:
+        op = rng.choice("+-*/")
+        prev = total
+        if op == "+":
+            n = rng.randint(2, 40)
+            if total + n > _CHAIN_MAX:
+                continue
+            total += n
+            clauses.append(rng.choice(_ADD).format(n=n))
+        elif op == "-":
+            if total < 3:
+                continue
+            n = rng.randint(1, min(total - 1, 40))
+            total -= n
+            clauses.append(rng.choice(_SUB).format(n=n))
+        elif op == "*":
+            n = rng.randint(2, 5)
+            if total * n > _CHAIN_MAX:
+                continue
+            total *= n
+            clauses.append(rng.choice(_MUL.get(n, []) + [t.format(n=n) for t in _MUL_N]))
+        else:
+            divisors = [d for d in range(2, 10) if total % d == 0 and total // d >= 1]
+            if not divisors:
+                continue
+            n = rng.choice(divisors)
+            total //= n
+            clauses.append(rng.choice(_DIV).format(n=n))
+        steps.append(f"{prev}{op}{n}={total}")
+    body = ", then ".join(clauses)
+    prompt = (f"{name} has {start}. {name} {body}. "
+              f"How many {item} does {name} have now?")
+    return Example(prompt, f"{', '.join(steps)} #### {total}")
+
+
+def chain_task(n: int, split: str = "train", seed: int = 0) -> list[Example]:
+    """`n` distinct seeded chain problems (3-5 operations, multiplication and exact
+    division included) from `split`; the splits are disjoint by construction."""
+    return _distinct(_chain_problem, n, split, seed)
+
+
+def final_answer(text: str) -> str:
+    """The answer a chain response ends with: what follows the last "####" on the first
+    line (the whole first line if there is no "####")."""
+    line = normalize_answer(text)
+    return line.rsplit("####", 1)[-1].strip()
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    make: object        # fn(n, split, seed) -> list[Example]
+    answer: object      # fn(text) -> the part scored by exact match
+    description: str
+    max_len: int = 96   # tokens per example that fit prompt and response (SmolLM2, chat)
+
+
+TASKS = {
+    "arithmetic": Task("arithmetic", lambda n, split, seed: arithmetic_task(n, split, seed),
+                       lambda t: normalize_answer(t),
+                       "2-3 additions/subtractions, answer only (the default)", 96),
+    "chain": Task("chain", lambda n, split, seed: chain_task(n, split, seed), final_answer,
+                  "3-5 steps with multiplication and exact division, worked chain "
+                  "'a*b=c, c+d=e #### e', scored on the final answer", 192),
+}
+DEFAULT_TASK = "arithmetic"
+
+
+def get_task(name: str) -> Task:
+    if name not in TASKS:
+        raise ValueError(f"--task {name!r}: expected one of {sorted(TASKS)}")
+    return TASKS[name]
 
 
 # ---- user data ------------------------------------------------------------------------
@@ -171,14 +278,21 @@ def normalize_answer(text: str) -> str:
     return lines[0].strip() if lines else ""
 
 
-def exact_match(predictions: list[str], references: list[str]) -> float:
-    """Fraction of predictions whose first line equals the reference (whitespace-trimmed)."""
+def exact_hits(predictions: list[str], references: list[str], answer=None) -> int:
+    """How many predictions match their reference exactly: the first line, whitespace-
+    trimmed (`answer`, e.g. `final_answer`, extracts the scored part of both instead)."""
     if len(predictions) != len(references):
         raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
-    if not references:
-        return 0.0
-    hits = sum(normalize_answer(p) == r.strip() for p, r in zip(predictions, references))
-    return hits / len(references)
+    if answer is None:
+        return sum(normalize_answer(p) == r.strip() for p, r in zip(predictions, references))
+    return sum(answer(p) == answer(r) for p, r in zip(predictions, references))
+
+
+def exact_match(predictions: list[str], references: list[str], answer=None) -> float:
+    """Fraction of predictions whose first line equals the reference (whitespace-trimmed);
+    see `exact_hits`."""
+    hits = exact_hits(predictions, references, answer)
+    return hits / len(references) if references else 0.0
 
 
 @torch.no_grad()

@@ -27,10 +27,11 @@ LORA_TARGETS = {
 class FinetuneConfig:
     model: str | None = None        # None: the default SmolLM2-135M GGUF
     tiny: bool = False              # tiny random Llama (tests, smoke runs)
-    data: str | None = None         # JSONL of {"prompt", "response"}; None: arithmetic
+    data: str | None = None         # JSONL of {"prompt", "response"}; None: the built-in task
+    task: str = tasks.DEFAULT_TASK  # built-in generated task (tasks.TASKS), when no data
     steps: int = 60
     batch_size: int = 8
-    max_len: int = 96
+    max_len: int | None = None      # None: the task's (96 arithmetic, 192 chain)
     lr: float = 1e-3
     lora_r: int = 8
     lora_alpha: int = 16
@@ -47,9 +48,12 @@ class FinetuneConfig:
     threads: int | None = None
 
     def __post_init__(self):
+        if self.max_len is None:
+            self.max_len = tasks.get_task(self.task).max_len if not self.data else 96
         for k in ("steps", "batch_size", "max_len", "lora_r", "eval_size"):
             if getattr(self, k) < 1:
                 raise ValueError(f"{k.replace('_', '-')} must be >= 1, got {getattr(self, k)}")
+        tasks.get_task(self.task)  # an unknown task fails before anything loads
 
 
 # ---- policy: the one place that maps CLI options onto the backend's API ---------------
@@ -142,8 +146,13 @@ def load(cfg: FinetuneConfig):
 def load_data(cfg: FinetuneConfig):
     if cfg.data:
         return tasks.split_examples(tasks.load_jsonl(cfg.data), cfg.eval_size, cfg.seed)
-    return (tasks.arithmetic_task(cfg.train_size, "train", cfg.seed),
-            tasks.arithmetic_task(cfg.eval_size, "eval", cfg.seed))
+    make = tasks.get_task(cfg.task).make
+    return make(cfg.train_size, "train", cfg.seed), make(cfg.eval_size, "eval", cfg.seed)
+
+
+def answer_fn(cfg: FinetuneConfig):
+    """What exact match compares: the first line (user data), or the task's answer."""
+    return None if cfg.data else tasks.get_task(cfg.task).answer
 
 
 def add_lora(model, cfg: FinetuneConfig):
@@ -195,21 +204,32 @@ def evaluate(model, tok, eval_set, cfg, device) -> dict:
     model.config.use_cache = True
     enc = [tasks.encode_example(tok, e.prompt, e.response, cfg.max_len) for e in eval_set]
     max_new = max(len(tok(e.response, add_special_tokens=False)["input_ids"]) for e in eval_set) + 4
-    preds = tasks.generate_answers(model, tok, [e.prompt for e in eval_set], max_new, device=device)
+    gen_batch = 64 if torch.device(device).type == "cuda" else 16
+    preds = tasks.generate_answers(model, tok, [e.prompt for e in eval_set], max_new,
+                                   batch_size=gen_batch, device=device)
     model.config.use_cache = False
+    hits = tasks.exact_hits(preds, [e.response for e in eval_set], answer_fn(cfg))
     return {"eval_loss": eval_loss(model, enc, tok.pad_token_id, device),
-            "exact_match": tasks.exact_match(preds, [e.response for e in eval_set]),
+            "exact_match": hits / len(eval_set), "exact_match_hits": hits,
+            "eval_n": len(eval_set),
             "samples": [{"prompt": e.prompt, "reference": e.response, "prediction": p}
                         for e, p in list(zip(eval_set, preds))[:8]]}
 
 
 # ---- the run --------------------------------------------------------------------------
 
-def run(cfg: FinetuneConfig, dense: bool = False, progress: bool = True) -> dict:
-    """Fine-tune once; returns everything the report needs plus the trained PEFT model."""
+def run(cfg: FinetuneConfig, dense: bool = False, progress: bool = True, policy=None,
+        before_train=None) -> dict:
+    """Fine-tune once; returns everything the report needs plus the trained PEFT model.
+    policy: a `Policy` object that replaces the one `cfg` names (sparselora backend only).
+    before_train: fn(peft_model, tokenizer, train_set) -> Policy | None, called once the
+    LoRA model and the data exist and before compiling (e.g. `calibrate`); a Policy it
+    returns is the run's policy."""
     from tqdm.auto import tqdm
 
     spec = compile_args(cfg, dense)  # first: a bad --policy fails before the model loads
+    if policy is not None and spec is not None and spec[0] == "sparselora":
+        spec = (spec[0], {**spec[1], "policy": policy})
     device = pick_device(cfg.device)
     threads = set_threads(cfg.threads) if device.type == "cpu" else None
     torch.manual_seed(cfg.seed)
@@ -220,6 +240,10 @@ def run(cfg: FinetuneConfig, dense: bool = False, progress: bool = True) -> dict
     load_s = time.perf_counter() - t0
 
     train_set, eval_set = load_data(cfg)
+    if before_train is not None:
+        chosen = before_train(model, tok, train_set)
+        if chosen is not None and spec is not None and spec[0] == "sparselora":
+            spec = (spec[0], {**spec[1], "policy": chosen})
     encoded = [tasks.encode_example(tok, e.prompt, e.response, cfg.max_len) for e in train_set]
     it = batches(encoded, cfg, tok.pad_token_id)
 
@@ -267,7 +291,7 @@ def run(cfg: FinetuneConfig, dense: bool = False, progress: bool = True) -> dict
         "dense": dense, "backend": backend, "device": str(device), "threads": threads,
         "losses": losses, "step_times": step_times,
         "train_loss": sum(tail) / len(tail),
-        **{k: metrics[k] for k in ("eval_loss", "exact_match")},
+        **{k: metrics[k] for k in ("eval_loss", "exact_match", "exact_match_hits", "eval_n")},
         "samples": metrics["samples"],
         "flops": stats,
         "flops_saved": (stats or {}).get("saved_fraction", 0.0 if dense or backend != "sparselora" else None),
