@@ -17,6 +17,14 @@ import torch.fx as fx
 from .graphs import LINEAR, GraphScope, example_value, module_path
 
 LORA_PATH = re.compile(r"^(?P<layer>.+)\.lora_(?P<ab>[AB])\.(?P<adapter>[^.]+)$")
+# PEFT's DoRA: `<layer>.lora_magnitude_vector.<adapter>` (a DoraLinearLayer). Under torch
+# 2.13 + peft 0.21 its forward breaks the graph (`dequantize_module_weight` calls
+# str.startswith), so the layer's frame is traced on its own and only the file of its
+# code (peft/tuners/lora/dora.py in the nodes' stack traces) shows it is DoRA.
+DORA_PATH = re.compile(r"^(?P<layer>.+)\.lora_magnitude_vector\.(?P<adapter>[^.]+)(?:\.|$)")
+DORA_SOURCE = re.compile(r"peft[/\\]tuners[/\\]lora[/\\]dora\.py")
+# Dynamo's name for the code that continues a frame after a graph break
+RESUMED_FRAME = "torch_dynamo_resume_in_"
 
 
 @dataclass(eq=False)
@@ -26,6 +34,7 @@ class Site:
     scope: GraphScope
     adapters: list[str] = field(default_factory=list)
     output: fx.Node | None = None   # the node carrying the layer's final result
+    dora: list[str] = field(default_factory=list)  # adapters with DoRA's magnitude vector
 
     @property
     def x(self) -> fx.Node:
@@ -82,4 +91,26 @@ def find_sites(scope: GraphScope) -> list[Site]:
         p = module_path(node)
         if p in by_path and by_path[p].adapters:
             by_path[p].output = node
+        m = DORA_PATH.match(p or "")
+        if m and m["layer"] in by_path and m["adapter"] not in by_path[m["layer"]].dora:
+            by_path[m["layer"]].dora.append(m["adapter"])
     return sites
+
+
+def dora_nodes(scope: GraphScope) -> list[fx.Node]:
+    """Nodes of PEFT's DoRA code: by module path (a DoRA layer traced whole) or by the
+    file of the code that made them (a DoRA forward that a graph break cut apart)."""
+    out = []
+    for node in scope.gm.graph.nodes:
+        if node.op in ("placeholder", "output"):
+            continue
+        if DORA_PATH.match(module_path(node) or "") or DORA_SOURCE.search(
+                str(node.meta.get("stack_trace") or "")):
+            out.append(node)
+    return out
+
+
+def resumed_frame(node: fx.Node) -> bool:
+    """True if `node` was traced in the code Dynamo runs after a graph break in a frame
+    (the frame's module is then the root of the module paths: "mlp.gate_proj")."""
+    return RESUMED_FRAME in str(node.meta.get("stack_trace", ""))

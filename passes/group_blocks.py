@@ -4,9 +4,13 @@ Gated MLP:  down(act(gate(x)) * up(x))      -> Block(kind="mlp", gate, up, down)
 Attention:  o(sdpa(q(x), k(x), v(x)) ...)   -> Block(kind="attention", q, k, v, o)
 
 Matching is structural on the FX graph (networkx for reachability); anything that does
-not fit is reported as skipped with the reason and left alone.
+not fit is reported as skipped with the reason and left alone. So are blocks the method
+cannot rewrite with its contract: DoRA adapters, and blocks of a graph that resumes after
+a graph break inside a decoder layer (see `_unplaceable`).
 """
 from __future__ import annotations
+
+import warnings
 
 import networkx as nx
 import torch
@@ -14,11 +18,38 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from .blocks import Block, Grouping, Skipped, layer_index
-from .find_sites import Site
+from .find_sites import Site, dora_nodes, resumed_frame
 from .graphs import MUL, SDPA, SHAPE_METHODS, example_value, is_call, module_path, strip_casts
 
-ACTIVATIONS = {F.silu}  # what the estimator's gated score computes
-OTHER_ACTIVATIONS = {F.gelu, F.relu, torch.relu, torch.tanh, torch.sigmoid}
+SILU = {F.silu, torch._C._nn.silu}
+GELU = {F.gelu, torch._C._nn.gelu}
+OTHER_ACTIVATIONS = {F.relu, torch.relu, torch.tanh, torch.sigmoid}
+# The gate activations the estimator scores (runtime.selection.ACTIVATIONS has the same names)
+ACTIVATION_NAMES = ("silu", "gelu", "gelu_tanh")
+
+DORA_REASON = ("DoRA adapter (use_dora=True){on}: DoRA rescales every output channel of "
+               "the layer by magnitude / ||W + scale * B A|| computed from the whole base weight, "
+               "which the sparse contract does not cover; the block stays dense")
+DORA_WARNING = ("sparselora: the model has DoRA adapters (use_dora=True), which sparselora does "
+                "not support: every block holding one stays dense (and PEFT's DoRA forward breaks "
+                "the graph, so the layers around it are traced in pieces and stay dense too). "
+                "Train with use_dora=False to get the speed-up; slc.explain lists the blocks.")
+RESUMED_REASON = ("the graph resumes after a graph break inside a decoder layer{cause}, so the "
+                  "block's layer, the batch's labels and the training step are unknown here; "
+                  "the block stays dense (torch._dynamo.explain names the break)")
+
+
+def gate_activation(node: fx.Node) -> str | None:
+    """The estimator's name of a gate activation call (None: not one it scores):
+    silu, exact gelu, or gelu's tanh approximation (Gemma's `gelu_pytorch_tanh`)."""
+    if node.op != "call_function":
+        return None
+    if node.target in SILU:
+        return "silu"
+    if node.target in GELU:
+        approx = node.kwargs.get("approximate", node.args[1] if len(node.args) > 1 else "none")
+        return {"none": "gelu", "tanh": "gelu_tanh"}.get(approx)
+    return None
 
 
 def _common_prefix(paths) -> str:
@@ -70,10 +101,47 @@ def group_blocks(sites: list[Site]) -> Grouping:
     used: set[int] = set()
     _group_mlps(sites, by_output, out, used)
     _group_attention(graph, sites, by_output, out, used)
+    dora_graph = check_dora(sites[0].scope, out)
     for s in sites:
-        if id(s) not in used:
+        if id(s) not in used and not (dora_graph and s.path.startswith("L.")):  # DoRA's own
             out.skipped.append(Skipped(s.path, "linear is not part of a recognised MLP or attention block"))
+    kept = []
+    for blk in out.blocks:
+        why = _unsupported(blk, dora_graph)
+        if why:
+            out.skipped.append(Skipped(blk.name, why))
+        else:
+            kept.append(blk)
+    out.blocks = kept
     return out
+
+
+def check_dora(scope, out: Grouping) -> bool:
+    """A graph holding (pieces of) PEFT's DoRA forward: say so once and in the report."""
+    nodes = dora_nodes(scope)
+    if not nodes:
+        return False
+    paths = sorted({p for p in (module_path(n) for n in nodes) if p and not p.startswith("L.")})
+    where = paths[0] if paths else "DoRA forward (traced alone after a graph break)"
+    out.skipped.append(Skipped(where, DORA_REASON.format(on="")))
+    warnings.warn(DORA_WARNING, UserWarning, stacklevel=2)
+    return True
+
+
+def _unsupported(blk: Block, dora_graph: bool) -> str:
+    """Why a recognised block cannot be rewritten ("" if it can)."""
+    dora = [f"{s.path} ({', '.join(s.dora)})" for s in blk.sites.values() if s.dora]
+    if dora:
+        warnings.warn(DORA_WARNING, UserWarning, stacklevel=3)
+        return DORA_REASON.format(on=" on " + ", ".join(dora))
+    if blk.layer is None and any(resumed_frame(s.base) for s in blk.sites.values()):
+        return RESUMED_REASON.format(cause=" (PEFT's DoRA forward breaks it)" if dora_graph else "")
+    if (blk.kind == "mlp" and getattr(blk, "activation", "silu") != "silu"
+            and not any(s.adapters for s in blk.sites.values())):
+        # rewrite.py fuses a block without LoRA into runtime.sparse_mlp, which is SwiGLU only
+        return (f"gated MLP with activation {blk.activation} and no LoRA on gate/up/down: the "
+                "fused frozen-MLP op computes silu only")
+    return ""
 
 
 def _group_mlps(sites, by_output, out: Grouping, used: set) -> None:
@@ -85,13 +153,15 @@ def _group_mlps(sites, by_output, out: Grouping, used: set) -> None:
         if not isinstance(a, fx.Node) or not isinstance(b, fx.Node):
             continue
         for act, up_out in ((a, b), (b, a)):
-            if act.op == "call_function" and act.target in ACTIVATIONS:
+            activation = gate_activation(act)
+            if activation is not None:
                 gate = by_output.get(strip_casts(act.args[0]))
                 up = by_output.get(up_out)
                 break
-            if act.op == "call_function" and act.target in OTHER_ACTIVATIONS:
-                out.skipped.append(Skipped(down.path, f"gated MLP with activation {act.target.__name__}: "
-                                                      "the estimator supports silu"))
+            if act.op == "call_function" and (act.target in OTHER_ACTIVATIONS or act.target in GELU):
+                out.skipped.append(Skipped(down.path, f"gated MLP with activation "
+                                                      f"{getattr(act.target, '__name__', act.target)}: "
+                                                      f"the estimator supports {', '.join(ACTIVATION_NAMES)}"))
                 gate = up = None
                 break
         else:
@@ -107,6 +177,7 @@ def _group_mlps(sites, by_output, out: Grouping, used: set) -> None:
             out.skipped.append(Skipped(name, "the gated product is used outside down_proj"))
             continue
         blk = Block("mlp", name, layer_index(name), {"gate": gate, "up": up, "down": down}, mul=mul)
+        blk.activation = activation  # TODO(blocks.py): a Block field `activation: str = "silu"`
         out.blocks.append(blk)
         used.update(id(s) for s in blk.sites.values())
 

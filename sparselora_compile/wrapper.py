@@ -57,6 +57,7 @@ class SparseLoRAModel(torch.nn.Module):
             raise ValueError("sparselora: this model is already compiled with slc.compile; use that "
                              "wrapper (model._sparselora), or call its uncompile() first")
         opts = BackendOptions.parse({**options, "policy": policy})  # a bad option fails here
+        _refuse_dora(model)
         opts.run = new_run(opts)
         options = {**options, "policy": opts.policy, "run": opts.run}
         self.model = model   # the only submodule: the compiled model below is not registered
@@ -215,6 +216,22 @@ class SparseLoRAModel(torch.nn.Module):
 
     def __dir__(self):
         return sorted(set(super().__dir__()) | set(dir(self.model)))
+
+
+DORA_MESSAGE = (
+    "sparselora: DoRA adapters (use_dora=True) are not supported: DoRA rescales every output "
+    "channel of a layer by magnitude / ||W + scale * B A|| over the whole base weight, which a "
+    "sparse base product does not preserve, and PEFT's DoRA forward breaks the compiled graph. "
+    "Use LoraConfig(use_dora=False) (found on: {where})")
+
+
+def _refuse_dora(model: torch.nn.Module) -> None:
+    """PEFT keeps a DoRA adapter's magnitude in `<layer>.lora_magnitude_vector[<adapter>]`."""
+    found = [name for name, mod in model.named_modules()
+             if name.rsplit(".", 1)[-1] == "lora_magnitude_vector" and len(mod)]
+    if found:
+        more = f" and {len(found) - 2} more" if len(found) > 2 else ""
+        raise ValueError(DORA_MESSAGE.format(where=", ".join(n.rsplit(".", 1)[0] for n in found[:2]) + more))
 
 
 PADDABLE = ("input_ids", "labels", "attention_mask", "position_ids")
