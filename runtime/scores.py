@@ -1,5 +1,6 @@
 """MLP estimator scores with dispatch: the fused Triton estimator on CUDA (no [tokens x d_ff]
-tensor), the plain PyTorch version of `selection` elsewhere. (Attention scores need no
+tensor), the plain PyTorch version of `selection` elsewhere and for gate activations other
+than silu (the fused kernel computes silu only). (Attention scores need no
 kernel: `selection` gets q/k/v column norms from an r x r Gram matrix.)"""
 from __future__ import annotations
 
@@ -7,10 +8,11 @@ from . import selection
 from .gathered import use_triton
 
 
-def mlp_scores(x, a_gate, b_gate, a_up, b_up, res_gate, res_up, split, joined=None):
-    if use_triton(x):
+def mlp_scores(x, a_gate, b_gate, a_up, b_up, res_gate, res_up, split, joined=None, act="silu"):
+    """`act`: the block's gate activation (`selection.ACTIVATIONS`)."""
+    if act == "silu" and use_triton(x):
         from .kernels.fused_estimator import mlp_channel_scores_projected
         xa = selection.scored_projection(x, (a_gate, a_up), split, joined)
         scores = mlp_channel_scores_projected(xa, b_gate, b_up, res_gate, res_up)
         return selection.without_zeroed_rows(scores, split, res_gate, res_up)
-    return selection.mlp_scores(x, a_gate, b_gate, a_up, b_up, res_gate, res_up, split, joined)
+    return selection.mlp_scores(x, a_gate, b_gate, a_up, b_up, res_gate, res_up, split, joined, act)

@@ -72,38 +72,77 @@ def dsilu(z: torch.Tensor) -> torch.Tensor:
     return s * (1 + z * (1 - s))
 
 
-def corrected_gated_sq(g, u, res_gate, res_up) -> torch.Tensor:
-    """Expected (silu(gate) * up)^2 per element given the rank-r ĝ = g, û = u and the
-    residual variances σ² [F] (`estimator.residual_variance`, None for zeros):
-    (silu(ĝ)^2 + silu'(ĝ)^2 σ²_gate) * (û^2 + σ²_up). With zero residuals: (silu(ĝ) û)^2."""
-    s = torch.sigmoid(g)
-    silu = g * s
-    gate = silu.square()
+_SQRT_2_OVER_PI = 0.7978845608028654
+_INV_SQRT_2PI = 0.3989422804014327
+
+
+def _silu_and_grad(z):
+    s = torch.sigmoid(z)
+    return z * s, s * (1 + z * (1 - s))
+
+
+def _gelu_and_grad(z):
+    """gelu(z) = z Phi(z); gelu'(z) = Phi(z) + z phi(z)."""
+    cdf = 0.5 * (1 + torch.erf(z * 0.7071067811865476))
+    return z * cdf, cdf + z * _INV_SQRT_2PI * torch.exp(-0.5 * z * z)
+
+
+def _gelu_tanh_and_grad(z):
+    """gelu_tanh(z) = z (1 + tanh(c (z + 0.044715 z^3))) / 2, c = sqrt(2 / pi)."""
+    t = torch.tanh(_SQRT_2_OVER_PI * (z + 0.044715 * z ** 3))
+    grad = 0.5 * (1 + t) + 0.5 * z * (1 - t * t) * _SQRT_2_OVER_PI * (1 + 3 * 0.044715 * z * z)
+    return 0.5 * z * (1 + t), grad
+
+
+# Gate activations of gated MLPs: name -> z -> (act(z), act'(z)). The names are the ones
+# passes.group_blocks records on a block (Gemma's gelu_pytorch_tanh is "gelu_tanh").
+ACTIVATIONS = {"silu": _silu_and_grad, "gelu": _gelu_and_grad, "gelu_tanh": _gelu_tanh_and_grad}
+# act(0)^2 + act'(0)^2 of each: what a zeroed row adds per unit σ²_gate σ²_up
+ZERO_ROW_TERM = {"silu": 0.25, "gelu": 0.25, "gelu_tanh": 0.25}
+
+
+def activation_and_grad(name: str):
+    try:
+        return ACTIVATIONS[name]
+    except KeyError:
+        raise ValueError(f"sparselora: gate activation {name!r} is not one of {sorted(ACTIVATIONS)}") from None
+
+
+def corrected_gated_sq(g, u, res_gate, res_up, act: str = "silu") -> torch.Tensor:
+    """Expected (act(gate) * up)^2 per element given the rank-r ĝ = g, û = u and the
+    residual variances σ² [F] (`estimator.residual_variance`, None for zeros), to first
+    order in the gate's residual: (act(ĝ)^2 + act'(ĝ)^2 σ²_gate) * (û^2 + σ²_up). With zero
+    residuals: (act(ĝ) û)^2. `act`: silu, gelu or gelu_tanh."""
+    a, da = activation_and_grad(act)(g)
+    gate = a.square()
     if res_gate is not None:
-        gate = gate + (s * (1 + g * (1 - s))).square() * res_gate.float()  # silu'(ĝ)^2 σ²
+        gate = gate + da.square() * res_gate.float()  # act'(ĝ)^2 σ²
     return gate * (u.square() if res_up is None else u.square() + res_up.float())
 
 
 def mlp_scores(x, a_gate, b_gate, a_up, b_up, res_gate, res_up, split: RowSplit,
-               joined: JoinedFactors | None = None) -> torch.Tensor:
-    """Per channel, sum over context tokens of the expected (silu(gate) * up)^2 under the
+               joined: JoinedFactors | None = None, act: str = "silu") -> torch.Tensor:
+    """Per channel, sum over context tokens of the expected (act(gate) * up)^2 under the
     low-rank estimate (`corrected_gated_sq`). `res_gate`/`res_up` [F] or None (= zeros: the
-    paper's squared L2 norm of silu(x A_g B_g) * (x A_u B_u))."""
+    paper's squared L2 norm of act(x A_g B_g) * (x A_u B_u)). `act`: the block's gate
+    activation (silu, gelu, gelu_tanh)."""
     r = a_gate.shape[1]
     p = scored_projection(x, (a_gate, a_up), split, joined)
     g, u = p[:, :r] @ b_gate, p[:, r:] @ b_up
     if res_gate is None and res_up is None:
-        return (F.silu(g) * u).square().sum(0)
-    return without_zeroed_rows(corrected_gated_sq(g, u, res_gate, res_up).sum(0), split, res_gate, res_up)
+        return (activation_and_grad(act)(g)[0] * u).square().sum(0)
+    return without_zeroed_rows(corrected_gated_sq(g, u, res_gate, res_up, act).sum(0), split,
+                               res_gate, res_up, act)
 
 
-def without_zeroed_rows(scores, split: RowSplit, res_gate, res_up) -> torch.Tensor:
+def without_zeroed_rows(scores, split: RowSplit, res_gate, res_up, act: str = "silu") -> torch.Tensor:
     """Take out what the rows the estimator skips added: `scored_rows` zeroes them, and a
-    zero row's corrected term is (silu(0)^2 + silu'(0)^2 σ²_gate)(0 + σ²_up) = σ²_gate σ²_up / 4
-    per channel (zero without both residuals)."""
+    zero row's corrected term is (act(0)^2 + act'(0)^2 σ²_gate)(0 + σ²_up) = σ²_gate σ²_up / 4
+    per channel for silu and both gelus (act(0) = 0, act'(0) = 1/2; zero without both
+    residuals)."""
     if split.n_unscored is None or res_gate is None or res_up is None:
         return scores
-    return scores - split.n_unscored * 0.25 * res_gate.float() * res_up.float()
+    return scores - split.n_unscored * ZERO_ROW_TERM[act] * res_gate.float() * res_up.float()
 
 
 def expand_kv_channels(kv_idx: torch.Tensor, n_heads: int, n_kv_heads: int, head_dim: int):
