@@ -323,7 +323,9 @@ def wilson(hits: int, n: int, z: float = 1.959964) -> tuple[float, float]:
     den = 1 + z * z / n
     mid = (p + z * z / (2 * n)) / den
     half = z * ((p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5) / den
-    return max(0.0, mid - half), min(1.0, mid + half)
+    lo = 0.0 if hits == 0 else max(0.0, mid - half)  # exact at the edges (no rounding dust)
+    hi = 1.0 if hits == n else min(1.0, mid + half)
+    return lo, hi
 
 
 def t_quantile(df: int) -> float:
