@@ -235,7 +235,7 @@ def sparselora_backend(gm: torch.fx.GraphModule, example_inputs, options=None):
                               opts.inductor_config)
 
     weights = [_real_weight(req, example_inputs) for req in report.factor_requests]
-    factor_fn = factor_provider(policy, opts.moments, opts.cache_dir)
+    factor_fn = _on_private_copy(factor_provider(policy, opts.moments, opts.cache_dir))
     factors = factor_inputs(report.factor_requests, weights, factor_fn)
     _set_example_values(report.factor_requests, factors.inputs)
     compiled = _inner_compile(opts.inner, gm, [*example_inputs, *factors.inputs], opts.inductor_config)
@@ -261,6 +261,22 @@ def _real_weight(req, example_inputs) -> torch.Tensor:
     if w is None:
         raise RuntimeError(f"sparselora: cannot find the weight tensor of {req.path}")
     return w
+
+
+def _on_private_copy(factor_fn):
+    """`factor_fn` reading a copy of a CPU weight, never the parameter's own storage.
+
+    The factor cache hashes a weight's bytes through `.numpy()`, and exposing a CPU
+    tensor to numpy marks its storage non-resizable for good. FSDP2 frees an unsharded
+    parameter after each forward by resizing its storage to 0, so on CPU (gloo) the first
+    layer's post-forward hook failed with "Trying to resize storage that is not
+    resizable". On CUDA the hash reads a host copy, so the weight is passed as is (no
+    copy of an 8B model's weights). The copy lives only while the factors are made."""
+    def fn(weight: torch.Tensor, path: str):
+        if weight.device.type == "cpu":
+            weight = weight.detach().clone()
+        return factor_fn(weight, path)
+    return fn
 
 
 def _set_example_values(requests, tensors) -> None:
