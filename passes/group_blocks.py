@@ -102,8 +102,12 @@ def group_blocks(sites: list[Site]) -> Grouping:
     _group_mlps(sites, by_output, out, used)
     _group_attention(graph, sites, by_output, out, used)
     dora_graph = check_dora(sites[0].scope, out)
+    eager_attention = _eager_attention(graph, [s for s in sites if id(s) not in used])
+    for where in eager_attention:
+        out.skipped.append(Skipped(where, EAGER_ATTENTION_REASON))
     for s in sites:
-        if id(s) not in used and not (dora_graph and s.path.startswith("L.")):  # DoRA's own
+        if id(s) not in used and not (dora_graph and s.path.startswith("L.")) and (
+                s.path.rsplit(".", 1)[0] not in eager_attention):  # said above
             out.skipped.append(Skipped(s.path, "linear is not part of a recognised MLP or attention block"))
     kept = []
     for blk in out.blocks:
@@ -114,6 +118,25 @@ def group_blocks(sites: list[Site]) -> Grouping:
             kept.append(blk)
     out.blocks = kept
     return out
+
+
+EAGER_ATTENTION_REASON = (
+    "attention without scaled_dot_product_attention (eager attention: matmul, softmax, matmul, "
+    "e.g. Gemma2, whose logit softcapping needs attn_implementation='eager'): only SDPA "
+    "attention is recognised, so q/k/v/o stay dense")
+ATTENTION_NAMES = {"q_proj", "k_proj", "v_proj", "o_proj"}
+
+
+def _eager_attention(graph: fx.Graph, unused: list) -> list[str]:
+    """Modules holding all of q/k/v/o projections that no SDPA call in the graph reads."""
+    if any(is_call(n, SDPA) for n in graph.nodes):
+        return []
+    by_parent: dict = {}
+    for s in unused:
+        parent, _, name = s.path.rpartition(".")
+        if name in ATTENTION_NAMES:
+            by_parent.setdefault(parent, set()).add(name)
+    return [p for p, names in by_parent.items() if names == ATTENTION_NAMES]
 
 
 def check_dora(scope, out: Grouping) -> bool:
