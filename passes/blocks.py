@@ -79,6 +79,7 @@ class Block:
     mul: object = None       # mlp: the act(gate) * up node
     sdpa: object = None
     heads: tuple[int, int, int] | None = None  # attention: n_heads, n_kv_heads, head_dim
+    activation: str = "silu"  # mlp: the gate's activation (runtime.selection.ACTIVATIONS)
 
     @property
     def scope(self):
@@ -175,6 +176,8 @@ def module_blocks(layer: torch.nn.Module, prefix: str, index: int, num_layers: i
                              channels=gate.shape[0], num_layers=num_layers)
             out.append(ModuleBlock(rel, info, mod, _frozen(mod, MLP_ROLES)))
         elif all(isinstance(getattr(mod, r, None), torch.nn.Module) for r in ATTENTION_ROLES.values()):
+            if getattr(getattr(mod, "config", None), "_attn_implementation", None) == "eager":
+                continue  # no scaled_dot_product_attention in its graph: not rewritten
             q, k = base_layer(mod.q_proj).weight, base_layer(mod.k_proj).weight
             head_dim = _head_dim(mod)
             if not head_dim:

@@ -159,11 +159,6 @@ def _unsupported(blk: Block, dora_graph: bool) -> str:
         return DORA_REASON.format(on=" on " + ", ".join(dora))
     if blk.layer is None and any(resumed_frame(s.base) for s in blk.sites.values()):
         return RESUMED_REASON.format(cause=" (PEFT's DoRA forward breaks it)" if dora_graph else "")
-    if (blk.kind == "mlp" and getattr(blk, "activation", "silu") != "silu"
-            and not any(s.adapters for s in blk.sites.values())):
-        # rewrite.py fuses a block without LoRA into runtime.sparse_mlp, which is SwiGLU only
-        return (f"gated MLP with activation {blk.activation} and no LoRA on gate/up/down: the "
-                "fused frozen-MLP op computes silu only")
     return ""
 
 
@@ -200,7 +195,7 @@ def _group_mlps(sites, by_output, out: Grouping, used: set) -> None:
             out.skipped.append(Skipped(name, "the gated product is used outside down_proj"))
             continue
         blk = Block("mlp", name, layer_index(name), {"gate": gate, "up": up, "down": down}, mul=mul)
-        blk.activation = activation  # TODO(blocks.py): a Block field `activation: str = "silu"`
+        blk.activation = activation
         out.blocks.append(blk)
         used.update(id(s) for s in blk.sites.values())
 

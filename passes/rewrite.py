@@ -116,7 +116,8 @@ class Rewriter:
             xd, rows = self._prologue(scope, x)
             if blk.kind == "mlp":
                 idx = graph.call_function(ops.select_mlp.default,
-                                          (xd, *factors, rows, pb.k, self.sid, self._op_name(blk.name)))
+                                          (xd, *factors, rows, pb.k, self.sid, self._op_name(blk.name),
+                                           blk.activation))
                 self._rewrite_mlp(pb, idx, rows)
                 return
             n_heads, n_kv, head_dim = blk.heads
@@ -131,7 +132,8 @@ class Rewriter:
     def _rewrite_mlp(self, pb, idx, rows):
         s, mul = pb.block.sites, pb.block.mul
         graph = pb.block.scope.gm.graph
-        if not any(site.adapters for site in s.values()) and list(mul.users) == [s["down"].base]:
+        if (not any(site.adapters for site in s.values()) and list(mul.users) == [s["down"].base]
+                and pb.block.activation == "silu"):  # sparse_mlp computes silu only
             self._fuse_frozen_mlp(pb, idx, rows)
             return
         self._swap_base(s["gate"], ops.out_sparse_linear.default, idx, rows)

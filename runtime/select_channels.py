@@ -20,15 +20,16 @@ def _record(st, name, **tensors):
 @op_no_grad
 def select_mlp(x: Tensor, a_gate: Tensor, b_gate: Tensor, a_up: Tensor, b_up: Tensor,
                res_gate: Tensor, res_up: Tensor, dense_rows: Tensor, k: int, run: int,
-               name: str) -> Tensor:
+               name: str, activation: str = "silu") -> Tensor:
     """Top-k intermediate channels by the estimator score; `res_gate`/`res_up` [d_ff] are
-    the residual variances (`estimator.residual_variance`, zeros for plain SVD)."""
+    the residual variances (`estimator.residual_variance`, zeros for plain SVD);
+    `activation`: the gate's (selection.ACTIVATIONS)."""
     st = run_of(run)
     name = st.block_name(name)
     st.collect_input(name, x)
     if st.sparse_now():
         s = scores.mlp_scores(x, a_gate, b_gate, a_up, b_up, res_gate, res_up,
-                              st.splits.of(dense_rows), st.joined)
+                              st.splits.of(dense_rows), st.joined, act=activation)
         idx = selection.top_channels(s, k)
     else:  # every row is dense (token_rows): no op reads the selection, skip the estimator
         idx = torch.arange(k, device=x.device)
@@ -37,7 +38,7 @@ def select_mlp(x: Tensor, a_gate: Tensor, b_gate: Tensor, a_up: Tensor, b_up: Te
 
 
 @fake(select_mlp)
-def _(x, a_gate, b_gate, a_up, b_up, res_gate, res_up, dense_rows, k, run, name):
+def _(x, a_gate, b_gate, a_up, b_up, res_gate, res_up, dense_rows, k, run, name, activation="silu"):
     return x.new_empty((k,), dtype=torch.int64)
 
 
