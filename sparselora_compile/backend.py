@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
+import sys
 from dataclasses import dataclass, fields
 
 import torch
@@ -219,6 +221,8 @@ def _with_cpp_wrapper_settings(inductor_config):
 def sparselora_backend(gm: torch.fx.GraphModule, example_inputs, options=None):
     opts = BackendOptions.parse(options)
     policy = opts.policy
+    if opts.region is None and _could_be_sparse(policy) and _ddp_optimizer_piece():
+        raise RuntimeError(DDP_SPLIT_MESSAGE)
     run = _run_of_options(options, opts)
     layer = _running_layer(opts.region, run)
     rewrite = torch.is_grad_enabled() or not policy.dense_eval
@@ -254,6 +258,60 @@ def sparselora_backend(gm: torch.fx.GraphModule, example_inputs, options=None):
 
     call._sparselora_report, call._sparselora_factors = report, factors
     return call
+
+
+DDP_SPLIT_MESSAGE = (
+    "sparselora: Dynamo's DDP optimizer split this model's graph into DDP-bucket-sized pieces "
+    "(torch._dynamo.config.optimize_ddp, on by default under DistributedDataParallel); a piece "
+    "holds parts of blocks and not the labels, so the sparse rewrite cannot apply. Either use "
+    "slc.compile(model, policy) (regional: each decoder layer is one graph, compiled with the DDP "
+    "optimizer off, and DDP still overlaps each layer's all-reduce with the backward of the "
+    "layers below), or set torch._dynamo.config.optimize_ddp = False before the first step "
+    "(the whole model is then one bucket: gradients are all-reduced after the whole backward, "
+    "without overlap)")
+
+
+def _could_be_sparse(policy: Policy) -> bool:
+    return bool(policy.mlp or policy.attention or policy.decide is not None
+                or any(policy.sparsity.values()))
+
+
+def ddp_optimizer_active() -> bool:
+    """Whether Dynamo would hand a graph compiled now to its DDP optimizer: inside the
+    forward of a DistributedDataParallel module, with `optimize_ddp` in its default mode.
+
+    The DDP optimizer splits a graph into pieces that each hold about one DDP bucket of
+    trainable parameters (the first piece 1 MiB, then `bucket_cap_mb`), so that each
+    bucket's all-reduce can start while the rest of the backward runs. A decoder layer
+    split that way reaches the backend in pieces in which no whole block is left.
+    Regional compilation (regional.py) therefore compiles the layers with
+    `optimize_ddp=False`: each layer graph is one bucket. The cost is the overlap *inside* one layer's backward; each layer is its own graph, so
+    DDP's reducer still starts a layer's all-reduce as soon as that layer's backward has
+    made its gradients, overlapping it with the backward of the layers below. With LoRA a
+    layer's trainable parameters are a few MiB (LLaMA-3-8B, r=16 on all seven linears:
+    5 MiB in fp32), less than one default bucket (25 MiB), though more than the 1 MiB
+    the DDP optimizer gives each graph's first piece: that is where a layer was cut.
+    """
+    from torch._dynamo.utils import get_optimize_ddp_mode
+    from torch.nn.parallel import DistributedDataParallel
+    return (DistributedDataParallel._get_active_ddp_module() is not None
+            and get_optimize_ddp_mode() == "ddp_optimizer")
+
+
+def _ddp_optimizer_piece() -> bool:
+    """Whether Dynamo's DDP optimizer is compiling one piece of a split graph (it calls the
+    backend from `SubmodCompiler.compile_submod`; a graph it did not split, one bucket,
+    reaches the backend whole, from `DDPOptimizer.compile_fn`)."""
+    if not ddp_optimizer_active():
+        return False
+    frame = sys._getframe(1)
+    while frame is not None:
+        code = frame.f_code
+        if code.co_name == "compile_submod" and code.co_filename.endswith(
+                os.path.join("backends", "distributed.py")):
+            return True
+        frame = frame.f_back
+    return False
 
 
 def _real_weight(req, example_inputs) -> torch.Tensor:

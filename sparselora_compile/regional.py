@@ -17,7 +17,7 @@ import torch
 
 from sparselora_compile.passes.blocks import decoder_layers
 
-from .backend import BackendOptions, sparselora_backend
+from .backend import BackendOptions, ddp_optimizer_active, sparselora_backend
 from .regions import Region, layer_signature
 
 log = logging.getLogger("sparselora_compile")
@@ -85,28 +85,6 @@ def _layer_call(compiled, prefix: str, run):
         finally:
             run.layer_prefix = outer
     return call
-
-
-def ddp_optimizer_active() -> bool:
-    """Whether Dynamo would hand a graph compiled now to its DDP optimizer: inside the
-    forward of a DistributedDataParallel module, with `optimize_ddp` in its default mode.
-
-    The DDP optimizer splits a graph into pieces that each hold about one DDP bucket of
-    trainable parameters (the first piece 1 MiB, then `bucket_cap_mb`), so that each
-    bucket's all-reduce can start while the rest of the backward runs. A decoder layer
-    split that way reaches the backend in pieces in which no whole block is left. So the
-    layers are compiled with `optimize_ddp=False`: each layer graph is one bucket. The
-    cost is the overlap *inside* one layer's backward; each layer is its own graph, so
-    DDP's reducer still starts a layer's all-reduce as soon as that layer's backward has
-    made its gradients, overlapping it with the backward of the layers below. With LoRA a
-    layer's trainable parameters are a few MiB (LLaMA-3-8B, r=16 on all seven linears:
-    5 MiB in fp32), less than one default bucket (25 MiB), though more than the 1 MiB
-    the DDP optimizer gives each graph's first piece: that is where a layer was cut.
-    """
-    from torch._dynamo.utils import get_optimize_ddp_mode
-    from torch.nn.parallel import DistributedDataParallel
-    return (DistributedDataParallel._get_active_ddp_module() is not None
-            and get_optimize_ddp_mode() == "ddp_optimizer")
 
 
 def uncompile_layers(layers) -> None:
