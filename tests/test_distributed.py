@@ -1,0 +1,182 @@
+"""Two processes (gloo, CPU) train the tiny PEFT Llama with the sparselora backend under
+DDP (all three orders) and FSDP2 (`fully_shard` per decoder layer, then the root).
+
+Reference: one process, the same steps, each rank's micro-batch run in turn with its
+loss halved (gradient accumulation over the global batch). The token split and channel
+selection are made per micro-batch, so this is what two ranks compute; a one-process run
+of the whole global batch selects once over all rows and differs by that choice.
+
+DDP runs with tiny buckets where the graph is regional, so that Dynamo's DDP optimizer
+would cut each layer graph into pieces (as LLaMA-8B layers are cut on GPUs): regional
+compilation must keep a layer whole, and a whole-model compile must say what to do.
+"""
+import os
+import socket
+import sys
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import sparselora_compile as slc
+
+from llama import ALL, batch, tiny_llama
+
+WORLD = 2
+STEPS = 3
+POLICY = dict(mlp=0.5, attention=0.5)
+SMALL_BUCKET = 2048  # bytes: a tiny layer's LoRA weights (~8 KiB) fill several
+CHILD_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
+             "NVSHMEM_DISABLE_NVLS": "1"}
+SCENARIOS = ("ddp_compile_ddp", "ddp_ddp_compile", "ddp_slc_wrapper", "ddp_slc_model", "fsdp_slc",
+             "ddp_split_error")
+
+SMALL = ("ddp_slc_wrapper", "ddp_slc_model", "ddp_split_error")  # DDP with tiny buckets
+DEFAULT_FIRST_BUCKET = getattr(dist, "_DEFAULT_FIRST_BUCKET_BYTES", 1 << 20)
+
+pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
+                                reason="torch.distributed with gloo is not available")
+
+
+def _model():
+    return tiny_llama(ALL, layers=2)
+
+
+def _lora(model):
+    from torch.distributed.tensor import DTensor
+    return {n: (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone()
+            for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _shards(rank):
+    ids, labels = batch(b=2 * WORLD, t=12, n_out=4)
+    return ids.chunk(WORLD)[rank], labels.chunk(WORLD)[rank]
+
+
+def _train(model, fn, rank):
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    ids, labels = _shards(rank)
+    losses = []
+    for _ in range(STEPS):
+        loss = fn(input_ids=ids, labels=labels).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
+def _scenario(name, rank):
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    torch._dynamo.reset()
+    model, policy = _model(), slc.Policy(**POLICY)
+    options = {"policy": policy, "inner": "aot_eager"}
+    small = dict(bucket_cap_mb=SMALL_BUCKET / 2**20)
+    # the DDP optimizer's first piece: tiny where the DDP buckets are, else the default
+    dist._DEFAULT_FIRST_BUCKET_BYTES = SMALL_BUCKET if name in SMALL else DEFAULT_FIRST_BUCKET
+    if name == "ddp_compile_ddp":
+        fn = torch.compile(DDP(model), backend="sparselora", options=options)
+    elif name == "ddp_ddp_compile":
+        fn = DDP(torch.compile(model, backend="sparselora", options=options))
+    elif name == "ddp_slc_wrapper":
+        fn = DDP(slc.compile(model, policy, inner="aot_eager"), **small)
+    elif name == "ddp_slc_model":
+        slc.compile(model, policy, inner="aot_eager")
+        fn = DDP(model, **small)
+    elif name == "fsdp_slc":
+        from torch.distributed.fsdp import fully_shard
+        for layer in model.base_model.model.model.layers:
+            fully_shard(layer)
+        fully_shard(model)
+        fn = slc.compile(model, policy, inner="aot_eager")
+    elif name == "ddp_split_error":
+        fn = torch.compile(DDP(model, **small), backend="sparselora", options=options)
+        try:
+            _train(model, fn, rank)
+        except Exception as e:  # Dynamo wraps the backend's error
+            return {"error": str(e)}
+        return {"error": None}
+    losses = _train(model, fn, rank)
+    run = slc.run_of(fn.module if isinstance(fn, DDP) else fn)
+    return {"losses": losses, "lora": _lora(model), "saved": run.stats.as_dict()["saved_fraction"]}
+
+
+def _worker(rank, port, out):
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=WORLD)
+    try:
+        torch.save({name: _scenario(name, rank) for name in SCENARIOS}, os.path.join(out, f"{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _reference():
+    """One process: each step runs every rank's micro-batch, loss / WORLD each."""
+    torch._dynamo.reset()
+    model = _model()
+    fn = slc.compile(model, slc.Policy(**POLICY), inner="aot_eager")
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    losses = [[] for _ in range(WORLD)]
+    for _ in range(STEPS):
+        for rank in range(WORLD):
+            ids, labels = _shards(rank)
+            loss = fn(input_ids=ids, labels=labels).loss
+            (loss / WORLD).backward()
+            losses[rank].append(loss.item())
+        opt.step()
+        opt.zero_grad()
+    return losses, _lora(model)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    import torch.multiprocessing as mp
+    out = str(tmp_path_factory.mktemp("dist"))
+    mp_env = pytest.MonkeyPatch()
+    for k, v in CHILD_ENV.items():
+        mp_env.setenv(k, v)
+    try:
+        ctx = mp.start_processes(_worker, args=(_free_port(), out), nprocs=WORLD, join=False,
+                                 start_method="spawn")
+        ref = _reference()  # while the ranks start
+        while not ctx.join():
+            pass
+    finally:
+        mp_env.undo()
+    return ref, [torch.load(os.path.join(out, f"{r}.pt")) for r in range(WORLD)]
+
+
+@pytest.mark.parametrize("name", [s for s in SCENARIOS if s != "ddp_split_error"])
+def test_matches_one_process(results, name):
+    """Sparse blocks ran; each rank's losses are the reference's for its micro-batch; the
+    LoRA weights (FSDP2: gathered) are equal across ranks and to the reference's."""
+    (ref_losses, ref_lora), ranks = results
+    for rank, res in enumerate(ranks):
+        got = res[name]
+        assert got["saved"] > 0, f"{name}: no base FLOPs saved"
+        torch.testing.assert_close(torch.tensor(got["losses"]), torch.tensor(ref_losses[rank]),
+                                   rtol=1e-5, atol=1e-5, msg=f"{name} rank {rank} losses")
+        assert got["lora"].keys() == ref_lora.keys()
+        for n, w in got["lora"].items():
+            torch.testing.assert_close(w, ref_lora[n], rtol=1e-4, atol=1e-5, msg=f"{name} {n}")
+            torch.testing.assert_close(w, ranks[0][name]["lora"][n], rtol=0, atol=0,
+                                       msg=f"{name} {n}: ranks differ")
+    # the optimizer moved the weights, so equality above is not the initial state's
+    assert any(not torch.equal(w, tiny_w) for (n, w), tiny_w in
+               zip(ref_lora.items(), _lora(_model()).values()))
+
+
+def test_whole_model_split_by_ddp_optimizer_says_what_to_do(results):
+    for res in results[1]:
+        err = res["ddp_split_error"]["error"]
+        assert err is not None and "DDP optimizer split" in err and "slc.compile" in err
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-q"]))
