@@ -77,7 +77,9 @@ def weight_fingerprint(weight: torch.Tensor, host_hash_limit: int = HOST_HASH_LI
     flat_bytes = t.reshape(-1).view(torch.uint8)
     if flat_bytes.numel() <= host_hash_limit:
         h.update(b"host:")
-        h.update(flat_bytes.cpu().numpy().tobytes())
+        # a copy: numpy would mark a CPU tensor's own storage non-resizable for good, and
+        # FSDP2 frees unsharded parameters by resizing their storage to 0
+        h.update(flat_bytes.to("cpu", copy=True).numpy().tobytes())
     else:
         h.update(b"device:")
         h.update(_device_content_hash(flat_bytes))

@@ -63,7 +63,7 @@ class Run:
     force_dense: bool = False     # eval() under the wrapper
     labels: torch.Tensor | None = None  # the batch, handed in when the graph does not see it
     attention_mask: torch.Tensor | None = None
-    first_layer: int | None = None  # the graph holding this layer counts the steps
+    first_layer: int | str | None = None  # the graph holding this layer (or block) counts the steps
     stats: RunStats = field(default_factory=RunStats)
     record: dict | None = None  # block name -> selections, when recording
     collect_moments: bool = False  # activation-aware estimator fed by the dense warm-up

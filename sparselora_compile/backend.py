@@ -239,19 +239,24 @@ def sparselora_backend(gm: torch.fx.GraphModule, example_inputs, options=None):
                               opts.inductor_config)
 
     weights = [_real_weight(req, example_inputs) for req in report.factor_requests]
-    factor_fn = _on_private_copy(factor_provider(policy, opts.moments, opts.cache_dir))
+    factor_fn = factor_provider(policy, opts.moments, opts.cache_dir)
     factors = factor_inputs(report.factor_requests, weights, factor_fn)
     _set_example_values(report.factor_requests, factors.inputs)
     compiled = _inner_compile(opts.inner, gm, [*example_inputs, *factors.inputs], opts.inductor_config)
     if layer is not None:
         return _regional_runner(compiled, report, layer[0], factors, factor_fn, run, opts)
-    min_layer = report.min_layer
-    if min_layer is not None and (run.first_layer is None or min_layer < run.first_layer):
-        run.first_layer = min_layer
+    # One training step per forward: the graph holding the first sparse layer counts it
+    # (without layer indices: the graph of the first block compiled; a recompile of a
+    # graph for new shapes holds the same blocks, so it counts in its place).
+    counter = report.min_layer if report.min_layer is not None else report.rewritten[0].block.name
+    if run.first_layer is None or (isinstance(counter, int) and (
+            not isinstance(run.first_layer, int) or counter < run.first_layer)):
+        run.first_layer = counter
 
     def call(*args):
-        # One training step per forward: the graph holding the first sparse layer counts.
-        if torch.is_grad_enabled() and min_layer == run.first_layer:
+        # not a checkpointed layer recomputed inside a backward
+        if (torch.is_grad_enabled() and run.first_layer == counter
+                and torch._C._current_graph_task_id() == -1):
             run.begin_forward()
         factors.refresh_if_due(run, opts.cache_dir)
         return compiled(*args, *factors.inputs)
@@ -319,22 +324,6 @@ def _real_weight(req, example_inputs) -> torch.Tensor:
     if w is None:
         raise RuntimeError(f"sparselora: cannot find the weight tensor of {req.path}")
     return w
-
-
-def _on_private_copy(factor_fn):
-    """`factor_fn` reading a copy of a CPU weight, never the parameter's own storage.
-
-    The factor cache hashes a weight's bytes through `.numpy()`, and exposing a CPU
-    tensor to numpy marks its storage non-resizable for good. FSDP2 frees an unsharded
-    parameter after each forward by resizing its storage to 0, so on CPU (gloo) the first
-    layer's post-forward hook failed with "Trying to resize storage that is not
-    resizable". On CUDA the hash reads a host copy, so the weight is passed as is (no
-    copy of an 8B model's weights). The copy lives only while the factors are made."""
-    def fn(weight: torch.Tensor, path: str):
-        if weight.device.type == "cpu":
-            weight = weight.detach().clone()
-        return factor_fn(weight, path)
-    return fn
 
 
 def _set_example_values(requests, tensors) -> None:

@@ -26,7 +26,7 @@ def test_user_moments_give_activation_aware_factors(monkeypatch):
     policy = slc.Policy(mlp=0.5, attention=0.5, estimator="activation_aware", rank=4)
     seen = []
     real = scores.mlp_scores
-    monkeypatch.setattr(scores, "mlp_scores", lambda *a: seen.append(a) or real(*a))
+    monkeypatch.setattr(scores, "mlp_scores", lambda *a, **kw: seen.append(a) or real(*a, **kw))
     cmp = assert_rewrite_equivalent(model, {"input_ids": ids, "labels": labels}, policy, expect_blocks=2,
                                     moments=moments)
     assert cmp.blocks_checked == 2
