@@ -3,7 +3,7 @@
 In plain PyTorch `silu(g) * u` is two kernels and its backward about nine, each a full
 read and write of a [rows x d_ff] tensor; on the dense rows of the sparse MLP (all rows
 during the dense warm-up) those passes cost more than a tenth of the MLP's GEMM time
-(bench/results/train_step_32l_v3.json: aten::mul alone 18.6 ms of a 290 ms step).
+(bench/results/train_step_32l_swiglu_unfused.json: aten::mul alone 18.6 ms of a 290 ms step).
 Math in fp32, stored in the inputs' dtype, like Inductor's fused version.
 """
 import torch
