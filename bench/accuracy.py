@@ -169,8 +169,13 @@ def plot(record, path: Path) -> None:
         ax.set_title(title)
         ax.tick_params(axis="x", labelsize=8)
     c = record["config"]
-    fig.suptitle(f"SmolLM2-135M LoRA, {c['steps']} steps x batch {c['batch_size']}, max_len "
-                 f"{c['max_len']}, eval {c['eval_size']}, seed {c['seed']}", fontsize=9)
+    _save(fig, f"SmolLM2-135M LoRA, {c['steps']} steps x batch {c['batch_size']}, max_len "
+               f"{c['max_len']}, eval {c['eval_size']}, seed {c['seed']}", path)
+
+
+def _save(fig, title: str, path) -> None:
+    import matplotlib.pyplot as plt
+    fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -662,11 +667,8 @@ def plot_pareto(study: dict, path: Path) -> None:
     for ax in axes:
         ax.grid(alpha=0.3)
     c = study["config"]
-    fig.suptitle(f"{c['model_label']}, task {c['task']}, {c['steps']} steps x {c['batch_size']}, eval "
-                 f"{c['eval_size']}, seeds {c['seeds']}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, f"{c['model_label']}, task {c['task']}, {c['steps']} steps x {c['batch_size']}, eval "
+               f"{c['eval_size']}, seeds {c['seeds']}", path)
 
 
 def print_summary(study: dict) -> None:

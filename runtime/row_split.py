@@ -126,6 +126,7 @@ def context_rows(x2: torch.Tensor, split: RowSplit) -> torch.Tensor:
 
 
 def scored_rows(x2: torch.Tensor, split: RowSplit) -> torch.Tensor:
-    """The context rows, those the estimator must skip zeroed (`RowSplit.score_weight`)."""
-    rows = context_rows(x2, split)
-    return rows if split.score_weight is None else rows * split.score_weight.to(rows.dtype)[:, None]
+    """The context rows in fp32, those the estimator must skip zeroed
+    (`RowSplit.score_weight`, fp32: the cast comes first, so the weight needs none)."""
+    rows = context_rows(x2, split).float()
+    return rows if split.score_weight is None else rows * split.score_weight[:, None]

@@ -25,7 +25,7 @@ def scored_projection(x: torch.Tensor, a_factors, split: RowSplit,
     """
     x2 = x.reshape(-1, x.shape[-1])
     a = joined.get(a_factors, x2.dtype) if joined is not None else torch.cat(list(a_factors), 1).to(x2.dtype)
-    return scored_rows(x2 @ a, split).float()
+    return scored_rows(x2 @ a, split)
 
 
 class JoinedFactors:

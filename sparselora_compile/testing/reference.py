@@ -13,6 +13,7 @@ import contextlib
 
 import torch
 
+from sparselora_compile.passes.blocks import base_layer
 from sparselora_compile.runtime.sparse_linear import mask_reference, out_sparse_reference
 
 
@@ -24,10 +25,6 @@ def _find(model: torch.nn.Module, block_name: str) -> torch.nn.Module:
     if not names:
         raise KeyError(f"no module {block_name!r} in the model")
     return model.get_submodule(max(names, key=len))
-
-
-def _base(mod: torch.nn.Module) -> torch.nn.Module:
-    return getattr(mod, "base_layer", mod)
 
 
 def _children(block: torch.nn.Module, roles) -> dict:
@@ -61,10 +58,10 @@ def reference_semantics(model: torch.nn.Module, record: dict):
                 continue
             mods = _children(block, ATTN_ROLES)
             for role in ("q", "k", "v"):
-                lin, idx = _base(mods[role]), sel[f"idx_{role}"]
+                lin, idx = base_layer(mods[role]), sel[f"idx_{role}"]
                 handles.append(lin.register_forward_hook(
                     lambda m, args, out, idx=idx, rows=rows: out_sparse_reference(args[0], m.weight, m.bias, idx, rows)))
-            handles.append(_base(mods["o"]).register_forward_pre_hook(
+            handles.append(base_layer(mods["o"]).register_forward_pre_hook(
                 lambda m, args, idx=sel["idx_o"], rows=rows: (mask_reference(args[0], idx, rows), *args[1:])))
         yield model
     finally:
