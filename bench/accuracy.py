@@ -52,7 +52,7 @@ adapter init within a seed (`sparselora_compile.finetune.run`, the main job's co
                  allowed), budget = aware50's achieved saving (so it saves at least as
                  much), activation_aware estimator
 All sparse runs keep output tokens and the first 5% of steps dense. Each run is a
-subprocess (`--parallel N` at a time, sharing one GPU); its result is
+subprocess (`--parallel N` at a time, sharing the GPUs: on several, each run sees one in turn); its result is
 `<results>/runs/<name>-s<seed>.json`, written only when complete, so a later call resumes
 (runs with a result are skipped; `--rerun` forces). `study.json` (per seed: exact-match
 hits/n with the Wilson 95% interval, eval loss; across seeds: mean ± Student-t 95%
@@ -524,9 +524,14 @@ def _launch(todo, common, rdir: Path, parallel: int, deadline: float | None, t_s
     import os
     import subprocess
 
+    import itertools
+
     (rdir / "logs").mkdir(parents=True, exist_ok=True)
     (rdir / "runs").mkdir(parents=True, exist_ok=True)
     skipped = []
+    # several GPUs: each run sees one, in turn (unless the caller already chose)
+    gpus = torch.cuda.device_count() if "CUDA_VISIBLE_DEVICES" not in os.environ else 0
+    slots = itertools.count()
 
     def one(r):
         if deadline is not None and time.perf_counter() - t_start > deadline:
@@ -536,6 +541,8 @@ def _launch(todo, common, rdir: Path, parallel: int, deadline: float | None, t_s
         spec.write_text(json.dumps({"run": r, "common": common}))
         out = rdir / "runs" / f"{r['id']}.json"
         env = dict(os.environ)
+        if gpus > 1:
+            env["CUDA_VISIBLE_DEVICES"] = str(next(slots) % gpus)
         root = str(Path(__file__).resolve().parent.parent)
         env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         if threads:
@@ -724,8 +731,8 @@ def study_main(argv=None) -> int:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--only", default=None, help="comma-separated run names or ids to run (others "
                     "are only reported if their results exist)")
-    ap.add_argument("--parallel", type=int, default=1, help="runs at a time (subprocesses; they "
-                    "share the one GPU)")
+    ap.add_argument("--parallel", type=int, default=1, help="runs at a time (subprocesses; on "
+                    "several GPUs each run sees one, in turn)")
     ap.add_argument("--threads", type=int, default=None,
                     help="CPU threads per run (default: cores / parallel)")
     ap.add_argument("--deadline", type=float, default=None,
@@ -745,7 +752,9 @@ def study_main(argv=None) -> int:
         a.seeds = a.seeds if a.seeds != "0,1,2" else "0,1"
         if a.budgets == ",".join(map(str, STUDY_BUDGETS)):
             a.budgets = "0.5,0.7"  # every kind of run, two aware points, 10 runs in all
-        a.inner, a.device, a.max_len = "eager", "cpu", a.max_len or 160
+        a.inner = "eager" if a.inner == "auto" else a.inner
+        a.device = "cpu" if a.device == "auto" else a.device  # --device cuda: the GPU path
+        a.max_len = a.max_len or 160
         a.calib_examples = min(a.calib_examples, 4)
         a.no_dense_edges = True  # 4 layers: dense edges would leave only 2 sparse layers
     rdir = Path(a.results or (tempfile.mkdtemp(prefix="slc_study_smoke_") if a.smoke else STUDY_DIR))

@@ -51,6 +51,19 @@ _TENSOR = object()  # where a tensor goes among a call's leaves
 SPLIT_TENSORS = ("dense", "ctx", "score_weight", "n_unscored")
 
 
+def refuse_sharded(model: torch.nn.Module) -> None:
+    """FSDP2 gathers a layer's parameters into memory that it frees after the layer (and
+    gathers again, possibly elsewhere, for the backward): a replay would read stale
+    addresses. DDP keeps whole parameters in place, so its layers can be graphed."""
+    from torch.distributed.tensor import DTensor
+    sharded = next((n for n, p in model.named_parameters() if isinstance(p, DTensor)), None)
+    if sharded is not None:
+        raise ValueError(f"sparselora: cuda_graphs=True cannot graph FSDP2-sharded layers "
+                         f"({sharded} is a DTensor): FSDP2 gathers the parameters into new "
+                         f"memory at each forward and backward, which a replayed graph would not "
+                         f"read; compile with cuda_graphs=False (DDP can use graphs)")
+
+
 def _clone_split(split):
     return dataclasses.replace(split, **{n: getattr(split, n).clone() for n in SPLIT_TENSORS
                                          if getattr(split, n) is not None})

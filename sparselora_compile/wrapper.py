@@ -49,6 +49,9 @@ class SparseLoRAModel(torch.nn.Module):
         if cuda_graphs and not regional:
             raise ValueError("sparselora: cuda_graphs=True graphs the regionally compiled "
                              "decoder layers; it needs regional=True")
+        if cuda_graphs:
+            from .cuda_graphs import refuse_sharded
+            refuse_sharded(model)
         if not isinstance(graph_bucket, int) or graph_bucket < 0:
             raise ValueError(f"sparselora: graph_bucket={graph_bucket!r} must be an int >= 0")
         if "run" in options or "region" in options:

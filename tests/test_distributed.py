@@ -29,7 +29,7 @@ SMALL_BUCKET = 2048  # bytes: a tiny layer's LoRA weights (~8 KiB) fill several
 CHILD_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
              "NVSHMEM_DISABLE_NVLS": "1"}
 SCENARIOS = ("ddp_compile_ddp", "ddp_ddp_compile", "ddp_slc_wrapper", "ddp_slc_model", "fsdp_slc",
-             "ddp_split_error")
+             "ddp_split_error", "fsdp_graphs_error")
 
 SMALL = ("ddp_slc_wrapper", "ddp_slc_model", "ddp_split_error")  # DDP with tiny buckets
 DEFAULT_FIRST_BUCKET = getattr(dist, "_DEFAULT_FIRST_BUCKET_BYTES", 1 << 20)
@@ -89,6 +89,16 @@ def _scenario(name, rank):
             fully_shard(layer)
         fully_shard(model)
         fn = slc.compile(model, policy, inner="aot_eager")
+    elif name == "fsdp_graphs_error":
+        from torch.distributed.fsdp import fully_shard
+        for layer in model.base_model.model.model.layers:
+            fully_shard(layer)
+        fully_shard(model)
+        try:
+            slc.compile(model, policy, inner="aot_eager", cuda_graphs=True)
+        except ValueError as e:
+            return {"error": str(e), "compiled": getattr(model, "_sparselora", None) is not None}
+        return {"error": None}
     elif name == "ddp_split_error":
         fn = torch.compile(DDP(model, **small), backend="sparselora", options=options)
         try:
@@ -152,7 +162,7 @@ def results(tmp_path_factory):
     return ref, [torch.load(os.path.join(out, f"{r}.pt")) for r in range(WORLD)]
 
 
-@pytest.mark.parametrize("name", [s for s in SCENARIOS if s != "ddp_split_error"])
+@pytest.mark.parametrize("name", [s for s in SCENARIOS if not s.endswith("_error")])
 def test_matches_one_process(results, name):
     """Sparse blocks ran; each rank's losses are the reference's for its micro-batch; the
     LoRA weights (FSDP2: gathered) are equal across ranks and to the reference's."""
@@ -176,6 +186,13 @@ def test_whole_model_split_by_ddp_optimizer_says_what_to_do(results):
     for res in results[1]:
         err = res["ddp_split_error"]["error"]
         assert err is not None and "DDP optimizer split" in err and "slc.compile" in err
+
+
+def test_fsdp2_with_cuda_graphs_is_refused_before_compiling(results):
+    for res in results[1]:
+        got = res["fsdp_graphs_error"]
+        assert got["error"] is not None and "FSDP2" in got["error"] and "cuda_graphs=False" in got["error"]
+        assert not got["compiled"], "the refusal left the model half compiled"
 
 
 if __name__ == "__main__":
