@@ -17,7 +17,8 @@ rank's. Variants per engine:
           shape), where --graphs is given
 Engines: single (no wrapper), ddp (`DistributedDataParallel(model)` after compiling),
 fsdp (`fully_shard` on each decoder layer, then the root, then compile: torchtitan's
-order).
+order), fsdp_keep (the same with `reshard_after_forward=False`: one all-gather of the
+frozen weights per step instead of two, for the memory of unsharded weights).
 
 Correctness (`--check-layers`, before the timing): a few steps of the sparse variant on a
 small model of the same widths. The single engine runs every rank's micro-batch in turn
@@ -82,11 +83,12 @@ def build(args, layers, device, targets):
 def wrap(engine, variant, peft, args, layers):
     """Compile and wrap as the engine's users do; returns (callable, slc wrapper or None)."""
     from torch.nn.parallel import DistributedDataParallel as DDP
-    if engine == "fsdp":
+    if engine in ("fsdp", "fsdp_keep"):
         from torch.distributed.fsdp import fully_shard
+        keep = engine == "fsdp_keep"  # the gathered weights stay for the backward
         for _, layer in decoder_layers(peft):
-            fully_shard(layer)
-        fully_shard(peft)
+            fully_shard(layer, reshard_after_forward=not keep)
+        fully_shard(peft, reshard_after_forward=not keep)
     if variant == "dense":
         for _, layer in decoder_layers(peft):
             layer.compile(backend=args.inner)
@@ -187,7 +189,8 @@ def check(engine, args, device, reference):
            "lora_max_change": max((state[k] - init[k]).abs().max().item() for k in state)}
     if engine == "single":
         out["losses"] = losses
-        out["lora"] = {k: v.tolist() for k, v in state.items()}
+        out["lora_file"] = f"{args.out}.lora.pt"  # too large for the JSON
+        torch.save(state, out["lora_file"])
         return out
     gathered = [None] * n
     dist.all_gather_object(gathered, losses[rank])
@@ -200,12 +203,28 @@ def check(engine, args, device, reference):
         ref = reference["losses"]
         out["loss_max_abs_diff_vs_one_gpu"] = max(
             abs(a - b) for r in range(n) for a, b in zip(out["losses"][r], ref[str(r)]))
-        ref_flat = torch.cat([torch.tensor(reference["lora"][k]).flatten() for k in state])
+        ref_lora = torch.load(reference["lora_file"])
+        ref_flat = torch.cat([ref_lora[k].flatten() for k in state])
         diff = (flat.cpu() - ref_flat).abs().max().item()
         out["lora_max_abs_diff_vs_one_gpu"] = diff
         out["lora_max_abs"] = ref_flat.abs().max().item()
     torch._dynamo.reset()
     return out
+
+
+def allgather_ms(device, numel: int, iters: int = 5) -> float:
+    """Mean time of one all-gather whose output is `numel` bf16 elements (one decoder
+    layer's weights): what FSDP2 waits on per layer and pass when it cannot overlap."""
+    n = dist.get_world_size()
+    shard = torch.ones(numel // n, device=device, dtype=torch.bfloat16)
+    full = torch.empty(shard.numel() * n, device=device, dtype=torch.bfloat16)
+    dist.all_gather_into_tensor(full, shard)
+    sync(device)
+    t = time.perf_counter()
+    for _ in range(iters):
+        dist.all_gather_into_tensor(full, shard)
+    sync(device)
+    return (time.perf_counter() - t) / iters * 1e3
 
 
 def sync(device):
@@ -250,8 +269,8 @@ def merge(paths, out):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--engines", nargs="+", default=["single"], choices=("single", "ddp", "fsdp"))
-    ap.add_argument("--variants", nargs="+", default=["dense", "sparse"],
+    ap.add_argument("--engines", nargs="+", default=["single"], choices=("single", "ddp", "fsdp", "fsdp_keep"))
+    ap.add_argument("--variants", nargs="*", default=["dense", "sparse"],
                     choices=("dense", "sparse", "sparse_graphs"))
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--batches", default="padded", choices=user_batches.MODES)
@@ -289,6 +308,14 @@ def main(argv=None):
            "shape": {"layers": args.layers, "batch": args.batch, "seq": args.seq,
                      "batches": args.batches, "preset": args.preset, "lora": "r=32 q,k,v,o, bf16"},
            "check": {}, "timed": [], "skipped": []}
+
+    if n > 1 and device.type == "cuda":
+        cfg = llama_config(1, args.smoke)
+        numel = sum(p.numel() for p in build_model(cfg, "meta").model.layers[0].parameters())
+        ms = allgather_ms(device, numel)
+        out["allgather_one_layer"] = {"bytes": 2 * numel, "ms": round(ms, 3),
+                                      "gb_per_s": round(2 * numel / ms / 1e6, 1)}
+        log(f"all-gather of one layer's weights ({2 * numel / 2**20:.0f} MiB): {ms:.2f} ms")
 
     def save():
         if rank == 0:
