@@ -29,6 +29,7 @@ LoRA weights (gathered under FSDP2) against the one-GPU run, and equal across ra
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
@@ -122,6 +123,7 @@ def timed(engine, variant, args, device):
     """Compile, warm up, then time args.steps steps; the slowest rank's time per step."""
     rank, n = world()
     torch._dynamo.reset()
+    gc.collect()  # the previous variant's model, so that the peak below is this one's
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
