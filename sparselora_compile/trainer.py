@@ -65,6 +65,7 @@ class SparseLoRACallback(TrainerCallback):
             raise ValueError("sparselora: SparseLoRACallback needs a model compiled with "
                              "slc.compile(model, policy) (or its wrapper)")
         self.sparse = sparse
+        sparse.steps_from_trainer = True
 
     def _sync(self, state) -> None:
         self.sparse.set_step(state.global_step)
