@@ -18,10 +18,12 @@ and the glue lives in the wrapper's forward: call the wrapper. `cuda_graphs=True
 training steps past the warm-up (cuda_graphs.py).
 
 The wrapper stands in for the model it wraps: its forward has the model's signature (the
-HF Trainer keeps only the dataset columns that the signature names), its `state_dict` and
-`load_state_dict` use the model's own keys, and attributes it does not have itself
-(`config`, `save_pretrained`, `get_input_embeddings`, `gradient_checkpointing_enable`,
-`generate`, ...) are the model's.
+HF Trainer keeps only the dataset columns that the signature names), its `__class__` is
+the model's (the Trainer saves and resumes by isinstance), its `named_modules` /
+`named_parameters`, `state_dict` and `load_state_dict` use the model's own names, and
+attributes it does not have itself (`config`, `save_pretrained`, `get_input_embeddings`,
+`gradient_checkpointing_enable`, `generate`, ...) are the model's. `copy.deepcopy` of
+either: copying.py.
 """
 from __future__ import annotations
 
@@ -171,8 +173,9 @@ class SparseLoRAModel(torch.nn.Module):
                 "sparselora: a Trainer trains this model without SparseLoRACallback, so the run "
                 f"counts forwards, not optimizer steps: the warm-up (warmup_steps={run.warmup_steps}) "
                 "ends early under gradient accumulation and starts again when training resumes. Call "
-                "slc.trainer.prepare(trainer) before train(), or pass "
-                "callbacks=[slc.trainer.SparseLoRACallback(model)] to the Trainer", stacklevel=3)
+                "sparselora_compile.trainer.prepare(trainer) before train(), or pass "
+                "callbacks=[SparseLoRACallback(model)] (sparselora_compile.trainer) to the Trainer",
+                stacklevel=3)
 
     def _install_glue(self, model: torch.nn.Module) -> None:
         """Forward hooks on the model: the glue runs however the model is called (the
