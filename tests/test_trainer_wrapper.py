@@ -110,3 +110,28 @@ def test_no_warning_without_a_warm_up(tmp_path, recwarn):
     assert len([s for s in seen if s[0]]) == 2
     assert not [w for w in recwarn if "SparseLoRACallback" in str(w.message)]
 
+
+
+def test_trl_sft_trainer_given_the_wrapper(tmp_path):
+    """TRL's SFTTrainer takes the wrapper for a PeftModel (no second PEFT wrapping): padding-free
+    rows, steps from the callback, adapter checkpoints (tied embeddings)."""
+    pytest.importorskip("trl")
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    from test_trainer import _word_tokenizer
+    g = torch.Generator().manual_seed(0)
+
+    def words(n):
+        return " ".join(f"t{int(i)}" for i in torch.randint(2, 64, (n,), generator=g))
+    data = Dataset.from_list([{"prompt": words(6), "completion": words(3)} for _ in range(8)])
+    args = SFTConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=2, save_steps=1,
+                     report_to=[], use_cpu=True, disable_tqdm=True, padding_free=True, max_length=None)
+    model, sparse, seen = _wrapped(tied=True, warmup=1)
+    trainer = SFTTrainer(model=sparse, args=args, train_dataset=data, processing_class=_word_tokenizer(),
+                         callbacks=[SparseLoRACallback(sparse)])
+    assert trainer.model is sparse
+    trainer.train()
+    assert [s[1:] for s in seen if s[0]] == [(0, False, True), (1, True, True)]
+    assert sparse.stats.saved_fraction > 0
+    assert {"adapter_model.safetensors", RUN_FILE} <= set(os.listdir(tmp_path / "checkpoint-1"))
