@@ -10,6 +10,7 @@ copy with the same policy and options, with a run of its own (step 0, empty stat
 from __future__ import annotations
 
 import copy
+import weakref
 from collections import OrderedDict
 
 import torch
@@ -29,7 +30,6 @@ class _UncompiledCopy:
     """The model's `__deepcopy__`. Holds the wrapper weakly: the model must not keep it alive."""
 
     def __init__(self, wrapper):
-        import weakref
         self._ref = weakref.ref(wrapper)
 
     def __call__(self, memo: dict) -> torch.nn.Module:
@@ -42,7 +42,7 @@ class _UncompiledCopy:
         state = model.__getstate__()  # a shallow dict; torch leaves out the compiled layer call
         for key in ("_sparselora", "__deepcopy__"):
             state.pop(key, None)
-        glue = {id(h) for h in wrapper._glue_hooks()}
+        glue = {id(h) for h in wrapper._glue}
         for name in ("_forward_pre_hooks", "_forward_hooks"):
             state[name] = OrderedDict((k, v) for k, v in state[name].items() if id(v) not in glue)
         new = type(model).__new__(type(model))

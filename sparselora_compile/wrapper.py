@@ -68,7 +68,7 @@ class SparseLoRAModel(torch.nn.Module):
         self.model = model   # the only submodule: the compiled model below is not registered
         self.policy, self.run = opts.policy, opts.run
         self.regional = regional
-        self._layers, self._undo_loss, self._hooks = [], lambda: None, []
+        self._layers, self._undo_loss, self._hooks, self._glue = [], lambda: None, [], ()
         self._copy_instead = {}  # id(compiled object) -> what a deep copy takes (copying.py)
         self._args = dict(regional=regional, cuda_graphs=cuda_graphs, graph_bucket=graph_bucket,
                           **{k: v for k, v in options.items() if k not in ("policy", "run")})
@@ -196,9 +196,6 @@ class SparseLoRAModel(torch.nn.Module):
         self._glue = (before, after)
         model.__dict__["_sparselora"] = self  # not a submodule of the model
         copying.install(model, self)
-
-    def _glue_hooks(self) -> tuple:
-        return getattr(self, "_glue", ())
 
     def _graph_key(self, run: Run, model: torch.nn.Module):
         """What a CUDA graph set of the layers is valid for (None: no graphs this forward):
