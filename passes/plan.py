@@ -1,7 +1,7 @@
 """Ask the policy what each block gets; decide k, or why a block stays dense.
 
 The policy is duck-typed (`sparsity_for(info)`, `kept_channels(info, s)`,
-`check_layers(found)`): the passes read configuration, never the front door's objects.
+`check_layers(found)`, `check_rank(infos)`): the passes read configuration, never the front door's objects.
 """
 from __future__ import annotations
 
@@ -78,4 +78,5 @@ def plan_blocks(blocks: list[Block], policy, num_layers: int | None = None,
             skipped.append(Skipped(block.name, why))
         else:
             planned.append(PlannedBlock(block, info, s, k))
+    policy.check_rank([p.info for p in planned])
     return planned, skipped

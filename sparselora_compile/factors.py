@@ -52,9 +52,8 @@ def factor_provider(policy, moments=None, cache_dir=None):
         kind = "svd"  # placeholder until the warm-up's moments arrive (see module doc)
 
     def factors(weight: torch.Tensor, path: str) -> Factors:
-        rank = min(policy.rank, *weight.shape)  # a tiny layer: full rank is exact
-        with torch.no_grad():
-            return estimator_factors(weight.detach(), rank, kind=kind,
+        with torch.no_grad():  # plan_blocks checked the rank against the weights
+            return estimator_factors(weight.detach(), policy.rank, kind=kind,
                                      moment=_lookup(moments, path), cache=cache)
     return factors
 

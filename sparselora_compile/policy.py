@@ -152,11 +152,14 @@ class Policy:
                 f"Policy names layer(s) {missing}, but the model has layers 0..{max(found)}")
 
     def check_rank(self, blocks) -> None:
-        """A rank the blocks cannot have is a mistake (a tiny layer gets its full rank)."""
+        """The estimator factors each sparse block's gate/up or q/k/v weight at this rank, and a
+        [out, in] weight has no rank above min(out, in): asking for one is a mistake."""
         for b in blocks:
-            if self.rank > b.in_features and self.rank > b.channels:
-                raise ValueError(f"Policy.rank={self.rank} exceeds both dimensions of {b.name} "
-                                 f"({b.in_features} x {b.channels})")
+            limit = min(b.in_features, b.channels)
+            if self.rank > limit:
+                raise ValueError(f"Policy.rank={self.rank} exceeds min(in, out)={limit} of the weights "
+                                 f"of {b.name} ({b.in_features} inputs, {b.channels} channels); "
+                                 f"use rank <= {limit}")
 
     # ---- construction ------------------------------------------------------------------
     @classmethod

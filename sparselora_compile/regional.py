@@ -56,22 +56,24 @@ def compile_layers(model: torch.nn.Module, opts: BackendOptions, options: dict) 
 def compile_loss(model: torch.nn.Module, inner: str):
     """Compile the eager tail's loss (HF's `loss_function`: fp32 upcast of the logits, then
     cross-entropy) with the inner compiler, so that, as in a whole-model Inductor graph,
-    the fp32 logits are not materialised. Returns the undo."""
+    the fp32 logits are not materialised. Returns the undo and {id(compiled): plain}, what
+    a deep copy of the model takes instead of the compiled loss (copying.py)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     prop = getattr(type(base), "loss_function", None)
     if inner == "eager" or not isinstance(prop, property) or prop.fset is None:
-        return lambda: None
+        return (lambda: None), {}
     before = base.__dict__.get("_loss_function")
+    plain = base.loss_function
     # Default Inductor settings, not `inductor_config`: the loss runs once per step, so host
     # settings gain nothing here.
-    base.loss_function = torch.compile(base.loss_function, backend=inner)
+    base.loss_function = compiled = torch.compile(plain, backend=inner)
 
     def undo():
         if before is None:
             base.__dict__.pop("_loss_function", None)
         else:
             base._loss_function = before
-    return undo
+    return undo, {id(compiled): plain}
 
 
 def _layer_call(compiled, prefix: str, run):

@@ -39,6 +39,8 @@ def layer_signature(layer, prefix, index, num_layers, policy, limits: Limits) ->
     for mb in module_blocks(layer, prefix, index, num_layers):
         _, k, _ = decide(mb.info, policy, () if mb.frozen else ("base weights",), cuda=cuda,
                          limits=limits)
+        if k is not None:
+            policy.check_rank([mb.info])  # at compile time, as plan_blocks does in the graph
         sig.append(_entry(mb.rel, mb.info, k))
     return tuple(sorted(sig, key=repr))
 

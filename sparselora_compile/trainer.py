@@ -12,6 +12,10 @@ checkpointing and the eval loop (dense under `no_grad`) need nothing more.
     trainer.train()
     sparse.stats                                                       # saved FLOPs
 
+A Trainer given the wrapper (`Trainer(model=slc.compile(peft_model, policy))`) sees a
+`PeftModel` too (wrapper.py, "standing in"); it needs `callbacks=[SparseLoRACallback(...)]`
+for the steps, and the run warns once when a Trainer runs a warm-up without it.
+
 Steps. The policy's warm-up and `total_steps` are in optimizer steps (`state.global_step`):
 `SparseLoRACallback` sets the run's step from `global_step` before every micro-batch, so
 with gradient accumulation all micro-batches of one optimizer step share its step (the
@@ -25,7 +29,7 @@ keeps SVD factors unless `moments=` was given to compile).
 
 Not supported, said loudly: `TrainingArguments(torch_compile=True)` (accelerate accepts
 only its own backend names, and the Trainer would compile the model a second time), and
-`regional=False` (its glue lives in the wrapper, which the Trainer does not save as PEFT).
+`regional=False` (its glue lives in the wrapper, and prepare hands the Trainer the model).
 Where the Trainer takes `labels` out of the batch before the model (label smoothing, a
 `compute_loss_func`), output tokens cannot be told apart and are computed sparse; prepare
 warns.
@@ -65,6 +69,7 @@ class SparseLoRACallback(TrainerCallback):
             raise ValueError("sparselora: SparseLoRACallback needs a model compiled with "
                              "slc.compile(model, policy) (or its wrapper)")
         self.sparse = sparse
+        sparse.steps_from_trainer = True
 
     def _sync(self, state) -> None:
         self.sparse.set_step(state.global_step)

@@ -18,14 +18,18 @@ and the glue lives in the wrapper's forward: call the wrapper. `cuda_graphs=True
 training steps past the warm-up (cuda_graphs.py).
 
 The wrapper stands in for the model it wraps: its forward has the model's signature (the
-HF Trainer keeps only the dataset columns that the signature names), its `state_dict` and
-`load_state_dict` use the model's own keys, and attributes it does not have itself
-(`config`, `save_pretrained`, `get_input_embeddings`, `gradient_checkpointing_enable`,
-`generate`, ...) are the model's.
+HF Trainer keeps only the dataset columns that the signature names), its `__class__` is
+the model's (the Trainer saves and resumes by isinstance), its `named_modules` /
+`named_parameters`, `state_dict` and `load_state_dict` use the model's own names, and
+attributes it does not have itself (`config`, `save_pretrained`, `get_input_embeddings`,
+`gradient_checkpointing_enable`, `generate`, ...) are the model's. `copy.deepcopy` of
+either: copying.py.
 """
 from __future__ import annotations
 
+import copy
 import inspect
+import warnings
 import weakref
 
 import torch
@@ -34,6 +38,7 @@ from sparselora_compile.runtime.ops import shared_token_rows
 from sparselora_compile.runtime.row_split import bucket_step
 from sparselora_compile.runtime.run import Run, RunStats
 
+from . import copying
 from .backend import BackendOptions, new_run
 from .policy import Policy
 
@@ -66,7 +71,11 @@ class SparseLoRAModel(torch.nn.Module):
         self.model = model   # the only submodule: the compiled model below is not registered
         self.policy, self.run = opts.policy, opts.run
         self.regional = regional
-        self._layers, self._undo_loss, self._hooks = [], lambda: None, []
+        self._layers, self._undo_loss, self._hooks, self._glue = [], lambda: None, [], ()
+        self._copy_instead = {}  # id(compiled object) -> what a deep copy takes (copying.py)
+        self._args = dict(regional=regional, cuda_graphs=cuda_graphs, graph_bucket=graph_bucket,
+                          **{k: v for k, v in options.items() if k not in ("policy", "run")})
+        self.steps_from_trainer = False  # set by trainer.SparseLoRACallback
         self.graphs = None
         self._graphs_now = None  # the graph set of the running forward
         self.graph_bucket = graph_bucket if cuda_graphs else 0
@@ -74,7 +83,7 @@ class SparseLoRAModel(torch.nn.Module):
         if regional:
             from .regional import compile_layers, compile_loss
             self._layers = compile_layers(model, opts, options)
-            self._undo_loss = compile_loss(model, opts.inner)
+            self._undo_loss, self._copy_instead = compile_loss(model, opts.inner)
             if cuda_graphs:
                 from sparselora_compile.passes.blocks import decoder_layers
 
@@ -129,6 +138,8 @@ class SparseLoRAModel(torch.nn.Module):
         training = self.regional and torch.is_grad_enabled()
         if training:
             run.begin_forward()  # whole-model graphs count their own steps
+        if torch.is_grad_enabled():
+            self._warn_without_trainer_steps(kwargs)
         self._padded, score_mask = 0, kwargs.get("attention_mask")
         if training and self.graph_bucket and model.training and run.sparse_now() and _graphable(
                 self.graphs, kwargs):
@@ -153,6 +164,22 @@ class SparseLoRAModel(torch.nn.Module):
             output["logits"] = logits[:, : logits.shape[1] - padded]
         return output
 
+    def _warn_without_trainer_steps(self, kwargs) -> None:
+        """The HF Trainer (and TRL's) passes `num_items_in_batch` to models that take loss
+        keyword arguments. Without SparseLoRACallback the run cannot know the optimizer step,
+        which matters only when there is a warm-up."""
+        run = self.run
+        if ("num_items_in_batch" in kwargs and not self.steps_from_trainer and run.warmup_steps > 0
+                and "trainer steps" not in run.said):
+            run.said.add("trainer steps")
+            warnings.warn(
+                "sparselora: a Trainer trains this model without SparseLoRACallback, so the run "
+                f"counts forwards, not optimizer steps: the warm-up (warmup_steps={run.warmup_steps}) "
+                "ends early under gradient accumulation and starts again when training resumes. Call "
+                "sparselora_compile.trainer.prepare(trainer) before train(), or pass "
+                "callbacks=[SparseLoRACallback(model)] (sparselora_compile.trainer) to the Trainer",
+                stacklevel=3)
+
     def _install_glue(self, model: torch.nn.Module) -> None:
         """Forward hooks on the model: the glue runs however the model is called (the
         wrapper, a Trainer holding the model, DDP). They hold the wrapper weakly; while
@@ -169,7 +196,9 @@ class SparseLoRAModel(torch.nn.Module):
 
         self._hooks = [model.register_forward_pre_hook(before, with_kwargs=True),
                        model.register_forward_hook(after, with_kwargs=True, always_call=True)]
+        self._glue = (before, after)
         model.__dict__["_sparselora"] = self  # not a submodule of the model
+        copying.install(model, self)
 
     def _graph_key(self, run: Run, model: torch.nn.Module):
         """What a CUDA graph set of the layers is valid for (None: no graphs this forward):
@@ -199,14 +228,39 @@ class SparseLoRAModel(torch.nn.Module):
             hook.remove()
         if self.model.__dict__.get("_sparselora") is self:
             del self.model.__dict__["_sparselora"]
+            copying.remove(self.model)
         self._layers, self._undo_loss, self._hooks = [], lambda: None, []
+        self._copy_instead, self._glue = {}, ()
         self.graphs = None  # its dispatch went with the compiled layers; frees the graphs' memory
         return self.model
 
     # ---- standing in for the model -----------------------------------------------------------
+    @property
+    def __class__(self):
+        """The model's class, as transparent proxies do (`wrapt.ObjectProxy`): the HF Trainer
+        picks what to save and how to resume by `isinstance(model, (PeftModel, PreTrainedModel))`,
+        so the wrapper is saved as adapters and resumed through `load_adapter`, like the model.
+        `type(wrapper)` is still SparseLoRAModel."""
+        model = self.__dict__.get("_modules", {}).get("model")
+        return type(self) if model is None else model.__class__
+
+    def _get_name(self) -> str:
+        return type(self).__name__  # for repr: nn.Module names itself by __class__
+
+    def named_modules(self, memo=None, prefix: str = "", remove_duplicate: bool = True):
+        """The model's modules and names (`named_parameters`, `parameters`, `named_buffers`
+        follow, as in nn.Module): optimizer groups, DDP and parameter names see the model's
+        names, as in the state dict."""
+        return self.model.named_modules(memo, prefix, remove_duplicate)
+
     def save_pretrained(self, *args, **kwargs):
         """The model's `save_pretrained` (a PEFT model saves its adapters only)."""
         return self.model.save_pretrained(*args, **kwargs)
+
+    def __deepcopy__(self, memo):
+        """A new wrapper compiling a copy of the model, with a run of its own (copying.py)."""
+        model = copy.deepcopy(self.model, memo)
+        return SparseLoRAModel(model, self.policy, **self._args)
 
     def __getattr__(self, name: str):
         try:

@@ -155,6 +155,15 @@ def test_unwritable_output_fails_in_one_line(tmp_path, capsys):
                     "--out", str(tmp_path / "file" / "run")], "file")
 
 
+def test_rank_the_model_cannot_have_fails_in_one_line(tmp_path, capsys):
+    """Found in the graph, at the first forward (the --tiny model's attention blocks have 32
+    channels)."""
+    policy = tmp_path / "rank.yaml"
+    policy.write_text("mode: svd_40\nsparsity:\n  layers.1.self_attn: 0.5\n")
+    _fails(capsys, ["--tiny", *SPARSE, "--policy", str(policy), "--steps", "1", "--eval-size", "2",
+                    "--out", str(tmp_path / "run")], "Policy.rank=40", "rank <= 32")
+
+
 def test_malformed_yaml_policy_names_the_file(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text("sparsity: [unclosed\n")

@@ -152,3 +152,26 @@ def test_bad_option_values_are_errors(options, match):
     from sparselora_compile.backend import BackendOptions
     with pytest.raises((ValueError, TypeError), match=match):
         BackendOptions.parse(options)
+
+
+def test_rank_above_a_sparse_blocks_weights_is_an_error():
+    """tiny_llama: hidden 32, d_ff 64, 2 kv heads of 8 (16 channels): the attention blocks
+    allow rank 16 at most, the MLP 32. A block left dense needs no estimator."""
+    with pytest.raises(ValueError, match=r"rank=17 exceeds min\(in, out\)=16 .*self_attn.*rank <= 16"):
+        slc.compile(tiny_llama(ALL), slc.Policy(mlp=0.5, attention=0.5, rank=17), inner="aot_eager")
+    slc.compile(tiny_llama(ALL), slc.Policy(mlp=0.5, attention=0.0, rank=17), inner="aot_eager")
+    with pytest.raises(ValueError, match=r"rank=33 exceeds min\(in, out\)=32 .*mlp"):
+        slc.compile(tiny_llama(ALL), slc.Policy(mlp=0.5, attention=0.0, rank=33), inner="aot_eager")
+
+
+def test_rank_is_checked_under_torch_compile():
+    model = torch.compile(tiny_llama(ALL), backend="sparselora",
+                          options={"policy": {"mlp": 0.5, "attention": 0.5, "rank": 17}, "inner": "aot_eager"})
+    ids, labels = batch()
+    with pytest.raises(Exception, match=r"rank=17 exceeds min\(in, out\)=16"):
+        model(input_ids=ids, labels=labels)
+
+
+def test_policy_from_missing_yaml_names_the_path():
+    with pytest.raises(FileNotFoundError, match=r"'missing\.yaml' not found"):
+        slc.Policy.from_yaml("missing.yaml")

@@ -170,12 +170,18 @@ def main(argv: list[str] | None = None) -> int:
     _configure_logging()
     # PEFT calls a transformers API deprecated in 5.x on every forward; not actionable here.
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+    from torch._dynamo.exc import BackendCompilerFailed
     try:
         if a.command == "finetune":
             return finetune_main(a)
-    except (ValueError, OSError, ModelUnavailableError) as e:
+    except (ValueError, OSError, ModelUnavailableError, BackendCompilerFailed) as e:
         # Bad values, missing or unreadable files, no model: the message says what to
-        # fix; a traceback would only bury it.
+        # fix; a traceback would only bury it. A bad value that only the model's graph shows
+        # (a rank its layers cannot have) fails in the backend, inside Dynamo's exception.
+        if isinstance(e, BackendCompilerFailed):
+            if not isinstance(e.inner_exception, ValueError):
+                raise
+            e = e.inner_exception
         print(f"{PROG}: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     return 2
