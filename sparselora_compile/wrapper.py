@@ -35,6 +35,7 @@ from sparselora_compile.runtime.row_split import bucket_step
 from sparselora_compile.runtime.run import Run, RunStats
 
 from .backend import BackendOptions, new_run
+from .dynamic_dims import mark_model_inputs
 from .policy import Policy
 
 
@@ -111,6 +112,7 @@ class SparseLoRAModel(torch.nn.Module):
         if self.regional:
             return self.model(*args, **kwargs)  # the glue runs in the model's hooks
         kwargs = self._begin(self.model, kwargs)
+        mark_model_inputs(kwargs)  # one compile for every length (dynamic_dims.py)
         out = None
         try:
             out = self._compiled(*args, **kwargs)
