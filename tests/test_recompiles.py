@@ -78,3 +78,31 @@ def test_whole_model_wrapper_new_lengths_compile_nothing():
 ])
 def test_marked_dims(shape, dtype, dims):
     assert _dims(torch.zeros(shape, dtype=dtype), batch=shape[0], seq=64) == dims
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_pad_to_multiple_of_keeps_loss_grads_and_logits(packed):
+    """Opt-in alignment padding: the layers see lengths that are multiples of 8, the
+    loss, LoRA gradients and (cut back) logits are those of the unpadded batch."""
+    from llama import batch
+    ids, labels = batch(t=11, n_out=4)
+    kwargs = {"input_ids": ids, "labels": labels}
+    if packed:  # two sequences per row
+        kwargs["position_ids"] = torch.cat([torch.arange(5), torch.arange(6)]).expand(2, 11)
+    out = {}
+    for pad in (0, 8):
+        torch._dynamo.reset()
+        model = tiny_llama(QKVO, layers=3)
+        seen = []
+        model.get_input_embeddings().register_forward_pre_hook(lambda m, a: seen.append(a[0].shape[-1]))
+        wrapped = slc.compile(model, POLICY, inner="aot_eager", pad_to_multiple_of=pad)
+        res = wrapped(**kwargs)
+        res.loss.backward()
+        grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+        out[pad] = res.loss.detach(), res.logits.detach(), grads, seen
+    assert out[8][3] == [16] and out[0][3] == [11]
+    torch.testing.assert_close(out[8][0], out[0][0])
+    torch.testing.assert_close(out[8][1], out[0][1], rtol=1e-5, atol=1e-6)
+    assert out[8][2].keys() == out[0][2].keys()
+    for n, g in out[0][2].items():
+        torch.testing.assert_close(out[8][2][n], g, rtol=1e-4, atol=1e-6, msg=n)
