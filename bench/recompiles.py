@@ -6,8 +6,8 @@ way of compiling makes when the sequence length and token split change every ste
 
 Variants: `regional` (each decoder layer `m.compile(backend=inner)`, as train_step.py's
 `inductor_regional`), `sl` (`slc.compile(model, policy, inner=inner)`), `sl_whole`
-(`torch.compile(model, backend="sparselora")`), `whole` (plain `torch.compile` of the
-model). Counts, not timings: Dynamo frames compiled (`frames`, every compile or recompile
+(`torch.compile(model, backend="sparselora")`), `sl_wrapper_whole` (`slc.compile(...,
+regional=False)`), `whole` (plain `torch.compile` of the model). Counts, not timings: Dynamo frames compiled (`frames`, every compile or recompile
 of a frame) and graphs handed to a backend (`graphs`).
 """
 from __future__ import annotations
@@ -22,7 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 import batches as user_batches  # noqa: E402
 
-VARIANTS = ("regional", "sl", "sl_whole", "whole")
+VARIANTS = ("regional", "sl", "sl_wrapper_whole", "sl_whole", "whole")
 
 
 def tiny_model(layers=4, seed=0):
@@ -38,7 +38,7 @@ def tiny_model(layers=4, seed=0):
     return peft
 
 
-def policy(layers):
+def policy():
     import sparselora_compile as slc
     # deeper layers sparse, layer 0 dense: two plans, as the sampled Math10K preset has
     return slc.Policy(mlp=0.75, attention=0.5, dense_layers=[0], warmup_steps=0)
@@ -53,10 +53,11 @@ def compiled(variant, model, inner):
         return model
     if variant == "whole":
         return torch.compile(model, backend=inner)
-    if variant == "sl":
-        return slc.compile(model, policy(len(decoder_layers(model))), inner=inner)
+    if variant in ("sl", "sl_wrapper_whole"):
+        return slc.compile(model, policy(), inner=inner,
+                           regional=variant == "sl")
     return torch.compile(model, backend="sparselora",
-                         options={"policy": policy(len(decoder_layers(model))), "inner": inner})
+                         options={"policy": policy(), "inner": inner})
 
 
 def count(variant, modes, steps, inner, layers=4, seq=64):
