@@ -34,6 +34,9 @@ Runtime suffixes (sl_* variants), after any Inductor suffix:
     _ctxrows  the sparse MLP's context part over the context rows only, as before session 6
               (runtime/sparse_mlp.py ALL_ROWS_MAX_K = 0), for an A/B in one run
     _graphs   slc.compile(..., cuda_graphs=True): the decoder layers replayed as CUDA graphs
+    _pad8     slc.compile(..., pad_to_multiple_of=8): training batches right-padded to a
+              multiple of 8 (Inductor's CUDA attention-mask alignment guard then never
+              recompiles the layers at the first aligned length of packed rows)
 
 Batches (--batches, bench/batches.py, one or several modes): `fixed` (the default) times
 every compiled variant on the fixed batch shapes of --shapes (Math10K: 8 x 512 with 128
@@ -162,7 +165,7 @@ def split_variant(name: str) -> tuple[str, dict]:
     return name, config
 
 
-RUNTIME_SUFFIXES = ("_ctxrows", "_graphs")
+RUNTIME_SUFFIXES = ("_ctxrows", "_graphs", "_pad8")
 
 
 def runtime_flags(name: str) -> tuple[str, set]:
@@ -677,7 +680,8 @@ def run_variant(name, peft, init_state, streams, args, device, layers, log, res=
                 policy = dataclasses.replace(
                     policy, sparsity={k: v for k, v in policy.sparsity.items() if k.endswith(".mlp")})
         fn = slc_compile(peft, policy, inner=args.inner, regional=regional,
-                         cuda_graphs="_graphs" in flags, **extra)
+                         cuda_graphs="_graphs" in flags, pad_to_multiple_of=8 if "_pad8" in flags else 0,
+                         **extra)
         if base != "sl_sparsity0":
             fn.set_step(10**6)  # past the dense warm-up
     opt = torch.optim.AdamW(lora_params(peft), lr=1e-5)  # after the bf16 variants' cast

@@ -18,6 +18,7 @@ import torch
 from sparselora_compile.passes.blocks import decoder_layers
 
 from .backend import BackendOptions, ddp_optimizer_active, sparselora_backend
+from .dynamic_dims import mark_call_inputs
 from .regions import Region, layer_signature
 
 log = logging.getLogger("sparselora_compile")
@@ -66,18 +67,24 @@ def compile_loss(model: torch.nn.Module, inner: str):
     plain = base.loss_function
     # Default Inductor settings, not `inductor_config`: the loss runs once per step, so host
     # settings gain nothing here.
-    base.loss_function = compiled = torch.compile(plain, backend=inner)
+    compiled = torch.compile(plain, backend=inner)
+
+    def loss(*args, **kwargs):
+        mark_call_inputs(args, kwargs, "logits")  # one compile for every length (dynamic_dims.py)
+        return compiled(*args, **kwargs)
+    base.loss_function = loss
 
     def undo():
         if before is None:
             base.__dict__.pop("_loss_function", None)
         else:
             base._loss_function = before
-    return undo, {id(compiled): plain}
+    return undo, {id(loss): plain}
 
 
 def _layer_call(compiled, prefix: str, run):
     def call(*args, **kwargs):
+        mark_call_inputs(args, kwargs, "hidden_states")  # one compile for every length (dynamic_dims.py)
         outer, run.layer_prefix = run.layer_prefix, prefix
         try:
             if ddp_optimizer_active():

@@ -40,6 +40,7 @@ from sparselora_compile.runtime.run import Run, RunStats
 
 from . import copying
 from .backend import BackendOptions, new_run
+from .dynamic_dims import mark_model_inputs
 from .policy import Policy
 
 
@@ -49,7 +50,8 @@ class SparseLoRAModel(torch.nn.Module):
     `uncompile()` removes them. See the module doc for what the wrapper forwards."""
 
     def __init__(self, model: torch.nn.Module, policy: Policy | None = None, regional: bool = True,
-                 cuda_graphs: bool = False, graph_bucket: int = 0, **options):
+                 cuda_graphs: bool = False, graph_bucket: int = 0, pad_to_multiple_of: int = 0,
+                 **options):
         super().__init__()
         if cuda_graphs and not regional:
             raise ValueError("sparselora: cuda_graphs=True graphs the regionally compiled "
@@ -59,6 +61,8 @@ class SparseLoRAModel(torch.nn.Module):
             refuse_sharded(model)
         if not isinstance(graph_bucket, int) or graph_bucket < 0:
             raise ValueError(f"sparselora: graph_bucket={graph_bucket!r} must be an int >= 0")
+        if not isinstance(pad_to_multiple_of, int) or pad_to_multiple_of < 0:
+            raise ValueError(f"sparselora: pad_to_multiple_of={pad_to_multiple_of!r} must be an int >= 0")
         if "run" in options or "region" in options:
             raise ValueError("sparselora: 'run' and 'region' are set by compile itself")
         if getattr(model, "_sparselora", None) is not None:
@@ -79,6 +83,7 @@ class SparseLoRAModel(torch.nn.Module):
         self.graphs = None
         self._graphs_now = None  # the graph set of the running forward
         self.graph_bucket = graph_bucket if cuda_graphs else 0
+        self.pad_to_multiple_of = pad_to_multiple_of
         self._padded = 0         # positions the running forward's batch was padded by
         if regional:
             from .regional import compile_layers, compile_loss
@@ -123,6 +128,7 @@ class SparseLoRAModel(torch.nn.Module):
         if self.regional:
             return self.model(*args, **kwargs)  # the glue runs in the model's hooks
         kwargs = self._begin(self.model, kwargs)
+        mark_model_inputs(kwargs)  # one compile for every length (dynamic_dims.py)
         out = None
         try:
             out = self._compiled(*args, **kwargs)
@@ -141,9 +147,9 @@ class SparseLoRAModel(torch.nn.Module):
         if torch.is_grad_enabled():
             self._warn_without_trainer_steps(kwargs)
         self._padded, score_mask = 0, kwargs.get("attention_mask")
-        if training and self.graph_bucket and model.training and run.sparse_now() and _graphable(
-                self.graphs, kwargs):
-            kwargs, self._padded, score_mask = pad_batch(kwargs, self.graph_bucket, _pad_id(model))
+        step = self._pad_step(run, kwargs) if torch.is_grad_enabled() and model.training else 0
+        if step:
+            kwargs, self._padded, score_mask = pad_batch(kwargs, step, _pad_id(model))
         run.labels, run.attention_mask = kwargs.get("labels"), score_mask
         if training:
             self._token_rows_ahead(run, kwargs)
@@ -151,6 +157,19 @@ class SparseLoRAModel(torch.nn.Module):
         if self._graphs_now is not None:
             self._graphs_now.begin(self._graph_key(run, model))
         return kwargs
+
+    def _pad_step(self, run: Run, kwargs) -> int:
+        """What a training batch's length is rounded up to (0: left as it is):
+        `pad_to_multiple_of`, and with graph buckets (regional, past the warm-up) the
+        bucket's step, rounded up to a multiple of the former."""
+        ids = kwargs.get("input_ids")
+        if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
+            return 0
+        step = self.pad_to_multiple_of
+        if self.regional and self.graph_bucket and run.sparse_now() and _graphable(self.graphs, kwargs):
+            bucket = bucket_step(ids.shape[1], self.graph_bucket)
+            step = -(-bucket // step) * step if step else bucket
+        return step
 
     def _end(self, output=None):
         """After a forward; returns its output (logits cut back to the unpadded length)."""
@@ -294,10 +313,10 @@ def _refuse_dora(model: torch.nn.Module) -> None:
 PADDABLE = ("input_ids", "labels", "attention_mask", "position_ids")
 
 
-def pad_batch(kwargs: dict, multiple: int, pad_id: int) -> tuple[dict, int, torch.Tensor | None]:
-    """Right-pad a batch's sequence length up to a multiple of `row_split.bucket_step`
-    (`multiple`, or an eighth of the length's power of two), so that CUDA graphs captured
-    for one length serve the nearby ones: `input_ids` with `pad_id`,
+def pad_batch(kwargs: dict, step: int, pad_id: int) -> tuple[dict, int, torch.Tensor | None]:
+    """Right-pad a batch's sequence length up to a multiple of `step` (for CUDA graph
+    buckets, `row_split.bucket_step`, so that graphs captured for one length serve the
+    nearby ones; for `pad_to_multiple_of`, an aligned length): `input_ids` with `pad_id`,
     `labels` with -100, `attention_mask` with 0, `position_ids` restarting at 0 (a new
     sequence, as packed batches mark them). Appended positions come after every real one,
     so under causal attention no real token sees them and the loss ignores them.
@@ -307,7 +326,7 @@ def pad_batch(kwargs: dict, multiple: int, pad_id: int) -> tuple[dict, int, torc
     shaped = [k for k, v in kwargs.items() if isinstance(v, torch.Tensor) and v.dim() >= 2]
     if ids is None or ids.dim() != 2 or any(k not in PADDABLE for k in shaped):
         return kwargs, 0, mask
-    n = (-ids.shape[1]) % bucket_step(ids.shape[1], multiple)
+    n = (-ids.shape[1]) % step
     if n == 0:
         return kwargs, 0, mask
     pad = lambda t, value: torch.nn.functional.pad(t, (0, n), value=value)  # noqa: E731
@@ -369,16 +388,20 @@ def _forward_with_signature(wrapper: SparseLoRAModel, model: torch.nn.Module):
 
 
 def compile(model: torch.nn.Module, policy: Policy | None = None, *, regional: bool = True,
-            cuda_graphs: bool = False, graph_bucket: int = 0, **options) -> SparseLoRAModel:
+            cuda_graphs: bool = False, graph_bucket: int = 0, pad_to_multiple_of: int = 0,
+            **options) -> SparseLoRAModel:
     """`regional`: compile one decoder layer per distinct plan and reuse it, in place (the
     model itself then trains sparse, see above); `cuda_graphs`: replay those layers as CUDA
     graphs in training (see above); `graph_bucket` (with cuda_graphs, opt-in): pad sequence
     lengths and round the token split's dense rows up to multiples of it, so that graphs
     captured for one batch serve batches of nearby lengths (0, the default: exact shapes;
-    README "CUDA graphs" has what bucketing measured). `options`: the
-    backend's (`backend.BackendOptions`)."""
+    README "CUDA graphs" has what bucketing measured); `pad_to_multiple_of` (opt-in):
+    right-pad every training batch's length to a multiple of it, as HF collators'
+    option of that name does (8 keeps Inductor's CUDA attention-mask alignment guard
+    from recompiling every layer graph at the first aligned length of packed rows).
+    `options`: the backend's (`backend.BackendOptions`)."""
     return SparseLoRAModel(model, policy, regional=regional, cuda_graphs=cuda_graphs,
-                           graph_bucket=graph_bucket, **options)
+                           graph_bucket=graph_bucket, pad_to_multiple_of=pad_to_multiple_of, **options)
 
 
 def run_of(model) -> Run:
