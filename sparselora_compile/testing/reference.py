@@ -1,7 +1,8 @@
 """The slow reference of a rewritten model: the eager model with forward hooks that apply
 the SparseLoRA semantics (DESIGN.md) using the selections the compiled run recorded.
 
-MLP:        down's input h becomes h ⊙ 1_S on context rows (its LoRA reads the same h).
+MLP:        down's input h becomes h ⊙ 1_S on context rows (its LoRA reads the same h); h is
+            act(gate) * up, or act(fc) in a non-gated MLP (down: proj, dense_4h_to_h, c_proj).
 Attention:  q/k/v base outputs keep channels idx_q/idx_k/idx_v on context rows (LoRA
             terms dense); o's base product reads only input channels idx_o.
 The channel sets are replayed, not re-scored: whatever estimator score chose them (for the
@@ -38,7 +39,7 @@ def _children(block: torch.nn.Module, roles) -> dict:
     return out
 
 
-MLP_ROLES = {"down": ("down_proj", "fc2", "w2")}
+MLP_ROLES = {"down": ("down_proj", "fc2", "w2", "dense_4h_to_h", "c_proj")}
 ATTN_ROLES = {"q": ("q_proj",), "k": ("k_proj",), "v": ("v_proj",), "o": ("o_proj", "out_proj")}
 
 
