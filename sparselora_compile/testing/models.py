@@ -1,6 +1,7 @@
-"""Small LoRA models for property tests: a gated MLP block and a grouped-query attention
-block (HF Llama layout: repeat_kv maps query head h to kv head h // n_rep), each inside
-`layers.<i>` so the backend reads a layer index, wrapped with PEFT LoRA."""
+"""Small LoRA models for property tests: MLP blocks (gated, Phi-3's fused gate_up, non-gated
+with Linear or GPT-2's Conv1D) and a grouped-query attention block (HF Llama layout:
+repeat_kv maps query head h to kv head h // n_rep), each inside `layers.<i>` so the backend
+reads a layer index, wrapped with PEFT LoRA."""
 from __future__ import annotations
 
 import torch
@@ -17,6 +18,50 @@ class GatedMLP(nn.Module):
 
     def forward(self, x):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class FusedGatedMLP(nn.Module):
+    """Phi-3's layout: one gate_up_proj whose output halves are gate and up."""
+
+    def __init__(self, hidden: int, d_ff: int, bias: bool = False):
+        super().__init__()
+        self.gate_up_proj = nn.Linear(hidden, 2 * d_ff, bias=bias)
+        self.down_proj = nn.Linear(d_ff, hidden, bias=bias)
+
+    def forward(self, x):
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(up * F.silu(gate))
+
+
+def _activation(name: str) -> nn.Module:
+    """transformers' activation modules, as the models hold them (gelu_tanh: GPT-2's
+    gelu_new, which Dynamo traces as arithmetic)."""
+    from transformers.activations import ACT2FN
+    return ACT2FN[{"gelu": "gelu", "gelu_tanh": "gelu_new", "relu": "relu"}[name]]
+
+
+class PlainMLP(nn.Module):
+    """fc -> act -> proj with biases: GPT-NeoX's names and Linear layers, or with `conv1d`
+    GPT-2's names and transformers' Conv1D (weight stored [in, out])."""
+
+    def __init__(self, hidden: int, d_ff: int, act: str = "gelu", conv1d: bool = False):
+        super().__init__()
+        self.names = ("c_fc", "c_proj") if conv1d else ("dense_h_to_4h", "dense_4h_to_h")
+        if conv1d:
+            from transformers.pytorch_utils import Conv1D
+            fc, proj = Conv1D(d_ff, hidden), Conv1D(hidden, d_ff)
+        else:
+            fc, proj = nn.Linear(hidden, d_ff), nn.Linear(d_ff, hidden)
+        for name, lin in zip(self.names, (fc, proj)):
+            fan_in = lin.weight.shape[0] if conv1d else lin.weight.shape[1]
+            nn.init.normal_(lin.weight, std=fan_in ** -0.5)  # Conv1D's std 0.02 is near zero
+            nn.init.normal_(lin.bias, std=0.1)
+            setattr(self, name, lin)
+        self.act = _activation(act)
+
+    def forward(self, x):
+        fc, proj = (getattr(self, n) for n in self.names)
+        return proj(self.act(fc(x)))
 
 
 class GQAttention(nn.Module):
@@ -63,12 +108,15 @@ class Stack(nn.Module):
         return x
 
 
-def with_lora(model: nn.Module, targets, r: int = 4, dropout: float = 0.0, seed: int = 0):
-    """PEFT LoRA on `targets`, with lora_B made non-zero so LoRA terms matter."""
+def with_lora(model: nn.Module, targets, r: int = 4, dropout: float = 0.0, seed: int = 0,
+              fan_in_fan_out: bool = False):
+    """PEFT LoRA on `targets`, with lora_B made non-zero so LoRA terms matter
+    (`fan_in_fan_out`: the targets are Conv1D layers, weight [in, out])."""
     from peft import LoraConfig, get_peft_model
     torch.manual_seed(seed)
     peft_model = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=dropout,
-                                                  target_modules=list(targets)))
+                                                  target_modules=list(targets),
+                                                  fan_in_fan_out=fan_in_fan_out))
     for name, p in peft_model.named_parameters():
         if "lora_B" in name:
             nn.init.normal_(p, std=0.2)
