@@ -123,6 +123,11 @@ def _plain(proj, by_output, out: Grouping, used: set) -> None:
     h = _channel_view_source(proj.x)
     found = _elementwise_from_site(h, by_output)
     if found is None:
+        fc = by_output.get(strip_casts(h.args[0])) if h.op == "call_function" and h.args else None
+        if fc is not None and id(fc) not in used and fc is not proj:  # one op we cannot vouch for
+            out.skipped.append(Skipped(common_prefix([fc.path, proj.path]), (
+                f"non-gated MLP with activation {getattr(h.target, '__name__', h.target)}: the "
+                f"estimator supports {', '.join(ACTIVATION_NAMES)}")))
         return
     fc, between = found
     if fc is proj or id(fc) in used or fc.out_features != proj.in_features:

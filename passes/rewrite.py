@@ -164,8 +164,11 @@ class Rewriter:
         graph = blk.scope.gm.graph
         if (blk.layout == "gated" and not any(site.adapters for site in s.values())
                 and list(h.users) == [s["down"].base] and blk.activation == "silu"):
-            self._fuse_frozen_mlp(pb, idx, rows)  # sparse_mlp computes silu(gate) * up only
+            self._fuse_frozen_mlp(pb, idx, rows)
             return
+        # The rest, fused gate_up and non-gated blocks included, take the per-product ops
+        # (their gathers run as Triton kernels on CUDA from k >= 512): sparse_mlp takes
+        # separate gate and up weights and computes silu(gate) * up only.
         if blk.layout == "gated_fused":  # intermediate channel j is rows j and j + d_ff
             with graph.inserting_before(s["gate_up"].base):
                 upper = graph.call_function(operator.add, (idx, blk.channels))

@@ -176,3 +176,23 @@ def test_reference_of_a_fused_mlp_is_the_masked_intermediate():
     with reference_semantics(model, {"layers.0.mlp": {"idx": idx, "dense_rows": rows}}):
         got = model(x)
     torch.testing.assert_close(got, x + mlp.down_proj(h))
+
+
+@pytest.mark.parametrize("kind", FAMILIES)
+def test_calibrate_counts_the_new_layouts_as_explain_does(kind):
+    model, inputs = tiny(kind), _inputs()
+    policy, report = slc.calibrate(model, inputs, 0.3, return_report=True, progress=False)
+    assert [b["kind"] for b in report["blocks"]] == ["mlp", "mlp"]
+    assert all(b["candidates"]["0.5"]["rel_err"] > 0 for b in report["blocks"])  # measured sparse
+    saved = slc.explain(model, **inputs, policy=policy, verbose=False).flops_saved
+    assert saved >= 0.3 and abs(report["flops_saved"] - saved) < 1e-6
+
+
+@pytest.mark.parametrize("act,named", [("quick_gelu", "QuickGELUActivation"), ("hardswish", "hardswish")])
+def test_explain_says_why_an_unscored_activation_stays_dense(act, named):
+    model = with_lora(Stack(PlainMLP(8, 16, act), "mlp"), ["dense_4h_to_h"])
+    x, labels = torch.randn(1, 4, 8), torch.full((1, 4), -100)
+    e = slc.explain(model, x=x, labels=labels, policy=POLICY, verbose=False)
+    assert e.blocks == []
+    (skip,) = [s for s in e.skipped if s["where"].endswith("layers.0.mlp")]
+    assert f"non-gated MLP with activation {named}" in skip["reason"]

@@ -34,10 +34,10 @@ class FusedGatedMLP(nn.Module):
 
 
 def _activation(name: str) -> nn.Module:
-    """transformers' activation modules, as the models hold them (gelu_tanh: GPT-2's
-    gelu_new, which Dynamo traces as arithmetic)."""
+    """transformers' activation modules by ACT2FN name, as the models hold them; gelu_tanh
+    is GPT-2's gelu_new, which Dynamo traces as arithmetic."""
     from transformers.activations import ACT2FN
-    return ACT2FN[{"gelu": "gelu", "gelu_tanh": "gelu_new", "relu": "relu"}[name]]
+    return ACT2FN[{"gelu_tanh": "gelu_new"}.get(name, name)]
 
 
 class PlainMLP(nn.Module):
