@@ -196,3 +196,33 @@ def test_explain_says_why_an_unscored_activation_stays_dense(act, named):
     assert e.blocks == []
     (skip,) = [s for s in e.skipped if s["where"].endswith("layers.0.mlp")]
     assert f"non-gated MLP with activation {named}" in skip["reason"]
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "phi3"])
+def test_activation_aware_factors_from_collected_moments(kind):
+    """Moments of Conv1D inputs are collected too, and the factors of a transposed weight or
+    of gate_up's halves are made from them (a fingerprint per moment: no SVD fallback)."""
+    model, inputs = tiny(kind), _inputs()
+    moments = slc.collect_moments(model, [inputs])
+    assert any(k.endswith("mlp.c_fc" if kind == "gpt2" else "mlp.gate_up_proj") for k in moments)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # a fallback to plain SVD warns
+        assert_rewrite_equivalent(model, inputs, slc.Policy(mlp=0.5, estimator="activation_aware"),
+                                  expect_blocks=2, moments=moments)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "phi3"])
+def test_activation_aware_refresh_after_warmup(kind):
+    """Warm-up moments refresh the factors in place when the warm-up ends."""
+    model = tiny(kind)
+    policy = slc.Policy(mlp=0.5, estimator="activation_aware", warmup_steps=1)
+    wrapped = slc.compile(model, policy, inner="aot_eager")
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            wrapped(**_inputs()).loss.backward()
+    assert not [w for w in said if "activation_aware" in str(w.message)]  # refreshed, no fallback
+    stats = wrapped.stats
+    assert stats.steps == 3 and stats.base_flops_executed < stats.base_flops_dense
+    assert sorted(k.rsplit(".", 2)[-2:][0] for k in wrapped.run.moments if k.endswith("mlp")) == ["0", "1"]
+    assert all(m.count for m in wrapped.run.moments.values())
