@@ -22,6 +22,8 @@ FUSED_MLP_ROLES = {"gate_up": "gate_up_proj", "down": "down_proj"}   # Phi-3
 # Non-gated MLPs by their linears' names: GPT-NeoX (Linear), GPT-2 (Conv1D)
 PLAIN_MLP_ROLES = ({"fc": "dense_h_to_4h", "proj": "dense_4h_to_h"}, {"fc": "c_fc", "proj": "c_proj"})
 ATTENTION_ROLES = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj"}
+# One [q | k | v] product: Phi-3, GPT-2 (GPT-NeoX interleaves them per head: not rewritten)
+FUSED_ATTENTION_ROLES = ({"qkv": "qkv_proj", "o": "o_proj"}, {"qkv": "c_attn", "o": "c_proj"})
 # "layers.29.mlp", "layers.29.self_attn": the reference's keys (any prefix is allowed).
 BLOCK_KEY = re.compile(r"^(?:.*\.)?layers\.(\d+)\.(mlp|self_attn|attention)$")
 
@@ -86,6 +88,7 @@ class Block:
     heads: tuple[int, int, int] | None = None  # attention: n_heads, n_kv_heads, head_dim
     activation: str = "silu"  # mlp: runtime.selection.ACTIVATIONS name of the gate's (fc's)
     layout: str = "gated"     # mlp: "gated", "gated_fused" or "plain" (group_mlps)
+    qkv_rows: tuple | None = None  # attention with one fused "qkv" site: q, k, v's (start, stop)
 
     @property
     def scope(self):
@@ -94,7 +97,7 @@ class Block:
     @property
     def channels(self) -> int:
         if self.kind != "mlp":
-            return self.sites["k"].out_features
+            return self.heads[1] * self.heads[2]
         first = next(iter(self.sites.values()))
         return first.out_features // 2 if self.layout == "gated_fused" else first.out_features
 
@@ -160,6 +163,10 @@ class ModuleBlock:
         gate_up), fc, or q, k and v."""
         if self.layout == "gated_fused":
             return list(out_in_weight(base_layer(self.linear("gate_up"))).chunk(2, 0))
+        if self.layout == "attention_fused":
+            i = self.info
+            n_q, n_kv = i.n_heads * i.head_dim, i.n_kv_heads * i.head_dim
+            return list(out_in_weight(base_layer(self.linear("qkv"))).split([n_q, n_kv, n_kv], 0))
         roles = {"gated": ("gate", "up"), "plain": ("fc",)}.get(self.layout, ("q", "k", "v"))
         return [out_in_weight(base_layer(self.linear(r))) for r in roles]
 
@@ -218,19 +225,36 @@ def module_blocks(layer: torch.nn.Module, prefix: str, index: int, num_layers: i
             info = BlockInfo(name=name, layer=index, kind="mlp", in_features=w.shape[1],
                              channels=channels, num_layers=num_layers, gated=layout != "plain")
             out.append(ModuleBlock(rel, info, mod, _frozen(mod, roles), roles, layout))
-        elif _has(mod, ATTENTION_ROLES):
-            if getattr(getattr(mod, "config", None), "_attn_implementation", None) == "eager":
-                continue  # no scaled_dot_product_attention in its graph: not rewritten
-            q, k = base_layer(mod.q_proj).weight, base_layer(mod.k_proj).weight
-            head_dim = _head_dim(mod)
-            if not head_dim:
-                continue
-            info = BlockInfo(name=name, layer=index, kind="attention", in_features=q.shape[1],
-                             channels=k.shape[0], num_layers=num_layers,
-                             n_heads=q.shape[0] // head_dim, n_kv_heads=k.shape[0] // head_dim,
-                             head_dim=head_dim)
-            out.append(ModuleBlock(rel, info, mod, _frozen(mod, ATTENTION_ROLES), ATTENTION_ROLES, "attention"))
+        else:
+            attention = _attention_block(rel, name, mod, index, num_layers)
+            if attention is not None:
+                out.append(attention)
     return out
+
+
+def _attention_block(rel, name, mod, index, num_layers) -> ModuleBlock | None:
+    """q, k, v, o; or a [q | k | v] product and o. Not eager attention: no
+    scaled_dot_product_attention in its graph, so the graph passes do not rewrite it."""
+    if getattr(getattr(mod, "config", None), "_attn_implementation", None) == "eager":
+        return None
+    fused = next((r for r in FUSED_ATTENTION_ROLES if _has(mod, r)), None)
+    roles = ATTENTION_ROLES if _has(mod, ATTENTION_ROLES) else fused
+    head_dim = _head_dim(mod) if roles else None
+    if not head_dim:
+        return None
+    o = out_in_weight(base_layer(getattr(mod, roles["o"])))
+    if fused is None:
+        q, k = (base_layer(getattr(mod, roles[r])).weight for r in ("q", "k"))
+        hidden, n_q, n_kv = q.shape[1], q.shape[0], k.shape[0]
+    else:
+        qkv = out_in_weight(base_layer(getattr(mod, roles["qkv"])))
+        hidden, n_q = qkv.shape[1], o.shape[1]
+        n_kv = (qkv.shape[0] - n_q) // 2
+    info = BlockInfo(name=name, layer=index, kind="attention", in_features=hidden, channels=n_kv,
+                     num_layers=num_layers, n_heads=n_q // head_dim, n_kv_heads=n_kv // head_dim,
+                     head_dim=head_dim)
+    layout = "attention" if fused is None else "attention_fused"
+    return ModuleBlock(rel, info, mod, _frozen(mod, roles), roles, layout)
 
 
 def _mlp_layout(mod) -> tuple[str, dict] | None:

@@ -2,6 +2,7 @@
 
 MLP:        down(act(gate(x)) * up(x)), its fused and non-gated layouts (group_mlps.py)
 Attention:  o(sdpa(q(x), k(x), v(x)) ...)   -> Block(kind="attention", q, k, v, o)
+            or q, k, v as row ranges of one product -> Block(kind="attention", qkv, o)
 
 Matching is structural on the FX graph (networkx for reachability); anything that does
 not fit is reported as skipped with the reason and left alone. So are blocks the method
@@ -19,6 +20,7 @@ import torch.fx as fx
 from .blocks import Block, Grouping, Skipped, common_prefix, layer_index
 from .find_sites import Site, dora_nodes, resumed_frame
 from .graphs import SDPA, SHAPE_METHODS, example_value, is_call, module_path, strip_casts
+from .fused_qkv import qkv_rows
 from .group_mlps import group_mlps
 
 DORA_REASON = ("DoRA adapter (use_dora=True){on}: DoRA rescales every output channel of "
@@ -97,9 +99,10 @@ EAGER_ATTENTION_REASON = (
     "attention is recognised, so q/k/v/o stay dense")
 ATTENTION_NAMES = {"q_proj", "k_proj", "v_proj", "o_proj"}
 FUSED_QKV_REASON = (
-    "fused q/k/v projection ({qkv}: one linear computes q, k and v, as Phi-3's qkv_proj, "
-    "GPT-NeoX's query_key_value, GPT-2's c_attn): sparse attention needs q, k and v as "
-    "separate linears, so this attention block stays dense")
+    "fused q/k/v projection ({qkv}) whose q, k and v are not contiguous ranges of its "
+    "output (GPT-NeoX's query_key_value interleaves them per head): only separate q/k/v "
+    "linears or [q | k | v] ranges (Phi-3's qkv_proj, GPT-2's c_attn) are supported, so "
+    "this attention block stays dense")
 
 
 def _eager_attention(graph: fx.Graph, unused: list) -> list[str]:
@@ -153,8 +156,7 @@ def _group_attention(graph, sites, by_output, out: Grouping, used: set) -> None:
         o = o_sites[0]
         name = common_prefix([q.path, k.path, v.path, o.path])
         if q is k is v:
-            out.skipped.append(Skipped(name, FUSED_QKV_REASON.format(qkv=q.name)))
-            used.update((id(q), id(o)))  # said here, not again as unrecognised linears
+            _fused_attention(flow, node, args, q, o, name, out, used)
             continue
         if len({id(q), id(k), id(v)}) != 3 or not (strip_casts(q.x) is strip_casts(k.x) is strip_casts(v.x)):
             out.skipped.append(Skipped(name, "q, k and v do not read the same input (cross attention)"))
@@ -172,3 +174,23 @@ def _group_attention(graph, sites, by_output, out: Grouping, used: set) -> None:
                     sdpa=node, heads=(n_heads, n_kv, head_dim))
         out.blocks.append(blk)
         used.update(id(s) for s in blk.sites.values())
+
+
+def _fused_attention(flow, node, args, qkv, o, name, out: Grouping, used: set) -> None:
+    """q, k and v are row ranges of one product (`fused_qkv`)."""
+    spans = qkv_rows(flow, args, qkv)
+    if spans is None:
+        out.skipped.append(Skipped(name, FUSED_QKV_REASON.format(qkv=qkv.name)))
+        used.update((id(qkv), id(o)))  # said here, not again as unrecognised linears
+        return
+    qv = example_value(args[0])
+    n_heads, head_dim = qv.shape[-3], qv.shape[-1]
+    n_q, n_k, n_v = (b - a for a, b in spans)
+    if n_q != n_heads * head_dim or n_k != n_v or n_k % head_dim or n_heads % (n_k // head_dim) \
+            or o.in_features != n_q:
+        out.skipped.append(Skipped(name, "fused q/k/v ranges are not grouped-query attention"))
+        return
+    blk = Block("attention", name, layer_index(name), {"qkv": qkv, "o": o}, sdpa=node,
+                heads=(n_heads, n_k // head_dim, head_dim), qkv_rows=spans)
+    out.blocks.append(blk)
+    used.update((id(qkv), id(o)))

@@ -8,7 +8,8 @@ MLP:       idx = select_mlp(x); gate/up base -> out_sparse_linear(x, W, b, idx);
            Non-gated fc -> act -> proj: idx = select_plain_mlp(x); fc as gate, proj as down.
            Conv1D (GPT-2) products read their [in, out] weight through a transposed view.
 Attention: idx_q/k/v/o = select_attention(x); q/k/v base -> out_sparse_linear;
-           o base -> in_sparse_linear
+           o base -> in_sparse_linear. A fused qkv product (Phi-3, GPT-2) keeps
+           idx_q/k/v shifted to the start of q's, k's and v's row ranges.
 LoRA branches are not touched. Estimator factors (A, B per projection, and for gate/up
 the residual variance, which the MLP score uses) enter as new graph inputs: the rewrite
 adds the placeholders and describes each in a `FactorRequest`; the backend computes the
@@ -86,6 +87,13 @@ class Rewriter:
                                                   transposed=site.conv1d, rows=rows))
         return tuple(node for _, node in added)
 
+    def _attention_factors(self, blk, scope: GraphScope) -> list:
+        """[A_q, B_q, A_k, B_k, A_v, B_v]: of q/k/v, or of the fused product's row ranges."""
+        s = blk.sites
+        if "qkv" in s:
+            return [f for span in blk.qkv_rows for f in self._factors(s["qkv"], scope, blk.name, rows=span)]
+        return [f for role in ("q", "k", "v") for f in self._factors(s[role], scope, blk.name)]
+
     def _mlp_factors(self, blk, scope: GraphScope) -> list:
         """[A_g, B_g, A_u, B_u, R_g, R_u] (select_mlp's order), or [A, B, R] of fc (plain)."""
         s = blk.sites
@@ -139,7 +147,7 @@ class Rewriter:
         if blk.kind == "mlp":
             factors = self._mlp_factors(blk, scope)
         else:
-            factors = [f for role in ("q", "k", "v") for f in self._factors(s[role], scope, blk.name)]
+            factors = self._attention_factors(blk, scope)
         with graph.inserting_before(first):
             xd, rows = self._prologue(scope, x)
             if blk.kind == "mlp":
@@ -154,8 +162,15 @@ class Rewriter:
                                       (xd, *factors, rows, pb.k, pb.k, n_heads, n_kv, head_dim,
                                        self.sid, self._op_name(blk.name)))
             iq, ik, iv, io = (graph.call_function(operator.getitem, (sel, i)) for i in range(4))
-        for role, idx in (("q", iq), ("k", ik), ("v", iv)):
-            self._swap_base(s[role], ops.out_sparse_linear.default, idx, rows)
+        if "qkv" in s:  # q, k, v are row ranges of one product: keep each one's rows
+            with graph.inserting_before(s["qkv"].base):
+                parts = [graph.call_function(operator.add, (idx, span[0]))
+                         for idx, span in zip((iq, ik, iv), blk.qkv_rows)]
+                kept = graph.call_function(torch.cat, (parts,))
+            self._swap_base(s["qkv"], ops.out_sparse_linear.default, kept, rows)
+        else:
+            for role, idx in (("q", iq), ("k", ik), ("v", iv)):
+                self._swap_base(s[role], ops.out_sparse_linear.default, idx, rows)
         self._swap_base(s["o"], ops.in_sparse_linear.default, io, rows)
 
     def _rewrite_mlp(self, pb, idx, rows):

@@ -1,6 +1,7 @@
 """GPT-NeoX and GPT-2 (non-gated MLPs; GPT-2's Conv1D) and Phi-3 (fused gate_up_proj)
-through the rewrite, against the reference semantics; their fused q/k/v attention stays
-dense and explain says why."""
+through the rewrite, against the reference semantics. Phi-3's and GPT-2's fused [q | k | v]
+attention is rewritten too; GPT-NeoX's (q, k, v interleaved per head) stays dense and
+explain says why."""
 import warnings
 
 import pytest
@@ -21,6 +22,7 @@ FAMILIES = ("neox", "gpt2", "phi3")
 TARGETS = {"neox": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],
            "gpt2": ["c_attn", "c_proj", "c_fc"],
            "phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]}
+BLOCKS = {"neox": 2, "gpt2": 4, "phi3": 4}  # two layers; NeoX's attention stays dense
 MLP_ONLY_FROZEN = {"neox": ["query_key_value", "dense"], "gpt2": ["c_attn"], "phi3": ["qkv_proj", "o_proj"]}
 
 
@@ -60,20 +62,21 @@ def _inputs():
 @pytest.mark.parametrize("kind", FAMILIES)
 def test_family_matches_the_reference(kind):
     model, inputs = tiny(kind), _inputs()
-    cmp = assert_rewrite_equivalent(model, inputs, POLICY, expect_blocks=2)
+    cmp = assert_rewrite_equivalent(model, inputs, POLICY, expect_blocks=BLOCKS[kind])
     dense = model(**inputs).loss.item()
     assert cmp.loss != pytest.approx(dense, rel=1e-5)  # the sparse MLPs changed something
 
 
 @pytest.mark.parametrize("kind", FAMILIES)
 def test_family_regional_matches_the_reference(kind):
-    assert_rewrite_equivalent(tiny(kind), _inputs(), POLICY, regional=True, expect_blocks=2)
+    assert_rewrite_equivalent(tiny(kind), _inputs(), POLICY, regional=True, expect_blocks=BLOCKS[kind])
 
 
 @pytest.mark.parametrize("kind", FAMILIES)
 def test_frozen_mlp_matches_the_reference(kind):
     """LoRA on attention only: the MLP's products are frozen, base and bias only."""
-    assert_rewrite_equivalent(tiny(kind, MLP_ONLY_FROZEN[kind]), _inputs(), POLICY, expect_blocks=2)
+    assert_rewrite_equivalent(tiny(kind, MLP_ONLY_FROZEN[kind]), _inputs(), POLICY,
+                              expect_blocks=BLOCKS[kind])
 
 
 def _train(kind, make_step):
@@ -109,13 +112,22 @@ def test_family_trains_through_torch_compile(kind):
     _train(kind, make)
 
 
-@pytest.mark.parametrize("kind,qkv", [("neox", "query_key_value"), ("gpt2", "c_attn"), ("phi3", "qkv_proj")])
-def test_explain_says_fused_qkv_attention_stays_dense(kind, qkv):
-    e = slc.explain(tiny(kind), **_inputs(), policy=POLICY, verbose=False)
+def test_explain_says_why_interleaved_qkv_attention_stays_dense():
+    e = slc.explain(tiny("neox"), **_inputs(), policy=POLICY, verbose=False)
     assert [b["kind"] for b in e.blocks] == ["mlp", "mlp"]
     fused = [s for s in e.skipped if s["reason"].startswith("fused q/k/v projection")]
-    assert len(fused) == 2 and all(qkv in s["reason"] for s in fused)
-    assert not any(qkv in s["where"] for s in e.skipped)  # said once, at the attention block
+    assert len(fused) == 2 and all("query_key_value" in s["reason"] for s in fused)
+    assert not any("query_key_value" in s["where"] for s in e.skipped)  # said at the block
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "phi3"])
+def test_explain_counts_fused_qkv_attention(kind):
+    e = slc.explain(tiny(kind), **_inputs(), policy=POLICY, verbose=False)
+    assert sorted(b["kind"] for b in e.blocks) == ["attention", "attention", "mlp", "mlp"]
+    attn = [b for b in e.blocks if b["kind"] == "attention"]
+    # channels: kv channels (GPT-2: 4 heads x 8; Phi-3: 2 kv heads x 8), half kept
+    assert [(b["channels"], b["k"]) for b in attn] == [(32, 16)] * 2 if kind == "gpt2" else [(16, 8)] * 2
+    assert all(b["sparse_flops"] < b["dense_flops"] for b in attn)
 
 
 # ---- the estimator scores the right channels -------------------------------------------
@@ -182,7 +194,8 @@ def test_reference_of_a_fused_mlp_is_the_masked_intermediate():
 def test_calibrate_counts_the_new_layouts_as_explain_does(kind):
     model, inputs = tiny(kind), _inputs()
     policy, report = slc.calibrate(model, inputs, 0.3, return_report=True, progress=False)
-    assert [b["kind"] for b in report["blocks"]] == ["mlp", "mlp"]
+    kinds = ["mlp", "mlp"] if kind == "neox" else ["attention", "mlp", "attention", "mlp"]
+    assert [b["kind"] for b in report["blocks"]] == kinds
     assert all(b["candidates"]["0.5"]["rel_err"] > 0 for b in report["blocks"])  # measured sparse
     saved = slc.explain(model, **inputs, policy=policy, verbose=False).flops_saved
     assert saved >= 0.3 and abs(report["flops_saved"] - saved) < 1e-6
@@ -207,8 +220,9 @@ def test_activation_aware_factors_from_collected_moments(kind):
     assert any(k.endswith("mlp.c_fc" if kind == "gpt2" else "mlp.gate_up_proj") for k in moments)
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)  # a fallback to plain SVD warns
-        assert_rewrite_equivalent(model, inputs, slc.Policy(mlp=0.5, estimator="activation_aware"),
-                                  expect_blocks=2, moments=moments)
+        assert_rewrite_equivalent(model, inputs, slc.Policy(mlp=0.5, attention=0.5,
+                                                            estimator="activation_aware"),
+                                  expect_blocks=4, moments=moments)
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "phi3"])
@@ -238,4 +252,5 @@ def test_bf16_autocast_checkpointing_dropout_matches_the_reference(kind):
     # embeddings as input: checkpointing needs an input that requires grad
     embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)
     assert_rewrite_equivalent(model, {"inputs_embeds": embeds, "labels": labels}, POLICY,
-                              autocast_dtype=torch.bfloat16, atol=3e-2, rtol=3e-2, expect_blocks=2)
+                              autocast_dtype=torch.bfloat16, atol=3e-2, rtol=3e-2,
+                              expect_blocks=BLOCKS[kind])
