@@ -1,7 +1,8 @@
 """Small LoRA models for property tests: MLP blocks (gated, Phi-3's fused gate_up, non-gated
-with Linear or GPT-2's Conv1D) and a grouped-query attention block (HF Llama layout:
-repeat_kv maps query head h to kv head h // n_rep), each inside `layers.<i>` so the backend
-reads a layer index, wrapped with PEFT LoRA."""
+with Linear or GPT-2's Conv1D) and grouped-query attention blocks, with separate q/k/v or
+one [q | k | v] product (HF Llama layout: repeat_kv maps query head h to kv head
+h // n_rep), each inside `layers.<i>` so the backend reads a layer index, wrapped with
+PEFT LoRA."""
 from __future__ import annotations
 
 import torch
@@ -64,6 +65,18 @@ class PlainMLP(nn.Module):
         return proj(self.act(fc(x)))
 
 
+def _grouped_query_attention(q, k, v, n_heads: int, n_kv: int, hd: int):
+    """SDPA over [b, t, heads * hd] q and [b, t, n_kv * hd] k, v (repeat_kv layout)."""
+    b, t, _ = q.shape
+    q = q.view(b, t, n_heads, hd).transpose(1, 2)
+    k, v = (z.view(b, t, n_kv, hd).transpose(1, 2) for z in (k, v))
+    rep = n_heads // n_kv
+    k = k[:, :, None].expand(b, n_kv, rep, t, hd).reshape(b, n_heads, t, hd)
+    v = v[:, :, None].expand(b, n_kv, rep, t, hd).reshape(b, n_heads, t, hd)
+    o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    return o.transpose(1, 2).reshape(b, t, -1)
+
+
 class GQAttention(nn.Module):
     def __init__(self, hidden: int, n_heads: int, n_kv_heads: int, head_dim: int, bias: bool = False):
         super().__init__()
@@ -74,15 +87,39 @@ class GQAttention(nn.Module):
         self.o_proj = nn.Linear(n_heads * head_dim, hidden, bias=bias)
 
     def forward(self, x):
-        b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.n_heads, self.hd).transpose(1, 2)
-        k = self.k_proj(x).view(b, t, self.n_kv, self.hd).transpose(1, 2)
-        v = self.v_proj(x).view(b, t, self.n_kv, self.hd).transpose(1, 2)
-        rep = self.n_heads // self.n_kv
-        k = k[:, :, None].expand(b, self.n_kv, rep, t, self.hd).reshape(b, self.n_heads, t, self.hd)
-        v = v[:, :, None].expand(b, self.n_kv, rep, t, self.hd).reshape(b, self.n_heads, t, self.hd)
-        o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return self.o_proj(o.transpose(1, 2).reshape(b, t, -1))
+        o = _grouped_query_attention(self.q_proj(x), self.k_proj(x), self.v_proj(x),
+                                     self.n_heads, self.n_kv, self.hd)
+        return self.o_proj(o)
+
+
+class FusedQKVAttention(nn.Module):
+    """One [q | k | v] product: Phi-3's qkv_proj and o_proj (Linear, sliced), or with
+    `conv1d` GPT-2's c_attn and c_proj (transformers' Conv1D, split)."""
+
+    def __init__(self, hidden: int, n_heads: int, n_kv_heads: int, head_dim: int,
+                 bias: bool = False, conv1d: bool = False):
+        super().__init__()
+        self.n_heads, self.n_kv, self.head_dim, self.conv1d = n_heads, n_kv_heads, head_dim, conv1d
+        self.widths = [n_heads * head_dim, n_kv_heads * head_dim, n_kv_heads * head_dim]
+        if conv1d:
+            from transformers.pytorch_utils import Conv1D
+            self.c_attn, self.c_proj = Conv1D(sum(self.widths), hidden), Conv1D(hidden, self.widths[0])
+            for lin in (self.c_attn, self.c_proj):  # Conv1D's std 0.02 is near zero
+                nn.init.normal_(lin.weight, std=lin.weight.shape[0] ** -0.5)
+                nn.init.normal_(lin.bias, std=0.1)
+        else:
+            self.qkv_proj = nn.Linear(hidden, sum(self.widths), bias=bias)
+            self.o_proj = nn.Linear(self.widths[0], hidden, bias=bias)
+
+    def forward(self, x):
+        if self.conv1d:
+            q, k, v = self.c_attn(x).split(self.widths, dim=2)
+        else:
+            qkv = self.qkv_proj(x)
+            n_q, n_kv = self.widths[:2]
+            q, k, v = qkv[..., :n_q], qkv[..., n_q:n_q + n_kv], qkv[..., n_q + n_kv:]
+        o = _grouped_query_attention(q, k, v, self.n_heads, self.n_kv, self.head_dim)
+        return (self.c_proj if self.conv1d else self.o_proj)(o)
 
 
 class Layer(nn.Module):

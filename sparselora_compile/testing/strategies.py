@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from sparselora_compile.policy import Policy
 
-from .models import FusedGatedMLP, GatedMLP, GQAttention, PlainMLP, Stack, with_lora
+from .models import FusedGatedMLP, FusedQKVAttention, GatedMLP, GQAttention, PlainMLP, Stack, with_lora
 
 
 @dataclass
@@ -111,6 +111,30 @@ def lora_attention_cases(draw, dtypes=(torch.float32,)):
     model = with_lora(Stack(block, "attention"), targets, r, dropout, seed).to(dtype)
     desc = (f"attention h={hidden} heads={n_kv * n_rep}/{n_kv} hd={head_dim} bias={bias} "
             f"lora={targets} r={r} p={dropout} {dtype}")
+    return Case(model, _inputs(draw, hidden, dtype), desc)
+
+
+@st.composite
+def lora_fused_attention_cases(draw, dtypes=(torch.float32,)):
+    """One [q | k | v] product: Linear sliced (Phi-3) or Conv1D split (GPT-2)."""
+    n_kv = draw(st.integers(1, 3))
+    n_rep = draw(st.sampled_from([1, 2, 3]))
+    head_dim = draw(st.sampled_from([4, 8]))
+    hidden = draw(st.sampled_from([8, 16]))
+    conv1d = draw(st.booleans())
+    bias = draw(st.booleans())
+    dtype = draw(st.sampled_from(dtypes))
+    qkv, o = ("c_attn", "c_proj") if conv1d else ("qkv_proj", "o_proj")
+    targets = draw(st.sampled_from([(qkv, o), (qkv,), (o,)]))
+    r = draw(st.integers(1, 4))
+    dropout = draw(st.sampled_from([0.0, 0.1]))
+    seed = draw(st.integers(0, 2**16))
+    torch.manual_seed(seed)
+    block = FusedQKVAttention(hidden, n_kv * n_rep, n_kv, head_dim, bias, conv1d)
+    model = with_lora(Stack(block, "attention"), targets, r, dropout, seed,
+                      fan_in_fan_out=conv1d).to(dtype)
+    desc = (f"fused attention h={hidden} heads={n_kv * n_rep}/{n_kv} hd={head_dim} bias={bias} "
+            f"conv1d={conv1d} lora={targets} r={r} p={dropout} {dtype}")
     return Case(model, _inputs(draw, hidden, dtype), desc)
 
 
