@@ -2,9 +2,9 @@
 compilation, calibration and explain.
 
 A block is an MLP (gate, up, down; gate_up, down; or fc, proj: `group_mlps` has the
-layouts) or a grouped-query attention (q, k, v, o) whose frozen base products the method
-sparsifies together. It is found two ways: in a Dynamo
-graph (`group_blocks` builds `Block`s from linear sites) and in the modules
+layouts) or a grouped-query attention (q, k, v, o; or one [q | k | v] product and o)
+whose frozen base products the method sparsifies together. It is found two ways: in a
+Dynamo graph (`group_blocks` builds `Block`s from linear sites) and in the modules
 (`module_blocks`, before anything is compiled). Both describe it to a policy as a
 `BlockInfo`, name it by the reference's key (`layers.N.mlp`, `layers.N.self_attn`) and
 count its FLOPs with `base_flops_per_token`.
@@ -87,8 +87,10 @@ class Block:
     sdpa: object = None
     heads: tuple[int, int, int] | None = None  # attention: n_heads, n_kv_heads, head_dim
     activation: str = "silu"  # mlp: runtime.selection.ACTIVATIONS name of the gate's (fc's)
-    layout: str = "gated"     # mlp: "gated", "gated_fused" or "plain" (group_mlps)
-    qkv_rows: tuple | None = None  # attention with one fused "qkv" site: q, k, v's (start, stop)
+    # mlp: "gated", "gated_fused" or "plain" (group_mlps); attention: "attention", or
+    # "attention_fused" with one "qkv" site whose rows (start, stop) of q, k, v are `qkv_rows`
+    layout: str = "gated"
+    qkv_rows: tuple | None = None
 
     @property
     def scope(self):
@@ -153,7 +155,7 @@ class ModuleBlock:
     module: torch.nn.Module
     frozen: bool   # every base weight of the block is frozen
     roles: dict = field(default_factory=dict)   # role -> child name, input side first
-    layout: str = "gated"                       # mlp: as Block.layout
+    layout: str = "gated"                       # as Block.layout
 
     def linear(self, role: str) -> torch.nn.Module:
         return getattr(self.module, self.roles[role])

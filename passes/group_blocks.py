@@ -171,7 +171,7 @@ def _group_attention(graph, sites, by_output, out: Grouping, used: set) -> None:
             out.skipped.append(Skipped(name, "q/k/v/o shapes are not grouped-query attention"))
             continue
         blk = Block("attention", name, layer_index(name), {"q": q, "k": k, "v": v, "o": o},
-                    sdpa=node, heads=(n_heads, n_kv, head_dim))
+                    sdpa=node, heads=(n_heads, n_kv, head_dim), layout="attention")
         out.blocks.append(blk)
         used.update(id(s) for s in blk.sites.values())
 
@@ -191,6 +191,6 @@ def _fused_attention(flow, node, args, qkv, o, name, out: Grouping, used: set) -
         out.skipped.append(Skipped(name, "fused q/k/v ranges are not grouped-query attention"))
         return
     blk = Block("attention", name, layer_index(name), {"qkv": qkv, "o": o}, sdpa=node,
-                heads=(n_heads, n_k // head_dim, head_dim), qkv_rows=spans)
+                heads=(n_heads, n_k // head_dim, head_dim), layout="attention_fused", qkv_rows=spans)
     out.blocks.append(blk)
     used.update((id(qkv), id(o)))

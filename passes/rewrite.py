@@ -44,7 +44,7 @@ class FactorRequest(NamedTuple):
     placeholders: tuple   # in the top graph
     scoped: tuple         # the same inputs as the site's own graph sees them
     transposed: bool = False        # the weight is stored [in, out] (Conv1D)
-    rows: Optional[tuple] = None    # (start, stop): the factors are of these rows (gate_up's halves)
+    rows: Optional[tuple] = None    # (start, stop): factors of these rows only (a half of gate_up, q/k/v of qkv)
 
     @property
     def residual(self) -> bool:
@@ -90,7 +90,7 @@ class Rewriter:
     def _attention_factors(self, blk, scope: GraphScope) -> list:
         """[A_q, B_q, A_k, B_k, A_v, B_v]: of q/k/v, or of the fused product's row ranges."""
         s = blk.sites
-        if "qkv" in s:
+        if blk.layout == "attention_fused":
             return [f for span in blk.qkv_rows for f in self._factors(s["qkv"], scope, blk.name, rows=span)]
         return [f for role in ("q", "k", "v") for f in self._factors(s[role], scope, blk.name)]
 
@@ -162,7 +162,7 @@ class Rewriter:
                                       (xd, *factors, rows, pb.k, pb.k, n_heads, n_kv, head_dim,
                                        self.sid, self._op_name(blk.name)))
             iq, ik, iv, io = (graph.call_function(operator.getitem, (sel, i)) for i in range(4))
-        if "qkv" in s:  # q, k, v are row ranges of one product: keep each one's rows
+        if blk.layout == "attention_fused":  # q, k, v are row ranges of one product
             with graph.inserting_before(s["qkv"].base):
                 parts = [graph.call_function(operator.add, (idx, span[0]))
                          for idx, span in zip((iq, ik, iv), blk.qkv_rows)]
