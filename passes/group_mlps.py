@@ -104,6 +104,8 @@ def _chunk_half(node: fx.Node, by_output) -> tuple | None:
     if not (is_call(node, {operator.getitem}) and node.args[1] in (0, 1)):
         return None
     c = node.args[0]
+    if not isinstance(c, fx.Node):
+        return None
     is_chunk = (c.op == "call_method" and c.target == "chunk") or is_call(c, {torch.chunk})
     if not is_chunk:
         return None
@@ -123,7 +125,8 @@ def _plain(proj, by_output, out: Grouping, used: set) -> None:
     h = _channel_view_source(proj.x)
     found = _elementwise_from_site(h, by_output)
     if found is None:
-        fc = by_output.get(strip_casts(h.args[0])) if h.op == "call_function" and h.args else None
+        first = h.args[0] if h.op == "call_function" and h.args else None
+        fc = by_output.get(strip_casts(first)) if isinstance(first, fx.Node) else None
         if fc is not None and id(fc) not in used and fc is not proj:  # one op we cannot vouch for
             out.skipped.append(Skipped(common_prefix([fc.path, proj.path]), (
                 f"non-gated MLP with activation {getattr(h.target, '__name__', h.target)}: the "
