@@ -22,7 +22,9 @@ FUSED_MLP_ROLES = {"gate_up": "gate_up_proj", "down": "down_proj"}   # Phi-3
 # Non-gated MLPs by their linears' names: GPT-NeoX (Linear), GPT-2 (Conv1D)
 PLAIN_MLP_ROLES = ({"fc": "dense_h_to_4h", "proj": "dense_4h_to_h"}, {"fc": "c_fc", "proj": "c_proj"})
 ATTENTION_ROLES = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj"}
-# One [q | k | v] product: Phi-3, GPT-2 (GPT-NeoX interleaves them per head: not rewritten)
+# One [q | k | v] product: Phi-3, GPT-2, GPT-BigCode (GPT-NeoX's interleaves them per head:
+# not listed; where the graph finds another layout behind these names it leaves the block
+# dense, and regional compilation drops it from the plan, regions.without_skipped)
 FUSED_ATTENTION_ROLES = ({"qkv": "qkv_proj", "o": "o_proj"}, {"qkv": "c_attn", "o": "c_proj"})
 # "layers.29.mlp", "layers.29.self_attn": the reference's keys (any prefix is allowed).
 BLOCK_KEY = re.compile(r"^(?:.*\.)?layers\.(\d+)\.(mlp|self_attn|attention)$")

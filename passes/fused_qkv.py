@@ -1,7 +1,8 @@
 """Which rows of a fused q/k/v projection q, k and v read.
 
 Phi-3 slices `qkv[..., :n_q]`, `qkv[..., n_q:n_q + n_kv]`, `qkv[..., n_q + n_kv:]`; GPT-2
-splits `c_attn(x).split(n_embd, dim=2)`. Either way each of q, k and v is a contiguous
+splits `c_attn(x).split(n_embd, dim=2)`; GPT-BigCode (multi-query) splits
+`c_attn(x).unsqueeze(1)` along its last dim. Either way each of q, k and v is a contiguous
 range of the product's output channels, so the attention rewrite can treat them as three
 products that share one GEMM. GPT-NeoX instead views its output as
 [..., heads, 3 * head_dim] and chunks per head (q, k, v interleaved): not a range, and
@@ -27,7 +28,7 @@ def qkv_rows(flow: nx.DiGraph, args, site) -> tuple | None:
     for a in args:
         reach = nx.ancestors(flow, a) | {a}
         readers = {n for n in reach if n not in source and any(i in source for i in n.all_input_nodes)}
-        span = _span(readers.pop(), reach, width) if len(readers) == 1 else None
+        span = _span(_past_views(readers.pop(), reach), reach, width) if len(readers) == 1 else None
         if span is None or span[0] >= span[1]:
             return None
         spans.append(span)
@@ -44,6 +45,22 @@ def _with_casts(node: fx.Node) -> set:
         out.add(n)
         todo += [u for u in n.users if is_cast(u)]
     return out
+
+
+def _past_views(node: fx.Node, reach: set) -> fx.Node:
+    """From `node` through re-views that keep the last dim (BigCode's unsqueeze(1))."""
+    while node.op == "call_method" and node.target in ("unsqueeze", "view", "reshape") and (
+            _same_last_dim(node, node.args[0])):
+        nxt = [u for u in node.users if u in reach]
+        if len(nxt) != 1:
+            break
+        node = nxt[0]
+    return node
+
+
+def _same_last_dim(a, b) -> bool:
+    va, vb = example_value(a), example_value(b)
+    return va is not None and vb is not None and va.shape[-1] == vb.shape[-1]
 
 
 def _last_dim(node: fx.Node, dim) -> bool:

@@ -100,7 +100,8 @@ EAGER_ATTENTION_REASON = (
 ATTENTION_NAMES = {"q_proj", "k_proj", "v_proj", "o_proj"}
 FUSED_QKV_REASON = (
     "fused q/k/v projection ({qkv}) whose q, k and v are not contiguous ranges of its "
-    "output (GPT-NeoX's query_key_value interleaves them per head): only separate q/k/v "
+    "output (GPT-NeoX's query_key_value and multi_query=False GPT-BigCode's c_attn "
+    "interleave them per head): only separate q/k/v "
     "linears or [q | k | v] ranges (Phi-3's qkv_proj, GPT-2's c_attn) are supported, so "
     "this attention block stays dense")
 

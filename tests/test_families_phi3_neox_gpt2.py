@@ -255,3 +255,27 @@ def test_bf16_autocast_checkpointing_dropout_matches_the_reference(kind):
     assert_rewrite_equivalent(model, {"inputs_embeds": embeds, "labels": labels}, POLICY,
                               autocast_dtype=torch.bfloat16, atol=3e-2, rtol=3e-2,
                               expect_blocks=BLOCKS[kind])
+
+
+def tiny_bigcode(multi_query: bool):
+    torch.manual_seed(0)
+    model = T.GPTBigCodeForCausalLM(T.GPTBigCodeConfig(
+        vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=64, multi_query=multi_query,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
+    model.config.use_cache = False
+    peft = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj", "c_fc"]))
+    for name, p in peft.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.1)
+    return peft.train()
+
+
+@pytest.mark.parametrize("regional", [False, True])
+@pytest.mark.parametrize("multi_query,blocks", [(True, 4), (False, 2)])
+def test_gpt_bigcode_matches_the_reference(multi_query, blocks, regional):
+    """Multi-query: c_attn(x).unsqueeze(1).split(...) is [q | k | v] (one kv head), rewritten.
+    Without it q, k, v interleave per head: the attention stays dense, and regional
+    compilation still runs (the modules list the block, the graph leaves it dense)."""
+    policy = slc.Policy(mlp=0.5, attention=0.5, k_multiple=1)
+    assert_rewrite_equivalent(tiny_bigcode(multi_query), _inputs(), policy, regional=regional,
+                              expect_blocks=blocks)
