@@ -279,3 +279,11 @@ def test_gpt_bigcode_matches_the_reference(multi_query, blocks, regional):
     policy = slc.Policy(mlp=0.5, attention=0.5, k_multiple=1)
     assert_rewrite_equivalent(tiny_bigcode(multi_query), _inputs(), policy, regional=regional,
                               expect_blocks=blocks)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "phi3"])
+def test_inductor_matches_the_reference(kind):
+    """End to end through Inductor (CPU code generation): Conv1D's transposed weight view,
+    the fused rows' index arithmetic and the sparse ops in one compiled layer."""
+    assert_rewrite_equivalent(tiny(kind, layers=1), _inputs(), POLICY, inner="inductor",
+                              regional=True, expect_blocks=2)
