@@ -19,8 +19,8 @@ import torch.fx as fx
 
 from .blocks import Block, Grouping, Skipped, common_prefix, layer_index
 from .find_sites import Site, dora_nodes, resumed_frame
-from .graphs import SDPA, SHAPE_METHODS, example_value, is_call, module_path, strip_casts
 from .fused_qkv import qkv_rows
+from .graphs import SDPA, SHAPE_METHODS, example_value, is_call, module_path, strip_casts
 from .group_mlps import group_mlps
 
 DORA_REASON = ("DoRA adapter (use_dora=True){on}: DoRA rescales every output channel of "
