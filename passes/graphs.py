@@ -33,6 +33,15 @@ def module_path(node: fx.Node) -> str | None:
     return s
 
 
+def module_type(node: fx.Node) -> str | None:
+    """Class name of the innermost module that produced `node` ("Conv1D", "GELUActivation")."""
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return None
+    t = list(stack.values())[-1][1]
+    return getattr(t, "__name__", None) or str(t).rsplit(".", 1)[-1].strip("'>")
+
+
 def example_value(node) -> torch.Tensor | None:
     if not isinstance(node, fx.Node):
         return None

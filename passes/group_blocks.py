@@ -1,7 +1,8 @@
 """Group sites into blocks the method knows.
 
-Gated MLP:  down(act(gate(x)) * up(x))      -> Block(kind="mlp", gate, up, down)
+MLP:        down(act(gate(x)) * up(x)), its fused and non-gated layouts (group_mlps.py)
 Attention:  o(sdpa(q(x), k(x), v(x)) ...)   -> Block(kind="attention", q, k, v, o)
+            or q, k, v as row ranges of one product -> Block(kind="attention", qkv, o)
 
 Matching is structural on the FX graph (networkx for reachability); anything that does
 not fit is reported as skipped with the reason and left alone. So are blocks the method
@@ -15,17 +16,12 @@ import warnings
 import networkx as nx
 import torch
 import torch.fx as fx
-import torch.nn.functional as F
 
-from .blocks import Block, Grouping, Skipped, layer_index
+from .blocks import Block, Grouping, Skipped, common_prefix, layer_index
 from .find_sites import Site, dora_nodes, resumed_frame
-from .graphs import MUL, SDPA, SHAPE_METHODS, example_value, is_call, module_path, strip_casts
-
-SILU = {F.silu, torch._C._nn.silu}
-GELU = {F.gelu, torch._C._nn.gelu}
-OTHER_ACTIVATIONS = {F.relu, torch.relu, torch.tanh, torch.sigmoid}
-# The gate activations the estimator scores (runtime.selection.ACTIVATIONS has the same names)
-ACTIVATION_NAMES = ("silu", "gelu", "gelu_tanh")
+from .fused_qkv import qkv_rows
+from .graphs import SDPA, SHAPE_METHODS, example_value, is_call, module_path, strip_casts
+from .group_mlps import group_mlps
 
 DORA_REASON = ("DoRA adapter (use_dora=True){on}: DoRA rescales every output channel of "
                "the layer by magnitude / ||W + scale * B A|| computed from the whole base weight, "
@@ -37,29 +33,6 @@ DORA_WARNING = ("sparselora: the model has DoRA adapters (use_dora=True), which 
 RESUMED_REASON = ("the graph resumes after a graph break inside a decoder layer{cause}, so the "
                   "block's layer, the batch's labels and the training step are unknown here; "
                   "the block stays dense (torch._dynamo.explain names the break)")
-
-
-def gate_activation(node: fx.Node) -> str | None:
-    """The estimator's name of a gate activation call (None: not one it scores):
-    silu, exact gelu, or gelu's tanh approximation (Gemma's `gelu_pytorch_tanh`)."""
-    if node.op != "call_function":
-        return None
-    if node.target in SILU:
-        return "silu"
-    if node.target in GELU:
-        approx = node.kwargs.get("approximate", node.args[1] if len(node.args) > 1 else "none")
-        return {"none": "gelu", "tanh": "gelu_tanh"}.get(approx)
-    return None
-
-
-def _common_prefix(paths) -> str:
-    parts = [p.split(".") for p in paths]
-    out = []
-    for cols in zip(*parts):
-        if len(set(cols)) != 1:
-            break
-        out.append(cols[0])
-    return ".".join(out)
 
 
 def _dataflow_cut_at(graph: fx.Graph, stops) -> nx.DiGraph:
@@ -99,7 +72,7 @@ def group_blocks(sites: list[Site]) -> Grouping:
     graph = sites[0].scope.gm.graph
     by_output = {strip_casts(s.output): s for s in sites}  # PEFT casts its result back
     used: set[int] = set()
-    _group_mlps(sites, by_output, out, used)
+    group_mlps(sites, by_output, out, used)
     _group_attention(graph, sites, by_output, out, used)
     dora_graph = check_dora(sites[0].scope, out)
     eager_attention = _eager_attention(graph, [s for s in sites if id(s) not in used])
@@ -125,6 +98,12 @@ EAGER_ATTENTION_REASON = (
     "e.g. Gemma2, whose logit softcapping needs attn_implementation='eager'): only SDPA "
     "attention is recognised, so q/k/v/o stay dense")
 ATTENTION_NAMES = {"q_proj", "k_proj", "v_proj", "o_proj"}
+FUSED_QKV_REASON = (
+    "fused q/k/v projection ({qkv}) whose q, k and v are not contiguous ranges of its "
+    "output (GPT-NeoX's query_key_value and multi_query=False GPT-BigCode's c_attn "
+    "interleave them per head): only separate q/k/v "
+    "linears or [q | k | v] ranges (Phi-3's qkv_proj, GPT-2's c_attn) are supported, so "
+    "this attention block stays dense")
 
 
 def _eager_attention(graph: fx.Graph, unused: list) -> list[str]:
@@ -162,49 +141,6 @@ def _unsupported(blk: Block, dora_graph: bool) -> str:
     return ""
 
 
-def _group_mlps(sites, by_output, out: Grouping, used: set) -> None:
-    for down in sites:
-        mul = strip_casts(down.x)
-        if not is_call(mul, MUL) or len(mul.args) != 2:
-            continue
-        a, b = (strip_casts(x) for x in mul.args)
-        if not isinstance(a, fx.Node) or not isinstance(b, fx.Node):
-            continue
-        for act, up_out in ((a, b), (b, a)):
-            activation = gate_activation(act)
-            if activation is not None:
-                gate = by_output.get(strip_casts(act.args[0]))
-                up = by_output.get(up_out)
-                break
-            if act.op == "call_function" and (act.target in OTHER_ACTIVATIONS or act.target in GELU):
-                out.skipped.append(Skipped(down.path, f"gated MLP with activation "
-                                                      f"{getattr(act.target, '__name__', act.target)}: "
-                                                      f"the estimator supports {', '.join(ACTIVATION_NAMES)}"))
-                gate = up = None
-                break
-        else:
-            continue
-        if gate is None or up is None:
-            continue
-        name = _common_prefix([gate.path, up.path, down.path])
-        if strip_casts(gate.x) is not strip_casts(up.x):
-            out.skipped.append(Skipped(name, "gate and up read different inputs"))
-            continue
-        outside = [u for u in mul.users if not _within(u, down)]
-        if outside:
-            out.skipped.append(Skipped(name, "the gated product is used outside down_proj"))
-            continue
-        blk = Block("mlp", name, layer_index(name), {"gate": gate, "up": up, "down": down}, mul=mul)
-        blk.activation = activation
-        out.blocks.append(blk)
-        used.update(id(s) for s in blk.sites.values())
-
-
-def _within(node: fx.Node, site: Site) -> bool:
-    p = module_path(node)
-    return node is site.base or (p is not None and (p == site.path or p.startswith(site.path + ".")))
-
-
 def _group_attention(graph, sites, by_output, out: Grouping, used: set) -> None:
     flow = _dataflow_cut_at(graph, set(by_output))
     for node in graph.nodes:
@@ -219,9 +155,12 @@ def _group_attention(graph, sites, by_output, out: Grouping, used: set) -> None:
             continue
         q, k, v = (next(iter(f)) for f in feeds)
         o = o_sites[0]
-        name = _common_prefix([q.path, k.path, v.path, o.path])
+        name = common_prefix([q.path, k.path, v.path, o.path])
+        if q is k is v:
+            _fused_attention(flow, node, args, q, o, name, out, used)
+            continue
         if len({id(q), id(k), id(v)}) != 3 or not (strip_casts(q.x) is strip_casts(k.x) is strip_casts(v.x)):
-            out.skipped.append(Skipped(name, "q, k and v do not read the same input (fused or cross attention)"))
+            out.skipped.append(Skipped(name, "q, k and v do not read the same input (cross attention)"))
             continue
         qv = example_value(args[0])
         n_heads, head_dim = qv.shape[-3], qv.shape[-1]
@@ -233,6 +172,26 @@ def _group_attention(graph, sites, by_output, out: Grouping, used: set) -> None:
             out.skipped.append(Skipped(name, "q/k/v/o shapes are not grouped-query attention"))
             continue
         blk = Block("attention", name, layer_index(name), {"q": q, "k": k, "v": v, "o": o},
-                    sdpa=node, heads=(n_heads, n_kv, head_dim))
+                    sdpa=node, heads=(n_heads, n_kv, head_dim), layout="attention")
         out.blocks.append(blk)
         used.update(id(s) for s in blk.sites.values())
+
+
+def _fused_attention(flow, node, args, qkv, o, name, out: Grouping, used: set) -> None:
+    """q, k and v are row ranges of one product (`fused_qkv`)."""
+    spans = qkv_rows(flow, args, qkv)
+    if spans is None:
+        out.skipped.append(Skipped(name, FUSED_QKV_REASON.format(qkv=qkv.name)))
+        used.update((id(qkv), id(o)))  # said here, not again as unrecognised linears
+        return
+    qv = example_value(args[0])
+    n_heads, head_dim = qv.shape[-3], qv.shape[-1]
+    n_q, n_k, n_v = (b - a for a, b in spans)
+    if n_q != n_heads * head_dim or n_k != n_v or n_k % head_dim or n_heads % (n_k // head_dim) \
+            or o.in_features != n_q:
+        out.skipped.append(Skipped(name, "fused q/k/v ranges are not grouped-query attention"))
+        return
+    blk = Block("attention", name, layer_index(name), {"qkv": qkv, "o": o}, sdpa=node,
+                heads=(n_heads, n_k // head_dim, head_dim), layout="attention_fused", qkv_rows=spans)
+    out.blocks.append(blk)
+    used.update((id(qkv), id(o)))

@@ -2,7 +2,8 @@
 autograd and autocast rule live together in its module:
 
 - token_rows.py       `token_rows`: the dense/context row split of a forward
-- select_channels.py  `select_mlp`, `select_attention`: the estimator's top-k channels
+- select_channels.py  `select_mlp`, `select_plain_mlp`, `select_attention`: the estimator's
+                      top-k channels
 - sparse_linear.py    `out_sparse_linear`, `in_sparse_linear`, `mask_channels` (+ grads)
 - sparse_mlp.py       `sparse_mlp` (+ grad): a frozen gated MLP without LoRA, at width k
 

@@ -1,6 +1,6 @@
 """MLP estimator scores with dispatch: the fused Triton estimator on CUDA (no [tokens x d_ff]
-tensor), the plain PyTorch version of `selection` elsewhere and for gate activations other
-than silu (the fused kernel computes silu only). (Attention scores need no
+tensor), the plain PyTorch version of `selection` elsewhere, for gate activations other
+than silu and for non-gated MLPs (the fused kernel computes silu(gate) * up only). (Attention scores need no
 kernel: `selection` gets q/k/v column norms from an r x r Gram matrix.)"""
 from __future__ import annotations
 
@@ -16,3 +16,9 @@ def mlp_scores(x, a_gate, b_gate, a_up, b_up, res_gate, res_up, split, joined=No
         scores = mlp_channel_scores_projected(xa, b_gate, b_up, res_gate, res_up)
         return selection.without_zeroed_rows(scores, split, res_gate, res_up)
     return selection.mlp_scores(x, a_gate, b_gate, a_up, b_up, res_gate, res_up, split, joined, act)
+
+
+def plain_mlp_scores(x, a, b, res, split, joined=None, act="gelu"):
+    """Non-gated MLPs: plain PyTorch on every device (a [tokens x d_ff] fp32 temporary;
+    the fused Triton estimator scores gated blocks only)."""
+    return selection.plain_mlp_scores(x, a, b, res, split, joined, act)

@@ -43,6 +43,28 @@ def _(x, a_gate, b_gate, a_up, b_up, res_gate, res_up, dense_rows, k, run, name,
 
 
 @op_no_grad
+def select_plain_mlp(x: Tensor, a: Tensor, b: Tensor, res: Tensor, dense_rows: Tensor, k: int,
+                     run: int, name: str, activation: str = "gelu") -> Tensor:
+    """Top-k intermediate channels of a non-gated MLP (fc -> act -> proj) by the estimator
+    score of act(fc) (`selection.plain_mlp_scores`); `res` [d_ff]: fc's residual variance."""
+    st = run_of(run)
+    name = st.block_name(name)
+    st.collect_input(name, x)
+    if st.sparse_now():
+        s = scores.plain_mlp_scores(x, a, b, res, st.splits.of(dense_rows), st.joined, act=activation)
+        idx = selection.top_channels(s, k)
+    else:  # as in select_mlp
+        idx = torch.arange(k, device=x.device)
+    _record(st, name, idx=idx, dense_rows=dense_rows)
+    return idx
+
+
+@fake(select_plain_mlp)
+def _(x, a, b, res, dense_rows, k, run, name, activation="gelu"):
+    return x.new_empty((k,), dtype=torch.int64)
+
+
+@op_no_grad
 def select_attention(x: Tensor, a_q: Tensor, b_q: Tensor, a_k: Tensor, b_k: Tensor,
                      a_v: Tensor, b_v: Tensor, dense_rows: Tensor, k_qk: int, k_v: int,
                      n_heads: int, n_kv_heads: int, head_dim: int, run: int,

@@ -94,11 +94,18 @@ def _gelu_tanh_and_grad(z):
     return 0.5 * z * (1 + t), grad
 
 
-# Gate activations of gated MLPs: name -> z -> (act(z), act'(z)). The names are the ones
-# passes.group_blocks records on a block (Gemma's gelu_pytorch_tanh is "gelu_tanh").
-ACTIVATIONS = {"silu": _silu_and_grad, "gelu": _gelu_and_grad, "gelu_tanh": _gelu_tanh_and_grad}
-# act(0)^2 + act'(0)^2 of each: what a zeroed row adds per unit σ²_gate σ²_up
-ZERO_ROW_TERM = {"silu": 0.25, "gelu": 0.25, "gelu_tanh": 0.25}
+def _relu_and_grad(z):
+    return z.clamp_min(0), (z > 0).to(z.dtype)
+
+
+# MLP activations (of the gate, or of fc in a non-gated MLP): name -> z -> (act(z), act'(z)).
+# The names are the ones passes.group_mlps records on a block (Gemma's gelu_pytorch_tanh
+# and GPT-2's gelu_new are "gelu_tanh").
+ACTIVATIONS = {"silu": _silu_and_grad, "gelu": _gelu_and_grad, "gelu_tanh": _gelu_tanh_and_grad,
+               "relu": _relu_and_grad}
+# act(0)^2 + act'(0)^2 of each: what a zeroed row adds per unit σ²_gate σ²_up (gated) or
+# per unit σ² (non-gated); relu'(0) is taken as 0, as autograd does
+ZERO_ROW_TERM = {"silu": 0.25, "gelu": 0.25, "gelu_tanh": 0.25, "relu": 0.0}
 
 
 def activation_and_grad(name: str):
@@ -133,6 +140,23 @@ def mlp_scores(x, a_gate, b_gate, a_up, b_up, res_gate, res_up, split: RowSplit,
         return (activation_and_grad(act)(g)[0] * u).square().sum(0)
     return without_zeroed_rows(corrected_gated_sq(g, u, res_gate, res_up, act).sum(0), split,
                                res_gate, res_up, act)
+
+
+def plain_mlp_scores(x, a, b, res, split: RowSplit, joined: JoinedFactors | None = None,
+                     act: str = "gelu") -> torch.Tensor:
+    """Non-gated MLP (fc -> act -> proj): per channel, sum over context tokens of the
+    expected act(fc)^2 under the low-rank estimate f̂ = x A B, to first order in the
+    residual: act(f̂)^2 + act'(f̂)^2 σ² (`res` [F], None for zeros: the squared L2 norm of
+    act(x A B), the gated score without its up factor)."""
+    f = scored_projection(x, (a,), split, joined) @ b
+    value, grad = activation_and_grad(act)(f)
+    if res is None:
+        return value.square().sum(0)
+    scores = (value.square() + grad.square() * res.float()).sum(0)
+    if split.n_unscored is None:
+        return scores
+    # rows `scored_rows` zeroed each added act(0)^2 + act'(0)^2 σ²
+    return scores - split.n_unscored * ZERO_ROW_TERM[act] * res.float()
 
 
 def without_zeroed_rows(scores, split: RowSplit, res_gate, res_up, act: str = "silu") -> torch.Tensor:

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from sparselora_compile.passes.blocks import BlockInfo, base_flops_per_token, base_layer, model_blocks
+from sparselora_compile.passes.blocks import BlockInfo, ModuleBlock, base_flops_per_token, model_blocks
 from sparselora_compile.runtime.row_split import compute_split
 
 from .policy import Policy
@@ -43,6 +43,7 @@ class _Block:
     kind: str          # "mlp" / "attention"
     module: torch.nn.Module
     info: BlockInfo
+    source: ModuleBlock | None = None  # its linears by role, its layout
     factors: tuple = ()
     x: torch.Tensor | None = None     # captured block input (dense run)
     y: torch.Tensor | None = None     # captured block output (dense run)
@@ -53,8 +54,8 @@ def find_blocks(model: torch.nn.Module) -> list[_Block]:
     """Every MLP and attention block of the model's decoder layers (`passes.blocks`)."""
     found = model_blocks(model)
     if not found:
-        raise ValueError("calibrate: no gated-MLP or attention blocks found in the model's decoder layers")
-    blocks = [_Block(b.info.name, b.info.key, b.info.layer, b.info.kind, b.module, b.info) for b in found]
+        raise ValueError("calibrate: no MLP or attention blocks found in the model's decoder layers")
+    blocks = [_Block(b.info.name, b.info.key, b.info.layer, b.info.kind, b.module, b.info, b) for b in found]
     blocks.sort(key=lambda b: (b.layer, b.kind))
     return blocks
 
@@ -112,7 +113,7 @@ class _Runner:
             for i, layer in enumerate(layers):
                 handles.append(layer.register_forward_pre_hook(pre(i), with_kwargs=True))
         for b in blocks:
-            first = b.module.gate_proj if b.kind == "mlp" else b.module.q_proj
+            first = b.source.linear(next(iter(b.source.roles)))  # reads the block's input
             handles.append(first.register_forward_pre_hook(
                 lambda m, args, b=b: setattr(b, "x", args[0].detach())))
             handles.append(b.module.register_forward_hook(
@@ -148,6 +149,12 @@ class _Runner:
 def _selection(block: _Block, k: int, dense_rows: torch.Tensor) -> dict:
     from sparselora_compile.runtime import selection
     x = block.x
+    if block.kind == "mlp" and block.source.layout == "plain":
+        # the modules do not say which activation runs; the non-gated families recognised
+        # (GPT-NeoX, GPT-2) use gelu or its tanh approximation, which rank alike
+        (a, b, r), = block.factors
+        scores = selection.plain_mlp_scores(x, a, b, r, compute_split(dense_rows), act="gelu")
+        return {"idx": selection.top_channels(scores, k), "dense_rows": dense_rows}
     if block.kind == "mlp":
         (ag, bg, rg), (au, bu, ru) = block.factors
         scores = selection.mlp_scores(x, ag, bg, au, bu, rg, ru, compute_split(dense_rows))
@@ -160,8 +167,7 @@ def _selection(block: _Block, k: int, dense_rows: torch.Tensor) -> dict:
 
 def _factors(block: _Block, rank: int):
     from sparselora_compile.runtime.estimator import estimator_factors
-    roles = ("gate_proj", "up_proj") if block.kind == "mlp" else ("q_proj", "k_proj", "v_proj")
-    return tuple(estimator_factors(base_layer(getattr(block.module, r)).weight, rank) for r in roles)
+    return tuple(estimator_factors(w, rank) for w in block.source.estimator_weights())
 
 
 # ---- the greedy ----------------------------------------------------------------------------

@@ -65,6 +65,7 @@ def factor_inputs(requests, weights, factor_fn, rename=None) -> "FactorInputs":
     rename = rename or (lambda p: p)
     inputs, slots = [], []
     for req, w in zip(requests, weights):
+        w = req.estimator_weight(w)  # [out, in]: Conv1D's transposed, one half of a fused gate_up
         path, block = rename(req.path), rename(req.block)
         a, b, r = factor_fn(w, path)
         made = (a, b, r)[: len(req.placeholders)]
@@ -118,9 +119,10 @@ def collect_moments(model: torch.nn.Module, batches, *, max_batches: int | None 
     moments: dict[str, SecondMoment] = {}
     handles = []
     for name, mod in model.named_modules():
-        if isinstance(mod, torch.nn.Linear) and not mod.weight.requires_grad:
+        conv1d = type(mod).__name__ == "Conv1D"  # transformers' (GPT-2): weight [in, out]
+        if (isinstance(mod, torch.nn.Linear) or conv1d) and not mod.weight.requires_grad:
             key = name[: -len(".base_layer")] if name.endswith(".base_layer") else name
-            moments[key] = SecondMoment(mod.in_features)
+            moments[key] = SecondMoment(mod.weight.shape[0] if conv1d else mod.in_features)
             handles.append(mod.register_forward_pre_hook(
                 lambda m, args, key=key: moments[key].update(args[0]) and None))
     n = 0

@@ -55,6 +55,15 @@ def report_signature(report, root: str) -> tuple:
     return tuple(sorted(sig, key=repr))
 
 
+def without_skipped(signature: tuple, report, root: str) -> tuple:
+    """`signature` less the blocks the graph passes found in the modules' places but left
+    dense with a reason (a layout they do not rewrite, e.g. GPT-BigCode's per-head q/k/v):
+    the layers of a group run the same code, so each layer leaves them dense alike."""
+    skipped = {s.where[len(root) + 1:] for s in report.skipped if s.where.startswith(root + ".")}
+    found = {b.name[len(root) + 1:] for b in report.found}
+    return tuple(e for e in signature if e[0] in found or e[0] not in skipped)
+
+
 @dataclass
 class LayerInputs:
     """The factor inputs of each layer that runs one compiled graph, made on the layer's

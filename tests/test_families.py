@@ -133,3 +133,21 @@ def test_gemma_blocks_are_scored_with_gelu_tanh(monkeypatch):
         warnings.simplefilter("ignore")
         compiled(input_ids=ids, labels=labels).loss.backward()
     assert seen and set(seen) == {"gelu_tanh"}
+
+
+@pytest.mark.parametrize("kind", ["Qwen2", "Mistral", "Olmo2"])
+def test_llama_like_families_match_the_reference(kind):
+    """SiLU-gated MLPs and SDPA grouped-query attention, as in Llama."""
+    torch.manual_seed(0)
+    cfg = getattr(T, kind + "Config")(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    model = getattr(T, kind + "ForCausalLM")(cfg)
+    model.config.use_cache = False
+    peft = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=ALL))
+    for name, p in peft.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.1)
+    ids, labels = batch()
+    assert_rewrite_equivalent(peft.train(), {"input_ids": ids, "labels": labels}, POLICY,
+                              expect_blocks=4)

@@ -8,20 +8,21 @@ from sparselora_compile.testing import assert_rewrite_equivalent
 from sparselora_compile.testing.models import GatedMLP, Stack, with_lora
 
 
-class PlainMLP(nn.Module):
-    """No gate, no attention: nothing the method knows."""
+class NormedMLP(nn.Module):
+    """A layer norm between the linears mixes the intermediate channels, so keeping some
+    of fc1's outputs is not the same as keeping fc2's inputs: nothing the method knows."""
 
     def __init__(self):
         super().__init__()
         self.fc1, self.fc2 = nn.Linear(16, 32), nn.Linear(32, 16)
 
     def forward(self, x):
-        return self.fc2(F.gelu(self.fc1(x)))
+        return self.fc2(F.layer_norm(F.gelu(self.fc1(x)), (32,)))
 
 
-def test_plain_mlp_is_left_alone():
+def test_channel_mixing_mlp_is_left_alone():
     torch.manual_seed(0)
-    model = with_lora(PlainMLP(), ["fc1"])
+    model = with_lora(NormedMLP(), ["fc1"])
     x = torch.randn(2, 5, 16)
     policy = slc.Policy(mlp=0.5, attention=0.5)
     compiled = torch.compile(model, backend="sparselora", options={"policy": policy, "inner": "aot_eager"})

@@ -1,5 +1,7 @@
-"""Hypothesis over whole-block rewrites: generated LoRA MLP and GQA attention blocks and
-policies, each checked against the reference semantics, forward and gradients."""
+"""Hypothesis over whole-block rewrites: generated LoRA MLP blocks (gated, fused gate_up,
+non-gated with Linear or Conv1D) and GQA attention blocks (separate q/k/v, or one
+[q | k | v] Linear or Conv1D) and policies, each checked against the reference
+semantics, forward and gradients."""
 from hypothesis import HealthCheck, given, settings
 
 from sparselora_compile.testing import assert_rewrite_equivalent
@@ -31,3 +33,31 @@ def test_mlp_block_rewrite_equivalent(case, policy):
 def test_attention_block_rewrite_equivalent(case, policy):
     assert_rewrite_equivalent(case.model, case.inputs, policy,
                               expect_blocks=_expected_blocks(case, policy))
+
+
+def _expected_from_modules(case, policy):
+    """1 if the policy sparsifies the case's one block (read from the modules), else 0."""
+    from sparselora_compile.passes.blocks import model_blocks
+    (mb,) = model_blocks(case.model)
+    return int(policy.kept_channels(mb.info, policy.sparsity_for(mb.info)) < mb.info.channels)
+
+
+@SETTINGS
+@given(sst.lora_fused_mlp_cases(), sst.policies())
+def test_fused_gate_up_mlp_rewrite_equivalent(case, policy):
+    assert_rewrite_equivalent(case.model, case.inputs, policy,
+                              expect_blocks=_expected_from_modules(case, policy))
+
+
+@SETTINGS
+@given(sst.lora_plain_mlp_cases(), sst.policies())
+def test_plain_mlp_rewrite_equivalent(case, policy):
+    assert_rewrite_equivalent(case.model, case.inputs, policy,
+                              expect_blocks=_expected_from_modules(case, policy))
+
+
+@SETTINGS
+@given(sst.lora_fused_attention_cases(), sst.policies())
+def test_fused_qkv_attention_rewrite_equivalent(case, policy):
+    assert_rewrite_equivalent(case.model, case.inputs, policy,
+                              expect_blocks=_expected_from_modules(case, policy))

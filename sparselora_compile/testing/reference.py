@@ -1,7 +1,8 @@
 """The slow reference of a rewritten model: the eager model with forward hooks that apply
 the SparseLoRA semantics (DESIGN.md) using the selections the compiled run recorded.
 
-MLP:        down's input h becomes h ⊙ 1_S on context rows (its LoRA reads the same h).
+MLP:        down's input h becomes h ⊙ 1_S on context rows (its LoRA reads the same h); h is
+            act(gate) * up, or act(fc) in a non-gated MLP (down: proj, dense_4h_to_h, c_proj).
 Attention:  q/k/v base outputs keep channels idx_q/idx_k/idx_v on context rows (LoRA
             terms dense); o's base product reads only input channels idx_o.
 The channel sets are replayed, not re-scored: whatever estimator score chose them (for the
@@ -13,7 +14,7 @@ import contextlib
 
 import torch
 
-from sparselora_compile.passes.blocks import base_layer
+from sparselora_compile.passes.blocks import base_layer, out_in_weight
 from sparselora_compile.runtime.sparse_linear import mask_reference, out_sparse_reference
 
 
@@ -38,8 +39,16 @@ def _children(block: torch.nn.Module, roles) -> dict:
     return out
 
 
-MLP_ROLES = {"down": ("down_proj", "fc2", "w2")}
+MLP_ROLES = {"down": ("down_proj", "fc2", "w2", "dense_4h_to_h", "c_proj")}
 ATTN_ROLES = {"q": ("q_proj",), "k": ("k_proj",), "v": ("v_proj",), "o": ("o_proj", "out_proj")}
+FUSED_ATTN_ROLES = {"qkv": ("qkv_proj", "c_attn"), "o": ("o_proj", "c_proj")}
+
+
+def _fused_qkv_rows(qkv: torch.nn.Module, o: torch.nn.Module, sel: dict) -> torch.Tensor:
+    """The kept rows of a [q | k | v] product: idx_q, then idx_k and idx_v shifted."""
+    n_q = out_in_weight(o).shape[1]
+    n_kv = (out_in_weight(qkv).shape[0] - n_q) // 2
+    return torch.cat([sel["idx_q"], sel["idx_k"] + n_q, sel["idx_v"] + n_q + n_kv])
 
 
 @contextlib.contextmanager
@@ -56,12 +65,15 @@ def reference_semantics(model: torch.nn.Module, record: dict):
                 handles.append(down.register_forward_pre_hook(
                     lambda m, args, idx=idx, rows=rows: (mask_reference(args[0], idx, rows), *args[1:])))
                 continue
-            mods = _children(block, ATTN_ROLES)
-            for role in ("q", "k", "v"):
-                lin, idx = base_layer(mods[role]), sel[f"idx_{role}"]
-                handles.append(lin.register_forward_hook(
-                    lambda m, args, out, idx=idx, rows=rows: out_sparse_reference(args[0], m.weight, m.bias, idx, rows)))
-            handles.append(base_layer(mods["o"]).register_forward_pre_hook(
+            fused = not any(hasattr(block, n) for n in ATTN_ROLES["q"])
+            mods = {r: base_layer(m) for r, m in _children(block, FUSED_ATTN_ROLES if fused else ATTN_ROLES).items()}
+            kept = ({"qkv": _fused_qkv_rows(mods["qkv"], mods["o"], sel)} if fused
+                    else {r: sel[f"idx_{r}"] for r in ("q", "k", "v")})
+            for role, idx in kept.items():
+                handles.append(mods[role].register_forward_hook(
+                    lambda m, args, out, idx=idx, rows=rows:
+                    out_sparse_reference(args[0], out_in_weight(m), m.bias, idx, rows)))
+            handles.append(mods["o"].register_forward_pre_hook(
                 lambda m, args, idx=sel["idx_o"], rows=rows: (mask_reference(args[0], idx, rows), *args[1:])))
         yield model
     finally:

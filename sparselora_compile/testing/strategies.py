@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from sparselora_compile.policy import Policy
 
-from .models import GatedMLP, GQAttention, Stack, with_lora
+from .models import FusedGatedMLP, FusedQKVAttention, GatedMLP, GQAttention, PlainMLP, Stack, with_lora
 
 
 @dataclass
@@ -56,6 +56,44 @@ def lora_mlp_cases(draw, dtypes=(torch.float32,)):
 
 
 @st.composite
+def lora_fused_mlp_cases(draw, dtypes=(torch.float32,)):
+    """Phi-3's MLP layout: gate_up_proj (halves gate, up) and down_proj."""
+    hidden = draw(st.sampled_from([8, 16, 24]))
+    d_ff = draw(st.integers(4, 32))
+    bias = draw(st.booleans())
+    dtype = draw(st.sampled_from(dtypes))
+    targets = draw(st.sampled_from([("gate_up_proj", "down_proj"), ("gate_up_proj",), ("down_proj",)]))
+    r = draw(st.integers(1, 6))
+    dropout = draw(st.sampled_from([0.0, 0.1]))
+    seed = draw(st.integers(0, 2**16))
+    torch.manual_seed(seed)
+    model = with_lora(Stack(FusedGatedMLP(hidden, d_ff, bias), "mlp"), targets, r, dropout, seed).to(dtype)
+    desc = f"fused mlp h={hidden} d_ff={d_ff} bias={bias} lora={targets} r={r} p={dropout} {dtype}"
+    return Case(model, _inputs(draw, hidden, dtype), desc)
+
+
+@st.composite
+def lora_plain_mlp_cases(draw, dtypes=(torch.float32,)):
+    """Non-gated fc -> act -> proj with biases: Linear (GPT-NeoX) or Conv1D (GPT-2)."""
+    hidden = draw(st.sampled_from([8, 16, 24]))
+    d_ff = draw(st.integers(4, 48))
+    conv1d = draw(st.booleans())
+    act = draw(st.sampled_from(["gelu", "gelu_tanh", "relu"]))
+    dtype = draw(st.sampled_from(dtypes))
+    fc, proj = ("c_fc", "c_proj") if conv1d else ("dense_h_to_4h", "dense_4h_to_h")
+    targets = draw(st.sampled_from([(fc, proj), (fc,), (proj,)]))
+    r = draw(st.integers(1, 6))
+    dropout = draw(st.sampled_from([0.0, 0.1]))
+    seed = draw(st.integers(0, 2**16))
+    torch.manual_seed(seed)
+    model = with_lora(Stack(PlainMLP(hidden, d_ff, act, conv1d), "mlp"), targets, r, dropout, seed,
+                      fan_in_fan_out=conv1d).to(dtype)
+    desc = (f"plain mlp h={hidden} d_ff={d_ff} act={act} conv1d={conv1d} lora={targets} r={r} "
+            f"p={dropout} {dtype}")
+    return Case(model, _inputs(draw, hidden, dtype), desc)
+
+
+@st.composite
 def lora_attention_cases(draw, dtypes=(torch.float32,)):
     n_kv = draw(st.integers(1, 3))
     n_rep = draw(st.sampled_from([1, 2, 3]))
@@ -74,6 +112,30 @@ def lora_attention_cases(draw, dtypes=(torch.float32,)):
     model = with_lora(Stack(block, "attention"), targets, r, dropout, seed).to(dtype)
     desc = (f"attention h={hidden} heads={n_kv * n_rep}/{n_kv} hd={head_dim} bias={bias} "
             f"lora={targets} r={r} p={dropout} {dtype}")
+    return Case(model, _inputs(draw, hidden, dtype), desc)
+
+
+@st.composite
+def lora_fused_attention_cases(draw, dtypes=(torch.float32,)):
+    """One [q | k | v] product: Linear sliced (Phi-3) or Conv1D split (GPT-2)."""
+    n_kv = draw(st.integers(1, 3))
+    n_rep = draw(st.sampled_from([1, 2, 3]))
+    head_dim = draw(st.sampled_from([4, 8]))
+    hidden = draw(st.sampled_from([8, 16]))
+    conv1d = draw(st.booleans())
+    bias = draw(st.booleans())
+    dtype = draw(st.sampled_from(dtypes))
+    qkv, o = ("c_attn", "c_proj") if conv1d else ("qkv_proj", "o_proj")
+    targets = draw(st.sampled_from([(qkv, o), (qkv,), (o,)]))
+    r = draw(st.integers(1, 4))
+    dropout = draw(st.sampled_from([0.0, 0.1]))
+    seed = draw(st.integers(0, 2**16))
+    torch.manual_seed(seed)
+    block = FusedQKVAttention(hidden, n_kv * n_rep, n_kv, head_dim, bias, conv1d)
+    model = with_lora(Stack(block, "attention"), targets, r, dropout, seed,
+                      fan_in_fan_out=conv1d).to(dtype)
+    desc = (f"fused attention h={hidden} heads={n_kv * n_rep}/{n_kv} hd={head_dim} bias={bias} "
+            f"conv1d={conv1d} lora={targets} r={r} p={dropout} {dtype}")
     return Case(model, _inputs(draw, hidden, dtype), desc)
 
 
