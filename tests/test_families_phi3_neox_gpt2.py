@@ -168,7 +168,7 @@ def test_fused_gate_up_scores_gate_then_up_halves():
     mlp = FusedGatedMLP(16, 12)
     model = with_lora(Stack(mlp, "mlp"), ["down_proj"])
     x, labels = torch.randn(2, 6, 16), torch.full((2, 6), -100)
-    idx, _ = _selection(model, x, labels, slc.Policy(mlp=0.5, rank=16, k_multiple=1,
+    idx, _ = _selection(model, x, labels, slc.Policy(mlp=0.5, rank=12, k_multiple=1,
                                                      dense_output_tokens=False))
     g, u = (x.reshape(-1, 16) @ mlp.gate_up_proj.weight.t()).chunk(2, -1)
     torch.testing.assert_close(idx, _top((F.silu(g) * u).square().sum(0), idx.numel()))
