@@ -249,21 +249,23 @@ def env(device) -> dict:
 
 
 def merge(paths, out):
-    """One file from the 1-GPU and N-GPU launches, with the ratios the issue asks for."""
+    """One file from the 1-GPU and N-GPU launches, with the ratios the issue asks for:
+    tokens/s against one GPU, and sparse against dense, per engine and batch stream."""
     runs = [json.loads(Path(p).read_text()) for p in paths]
-    timed_all = [r for run in runs for r in run["timed"]]
-    by = {(r["engine"], r["variant"]): r for r in timed_all}
+    timed_all = [r for run in runs for r in run["timed"] if "error" not in r]
+    by = {(r["engine"], r["variant"], r["batches"]): r for r in timed_all}
     ratios = {}
-    for (engine, variant), r in by.items():
-        one = by.get(("single", variant))
+    for (engine, variant, batches), r in by.items():
+        one = by.get(("single", variant, batches))
         if engine != "single" and one:
-            ratios[f"{engine}/{variant}: tokens/s vs one GPU"] = round(
+            ratios[f"{engine}/{variant} [{batches}]: tokens/s vs one GPU"] = round(
                 r["tokens_per_s"] / one["tokens_per_s"], 3)
-        dense = by.get((engine, "dense"))
-        if variant != "dense" and dense and r["batches"] == dense["batches"]:
-            ratios[f"{engine}/{variant}: sparse/dense speed"] = round(dense["mean_ms"] / r["mean_ms"], 3)
+        base = by.get((engine, "dense", batches)) or by.get((engine, "sparse", batches))
+        if variant != "dense" and base and base is not r:
+            ratios[f"{engine}/{variant} vs {base['variant']} [{batches}]"] = round(
+                base["mean_ms"] / r["mean_ms"], 3)
     merged = {"launches": [{k: v for k, v in run.items() if k != "timed"} for run in runs],
-              "timed": timed_all, "ratios": ratios}
+              "timed": [r for run in runs for r in run["timed"]], "ratios": ratios}
     Path(out).write_text(json.dumps(merged, indent=1))
     for k, v in ratios.items():
         print(f"{k}: {v}")
