@@ -8,7 +8,6 @@ Each rank saves what it saw to `<out>/<rank>.pt`; the tests here read those and 
 checkpoint that rank 0 wrote.
 """
 import os
-import socket
 import subprocess
 import sys
 
@@ -66,15 +65,9 @@ def _worker(out):
     dist.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    from test_distributed import CHILD_ENV
+    from test_distributed import CHILD_ENV, _free_port
     out = str(tmp_path_factory.mktemp("dist_trainer"))
     env = {**os.environ, **CHILD_ENV}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", str(WORLD),
