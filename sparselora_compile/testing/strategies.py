@@ -59,7 +59,7 @@ def lora_mlp_cases(draw, dtypes=(torch.float32,)):
 def lora_fused_mlp_cases(draw, dtypes=(torch.float32,)):
     """Phi-3's MLP layout: gate_up_proj (halves gate, up) and down_proj."""
     hidden = draw(st.sampled_from([8, 16, 24]))
-    d_ff = draw(st.integers(4, 32))
+    d_ff = draw(st.integers(8, 32))  # >= the policies' largest estimator rank
     bias = draw(st.booleans())
     dtype = draw(st.sampled_from(dtypes))
     targets = draw(st.sampled_from([("gate_up_proj", "down_proj"), ("gate_up_proj",), ("down_proj",)]))
@@ -76,7 +76,7 @@ def lora_fused_mlp_cases(draw, dtypes=(torch.float32,)):
 def lora_plain_mlp_cases(draw, dtypes=(torch.float32,)):
     """Non-gated fc -> act -> proj with biases: Linear (GPT-NeoX) or Conv1D (GPT-2)."""
     hidden = draw(st.sampled_from([8, 16, 24]))
-    d_ff = draw(st.integers(4, 48))
+    d_ff = draw(st.integers(8, 48))  # >= the policies' largest estimator rank
     conv1d = draw(st.booleans())
     act = draw(st.sampled_from(["gelu", "gelu_tanh", "relu"]))
     dtype = draw(st.sampled_from(dtypes))
@@ -120,7 +120,8 @@ def lora_fused_attention_cases(draw, dtypes=(torch.float32,)):
     """One [q | k | v] product: Linear sliced (Phi-3) or Conv1D split (GPT-2)."""
     n_kv = draw(st.integers(1, 3))
     n_rep = draw(st.sampled_from([1, 2, 3]))
-    head_dim = draw(st.sampled_from([4, 8]))
+    # n_kv * head_dim >= 8: the policies' estimator rank goes up to 8 (and defaults to 8)
+    head_dim = draw(st.sampled_from([4, 8] if n_kv > 1 else [8]))
     hidden = draw(st.sampled_from([8, 16]))
     conv1d = draw(st.booleans())
     bias = draw(st.booleans())
