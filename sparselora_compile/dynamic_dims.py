@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import torch
 
+DEFAULT = True  # `slc.compile(dynamic=None)`; the CPU tests compile static (tests/conftest.py)
+
 
 def _dims(t: torch.Tensor, batch: int, seq: int) -> list[int]:
     # The last dim of a float activation of rank <= 3 holds features (hidden states,

@@ -24,7 +24,8 @@ from .regions import Region, layer_signature
 log = logging.getLogger("sparselora_compile")
 
 
-def compile_layers(model: torch.nn.Module, opts: BackendOptions, options: dict) -> list:
+def compile_layers(model: torch.nn.Module, opts: BackendOptions, options: dict,
+                   dynamic: bool = True) -> list:
     """Compile every decoder layer of `model` in place, one backend per plan signature,
     all sharing `opts.run`. Returns the layers (for `uncompile_layers`)."""
     layers = decoder_layers(model)
@@ -50,11 +51,11 @@ def compile_layers(model: torch.nn.Module, opts: BackendOptions, options: dict) 
         for prefix in members:
             layer = by_prefix[prefix]
             layer._compiled_call_impl = _layer_call(torch.compile(layer._call_impl, backend=backends[sig]),
-                                                    prefix, run)
+                                                    prefix, run, dynamic)
     return list(by_prefix.values())
 
 
-def compile_loss(model: torch.nn.Module, inner: str):
+def compile_loss(model: torch.nn.Module, inner: str, dynamic: bool = True):
     """Compile the eager tail's loss (HF's `loss_function`: fp32 upcast of the logits, then
     cross-entropy) with the inner compiler, so that, as in a whole-model Inductor graph,
     the fp32 logits are not materialised. Returns the undo and {id(compiled): plain}, what
@@ -70,7 +71,8 @@ def compile_loss(model: torch.nn.Module, inner: str):
     compiled = torch.compile(plain, backend=inner)
 
     def loss(*args, **kwargs):
-        mark_call_inputs(args, kwargs, "logits")  # one compile for every length (dynamic_dims.py)
+        if dynamic:
+            mark_call_inputs(args, kwargs, "logits")  # one compile for every length (dynamic_dims.py)
         return compiled(*args, **kwargs)
     base.loss_function = loss
 
@@ -82,9 +84,10 @@ def compile_loss(model: torch.nn.Module, inner: str):
     return undo, {id(loss): plain}
 
 
-def _layer_call(compiled, prefix: str, run):
+def _layer_call(compiled, prefix: str, run, dynamic: bool = True):
     def call(*args, **kwargs):
-        mark_call_inputs(args, kwargs, "hidden_states")  # one compile for every length (dynamic_dims.py)
+        if dynamic:
+            mark_call_inputs(args, kwargs, "hidden_states")  # one compile for every length (dynamic_dims.py)
         outer, run.layer_prefix = run.layer_prefix, prefix
         try:
             if ddp_optimizer_active():

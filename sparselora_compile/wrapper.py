@@ -40,7 +40,7 @@ from sparselora_compile.runtime.run import Run, RunStats
 
 from . import copying
 from .backend import BackendOptions, new_run
-from .dynamic_dims import mark_model_inputs
+from . import dynamic_dims
 from .policy import Policy
 
 
@@ -51,7 +51,7 @@ class SparseLoRAModel(torch.nn.Module):
 
     def __init__(self, model: torch.nn.Module, policy: Policy | None = None, regional: bool = True,
                  cuda_graphs: bool = False, graph_bucket: int = 0, pad_to_multiple_of: int = 0,
-                 **options):
+                 dynamic: bool | None = None, **options):
         super().__init__()
         if cuda_graphs and not regional:
             raise ValueError("sparselora: cuda_graphs=True graphs the regionally compiled "
@@ -78,17 +78,19 @@ class SparseLoRAModel(torch.nn.Module):
         self._layers, self._undo_loss, self._hooks, self._glue = [], lambda: None, [], ()
         self._copy_instead = {}  # id(compiled object) -> what a deep copy takes (copying.py)
         self._args = dict(regional=regional, cuda_graphs=cuda_graphs, graph_bucket=graph_bucket,
+                          pad_to_multiple_of=pad_to_multiple_of, dynamic=dynamic,
                           **{k: v for k, v in options.items() if k not in ("policy", "run")})
         self.steps_from_trainer = False  # set by trainer.SparseLoRACallback
         self.graphs = None
         self._graphs_now = None  # the graph set of the running forward
         self.graph_bucket = graph_bucket if cuda_graphs else 0
         self.pad_to_multiple_of = pad_to_multiple_of
+        self.dynamic = dynamic_dims.DEFAULT if dynamic is None else bool(dynamic)
         self._padded = 0         # positions the running forward's batch was padded by
         if regional:
             from .regional import compile_layers, compile_loss
-            self._layers = compile_layers(model, opts, options)
-            self._undo_loss, self._copy_instead = compile_loss(model, opts.inner)
+            self._layers = compile_layers(model, opts, options, self.dynamic)
+            self._undo_loss, self._copy_instead = compile_loss(model, opts.inner, self.dynamic)
             if cuda_graphs:
                 from sparselora_compile.passes.blocks import decoder_layers
 
@@ -128,7 +130,8 @@ class SparseLoRAModel(torch.nn.Module):
         if self.regional:
             return self.model(*args, **kwargs)  # the glue runs in the model's hooks
         kwargs = self._begin(self.model, kwargs)
-        mark_model_inputs(kwargs)  # one compile for every length (dynamic_dims.py)
+        if self.dynamic:
+            dynamic_dims.mark_model_inputs(kwargs)  # one compile for every length
         out = None
         try:
             out = self._compiled(*args, **kwargs)
@@ -389,7 +392,7 @@ def _forward_with_signature(wrapper: SparseLoRAModel, model: torch.nn.Module):
 
 def compile(model: torch.nn.Module, policy: Policy | None = None, *, regional: bool = True,
             cuda_graphs: bool = False, graph_bucket: int = 0, pad_to_multiple_of: int = 0,
-            **options) -> SparseLoRAModel:
+            dynamic: bool | None = None, **options) -> SparseLoRAModel:
     """`regional`: compile one decoder layer per distinct plan and reuse it, in place (the
     model itself then trains sparse, see above); `cuda_graphs`: replay those layers as CUDA
     graphs in training (see above); `graph_bucket` (with cuda_graphs, opt-in): pad sequence
@@ -398,10 +401,14 @@ def compile(model: torch.nn.Module, policy: Policy | None = None, *, regional: b
     README "CUDA graphs" has what bucketing measured); `pad_to_multiple_of` (opt-in):
     right-pad every training batch's length to a multiple of it, as HF collators'
     option of that name does (8 keeps Inductor's CUDA attention-mask alignment guard
-    from recompiling every layer graph at the first aligned length of packed rows).
-    `options`: the backend's (`backend.BackendOptions`)."""
+    from recompiling every layer graph at the first aligned length of packed rows);
+    `dynamic` (default True): mark the batch and sequence dims dynamic before the first
+    compile (one compile for all lengths; dynamic_dims.py), False leaves shapes to Dynamo
+    (static, recompiled dynamic at a second shape): for batches of one shape, whose static
+    graphs compile ~2x faster. `options`: the backend's (`backend.BackendOptions`)."""
     return SparseLoRAModel(model, policy, regional=regional, cuda_graphs=cuda_graphs,
-                           graph_bucket=graph_bucket, pad_to_multiple_of=pad_to_multiple_of, **options)
+                           graph_bucket=graph_bucket, pad_to_multiple_of=pad_to_multiple_of,
+                           dynamic=dynamic, **options)
 
 
 def run_of(model) -> Run:

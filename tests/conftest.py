@@ -21,6 +21,16 @@ gc.set_threshold(700, 10, 1000)
 
 
 @pytest.fixture(autouse=True)
+def _static_shapes(request, monkeypatch):
+    """Up-front dynamic shapes (slc.compile's default, dynamic_dims.py) make each CPU compile
+    ~2.5x slower; tests compile static unless marked `dynamic_shapes` (test_recompiles.py,
+    regional against whole-model). Processes the tests start keep the default."""
+    if request.node.get_closest_marker("dynamic_shapes") is None:
+        from sparselora_compile import dynamic_dims
+        monkeypatch.setattr(dynamic_dims, "DEFAULT", False)
+
+
+@pytest.fixture(autouse=True)
 def _fresh_dynamo():
     torch._dynamo.reset()
     yield

@@ -15,6 +15,8 @@ from sparselora_compile.passes.blocks import decoder_layers
 
 from llama import QKVO, tiny_llama
 
+pytestmark = pytest.mark.dynamic_shapes  # slc.compile's default, which the other tests leave off
+
 _spec = importlib.util.spec_from_file_location(
     "bench_batches", Path(__file__).resolve().parent.parent / "bench" / "batches.py")
 B = sys.modules.setdefault("bench_batches", importlib.util.module_from_spec(_spec))
@@ -67,6 +69,14 @@ def test_whole_model_wrapper_new_lengths_compile_nothing():
     frames = _frames(lambda m: slc.compile(m, POLICY, regional=False, inner="aot_eager"))
     for mode, f in frames.items():
         assert f[1:] == f[1:2] * (len(f) - 1) and f[0] == f[1], (mode, f)
+
+
+def test_dynamic_false_leaves_shapes_to_dynamo():
+    """dynamic=False: static graphs first, then Dynamo's automatic-dynamic recompile at the
+    second length (so more frames than the default over the same batches)."""
+    static = _frames(lambda m: slc.compile(m, POLICY, inner="aot_eager", dynamic=False))
+    frames = static["padded"]
+    assert frames[1] > frames[0], frames  # the second length recompiled
 
 
 @pytest.mark.parametrize("shape, dtype, dims", [

@@ -45,6 +45,7 @@ def _same_selections(a, b):
             torch.testing.assert_close(a[name][key], t, rtol=0, atol=0, msg=f"{name} {key}")
 
 
+@pytest.mark.dynamic_shapes
 def test_regional_matches_whole_model_compile():
     """Same selections, loss, LoRA gradients and FLOP counts as one whole-model graph."""
     whole, regional = _train(False), _train(True)
