@@ -43,7 +43,7 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import batches as user_batches  # noqa: E402
 from train_step import (ALL, QKVO, add_lora, build_model, graph_stats,  # noqa: E402
-                        llama_config, sampled_policy)
+                        llama_config, sampled_policy, sync)
 
 import sparselora_compile as slc  # noqa: E402
 from sparselora_compile.passes.blocks import decoder_layers  # noqa: E402
@@ -227,11 +227,6 @@ def allgather_ms(device, numel: int, iters: int = 5) -> float:
         dist.all_gather_into_tensor(full, shard)
     sync(device)
     return (time.perf_counter() - t) / iters * 1e3
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def env(device) -> dict:
