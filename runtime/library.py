@@ -15,14 +15,16 @@ from __future__ import annotations
 import torch
 
 _lib = torch.library.Library("sparselora", "FRAGMENT")
+# cudagraph_unsafe: the ops read the run's Python state (token split, step, counters), which
+# a replayed CUDA graph would not; Inductor's CUDA graphs then partition the graph around them.
+_TAGS = (torch.Tag.pt2_compliant_tag, torch.Tag.cudagraph_unsafe)
 
 
 def define(fn, kernel):
     """`sparselora::<fn's name>` with the schema of fn's annotations (inferred as custom_op
     does, with its pt2_compliant tag) and `kernel` for every device; returns its OpOverload."""
     name = fn.__name__
-    _lib.define(name + torch.library.infer_schema(fn, mutates_args=()),
-                tags=(torch.Tag.pt2_compliant_tag,))
+    _lib.define(name + torch.library.infer_schema(fn, mutates_args=()), tags=_TAGS)
     _lib.impl(name, kernel, "CompositeExplicitAutograd")
     return getattr(torch.ops.sparselora, name).default
 

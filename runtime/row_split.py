@@ -28,7 +28,9 @@ class RowSplit:
 
     The estimator scores the context rows with weight 1 and skips padding positions and
     copies (weight 0: `score_weight`, None when every context row counts); `n_unscored`
-    counts the weight-0 rows, on the device (no host sync).
+    counts the weight-0 rows, on the device (no host sync). `row_weight` gives the same
+    weights in row order, 0 on dense rows ([n_rows] fp32, None when every row is a scored
+    context row): the fused estimator reads every row with it instead of gathering.
     """
     dense: torch.Tensor   # row indices computed densely
     ctx: torch.Tensor     # context row indices
@@ -36,6 +38,7 @@ class RowSplit:
     n_dense_rows: int     # real dense rows (without the copies)
     score_weight: torch.Tensor | None = None
     n_unscored: torch.Tensor | None = None
+    row_weight: torch.Tensor | None = None
 
     @property
     def n_dense(self) -> int:
@@ -78,6 +81,9 @@ def compute_split(rows: torch.Tensor, padding: torch.Tensor | None = None, bucke
         floor = n_dense - n_dense % step
         dense, ctx = _pad_to(dense, floor + step), _pad_to(ctx, r.numel() - floor)
     split = RowSplit(dense, ctx, r.numel(), n_dense)
+    if n_dense or padding is not None:
+        scored = ~r if padding is None else ~(r | padding.reshape(-1))
+        split.row_weight = scored.float()
     if padding is not None or ctx.numel() > n_ctx:
         weight = torch.zeros(ctx.numel(), dtype=torch.float32, device=r.device)
         real = ctx[:n_ctx]

@@ -11,10 +11,12 @@ from .gathered import use_triton
 def mlp_scores(x, a_gate, b_gate, a_up, b_up, res_gate, res_up, split, joined=None, act="silu"):
     """`act`: the block's gate activation (`selection.ACTIVATIONS`)."""
     if act == "silu" and use_triton(x):
+        # every row's projection in x's dtype, weighted in the kernel (split.row_weight): no
+        # gather, cast or correction for the skipped rows on the host
         from .kernels.fused_estimator import mlp_channel_scores_projected
-        xa = selection.scored_projection(x, (a_gate, a_up), split, joined)
-        scores = mlp_channel_scores_projected(xa, b_gate, b_up, res_gate, res_up)
-        return selection.without_zeroed_rows(scores, split, res_gate, res_up)
+        x2 = x.reshape(-1, x.shape[-1])
+        xa = x2 @ selection.side_by_side((a_gate, a_up), x2.dtype, joined)
+        return mlp_channel_scores_projected(xa, b_gate, b_up, res_gate, res_up, split.row_weight)
     return selection.mlp_scores(x, a_gate, b_gate, a_up, b_up, res_gate, res_up, split, joined, act)
 
 

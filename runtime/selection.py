@@ -24,8 +24,12 @@ def scored_projection(x: torch.Tensor, a_factors, split: RowSplit,
     `joined`: the run's cache of the side-by-side factors (None: joined on each call).
     """
     x2 = x.reshape(-1, x.shape[-1])
-    a = joined.get(a_factors, x2.dtype) if joined is not None else torch.cat(list(a_factors), 1).to(x2.dtype)
-    return scored_rows(x2 @ a, split)
+    return scored_rows(x2 @ side_by_side(a_factors, x2.dtype, joined), split)
+
+
+def side_by_side(a_factors, dtype: torch.dtype, joined: "JoinedFactors | None" = None) -> torch.Tensor:
+    """[A_1 A_2 ...] in `dtype`, from the run's cache when given."""
+    return joined.get(a_factors, dtype) if joined is not None else torch.cat(list(a_factors), 1).to(dtype)
 
 
 class JoinedFactors:

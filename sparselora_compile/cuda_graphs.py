@@ -48,7 +48,7 @@ WARMUP_ITERS = 2  # make_graphed_callables' warm-up on a side stream before capt
 _TENSOR = object()  # where a tensor goes among a call's leaves
 
 
-SPLIT_TENSORS = ("dense", "ctx", "score_weight", "n_unscored")
+SPLIT_TENSORS = ("dense", "ctx", "score_weight", "n_unscored", "row_weight")
 
 
 def refuse_sharded(model: torch.nn.Module) -> None:

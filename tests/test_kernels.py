@@ -223,6 +223,11 @@ def check_scores(M, H, r, F, dtype, device, seed, residual=False):
     # Sums of M squares: relative error about twice the products' (the reference rounds x@A like the kernel).
     tol = 2 * TOL[dtype]
     torch.testing.assert_close(got, want, rtol=tol, atol=tol * float(want.max()) + 1e-6)
+    # As the CUDA path calls it: fp32 B with x A in x's dtype, rows weighted 0 or 1.
+    w = (torch.rand(M, generator=g) > 0.3).float().to(device)
+    got = fe.mlp_channel_scores(x, Ag, Bg.float(), Au, Bu.float(), *res, row_weight=w)
+    want = fe.mlp_channel_scores_reference(x, Ag, Bg.float(), Au, Bu.float(), *res, row_weight=w)
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol * float(want.max()) + 1e-6)
     xa = x @ Ag
     got = fe.channel_sq_norms(xa, Bg)
     torch.testing.assert_close(got, fe.channel_sq_norms_reference(xa, Bg), rtol=tol, atol=1e-5)
@@ -261,6 +266,36 @@ def test_estimator_residual_matches_selection(poisoned_alloc):
     got = fe.mlp_channel_scores(x[~rows], Ag, Bg, Au, Bu, Rg, Ru)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
     assert not torch.allclose(want, selection.mlp_scores(x, Ag, Bg, Au, Bu, None, None, compute_split(rows)))
+    # Every row with the split's row weights (the CUDA path), padding and bucket copies included.
+    padding = torch.zeros(1, 37, dtype=torch.bool)
+    padding[0, 30:] = True
+    for residual in (False, True):
+        res = (Rg, Ru) if residual else (None, None)
+        for bucket in (0, 4):
+            split = compute_split(rows, padding, bucket)
+            want = selection.mlp_scores(x, Ag, Bg, Au, Bu, *res, split)
+            got = fe.mlp_channel_scores(x[0], Ag, Bg, Au, Bu, *res, row_weight=split.row_weight)
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_launcher_meta_parameters(monkeypatch):
+    """The fast launch path (kernels/launch.py) calls the compiled kernel with every
+    parameter: what was given, the autotuner's choice and the heuristics computed from both."""
+    from sparselora_compile.runtime.kernels.launch import Launcher
+    kernel = gg._gathered_gemm_kernel
+    launch = Launcher(kernel)
+    assert launch.names[:3] == ["a_ptr", "b_ptr", "c_ptr"] and launch.names[-1] == "EVEN_K"
+    assert [launch.names[i] for i in launch.tune_keys] == list(kernel.keys)
+    cfg = kernel.configs[0]
+    monkeypatch.setattr(kernel, "best_config", cfg, raising=False)
+    t = torch.zeros(4)
+    args = (t, t, t, t, t, t, 10, 20, cfg.kwargs["BLOCK_K"] * 3 + 1, 1, 1, 1, 1, 1, 1, 16)
+    given = {"GATHER_R": True, "GATHER_N": False, "HAS_ROWS": False, "PRECISION": "ieee"}
+    meta = launch._meta(args, given)
+    assert set(launch.names[len(args):]) <= set(meta)
+    assert meta["EVEN_K"] is False and meta["BLOCK_M"] == cfg.kwargs["BLOCK_M"] and meta["GATHER_R"] is True
+    meta = launch._meta(args[:8] + (cfg.kwargs["BLOCK_K"] * 2,) + args[9:], given)
+    assert meta["EVEN_K"] is True
 
 
 @pytest.mark.gpu
@@ -299,3 +334,26 @@ class TestGPU:
     def test_estimator_bf16(self, poisoned_alloc, M, H, r, F):
         check_scores(M, H, r, F, torch.bfloat16, "cuda", seed=M)
         check_scores(M, H, r, F, torch.bfloat16, "cuda", seed=M, residual=True)
+
+    @pytest.mark.parametrize("product", PRODUCTS)
+    def test_products_fast_launch(self, poisoned_alloc, product):
+        """Repeated calls take the direct launch (kernels/launch.py) and give the reference's
+        results: a new row count in the same autotune bucket, and A at a 2-byte offset (a
+        specialisation of its own, which must not reuse the aligned kernel)."""
+        for M, shift in ((300, 0), (310, 0), (300, 1), (290, 1), (300, 0)):
+            a, W, idx = make_case(product, M, 520, 700, 333, torch.bfloat16, "cuda", seed=M + shift)
+            if shift:
+                buf = torch.empty(M, a.shape[1] + 1, device="cuda", dtype=a.dtype)
+                a = buf[:, 1:]
+                a.copy_(make_case(product, M, 520, 700, 333, torch.bfloat16, "cuda", seed=M)[0])
+                assert a.data_ptr() % 16 != 0
+            check_product(product, a, W, idx, None, torch.bfloat16)
+        aligned = {k[0][0][1] for k in gg._launch_gemm._compiled}
+        assert aligned == {True, False}
+
+    def test_swiglu_and_estimator_fast_launch(self, poisoned_alloc, monkeypatch):
+        for n in (1021, 1030, 1021):
+            check_swiglu(n, 1433, torch.bfloat16, "cuda", seed=n, monkeypatch=monkeypatch)
+        for M in (777, 800, 777):
+            check_scores(M, 512, 8, 1000, torch.bfloat16, "cuda", seed=M, residual=True)
+        assert sw._launch_fwd._compiled and sw._launch_bwd._compiled and fe._launch_scores._compiled

@@ -25,12 +25,22 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "tf32"
 
 
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for host-side grids: `triton.cdiv` is a constexpr function, and calling
+    it from Python costs microseconds per call on the launch path."""
+    return -(-a // b)
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
 def m_bucket(m: int) -> int:
     """The autotune key of a row count: its next power of two. Row counts follow the batch
     (padded length, token split) and change nearly every step on real data; a key holding
     the exact count re-tunes every kernel for each new one (configs x do_bench, ~100 ms per
     kernel on an H200), while the best config only changes with the count's scale."""
-    return 1 << max(0, int(m) - 1).bit_length()
+    return next_pow2(m)
 
 
 def autotune_bench(kernel_call, quantiles):

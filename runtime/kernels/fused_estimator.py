@@ -21,7 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import autotune_bench, interpreting, m_bucket
+from ._common import autotune_bench, cdiv, interpreting, m_bucket, next_pow2
+from .launch import Launcher
 
 
 _empty = torch.empty  # module attribute so tests can poison the partial sums with NaN
@@ -41,11 +42,11 @@ def _configs():
 @triton.autotune(configs=_configs(), key=["F", "R", "M_BUCKET", "GATED", "RESIDUAL"], do_bench=autotune_bench)
 @triton.jit(do_not_specialize=["M", "ROWS_PER_PROG", "M_BUCKET"])
 def _channel_scores_kernel(
-    ag_ptr, bg_ptr, au_ptr, bu_ptr, rg_ptr, ru_ptr, part_ptr,
+    ag_ptr, bg_ptr, au_ptr, bu_ptr, rg_ptr, ru_ptr, w_ptr, part_ptr,
     M, F, R, ROWS_PER_PROG,
     M_BUCKET,  # autotune key only
     stride_am, stride_ar, stride_bn_r, stride_bn_f, stride_um, stride_ur, stride_bu_r, stride_bu_f,
-    GATED: tl.constexpr, RESIDUAL: tl.constexpr,
+    GATED: tl.constexpr, RESIDUAL: tl.constexpr, WEIGHTED: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_F: tl.constexpr,
 ):
     pid_f = tl.program_id(0)
@@ -71,12 +72,13 @@ def _channel_scores_kernel(
         a_mask = (offs_m < m_stop)[:, None] & r_ok[None, :]
         # Rows past the end load as zero, so g = u = 0: without residuals they add nothing,
         # with residuals they would add silu'(0)^2 σ²_g σ²_u and are masked out of the sum.
+        # x A may be bf16: cast to B's dtype (fp32) as the plain path's `.float()` does.
         xg = tl.load(ag_ptr + offs_m[:, None].to(tl.int64) * stride_am + offs_r[None, :] * stride_ar,
-                     mask=a_mask, other=0.0)
+                     mask=a_mask, other=0.0).to(bg_ptr.dtype.element_ty)
         g = tl.dot(xg, bg)
         if GATED:
             xu = tl.load(au_ptr + offs_m[:, None].to(tl.int64) * stride_um + offs_r[None, :] * stride_ur,
-                         mask=a_mask, other=0.0)
+                         mask=a_mask, other=0.0).to(bu_ptr.dtype.element_ty)
             u = tl.dot(xu, bu)
             sig = tl.sigmoid(g)
             if RESIDUAL:
@@ -89,8 +91,13 @@ def _channel_scores_kernel(
                 p = p * p
         else:
             p = g * g
+        if WEIGHTED:  # per-row weight: 0 for the rows the estimator skips (dense rows, padding)
+            p = p * tl.load(w_ptr + offs_m, mask=offs_m < m_stop, other=0.0)[:, None]
         acc += p
     tl.store(part_ptr + pid_s * F + offs_f, tl.sum(acc, axis=0), mask=f_ok)
+
+
+_launch_scores = Launcher(_channel_scores_kernel)
 
 
 @functools.lru_cache(None)
@@ -103,18 +110,23 @@ def _rows_per_prog(m, f, device):
     if interpreting() or device.type != "cuda":
         splits = 2
     else:
-        splits = max(1, (4 * _sm_count(device.index or 0)) // triton.cdiv(f, 128))
-    return max(128, triton.cdiv(triton.cdiv(m, splits), 128) * 128)
+        splits = max(1, (4 * _sm_count(device.index or 0)) // cdiv(f, 128))
+    return max(128, cdiv(cdiv(m, splits), 128) * 128)
 
 
-def _scores(xg, bg, xu, bu, rg=None, ru=None):
+def _fp32(t):
+    return t if t.dtype == torch.float32 and t.is_contiguous() else t.float().contiguous()
+
+
+def _scores(xg, bg, xu, bu, rg=None, ru=None, row_weight=None):
     m, r = xg.shape
     f = bg.shape[1]
-    assert bg.shape[0] == r and xg.dtype == bg.dtype
+    assert bg.shape[0] == r and (xu is None or bu.dtype == bg.dtype)
+    assert row_weight is None or row_weight.shape == (m,) and row_weight.dtype == torch.float32
     if m == 0 or f == 0:
         return torch.zeros(f, device=xg.device, dtype=torch.float32)
     rpp = _rows_per_prog(m, f, xg.device)
-    splits = triton.cdiv(m, rpp)
+    splits = cdiv(m, rpp)
     part = _empty((splits, f), device=xg.device, dtype=torch.float32)
     gated = xu is not None
     if not gated:
@@ -122,34 +134,37 @@ def _scores(xg, bg, xu, bu, rg=None, ru=None):
     residual = gated and (rg is not None or ru is not None)
     if residual:
         zero = None if rg is not None and ru is not None else torch.zeros(f, device=xg.device)
-        rg, ru = ((zero if t is None else t.to(xg.device, torch.float32).contiguous()) for t in (rg, ru))
+        rg, ru = ((zero if t is None else _fp32(t)) for t in (rg, ru))
         assert rg.shape == ru.shape == (f,)
     else:
         rg = ru = part  # unused (RESIDUAL=False); any pointer will do
-    grid = lambda meta: (triton.cdiv(f, meta["BLOCK_F"]), splits)
-    _channel_scores_kernel[grid](
-        xg, bg, xu, bu, rg, ru, part, m, f, r, rpp, m_bucket(m),
+    grid = lambda meta: (cdiv(f, meta["BLOCK_F"]), splits)
+    _launch_scores(
+        grid, xg, bg, xu, bu, rg, ru, part if row_weight is None else row_weight, part,
+        m, f, r, rpp, m_bucket(m),
         xg.stride(0), xg.stride(1), bg.stride(0), bg.stride(1),
         xu.stride(0), xu.stride(1), bu.stride(0), bu.stride(1),
-        GATED=gated, RESIDUAL=residual, BLOCK_R=max(16, triton.next_power_of_2(r)),  # tl.dot needs K >= 16
+        GATED=gated, RESIDUAL=residual, WEIGHTED=row_weight is not None, BLOCK_R=max(16, next_pow2(r)),  # tl.dot needs K >= 16
     )
     return part.sum(0) if splits > 1 else part[0]
 
 
-def mlp_channel_scores(x, Ag, Bg, Au, Bu, Rg=None, Ru=None):
+def mlp_channel_scores(x, Ag, Bg, Au, Bu, Rg=None, Ru=None, row_weight=None):
     """Gated-MLP channel scores [F] fp32: sum over rows of (silu(x@Ag@Bg) * (x@Au@Bu))^2,
-    or with residual variances Rg, Ru [F] of (silu(g)^2 + silu'(g)^2 Rg) (u^2 + Ru).
+    or with residual variances Rg, Ru [F] of (silu(g)^2 + silu'(g)^2 Rg) (u^2 + Ru), each
+    row's term times its `row_weight` [M] fp32 when given.
 
     x [M, H]; A* [H, r]; B* [r, F]. One [M, 2r] matmul, then one fused kernel.
     """
     xa = x @ torch.cat([Ag, Au], dim=1)  # read x once for both projections
-    return mlp_channel_scores_projected(xa, Bg, Bu, Rg, Ru)
+    return mlp_channel_scores_projected(xa, Bg, Bu, Rg, Ru, row_weight)
 
 
-def mlp_channel_scores_projected(xa, Bg, Bu, Rg=None, Ru=None):
-    """`mlp_channel_scores` from xa = x @ [Ag | Au] [M, 2r] computed by the caller."""
+def mlp_channel_scores_projected(xa, Bg, Bu, Rg=None, Ru=None, row_weight=None):
+    """`mlp_channel_scores` from xa = x @ [Ag | Au] [M, 2r] computed by the caller (in x's
+    dtype: the kernel casts it to B's)."""
     r = Bg.shape[0]
-    return _scores(xa[:, :r], Bg, xa[:, r:], Bu, Rg, Ru)
+    return _scores(xa[:, :r], Bg, xa[:, r:], Bu, Rg, Ru, row_weight)
 
 
 def channel_sq_norms(xa, B):
@@ -160,13 +175,15 @@ def channel_sq_norms(xa, B):
 # ---- plain-PyTorch references (they do materialise [M, F]) ----
 # x@A is rounded to the input dtype, as in the fused path (and any torch estimator); the rest is fp32.
 
-def mlp_channel_scores_reference(x, Ag, Bg, Au, Bu, Rg=None, Ru=None):
+def mlp_channel_scores_reference(x, Ag, Bg, Au, Bu, Rg=None, Ru=None, row_weight=None):
     g = (x @ Ag).float() @ Bg.float()
     u = (x @ Au).float() @ Bu.float()
     if Rg is None and Ru is None:
-        return (torch.nn.functional.silu(g) * u).pow(2).sum(0)
-    from ..selection import corrected_gated_sq
-    return corrected_gated_sq(g, u, Rg, Ru).sum(0)
+        terms = (torch.nn.functional.silu(g) * u).pow(2)
+    else:
+        from ..selection import corrected_gated_sq
+        terms = corrected_gated_sq(g, u, Rg, Ru)
+    return (terms if row_weight is None else terms * row_weight[:, None]).sum(0)
 
 
 def channel_sq_norms_reference(xa, B):

@@ -22,7 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import autotune_bench, dot_precision, interpreting, m_bucket
+from ._common import autotune_bench, cdiv, dot_precision, interpreting, m_bucket
+from .launch import Launcher
 
 
 _empty = torch.empty  # module attribute so tests can poison fresh outputs with NaN
@@ -120,6 +121,9 @@ def _gathered_gemm_kernel(
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=(offs_m < M)[:, None] & (offs_n < N)[None, :])
 
 
+_launch_gemm = Launcher(_gathered_gemm_kernel)
+
+
 def _rows_view(a, out, rows):
     """Turn `rows` into (A view, C view, row-index tensor or None, count); a span is a pure view."""
     if rows is None:
@@ -156,9 +160,9 @@ def _launch(a, w, idx, n_out, gather_r, gather_n, w_r_stride, w_n_stride, rows, 
         return out
     if row_idx is not None:
         row_idx = row_idx.contiguous()
-    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n_out, meta["BLOCK_N"]),)
-    _gathered_gemm_kernel[grid](
-        a_v, w, c_v, idx, idx, row_idx if row_idx is not None else idx,
+    grid = lambda meta: (cdiv(m, meta["BLOCK_M"]) * cdiv(n_out, meta["BLOCK_N"]),)
+    _launch_gemm(
+        grid, a_v, w, c_v, idx, idx, row_idx if row_idx is not None else idx,
         m, n_out, r,
         a_v.stride(0), a_v.stride(1), w_r_stride, w_n_stride, c_v.stride(0), c_v.stride(1),
         m_bucket(m),

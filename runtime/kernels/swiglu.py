@@ -10,6 +10,9 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import cdiv
+from .launch import Launcher
+
 _empty = torch.empty_like  # module attribute so tests can poison fresh outputs with NaN
 BLOCK = 1024
 
@@ -38,6 +41,9 @@ def _swiglu_bwd_kernel(dh_ptr, g_ptr, u_ptr, dg_ptr, du_ptr, n, BLOCK: tl.conste
     tl.store(du_ptr + offs, du.to(du_ptr.dtype.element_ty), mask=ok)
 
 
+_launch_fwd, _launch_bwd = Launcher(_swiglu_fwd_kernel), Launcher(_swiglu_bwd_kernel)
+
+
 def _check(*ts):
     shape, dtype = ts[0].shape, ts[0].dtype
     for t in ts:
@@ -51,7 +57,7 @@ def swiglu(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     h = _empty(g)
     n = g.numel()
     if n:
-        _swiglu_fwd_kernel[(triton.cdiv(n, BLOCK),)](g, u, h, n, BLOCK=BLOCK)
+        _launch_fwd((cdiv(n, BLOCK),), g, u, h, n, BLOCK=BLOCK)
     return h
 
 
@@ -61,7 +67,7 @@ def swiglu_grad(dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor) -> tuple[tor
     dg, du = _empty(g), _empty(u)
     n = g.numel()
     if n:
-        _swiglu_bwd_kernel[(triton.cdiv(n, BLOCK),)](dh, g, u, dg, du, n, BLOCK=BLOCK)
+        _launch_bwd((cdiv(n, BLOCK),), dh, g, u, dg, du, n, BLOCK=BLOCK)
     return dg, du
 
 

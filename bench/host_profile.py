@@ -1,0 +1,192 @@
+"""Where the host's time goes in one ungraphed training step.
+
+Ungraphed, the sparse step waits on the host (bench/README.md): the GPU could finish the
+step's kernels sooner than Python queues them. This runs a few full-width decoder layers
+(LLaMA-3-8B shape by default) on padded SFT batches and reports, for sparselora and for
+Inductor per decoder layer with bf16 adapters:
+
+- step_ms: device-synchronised wall time per step (mean over the timed steps);
+- host_ms: how long the host takes to queue a step (the call returns before the GPU is done);
+  the step is host bound when this is close to step_ms;
+- the host time by function (cProfile, with autograd's backward run on the calling thread so
+  that the backward's Python is profiled too), grouped by where the code lives (our
+  package, Inductor's generated wrappers, Triton's launcher, torch) and the top functions;
+- the self CPU time of each op (torch.profiler, CPU only).
+
+    python3 bench/host_profile.py --layers 8 --steps 20 --out host.json          # H200
+    python3 bench/host_profile.py --smoke --device cpu --inner aot_eager --steps 3  # CPU check
+"""
+from __future__ import annotations
+
+import argparse
+import cProfile
+import json
+import pstats
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import train_step as ts  # noqa: E402  (bench/train_step.py: model, batches, policy)
+
+
+def where(filename: str) -> str:
+    f = filename.replace("\\", "/")
+    for key, group in (("/triton/", "triton"), ("sparselora_compile", "sparselora_compile"),
+                       ("/runtime/", "sparselora runtime"),
+                       ("/passes/", "sparselora passes"), ("torchinductor", "inductor generated code"),
+                       ("torch/_inductor", "torch._inductor"),
+                       ("torch/_dynamo", "torch._dynamo"), ("torch/_functorch", "torch._functorch (AOT)"),
+                       ("torch/autograd", "torch.autograd"), ("torch/optim", "torch.optim"),
+                       ("torch/nn", "torch.nn"), ("transformers", "transformers"), ("peft", "peft"),
+                       ("torch/", "torch other")):
+        if key in f:
+            return group
+    return "builtins / C" if f.startswith("~") else "other"
+
+
+def host_profile(step, batches) -> dict:
+    """cProfile over the batches' steps, backward on this thread."""
+    prof = cProfile.Profile()
+    torch.autograd.set_multithreading_enabled(False)
+    try:
+        prof.enable()
+        for b in batches:
+            step(b)
+        prof.disable()
+    finally:
+        torch.autograd.set_multithreading_enabled(True)
+    stats = pstats.Stats(prof)
+    n = len(batches)
+    groups: dict = {}
+    rows = []
+    for (fname, line, func), (_cc, ncalls, tt, ct, _callers) in stats.stats.items():
+        g = where(fname)
+        groups[g] = groups.get(g, 0.0) + tt
+        rows.append((tt, ct, ncalls, f"{Path(fname).name}:{line}:{func}", g))
+    rows.sort(reverse=True)
+    by_cum = sorted(rows, key=lambda r: -r[1])
+    fmt = lambda r: {"fn": r[3], "group": r[4], "self_ms": round(r[0] * 1e3 / n, 3),  # noqa: E731
+                     "cum_ms": round(r[1] * 1e3 / n, 3), "calls": r[2] // n}
+    return {"total_ms": round(sum(groups.values()) * 1e3 / n, 2),
+            "by_group_ms": {k: round(v * 1e3 / n, 2) for k, v in sorted(groups.items(), key=lambda kv: -kv[1])},
+            "top_self": [fmt(r) for r in rows[:40]],
+            "top_cum": [fmt(r) for r in by_cum[:60]]}
+
+
+def op_profile(step, batch, device) -> dict:
+    """Self and total CPU ms of the top ops, and the device's busy time (kernels, copies)."""
+    from torch.profiler import ProfilerActivity, profile
+    cuda = device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        step(batch)
+        ts.sync(device)
+    ka = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:40]
+    kernel_us = sum(e.time_range.elapsed_us() for e in prof.events()
+                    if e.device_type == torch.autograd.DeviceType.CUDA) if cuda else None
+    return {"kernel_ms": kernel_us / 1e3 if cuda else None,
+            "ops_self_cpu_ms": [[e.key[:90], round(e.self_cpu_time_total / 1e3, 3),
+                                 round(e.cpu_time_total / 1e3, 3), e.count] for e in ka]}
+
+
+def measure(name, peft, init, batches, args, device, log) -> dict:
+    res = {"variant": name}
+    stem, flags = ts.runtime_flags(name.replace("_cgt", ""))
+    with torch.no_grad():
+        for n, p in peft.named_parameters():
+            if n in init:
+                p.data = init[n].clone().to(torch.bfloat16)  # bf16 adapters for every variant
+    compiled = []
+    if stem == "inductor_regional_bf16":
+        from sparselora_compile.passes.blocks import decoder_layers
+        fn, compiled = peft, [m for _, m in decoder_layers(peft)]
+        for m in compiled:
+            m.compile(backend=args.inner)
+    else:
+        policy, _ = ts.sampled_policy("math10k", args.layers, total_steps=10**6)
+        extra = {}
+        if "_cgt" in name:  # Inductor's CUDA graph trees around our ops (graph partitions)
+            extra = {"inductor_config": {"triton.cudagraphs": True, "graph_partition": True,
+                                         "triton.cudagraph_unexpected_rerecord_limit": 100000},
+                     "pad_to_multiple_of": args.pad}
+        fn = ts.slc_compile(peft, policy, inner=args.inner, lora_dtype="model",
+                            cuda_graphs="_graphs" in flags, **extra)
+        fn.set_step(10**6)
+    opt = torch.optim.AdamW(ts.lora_params(peft), lr=1e-5)
+
+    def step(b):
+        return ts.train_step(fn, opt, b)
+
+    try:
+        t0 = time.perf_counter()
+        for b in batches[:args.warmup]:
+            step(b)
+        ts.sync(device)
+        res["warmup_s"] = round(time.perf_counter() - t0, 1)
+        timed = batches[args.warmup:args.warmup + args.steps]
+        steps, hosts = [], []
+        for b in timed:
+            ts.sync(device)
+            t0 = time.perf_counter()
+            step(b)
+            t1 = time.perf_counter()
+            ts.sync(device)
+            hosts.append((t1 - t0) * 1e3)
+            steps.append((time.perf_counter() - t0) * 1e3)
+        res["step_ms"] = round(sum(steps) / len(steps), 2)
+        res["host_ms"] = round(sum(hosts) / len(hosts), 2)
+        res["steps_ms"] = [round(x, 2) for x in steps]
+        log(f"{name}: step {res['step_ms']} ms, host {res['host_ms']} ms (warm-up {res['warmup_s']} s)")
+        res["cprofile"] = host_profile(step, timed[:args.profile_steps])
+        ts.sync(device)
+        log(f"{name}: cProfile {res['cprofile']['total_ms']} ms/step: {res['cprofile']['by_group_ms']}")
+        res.update(op_profile(step, timed[0], device))
+        log(f"{name}: kernels {res['kernel_ms']} ms of the profiled step")
+    finally:
+        for m in compiled:
+            m._compiled_call_impl = None
+        if hasattr(fn, "uncompile"):
+            fn.uncompile()
+        del fn, opt
+        ts.free(device)
+    return res
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--variants", nargs="+", default=["inductor_regional_bf16", "sl_math10k_lora_model"])
+    ap.add_argument("--batches", default="padded", choices=["fixed", "padded", "long", "packed"])
+    ap.add_argument("--warmup", type=int, default=4)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--profile-steps", type=int, default=5)
+    ap.add_argument("--inner", default="inductor")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--smoke", action="store_true", help="tiny widths (a CPU check of the script)")
+    ap.add_argument("--pad", type=int, default=64, help="pad_to_multiple_of of the _cgt variants")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    args.batch, args.seq = (8, 64) if args.smoke else (8, 512)
+    device = torch.device(args.device)
+    log = lambda m: print(m, flush=True)  # noqa: E731
+    cfg = ts.llama_config(args.layers, args.smoke)
+    peft = ts.add_lora(ts.build_model(cfg, device), ["q_proj", "k_proj", "v_proj", "o_proj"], True)
+    init = {n: p.detach().clone() for n, p in peft.named_parameters() if p.requires_grad}
+    n_out = 128 if not args.smoke else 16
+    batches = ts.make_stream(args.batches, cfg, args, n_out, device, args.warmup + args.steps)
+    if args.batches == "fixed":
+        batches = batches * (args.warmup + args.steps)
+    out = {"command": "python3 " + " ".join(sys.argv), "env": ts.env_info(device), "layers": args.layers,
+           "batches": args.batches, "batch": args.batch, "seq": args.seq, "adapters": "bf16",
+           "variants": []}
+    for name in args.variants:
+        out["variants"].append(measure(name, peft, init, batches, args, device, log))
+        if args.out:
+            Path(args.out).write_text(json.dumps(out, indent=1))
+    return out
+
+
+if __name__ == "__main__":
+    main()
