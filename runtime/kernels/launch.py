@@ -18,9 +18,6 @@ from __future__ import annotations
 
 import torch
 
-from ._common import interpreting
-
-
 ENABLED = True  # False: every call takes Triton's ordinary path (bench/op_host.py's A/B)
 
 
@@ -62,12 +59,13 @@ class Launcher:
                 self.heuristics.append(inner.values)
             inner = inner.fn
         self.names = list(inner.arg_names)
+        self.interpreted = not hasattr(inner, "params")  # an InterpretedFunction (CPU)
         # the autotuner's key arguments given positionally (constexprs are in the key anyway)
         self.tune_keys = tuple(self.names.index(k) for k in self.tuner.keys) if self.tuner else ()
         self._compiled: dict = {}
 
     def __call__(self, grid, *args, **constexprs):
-        if not ENABLED or interpreting():
+        if not ENABLED or self.interpreted:
             return self.kernel[grid](*args, **constexprs)
         try:
             key = (_key(args), tuple(constexprs.items()),
