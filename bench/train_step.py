@@ -32,7 +32,7 @@ passed as inductor_config (sl_*) or torch.compile options (inductor*):
     _noassert size_asserts=False: no stride checks of graph inputs on every call
 Runtime suffixes (sl_* variants), after any Inductor suffix:
     _ctxrows  the sparse MLP's context part over the context rows only, as before session 6
-              (runtime/sparse_mlp.py ALL_ROWS_MAX_K = 0), for an A/B in one run
+              (`mlp_all_rows_max_k=0`, runtime/sparse_mlp.py), for an A/B in one run
     _graphs   slc.compile(..., cuda_graphs=True): the decoder layers replayed as CUDA graphs
     _pad8     slc.compile(..., pad_to_multiple_of=8): training batches right-padded to a
               multiple of 8 (Inductor's CUDA attention-mask alignment guard then never
@@ -130,7 +130,6 @@ VARIANTS = ("eager", "inductor", "inductor_bf16", "inductor_regional", "inductor
             "sl_math10k_lora_model", "sl_math10k_mlp_lora_model", "sl_math10k_whole_lora_model",
             "sl_csr_lora_model")
 from sparselora_compile.backend import CPP_WRAPPER_SETTINGS  # noqa: E402
-from sparselora_compile.runtime.sparse_mlp import ALL_ROWS_MAX_K  # noqa: E402  (the default)
 
 # the dense baselines a run's ratios can be against (--baseline): (fp32 adapters, bf16 adapters)
 BASELINES = {"whole": ("inductor", "inductor_bf16"),
@@ -423,22 +422,24 @@ def profile_step(fn, opt, batch, device, step_ms):
             "ops": ops}
 
 
-def _ab_settings():
-    """Runtime switches of a compiled sparselora variant (no recompile): name -> setter."""
-    from sparselora_compile.runtime import sparse_mlp
+def _ab_settings(fn):
+    """Runtime switches of a compiled sparselora variant (no recompile): name -> setter. The
+    sparse MLP's layout threshold (runtime/sparse_mlp.py): the default, context rows only
+    (0), and the context part over all rows up to 4096 kept channels."""
+    run = fn.run
 
     def setting(all_rows_max_k):
         def apply():
-            sparse_mlp.ALL_ROWS_MAX_K = all_rows_max_k
+            run.mlp_all_rows_max_k = all_rows_max_k
         return apply
-    default = sparse_mlp.ALL_ROWS_MAX_K
-    return {"default": setting(default), "ctxrows": setting(0)}, setting(default)
+    default = run.mlp_all_rows_max_k
+    return {"default": setting(default), "ctxrows": setting(0), "allrows4096": setting(4096)}, setting(default)
 
 
 def interleaved_ab(fn, opt, batches, args, device, log, name):
     """Steps of each setting in turn (A B C A B C ...): the host's speed drifts by 15% and
     more within one process, so settings timed one after the other are not comparable."""
-    settings, restore = _ab_settings()
+    settings, restore = _ab_settings(fn)
     out = {}
     try:
         for shape, stream in batches.items():
@@ -638,9 +639,6 @@ def run_variant(name, peft, init_state, streams, args, device, layers, log, res=
     full_name, (stem, flags) = name, runtime_flags(name)
     name, inductor_config = split_variant(stem)
     res.update({"variant": full_name, "shapes": {}, "inductor_config": inductor_config})
-    from sparselora_compile.runtime import sparse_mlp
-    # set by every variant, so a _ctxrows variant that fails midway does not leak its layout
-    sparse_mlp.ALL_ROWS_MAX_K = 0 if "_ctxrows" in flags else ALL_ROWS_MAX_K
     with torch.no_grad():  # same LoRA init for every variant, in the run's adapter dtype
         for n, p in peft.named_parameters():
             if n in init_state:
@@ -679,6 +677,8 @@ def run_variant(name, peft, init_state, streams, args, device, layers, log, res=
             if base.endswith("_mlp"):
                 policy = dataclasses.replace(
                     policy, sparsity={k: v for k, v in policy.sparsity.items() if k.endswith(".mlp")})
+        if "_ctxrows" in flags:
+            extra["mlp_all_rows_max_k"] = 0
         fn = slc_compile(peft, policy, inner=args.inner, regional=regional,
                          cuda_graphs="_graphs" in flags, pad_to_multiple_of=8 if "_pad8" in flags else 0,
                          **extra)
