@@ -425,15 +425,19 @@ def profile_step(fn, opt, batch, device, step_ms):
 def _ab_settings(fn):
     """Runtime switches of a compiled sparselora variant (no recompile): name -> setter. The
     sparse MLP's layout threshold (runtime/sparse_mlp.py): the default, context rows only
-    (0), and the context part over all rows up to 4096 kept channels."""
+    (0), and the context part over all rows up to 4096 kept channels; and our Triton kernels
+    launched through Triton's own Python path (runtime/kernels/launch.py, `ENABLED`)."""
+    from sparselora_compile.runtime.kernels import launch
     run = fn.run
 
-    def setting(all_rows_max_k):
+    def setting(all_rows_max_k, direct=True):
         def apply():
             run.mlp_all_rows_max_k = all_rows_max_k
+            launch.ENABLED = direct
         return apply
     default = run.mlp_all_rows_max_k
-    return {"default": setting(default), "ctxrows": setting(0), "allrows4096": setting(4096)}, setting(default)
+    return {"default": setting(default), "ctxrows": setting(0), "allrows4096": setting(4096),
+            "triton_launch": setting(default, direct=False)}, setting(default)
 
 
 def interleaved_ab(fn, opt, batches, args, device, log, name):
