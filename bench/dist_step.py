@@ -157,6 +157,13 @@ def timed(engine, variant, args, device):
            "final_loss": round(float(torch.stack(losses[-5:]).float().mean()), 4)}
     if device.type == "cuda":
         res["peak_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    if args.host_profile:
+        # every rank steps (collectives), rank 0's profile is kept
+        from host_profile import host_profile
+        extra = stream(mode, cfg, args, args.host_profile, seed=1000 + rank, device=device)
+        prof = host_profile(lambda b: step(fn, opt, b), extra)
+        res["host_profile"] = {k: prof[k] for k in ("total_ms", "by_group_ms", "top_self")}
+        log(f"{engine} {variant}: host {prof['total_ms']} ms/step (cProfile): {prof['by_group_ms']}")
     if wrapped is not None:
         res["policy_stats"] = wrapped.stats.as_dict()
         if variant == "sparse_graphs":
@@ -287,6 +294,8 @@ def main(argv=None):
     ap.add_argument("--reference", default=None, help="the single engine's --out, to compare with")
     ap.add_argument("--time-budget", type=float, default=None, help="seconds: start no variant after")
     ap.add_argument("--smoke", action="store_true", help="tiny widths (CPU, gloo)")
+    ap.add_argument("--host-profile", type=int, default=0, metavar="STEPS",
+                    help="after timing, this many steps under cProfile (host_profile.py), rank 0's kept")
     ap.add_argument("--merge", nargs="+", default=None, help="merge launch files into --out")
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)

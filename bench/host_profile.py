@@ -38,6 +38,8 @@ def where(filename: str) -> str:
                        ("/runtime/", "sparselora runtime"),
                        ("/passes/", "sparselora passes"), ("torchinductor", "inductor generated code"),
                        ("torch/_inductor", "torch._inductor"),
+                       ("torch/distributed/fsdp", "torch.distributed.fsdp"),
+                       ("torch/nn/parallel", "DDP"), ("torch/distributed", "torch.distributed other"),
                        ("torch/_dynamo", "torch._dynamo"), ("torch/_functorch", "torch._functorch (AOT)"),
                        ("torch/autograd", "torch.autograd"), ("torch/optim", "torch.optim"),
                        ("torch/nn", "torch.nn"), ("transformers", "transformers"), ("peft", "peft"),
