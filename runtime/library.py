@@ -16,8 +16,10 @@ import torch
 
 _lib = torch.library.Library("sparselora", "FRAGMENT")
 # cudagraph_unsafe: the ops read the run's Python state (token split, step, counters), which
-# a replayed CUDA graph would not; Inductor's CUDA graphs then partition the graph around them.
-_TAGS = (torch.Tag.pt2_compliant_tag, torch.Tag.cudagraph_unsafe)
+# a replayed CUDA graph would not; Inductor's own CUDA graphs (mode="reduce-overhead") then
+# partition the graph around them. Without those graphs Inductor does not partition.
+_TAGS = (torch.Tag.pt2_compliant_tag,) + tuple(
+    t for t in (getattr(torch.Tag, "cudagraph_unsafe", None),) if t is not None)
 
 
 def define(fn, kernel):
