@@ -332,18 +332,9 @@ def quantile(xs, q):
 
 
 def graph_stats(fn) -> dict:
-    """CUDA-graph counters of a `slc.compile(..., cuda_graphs=True)` model ({} without):
-    its graphs' own `stats` where they have them, plus the counters read directly."""
+    """CUDA-graph counters of a `slc.compile(..., cuda_graphs=True)` model ({} without)."""
     g = getattr(fn, "graphs", None)
-    if g is None:
-        return {}
-    st = getattr(g, "stats", None)
-    st = st() if callable(st) and not hasattr(st, "as_dict") else st
-    out = dict(st.as_dict() if hasattr(st, "as_dict") else st if isinstance(st, dict) else {})
-    for k in ("captures", "graphed_forwards", "disabled", "failure"):
-        if k not in out and hasattr(g, k):
-            out[k] = getattr(g, k)
-    return out
+    return {} if g is None else dict(g.stats(), failure=g.failure)
 
 
 def free(device):

@@ -172,6 +172,12 @@ class LayerGraphs:
         self._said: set = set()    # blockers already logged
         self.graphed_forwards = 0
 
+    def stats(self) -> dict:
+        """Training forwards that replayed graphs, captures made, graph sets kept, and why
+        graphs are off (None while they are on)."""
+        return {"graphed_forwards": self.graphed_forwards, "captures": self.captures,
+                "sets": len(self.sets), "disabled": self.disabled}
+
     # ---- installing ----------------------------------------------------------------------
 
     def install(self, prefix: str, layer: torch.nn.Module) -> None:

@@ -95,6 +95,7 @@ def test_capture_on_the_second_forward_of_a_key_then_replay(monkeypatch):
     g = graphed[3]
     # forward 1 records, forward 2 captures and replays, and so do forwards 3-5
     assert g.captures == 1 and g.graphed_forwards == 4 and len(g.sets) == 1
+    assert g.stats() == {"graphed_forwards": 4, "captures": 1, "sets": 1, "disabled": None}
     # layer 0's input (the frozen embedding's output) needs no grad, the others do
     assert stand_in.calls[0][0][0] is False and all(s[0] for s in stand_in.calls[0][1:])
     # A captured backward must not reach gradient accumulators made on the default stream
