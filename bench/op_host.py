@@ -18,9 +18,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import runtime.ops  # noqa: E402,F401  (registers torch.ops.sparselora)
-from runtime.run import Run  # noqa: E402
+import sparselora_compile  # noqa: F401  (registers torch.ops.sparselora)
+from sparselora_compile.runtime.run import Run
 
 
 def per_call_us(fn, device, calls=200) -> dict:
@@ -99,8 +98,8 @@ def main(argv=None):
         "topk + msort": lambda: torch.topk(rg, k, sorted=False).indices.msort(),
     }
     if dev.type == "cuda":
-        from runtime.kernels.gathered_gemm import gather_rows_mm_t
-        from runtime.kernels.swiglu import swiglu
+        from sparselora_compile.runtime.kernels.gathered_gemm import gather_rows_mm_t
+        from sparselora_compile.runtime.kernels.swiglu import swiglu
         cases["triton swiglu"] = lambda: swiglu(g, g)
         cases["triton gather_rows_mm_t"] = lambda: gather_rows_mm_t(x, wg, idx)
     res = {}
@@ -113,7 +112,7 @@ def main(argv=None):
                 print("    ", row)
     if dev.type == "cuda" and args.ab:
         # Triton's ordinary launch path against ours (runtime/kernels/launch.py), interleaved
-        from runtime.kernels import launch
+        from sparselora_compile.runtime.kernels import launch
         ab = {name: {"direct": [], "triton": []} for name in cases if "(op)" in name}
         for _ in range(args.ab):
             for mode in ("direct", "triton"):
