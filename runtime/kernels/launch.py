@@ -16,8 +16,11 @@ every call takes the ordinary path.
 """
 from __future__ import annotations
 
+import logging
+
 import torch
 
+log = logging.getLogger("sparselora_compile")
 ENABLED = True  # False: every call takes Triton's ordinary path (bench/op_host.py's A/B)
 
 
@@ -59,13 +62,15 @@ class Launcher:
                 self.heuristics.append(inner.values)
             inner = inner.fn
         self.names = list(inner.arg_names)
+        self.name = getattr(getattr(inner, "fn", None), "__name__", "a Triton kernel")
         self.interpreted = not hasattr(inner, "params")  # an InterpretedFunction (CPU)
         # the autotuner's key arguments given positionally (constexprs are in the key anyway)
         self.tune_keys = tuple(self.names.index(k) for k in self.tuner.keys) if self.tuner else ()
         self._compiled: dict = {}
+        self.broken: str | None = None  # why the direct launch failed, once it has
 
     def __call__(self, grid, *args, **constexprs):
-        if not ENABLED or self.interpreted:
+        if not ENABLED or self.interpreted or self.broken:
             return self.kernel[grid](*args, **constexprs)
         try:
             key = (_key(args), tuple(constexprs.items()),
@@ -82,10 +87,20 @@ class Launcher:
                 self._compiled[key] = (compiled, meta, tuple(meta[n] for n in self.names[len(args):]))
             return compiled
         compiled, meta, tail = hit
-        if callable(grid):
-            grid = grid(meta)
-        compiled[(*grid, 1, 1)[:3]](*args, *tail)
+        size = grid(meta) if callable(grid) else grid
+        try:
+            compiled[(*size, 1, 1)[:3]](*args, *tail)
+        except (TypeError, AttributeError) as e:  # a Triton whose compiled-kernel API differs
+            self._give_up(e)
+            return self.kernel[grid](*args, **constexprs)
         return compiled
+
+    def _give_up(self, error) -> None:
+        """Launch through Triton's own path from now on, and say so once."""
+        self.broken = f"{type(error).__name__}: {error}"
+        self._compiled.clear()
+        log.warning("sparselora: launching %s directly failed (%s); it goes through Triton's "
+                    "own launch path from now on", self.name, self.broken)
 
     def _meta(self, args, constexprs) -> dict:
         """The meta-parameters the ordinary path launched with: the constexprs given, the
