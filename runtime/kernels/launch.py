@@ -9,7 +9,8 @@ specialisation and then calls the compiled kernel directly.
 
 The cache key holds everything Triton specialises on, and more: each tensor's dtype and
 16-byte alignment, each int's range class, divisibility by 16 and whether it is 1, the value
-of every other argument, the constexprs, and the values of the autotuner's key arguments. A
+of every other argument, the constexprs, the values of the autotuner's key arguments and
+the current device (a loaded kernel belongs to one). A
 new key takes the ordinary path (which autotunes and compiles as usual) and records the
 compiled kernel and the meta-parameters it was launched with. Under the interpreter (CPU)
 every call takes the ordinary path.
@@ -43,6 +44,11 @@ def _key(args) -> tuple:
                  else _other(v) for v in args)
 
 
+def _device() -> int:
+    """The device Triton launches on (its caches, and a loaded kernel, are per device)."""
+    return torch.cuda.current_device() if torch.cuda.is_available() else -1
+
+
 class Launcher:
     """`Launcher(kernel)(grid, *args, **constexprs)` launches like `kernel[grid](*args, **constexprs)`.
 
@@ -74,7 +80,7 @@ class Launcher:
             return self.kernel[grid](*args, **constexprs)
         try:
             key = (_key(args), tuple(constexprs.items()),
-                   tuple(args[i] for i in self.tune_keys if i < len(args)))
+                   tuple(args[i] for i in self.tune_keys if i < len(args)), _device())
         except TypeError:  # an argument kind we do not key on: the ordinary path
             return self.kernel[grid](*args, **constexprs)
         hit = self._compiled.get(key)
