@@ -44,11 +44,6 @@ def _key(args) -> tuple:
                  else _other(v) for v in args)
 
 
-def _device() -> int:
-    """The device Triton launches on (its caches, and a loaded kernel, are per device)."""
-    return torch.cuda.current_device() if torch.cuda.is_available() else -1
-
-
 class Launcher:
     """`Launcher(kernel)(grid, *args, **constexprs)` launches like `kernel[grid](*args, **constexprs)`.
 
@@ -73,6 +68,9 @@ class Launcher:
         # the autotuner's key arguments given positionally (constexprs are in the key anyway)
         self.tune_keys = tuple(self.names.index(k) for k in self.tuner.keys) if self.tuner else ()
         self._compiled: dict = {}
+        # the device Triton launches on is part of the key (a loaded kernel belongs to one);
+        # whether CUDA is there is asked at the first launch, not at import
+        self._device = self._first_device
         self.broken: str | None = None  # why the direct launch failed, once it has
 
     def __call__(self, grid, *args, **constexprs):
@@ -80,7 +78,7 @@ class Launcher:
             return self.kernel[grid](*args, **constexprs)
         try:
             key = (_key(args), tuple(constexprs.items()),
-                   tuple(args[i] for i in self.tune_keys if i < len(args)), _device())
+                   tuple(args[i] for i in self.tune_keys if i < len(args)), self._device())
         except TypeError:  # an argument kind we do not key on: the ordinary path
             return self.kernel[grid](*args, **constexprs)
         hit = self._compiled.get(key)
@@ -100,6 +98,10 @@ class Launcher:
             self._give_up(e)
             return self.kernel[grid](*args, **constexprs)
         return compiled
+
+    def _first_device(self) -> int:
+        self._device = torch.cuda.current_device if torch.cuda.is_available() else (lambda: -1)
+        return self._device()
 
     def _give_up(self, error) -> None:
         """Launch through Triton's own path from now on, and say so once."""
