@@ -87,8 +87,10 @@ def wrap(engine, variant, peft, args, layers):
     if engine in ("fsdp", "fsdp_keep"):
         from torch.distributed.fsdp import fully_shard
         keep = engine == "fsdp_keep"  # the gathered weights stay for the backward
-        for _, layer in decoder_layers(peft):
-            fully_shard(layer, reshard_after_forward=not keep)
+        layers_ = [layer for _, layer in decoder_layers(peft)]
+        for i in range(0, len(layers_), args.fsdp_unit):  # one unit: one gather, one set of hooks
+            group = layers_[i:i + args.fsdp_unit]
+            fully_shard(group if len(group) > 1 else group[0], reshard_after_forward=not keep)
         fully_shard(peft, reshard_after_forward=not keep)
     if variant == "dense":
         for _, layer in decoder_layers(peft):
@@ -254,18 +256,30 @@ def merge(paths, out):
     """One file from the 1-GPU and N-GPU launches, with the ratios the issue asks for:
     tokens/s against one GPU, and sparse against dense, per engine and batch stream."""
     runs = [json.loads(Path(p).read_text()) for p in paths]
+    for run in runs:  # launches differ in FSDP unit size and attention backend too
+        shape = run.get("shape", {})
+        for r in run["timed"]:
+            r.setdefault("fsdp_unit", shape.get("fsdp_unit", 1) if r["engine"].startswith("fsdp") else 1)
+            r.setdefault("cudnn_attention", shape.get("cudnn_attention", True))
     timed_all = [r for run in runs for r in run["timed"] if "error" not in r]
-    by = {(r["engine"], r["variant"], r["batches"]): r for r in timed_all}
+
+    def key(r, engine=None, variant=None):
+        return (engine or r["engine"], variant or r["variant"], r["batches"],
+                1 if engine == "single" else r["fsdp_unit"], r["cudnn_attention"])
+
+    def label(r):
+        unit = f" ({r['fsdp_unit']} layers per unit)" if r["fsdp_unit"] > 1 else ""
+        return f"{r['engine']}{unit}/{r['variant']} [{r['batches']}{'' if r['cudnn_attention'] else ', no cuDNN'}]"
+
+    by = {key(r): r for r in timed_all}
     ratios = {}
-    for (engine, variant, batches), r in by.items():
-        one = by.get(("single", variant, batches))
-        if engine != "single" and one:
-            ratios[f"{engine}/{variant} [{batches}]: tokens/s vs one GPU"] = round(
-                r["tokens_per_s"] / one["tokens_per_s"], 3)
-        base = by.get((engine, "dense", batches)) or by.get((engine, "sparse", batches))
-        if variant != "dense" and base and base is not r:
-            ratios[f"{engine}/{variant} vs {base['variant']} [{batches}]"] = round(
-                base["mean_ms"] / r["mean_ms"], 3)
+    for r in by.values():
+        one = by.get(key(r, engine="single"))
+        if r["engine"] != "single" and one:
+            ratios[f"{label(r)}: tokens/s vs one GPU"] = round(r["tokens_per_s"] / one["tokens_per_s"], 3)
+        base = by.get(key(r, variant="dense")) or by.get(key(r, variant="sparse"))
+        if r["variant"] != "dense" and base and base is not r:
+            ratios[f"{label(r)} vs {base['variant']}"] = round(base["mean_ms"] / r["mean_ms"], 3)
     merged = {"launches": [{k: v for k, v in run.items() if k != "timed"} for run in runs],
               "timed": [r for run in runs for r in run["timed"]], "ratios": ratios}
     Path(out).write_text(json.dumps(merged, indent=1))
@@ -293,6 +307,10 @@ def main(argv=None):
     ap.add_argument("--check-world", type=int, default=2, help="micro-batches per step (single)")
     ap.add_argument("--reference", default=None, help="the single engine's --out, to compare with")
     ap.add_argument("--time-budget", type=float, default=None, help="seconds: start no variant after")
+    ap.add_argument("--fsdp-unit", type=int, default=1, metavar="K",
+                    help="decoder layers per FSDP2 unit (fully_shard of a list of K layers)")
+    ap.add_argument("--no-cudnn-attention", action="store_true",
+                    help="SDPA without cuDNN, which builds a graph at each new length (once per process)")
     ap.add_argument("--smoke", action="store_true", help="tiny widths (CPU, gloo)")
     ap.add_argument("--host-profile", type=int, default=0, metavar="STEPS",
                     help="after timing, this many steps under cProfile (host_profile.py), rank 0's kept")
@@ -304,6 +322,8 @@ def main(argv=None):
     for k, v in NO_MULTICAST.items():  # also for any child process
         os.environ.setdefault(k, v)
     cuda = torch.cuda.is_available() and not args.smoke
+    if args.no_cudnn_attention:
+        torch.backends.cuda.enable_cudnn_sdp(False)
     dist.init_process_group("nccl" if cuda else "gloo")
     rank, n = world()
     device = device_of(rank) if cuda else torch.device("cpu")
@@ -314,7 +334,8 @@ def main(argv=None):
         if args.reference else None
     out = {"command": " ".join(sys.argv), "world": n, "env": env(device),
            "shape": {"layers": args.layers, "batch": args.batch, "seq": args.seq,
-                     "batches": args.batches, "preset": args.preset, "lora": "r=32 q,k,v,o, bf16"},
+                     "batches": args.batches, "preset": args.preset, "lora": "r=32 q,k,v,o, bf16",
+                     "fsdp_unit": args.fsdp_unit, "cudnn_attention": not args.no_cudnn_attention},
            "check": {}, "timed": [], "skipped": []}
 
     if n > 1 and device.type == "cuda":

@@ -78,19 +78,53 @@ def host_profile(step, batches) -> dict:
             "top_cum": [fmt(r) for r in by_cum[:60]]}
 
 
-def op_profile(step, batch, device) -> dict:
+def op_profile(step, batch, device, top=40) -> dict:
     """Self and total CPU ms of the top ops, and the device's busy time (kernels, copies)."""
     from torch.profiler import ProfilerActivity, profile
     cuda = device.type == "cuda"
+    t0 = time.perf_counter()
     with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
         step(batch)
         ts.sync(device)
-    ka = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:40]
+    wall = (time.perf_counter() - t0) * 1e3
+    ka = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:top]
     kernel_us = sum(e.time_range.elapsed_us() for e in prof.events()
                     if e.device_type == torch.autograd.DeviceType.CUDA) if cuda else None
-    return {"kernel_ms": kernel_us / 1e3 if cuda else None,
+    return {"wall_ms": round(wall, 2), "kernel_ms": kernel_us / 1e3 if cuda else None,
             "ops_self_cpu_ms": [[e.key[:90], round(e.self_cpu_time_total / 1e3, 3),
                                  round(e.cpu_time_total / 1e3, 3), e.count] for e in ka]}
+
+
+ALLOC_COUNTERS = ("num_device_alloc", "num_device_free", "num_alloc_retries", "num_sync_all_streams")
+
+
+def alloc_counters(device) -> dict:
+    """The caching allocator's cudaMalloc/cudaFree/retry counts: a new size class costs a
+    cudaMalloc, and a retry frees cached blocks (cudaFree synchronises the device)."""
+    if device.type != "cuda":
+        return {}
+    stats = torch.cuda.memory_stats(device)
+    return {k: stats.get(k, 0) for k in ALLOC_COUNTERS}
+
+
+def sync_sites(step, batches) -> dict:
+    """Where the step synchronises the host with the GPU: torch's sync debug mode warns at
+    each synchronising call; counted by the Python line that made it."""
+    import warnings
+    sites: dict = {}
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for b in batches:
+                step(b)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    for w in caught:
+        if "synchroniz" in str(w.message):
+            key = f"{Path(w.filename).name}:{w.lineno}"
+            sites[key] = sites.get(key, 0) + 1
+    return {k: v / len(batches) for k, v in sorted(sites.items(), key=lambda kv: -kv[1])}
 
 
 def measure(name, peft, init, batches, args, device, log) -> dict:
@@ -128,24 +162,37 @@ def measure(name, peft, init, batches, args, device, log) -> dict:
         ts.sync(device)
         res["warmup_s"] = round(time.perf_counter() - t0, 1)
         timed = batches[args.warmup:args.warmup + args.steps]
-        steps, hosts = [], []
+        steps, hosts, per_step = [], [], []
         for b in timed:
             ts.sync(device)
+            before = alloc_counters(device)
             t0 = time.perf_counter()
             step(b)
             t1 = time.perf_counter()
             ts.sync(device)
             hosts.append((t1 - t0) * 1e3)
             steps.append((time.perf_counter() - t0) * 1e3)
+            after = alloc_counters(device)
+            per_step.append({"T": int(b["input_ids"].shape[1]), "ms": round(steps[-1], 2),
+                             "host_ms": round(hosts[-1], 2)}
+                            | {k: after[k] - before[k] for k in after if after[k] != before[k]})
         res["step_ms"] = round(sum(steps) / len(steps), 2)
         res["host_ms"] = round(sum(hosts) / len(hosts), 2)
         res["steps_ms"] = [round(x, 2) for x in steps]
+        res["per_step"] = per_step
         log(f"{name}: step {res['step_ms']} ms, host {res['host_ms']} ms (warm-up {res['warmup_s']} s)")
         res["cprofile"] = host_profile(step, timed[:args.profile_steps])
         ts.sync(device)
         log(f"{name}: cProfile {res['cprofile']['total_ms']} ms/step: {res['cprofile']['by_group_ms']}")
         res.update(op_profile(step, timed[0], device))
         log(f"{name}: kernels {res['kernel_ms']} ms of the profiled step")
+        if args.op_profile_steps:  # one torch.profiler capture per step: slow steps show their op
+            res["op_profile_steps"] = [op_profile(step, b, device, top=12)
+                                       for b in timed[:args.op_profile_steps]]
+            log(f"{name}: profiled steps {[p['wall_ms'] for p in res['op_profile_steps']]} ms")
+        if args.sync_steps and device.type == "cuda":
+            res["sync_sites_per_step"] = sync_sites(step, timed[:args.sync_steps])
+            log(f"{name}: synchronising calls per step {res['sync_sites_per_step']}")
     finally:
         for m in compiled:
             m._compiled_call_impl = None
@@ -164,6 +211,12 @@ def main(argv=None):
     ap.add_argument("--warmup", type=int, default=4)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--profile-steps", type=int, default=5)
+    ap.add_argument("--op-profile-steps", type=int, default=0,
+                    help="this many steps under torch.profiler, one capture each (top ops per step)")
+    ap.add_argument("--sync-steps", type=int, default=0,
+                    help="this many steps under torch's sync debug mode: where the host waits (CUDA)")
+    ap.add_argument("--no-cudnn-attention", action="store_true",
+                    help="SDPA without its cuDNN backend (which builds a graph per new shape)")
     ap.add_argument("--inner", default="inductor")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--smoke", action="store_true", help="tiny widths (a CPU check of the script)")
@@ -172,6 +225,8 @@ def main(argv=None):
     args = ap.parse_args(argv)
     args.batch, args.seq = (8, 64) if args.smoke else (8, 512)
     device = torch.device(args.device)
+    if args.no_cudnn_attention:
+        torch.backends.cuda.enable_cudnn_sdp(False)
     log = lambda m: print(m, flush=True)  # noqa: E731
     cfg = ts.llama_config(args.layers, args.smoke)
     peft = ts.add_lora(ts.build_model(cfg, device), ["q_proj", "k_proj", "v_proj", "o_proj"], True)

@@ -802,7 +802,8 @@ def env_info(device):
             # the host's speed sets a host-bound step's: the kernel tells a gVisor sandbox
             # (4.4.0) from a Firecracker VM; the CPU model and its load, the rest
             "kernel": platform.release(), "cpu_model": _cpu_model(), "cpus": os.cpu_count(),
-            "load_avg": os.getloadavg() if hasattr(os, "getloadavg") else None}
+            "load_avg": os.getloadavg() if hasattr(os, "getloadavg") else None,
+            "cudnn_attention": torch.backends.cuda.cudnn_sdp_enabled()}
     try:
         import triton
         info["triton"] = triton.__version__
@@ -1023,6 +1024,9 @@ def main(argv=None):
                     help="inner backend of the tiny correctness check (default: aot_eager, or --inner with --smoke)")
     ap.add_argument("--no-check", action="store_true")
     ap.add_argument("--no-profile", dest="profile", action="store_false")
+    ap.add_argument("--no-cudnn-attention", action="store_true",
+                    help="SDPA without its cuDNN backend: cuDNN builds a graph at each new sequence "
+                         "length, once per process, so whichever variant sees a length first pays it")
     ap.add_argument("--smoke", action="store_true", help="tiny config, 2 layers, few steps")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", default=str(RESULTS))
@@ -1046,6 +1050,8 @@ def main(argv=None):
     if args.check_inner is None:
         args.check_inner = args.inner if args.smoke else "aot_eager"
     device = torch.device(args.device)
+    if args.no_cudnn_attention:
+        torch.backends.cuda.enable_cudnn_sdp(False)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     json_path, png_path = out / f"{args.name}.json", out / f"{args.name}.png"
