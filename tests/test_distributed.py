@@ -1,5 +1,6 @@
 """Two processes (gloo, CPU) train the tiny PEFT Llama with the sparselora backend under
-DDP (all three orders) and FSDP2 (`fully_shard` per decoder layer, then the root).
+DDP (all three orders) and FSDP2 (`fully_shard` per decoder layer or on a list of layers,
+then the root).
 
 Reference: one process, the same steps, each rank's micro-batch run in turn with its
 loss halved (gradient accumulation over the global batch). The token split and channel
@@ -29,7 +30,7 @@ SMALL_BUCKET = 2048  # bytes: a tiny layer's LoRA weights (~8 KiB) fill several
 CHILD_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
              "NVSHMEM_DISABLE_NVLS": "1"}
 SCENARIOS = ("ddp_compile_ddp", "ddp_ddp_compile", "ddp_slc_wrapper", "ddp_slc_model", "fsdp_slc",
-             "ddp_split_error", "fsdp_graphs_error")
+             "fsdp_units_slc", "ddp_split_error", "fsdp_graphs_error")
 
 SMALL = ("ddp_slc_wrapper", "ddp_slc_model", "ddp_split_error")  # DDP with tiny buckets
 DEFAULT_FIRST_BUCKET = getattr(dist, "_DEFAULT_FIRST_BUCKET_BYTES", 1 << 20)
@@ -87,6 +88,11 @@ def _scenario(name, rank):
         from torch.distributed.fsdp import fully_shard
         for layer in model.base_model.model.model.layers:
             fully_shard(layer)
+        fully_shard(model)
+        fn = slc.compile(model, policy, inner="aot_eager")
+    elif name == "fsdp_units_slc":  # several layers per FSDP2 unit: one gather, one set of hooks
+        from torch.distributed.fsdp import fully_shard
+        fully_shard(list(model.base_model.model.model.layers))
         fully_shard(model)
         fn = slc.compile(model, policy, inner="aot_eager")
     elif name == "fsdp_graphs_error":
