@@ -139,7 +139,7 @@ def timed(engine, variant, args, device):
         step(fn, opt, b)
     sync(device)
     first_s = time.perf_counter() - t
-    times, tokens, losses = [], 0, []
+    times, tokens, losses, lengths = [], 0, [], []
     for b in batches[args.warmup:]:
         t = time.perf_counter()
         losses.append(step(fn, opt, b))
@@ -148,13 +148,14 @@ def timed(engine, variant, args, device):
         dist.all_reduce(dt, op=dist.ReduceOp.MAX)
         times.append(dt.item() * 1e3)
         tokens += user_batches.real_tokens(b)
+        lengths.append(int(b["input_ids"].shape[-1]))  # a new length costs more (cuDNN's builds)
     total = torch.tensor([tokens], device=device, dtype=torch.float64)
     dist.all_reduce(total)
     mean_ms = sum(times) / len(times)
     res = {"engine": engine, "variant": variant, "world": n, "batches": mode,
            "steps": len(times), "warmup_steps": args.warmup, "warmup_s": round(first_s, 1),
            "mean_ms": round(mean_ms, 2), "median_ms": round(sorted(times)[len(times) // 2], 2),
-           "max_ms": round(max(times), 2), "step_ms": [round(x, 2) for x in times],
+           "max_ms": round(max(times), 2), "step_ms": [round(x, 2) for x in times], "step_lengths": lengths,
            "tokens_per_s": round(total.item() / (sum(times) / 1e3), 1),
            "final_loss": round(float(torch.stack(losses[-5:]).float().mean()), 4)}
     if device.type == "cuda":
