@@ -17,8 +17,13 @@ rank's. Variants per engine:
           shape), where --graphs is given
 Engines: single (no wrapper), ddp (`DistributedDataParallel(model)` after compiling),
 fsdp (`fully_shard` on each decoder layer, then the root, then compile: torchtitan's
-order), fsdp_keep (the same with `reshard_after_forward=False`: one all-gather of the
-frozen weights per step instead of two, for the memory of unsharded weights).
+order; --fsdp-unit K shards K layers as one unit), fsdp_keep (the same with
+`reshard_after_forward=False`: one all-gather of the frozen weights per step instead of
+two, for the memory of unsharded weights).
+
+Variants run one after another in a launch, and the first meets each length first: with
+cuDNN attention (SDPA's default on the H200) it pays a graph build per new length that
+later variants find done. --no-cudnn-attention turns that backend off for all of them.
 
 Correctness (`--check-layers`, before the timing): a few steps of the sparse variant on a
 small model of the same widths. The single engine runs every rank's micro-batch in turn
@@ -87,9 +92,9 @@ def wrap(engine, variant, peft, args, layers):
     if engine in ("fsdp", "fsdp_keep"):
         from torch.distributed.fsdp import fully_shard
         keep = engine == "fsdp_keep"  # the gathered weights stay for the backward
-        layers_ = [layer for _, layer in decoder_layers(peft)]
-        for i in range(0, len(layers_), args.fsdp_unit):  # one unit: one gather, one set of hooks
-            group = layers_[i:i + args.fsdp_unit]
+        all_layers = [layer for _, layer in decoder_layers(peft)]
+        for i in range(0, len(all_layers), args.fsdp_unit):  # one unit: one gather, one set of hooks
+            group = all_layers[i:i + args.fsdp_unit]
             fully_shard(group if len(group) > 1 else group[0], reshard_after_forward=not keep)
         fully_shard(peft, reshard_after_forward=not keep)
     if variant == "dense":

@@ -11,7 +11,13 @@ Inductor per decoder layer with bf16 adapters:
 - the host time by function (cProfile, with autograd's backward run on the calling thread so
   that the backward's Python is profiled too), grouped by where the code lives (our
   package, Inductor's generated wrappers, Triton's launcher, torch) and the top functions;
-- the self CPU time of each op (torch.profiler, CPU only).
+- the self CPU time of each op (torch.profiler, CPU only);
+- per timed step: its length, time and the allocator's cudaMalloc/cudaFree counts
+  (`per_step`); with --op-profile-steps, one torch.profiler capture per step, so that a
+  slow step shows its op; with --sync-steps, where the host waited for the GPU.
+
+A length new to the process is slower for whichever variant meets it first (cuDNN
+attention builds a graph per length): --no-cudnn-attention turns that backend off.
 
     python3 bench/host_profile.py --layers 8 --steps 20 --out host.json          # H200
     python3 bench/host_profile.py --smoke --device cpu --inner aot_eager --steps 3  # CPU check
