@@ -40,10 +40,11 @@ import train_step as ts  # noqa: E402  (bench/train_step.py: model, batches, pol
 
 def where(filename: str) -> str:
     f = filename.replace("\\", "/")
+    # Inductor's own runtime (torch/_inductor/runtime/) before ours (runtime/ in this repo)
     for key, group in (("/triton/", "triton"), ("sparselora_compile", "sparselora_compile"),
-                       ("/runtime/", "sparselora runtime"),
-                       ("/passes/", "sparselora passes"), ("torchinductor", "inductor generated code"),
-                       ("torch/_inductor", "torch._inductor"),
+                       ("torchinductor", "inductor generated code"),
+                       ("torch/_inductor", "torch._inductor"), ("/runtime/", "sparselora runtime"),
+                       ("/passes/", "sparselora passes"),
                        ("torch/distributed/fsdp", "torch.distributed.fsdp"),
                        ("torch/nn/parallel", "DDP"), ("torch/distributed", "torch.distributed other"),
                        ("torch/_dynamo", "torch._dynamo"), ("torch/_functorch", "torch._functorch (AOT)"),
