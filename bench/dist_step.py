@@ -23,7 +23,9 @@ two, for the memory of unsharded weights).
 
 Variants run one after another in a launch, and the first meets each length first: with
 cuDNN attention (SDPA's default on the H200) it pays a graph build per new length that
-later variants find done. --no-cudnn-attention turns that backend off for all of them.
+later variants find done. --no-cudnn-attention turns that backend off for all of them;
+--warm-stream runs each variant's timed batches once untimed first, so that every variant
+is timed at lengths it has seen (the regime of a long run).
 
 Correctness (`--check-layers`, before the timing): a few steps of the sparse variant on a
 small model of the same widths. The single engine runs every rank's micro-batch in turn
@@ -140,7 +142,9 @@ def timed(engine, variant, args, device):
     opt = torch.optim.AdamW([p for p in peft.parameters() if p.requires_grad], lr=1e-5)
     batches = stream(mode, cfg, args, args.warmup + args.steps, seed=rank, device=device)
     t = time.perf_counter()
-    for b in batches[: args.warmup]:
+    # --warm-stream: the timed batches once untimed too, so that every variant is timed at
+    # lengths it has seen, whatever ran before it (caches that outlive a variant: cuDNN's)
+    for b in batches[: args.warmup] + (batches[args.warmup:] if args.warm_stream else []):
         step(fn, opt, b)
     sync(device)
     first_s = time.perf_counter() - t
@@ -158,7 +162,8 @@ def timed(engine, variant, args, device):
     dist.all_reduce(total)
     mean_ms = sum(times) / len(times)
     res = {"engine": engine, "variant": variant, "world": n, "batches": mode,
-           "steps": len(times), "warmup_steps": args.warmup, "warmup_s": round(first_s, 1),
+           "steps": len(times), "warmup_steps": args.warmup, "warm_stream": args.warm_stream,
+           "warmup_s": round(first_s, 1),
            "mean_ms": round(mean_ms, 2), "median_ms": round(sorted(times)[len(times) // 2], 2),
            "max_ms": round(max(times), 2), "step_ms": [round(x, 2) for x in times], "step_lengths": lengths,
            "tokens_per_s": round(total.item() / (sum(times) / 1e3), 1),
@@ -267,15 +272,17 @@ def merge(paths, out):
         for r in run["timed"]:
             r.setdefault("fsdp_unit", shape.get("fsdp_unit", 1) if r["engine"].startswith("fsdp") else 1)
             r.setdefault("cudnn_attention", shape.get("cudnn_attention", True))
+            r.setdefault("warm_stream", False)
     timed_all = [r for run in runs for r in run["timed"] if "error" not in r]
 
     def key(r, engine=None, variant=None):
         return (engine or r["engine"], variant or r["variant"], r["batches"],
-                1 if engine == "single" else r["fsdp_unit"], r["cudnn_attention"])
+                1 if engine == "single" else r["fsdp_unit"], r["cudnn_attention"], r["warm_stream"])
 
     def label(r):
         unit = f" ({r['fsdp_unit']} layers per unit)" if r["fsdp_unit"] > 1 else ""
-        return f"{r['engine']}{unit}/{r['variant']} [{r['batches']}{'' if r['cudnn_attention'] else ', no cuDNN'}]"
+        notes = ("" if r["cudnn_attention"] else ", no cuDNN") + (", seen lengths" if r["warm_stream"] else "")
+        return f"{r['engine']}{unit}/{r['variant']} [{r['batches']}{notes}]"
 
     by = {key(r): r for r in timed_all}
     ratios = {}
@@ -315,6 +322,8 @@ def main(argv=None):
     ap.add_argument("--time-budget", type=float, default=None, help="seconds: start no variant after")
     ap.add_argument("--fsdp-unit", type=int, default=1, metavar="K",
                     help="decoder layers per FSDP2 unit (fully_shard of a list of K layers)")
+    ap.add_argument("--warm-stream", action="store_true",
+                    help="run the timed batches once untimed first: every variant timed at seen lengths")
     ap.add_argument("--no-cudnn-attention", action="store_true",
                     help="SDPA without cuDNN, which builds a graph at each new length (once per process)")
     ap.add_argument("--smoke", action="store_true", help="tiny widths (CPU, gloo)")
