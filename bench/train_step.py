@@ -26,12 +26,12 @@ passed as inductor_config (sl_*) or torch.compile options (inductor*):
               the settings Inductor patches in for it (store_cubin, compile-time autotune:
               sparselora_compile.backend.CPP_WRAPPER_SETTINGS), which torch 2.11 applies to
               the forward's compile only, so that backward graphs compile too
-    _cppat    cpp_wrapper=True and triton.autotune_at_compile_time=True only (session 6's
-              first try; failed on the backward for lack of store_cubin)
+    _cppat    cpp_wrapper=True and triton.autotune_at_compile_time=True only (without
+              store_cubin: fails on the backward)
     _combo    combo_kernels=True: independent small kernels share one launch
     _noassert size_asserts=False: no stride checks of graph inputs on every call
 Runtime suffixes (sl_* variants), after any Inductor suffix:
-    _ctxrows  the sparse MLP's context part over the context rows only, as before session 6
+    _ctxrows  the sparse MLP's context part over the context rows only
               (`mlp_all_rows_max_k=0`, runtime/sparse_mlp.py), for an A/B in one run
     _graphs   slc.compile(..., cuda_graphs=True): the decoder layers replayed as CUDA graphs
     _pad8     slc.compile(..., pad_to_multiple_of=8): training batches right-padded to a
@@ -803,7 +803,8 @@ def env_info(device):
             # (4.4.0) from a Firecracker VM; the CPU model and its load, the rest
             "kernel": platform.release(), "cpu_model": _cpu_model(), "cpus": os.cpu_count(),
             "load_avg": os.getloadavg() if hasattr(os, "getloadavg") else None,
-            "cudnn_attention": torch.backends.cuda.cudnn_sdp_enabled()}
+            "cudnn_attention": torch.backends.cuda.cudnn_sdp_enabled(),
+            "cuda_alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF")}
     try:
         import triton
         info["triton"] = triton.__version__

@@ -38,7 +38,9 @@ def _other(v):
 
 
 def _key(args) -> tuple:
-    """What Triton may specialise the runtime arguments on (a superset of it)."""
+    """What Triton may specialise the runtime arguments on (a superset of it). Plain tensors
+    and ints, nearly every argument, are keyed inline (a call per argument would cost on
+    every launch); `_other` keys the rest the same way."""
     return tuple((v.dtype, v.data_ptr() % 16 == 0) if type(v) is torch.Tensor
                  else (v == 1, v % 16 == 0, -2**31 <= v < 2**31, v >= 2**63) if type(v) is int
                  else _other(v) for v in args)
