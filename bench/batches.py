@@ -154,6 +154,17 @@ def make_batches(mode: str, vocab: int, steps: int, batch: int = 8, seq: int = 5
     raise ValueError(f"unknown batch mode {mode!r}: one of {MODES}")
 
 
+def retokened(b: dict, vocab: int, g: torch.Generator) -> dict:
+    """`b` with new token ids at its real positions (padding kept), the supervised labels
+    following them: same shapes, lengths and split, other text."""
+    ids = b["input_ids"]
+    new = torch.where(ids == PAD_ID, ids, _tokens(ids.numel(), vocab, g).view_as(ids))
+    out = dict(b, input_ids=new)
+    if "labels" in b:
+        out["labels"] = torch.where(b["labels"] == IGNORE, b["labels"], new)
+    return out
+
+
 def real_tokens(b: dict) -> int:
     """Tokens that are not padding."""
     mask = b.get("attention_mask")

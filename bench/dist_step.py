@@ -12,6 +12,8 @@ so N GPUs see N times the tokens of one (weak scaling); a step's time is the slo
 rank's. Variants per engine:
 - dense:  Inductor per decoder layer (`layer.compile()`), bf16 adapters (the fair
           baseline for `lora_dtype="model"`)
+- dense_unmasked: the same, with right-padded batches' attention masks dropped before the
+          call, as the sparse variant's `causal_right_padding` does (fused causal attention)
 - sparse: `slc.compile(model, math10k preset, lora_dtype="model")`, past the warm-up
 - sparse_graphs: the same with `cuda_graphs=True` on the fixed batch (graphs serve one
           shape), where --graphs is given
@@ -20,6 +22,10 @@ fsdp (`fully_shard` on each decoder layer, then the root, then compile: torchtit
 order; --fsdp-unit K shards K layers as one unit), fsdp_keep (the same with
 `reshard_after_forward=False`: one all-gather of the frozen weights per step instead of
 two, for the memory of unsharded weights).
+
+Each rank draws its own lengths, so a step waits on the rank with the longest batch;
+--same-lengths gives every rank the lengths of one stream (tokens of its own), as a
+length-grouped sampler does, which measures the engines without that wait.
 
 Variants run one after another in a launch, and the first meets each length first: with
 cuDNN attention (SDPA's default on the H200) it pays a graph build per new length that
@@ -49,7 +55,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import batches as user_batches  # noqa: E402
-from train_step import (ALL, QKVO, add_lora, build_model, graph_stats,  # noqa: E402
+from train_step import (ALL, QKVO, add_lora, build_model, graph_stats, unmasked,  # noqa: E402
                         llama_config, sampled_policy, sync)
 
 import sparselora_compile as slc  # noqa: E402
@@ -99,7 +105,7 @@ def wrap(engine, variant, peft, args, layers):
             group = all_layers[i:i + args.fsdp_unit]
             fully_shard(group if len(group) > 1 else group[0], reshard_after_forward=not keep)
         fully_shard(peft, reshard_after_forward=not keep)
-    if variant == "dense":
+    if variant.startswith("dense"):
         for _, layer in decoder_layers(peft):
             layer.compile(backend=args.inner)
         wrapped = None
@@ -111,6 +117,8 @@ def wrap(engine, variant, peft, args, layers):
     fn = peft  # slc.compile compiled its layers in place: the model runs the glue
     if engine == "ddp":
         fn = DDP(peft)
+    if variant == "dense_unmasked":
+        fn = unmasked(fn)
     return fn, wrapped
 
 
@@ -124,8 +132,15 @@ def step(fn, opt, batch, scale=1.0, update=True):
 
 
 def stream(mode, cfg, args, n, seed, device):
-    return [{k: v.to(device) for k, v in b.items()} for b in user_batches.make_batches(
-        mode, cfg.vocab_size, n, args.batch, args.seq, seed=seed)]
+    """`n` batches of `mode` for one rank; with --same-lengths every rank's batches have the
+    shapes of seed 0's (its lengths, padding and supervised positions) with their own tokens."""
+    if not args.same_lengths:
+        batches = user_batches.make_batches(mode, cfg.vocab_size, n, args.batch, args.seq, seed=seed)
+    else:
+        g = torch.Generator().manual_seed(10_000 + seed)
+        batches = [user_batches.retokened(b, cfg.vocab_size, g) for b in user_batches.make_batches(
+            mode, cfg.vocab_size, n, args.batch, args.seq, seed=seed - seed % 1000)]
+    return [{k: v.to(device) for k, v in b.items()} for b in batches]
 
 
 def timed(engine, variant, args, device):
@@ -163,6 +178,7 @@ def timed(engine, variant, args, device):
     mean_ms = sum(times) / len(times)
     res = {"engine": engine, "variant": variant, "world": n, "batches": mode,
            "steps": len(times), "warmup_steps": args.warmup, "warm_stream": args.warm_stream,
+           "same_lengths": args.same_lengths,
            "warmup_s": round(first_s, 1),
            "mean_ms": round(mean_ms, 2), "median_ms": round(sorted(times)[len(times) // 2], 2),
            "max_ms": round(max(times), 2), "step_ms": [round(x, 2) for x in times], "step_lengths": lengths,
@@ -273,15 +289,18 @@ def merge(paths, out):
             r.setdefault("fsdp_unit", shape.get("fsdp_unit", 1) if r["engine"].startswith("fsdp") else 1)
             r.setdefault("cudnn_attention", shape.get("cudnn_attention", True))
             r.setdefault("warm_stream", False)
+            r.setdefault("same_lengths", False)
     timed_all = [r for run in runs for r in run["timed"] if "error" not in r]
 
     def key(r, engine=None, variant=None):
         return (engine or r["engine"], variant or r["variant"], r["batches"],
-                1 if engine == "single" else r["fsdp_unit"], r["cudnn_attention"], r["warm_stream"])
+                1 if engine == "single" else r["fsdp_unit"], r["cudnn_attention"], r["warm_stream"],
+                r["same_lengths"])
 
     def label(r):
         unit = f" ({r['fsdp_unit']} layers per unit)" if r["fsdp_unit"] > 1 else ""
-        notes = ("" if r["cudnn_attention"] else ", no cuDNN") + (", seen lengths" if r["warm_stream"] else "")
+        notes = (("" if r["cudnn_attention"] else ", no cuDNN") + (", seen lengths" if r["warm_stream"] else "")
+                 + (", same lengths on every rank" if r["same_lengths"] else ""))
         return f"{r['engine']}{unit}/{r['variant']} [{r['batches']}{notes}]"
 
     by = {key(r): r for r in timed_all}
@@ -290,9 +309,15 @@ def merge(paths, out):
         one = by.get(key(r, engine="single"))
         if r["engine"] != "single" and one:
             ratios[f"{label(r)}: tokens/s vs one GPU"] = round(r["tokens_per_s"] / one["tokens_per_s"], 3)
-        base = by.get(key(r, variant="dense")) or by.get(key(r, variant="sparse"))
-        if r["variant"] != "dense" and base and base is not r:
-            ratios[f"{label(r)} vs {base['variant']}"] = round(base["mean_ms"] / r["mean_ms"], 3)
+        if r["variant"].startswith("dense"):
+            continue
+        for dense in ("dense", "dense_unmasked"):
+            base = by.get(key(r, variant=dense))
+            if base:
+                ratios[f"{label(r)} vs {dense}"] = round(base["mean_ms"] / r["mean_ms"], 3)
+        base = by.get(key(r, variant="sparse"))
+        if r["variant"] != "sparse" and base:
+            ratios[f"{label(r)} vs sparse"] = round(base["mean_ms"] / r["mean_ms"], 3)
     merged = {"launches": [{k: v for k, v in run.items() if k != "timed"} for run in runs],
               "timed": [r for run in runs for r in run["timed"]], "ratios": ratios}
     Path(out).write_text(json.dumps(merged, indent=1))
@@ -304,7 +329,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--engines", nargs="+", default=["single"], choices=("single", "ddp", "fsdp", "fsdp_keep"))
     ap.add_argument("--variants", nargs="*", default=["dense", "sparse"],
-                    choices=("dense", "sparse", "sparse_graphs"))
+                    choices=("dense", "dense_unmasked", "sparse", "sparse_graphs"))
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--batches", default="padded", choices=user_batches.MODES)
     ap.add_argument("--batch", type=int, default=8)
@@ -322,6 +347,9 @@ def main(argv=None):
     ap.add_argument("--time-budget", type=float, default=None, help="seconds: start no variant after")
     ap.add_argument("--fsdp-unit", type=int, default=1, metavar="K",
                     help="decoder layers per FSDP2 unit (fully_shard of a list of K layers)")
+    ap.add_argument("--same-lengths", action="store_true",
+                    help="every rank's step has the same lengths (as a length-grouped sampler "
+                         "gives), so that no rank waits on a longer one; tokens differ")
     ap.add_argument("--warm-stream", action="store_true",
                     help="run the timed batches once untimed first: every variant timed at seen lengths")
     ap.add_argument("--no-cudnn-attention", action="store_true",

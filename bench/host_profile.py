@@ -12,6 +12,9 @@ Inductor per decoder layer with bf16 adapters:
   that the backward's Python is profiled too), grouped by where the code lives (our
   package, Inductor's generated wrappers, Triton's launcher, torch) and the top functions;
 - the self CPU time of each op (torch.profiler, CPU only);
+- per step of --timeline-steps (CUDA only): the GPU's busy and idle time within the step,
+  kernel time by group (matrix products, attention, ours, Inductor's Triton, ...) and the
+  top kernels, traced without CPU op tracing;
 - per timed step: its length, time and the allocator's cudaMalloc/cudaFree counts
   (`per_step`); with --op-profile-steps, one torch.profiler capture per step, so that a
   slow step shows its op; with --sync-steps, where the host waited for the GPU.
@@ -100,6 +103,56 @@ def op_profile(step, batch, device, top=40) -> dict:
     return {"wall_ms": round(wall, 2), "kernel_ms": kernel_us / 1e3 if cuda else None,
             "ops_self_cpu_ms": [[e.key[:90], round(e.self_cpu_time_total / 1e3, 3),
                                  round(e.cpu_time_total / 1e3, 3), e.count] for e in ka]}
+
+
+KERNEL_GROUPS = (  # kernel-name fragments, first match wins
+    ("ours: gathered GEMM", ("_gathered_gemm",)), ("ours: estimator", ("_channel_scores",)),
+    ("attention", ("flash", "fmha", "cudnn", "attention", "sdpa")),
+    ("matrix products (cuBLAS/CUTLASS)", ("gemm", "nvjet", "cutlass", "sm90_xmma", "cublas", "splitk")),
+    ("Inductor Triton", ("triton_",)), ("top-k / sort", ("topk", "sort", "radix")),
+    ("index gather / scatter", ("index", "gather", "scatter")),
+    ("copies / fills", ("memcpy", "memset", "copy", "fill")),
+    ("foreach (optimizer)", ("foreach", "multi_tensor")),
+)
+
+
+def kernel_group(name: str) -> str:
+    n = name.lower()
+    return next((g for g, keys in KERNEL_GROUPS if any(k in n for k in keys)), "other")
+
+
+def gpu_timeline(step, batch, device) -> dict:
+    """One step under CUPTI only (no CPU op tracing, so the host runs near its own speed):
+    the GPU's busy time (union of kernel and copy intervals), its idle time inside the step
+    (the GPU waiting on the host), kernel time by group and the top kernels."""
+    from torch.profiler import ProfilerActivity, profile
+    ts.sync(device)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step(batch)
+        ts.sync(device)
+    ev = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    spans = sorted((e.time_range.start, e.time_range.end) for e in ev)
+    busy, idle, gaps, end = 0.0, 0.0, 0, None
+    for a, b in spans:
+        if end is not None and a > end:
+            idle += a - end
+            gaps += (a - end) > 20
+        lo = a if end is None else max(a, end)
+        if b > lo:
+            busy += b - lo
+        end = b if end is None else max(end, b)
+    groups, names = {}, {}
+    for e in ev:
+        us = e.time_range.elapsed_us()
+        g = kernel_group(e.name)
+        groups[g] = groups.get(g, 0.0) + us
+        names[e.name] = names.get(e.name, 0.0) + us
+    top = sorted(names.items(), key=lambda kv: -kv[1])[:20]
+    return {"gpu_span_ms": round((end - spans[0][0]) / 1e3, 2) if spans else 0.0,
+            "gpu_busy_ms": round(busy / 1e3, 2), "gpu_idle_ms": round(idle / 1e3, 2),
+            "gpu_gaps_over_20us": gaps, "kernels": len(ev),
+            "kernel_ms_by_group": {k: round(v / 1e3, 2) for k, v in sorted(groups.items(), key=lambda kv: -kv[1])},
+            "top_kernels_ms": [[n[:100], round(v / 1e3, 3)] for n, v in top]}
 
 
 ALLOC_COUNTERS = ("num_device_alloc", "num_device_free", "num_alloc_retries", "num_sync_all_streams")
@@ -193,6 +246,11 @@ def measure(name, peft, init, batches, args, device, log) -> dict:
         log(f"{name}: cProfile {res['cprofile']['total_ms']} ms/step: {res['cprofile']['by_group_ms']}")
         res.update(op_profile(step, timed[0], device))
         log(f"{name}: kernels {res['kernel_ms']} ms of the profiled step")
+        if device.type == "cuda":
+            res["gpu_timeline"] = [gpu_timeline(step, b, device) for b in timed[:args.timeline_steps]]
+            for t in res["gpu_timeline"]:
+                log(f"{name}: GPU busy {t['gpu_busy_ms']} ms, idle {t['gpu_idle_ms']} ms of a "
+                    f"{t['gpu_span_ms']} ms span; {t['kernel_ms_by_group']}")
         if args.op_profile_steps:  # one torch.profiler capture per step: slow steps show their op
             res["op_profile_steps"] = [op_profile(step, b, device, top=12)
                                        for b in timed[:args.op_profile_steps]]
@@ -220,6 +278,8 @@ def main(argv=None):
     ap.add_argument("--profile-steps", type=int, default=5)
     ap.add_argument("--op-profile-steps", type=int, default=0,
                     help="this many steps under torch.profiler, one capture each (top ops per step)")
+    ap.add_argument("--timeline-steps", type=int, default=3,
+                    help="steps profiled on the GPU only (busy/idle time, kernel groups)")
     ap.add_argument("--sync-steps", type=int, default=0,
                     help="this many steps under torch's sync debug mode: where the host waits (CUDA)")
     ap.add_argument("--no-cudnn-attention", action="store_true",

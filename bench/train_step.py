@@ -37,6 +37,11 @@ Runtime suffixes (sl_* variants), after any Inductor suffix:
     _pad8     slc.compile(..., pad_to_multiple_of=8): training batches right-padded to a
               multiple of 8 (Inductor's CUDA attention-mask alignment guard then never
               recompiles the layers at the first aligned length of packed rows)
+    _masked   slc.compile(..., causal_right_padding=False): right-padded batches keep their
+              attention mask (the masked SDPA kernel), for an A/B of that option
+Runtime suffix of the dense inductor* baselines:
+    _unmasked right-padded training batches lose their attention mask before the call, as
+              slc.compile's causal_right_padding does (sparselora_compile/padding.py)
 
 Batches (--batches, bench/batches.py, one or several modes): `fixed` (the default) times
 every compiled variant on the fixed batch shapes of --shapes (Math10K: 8 x 512 with 128
@@ -164,7 +169,8 @@ def split_variant(name: str) -> tuple[str, dict]:
     return name, config
 
 
-RUNTIME_SUFFIXES = ("_ctxrows", "_graphs", "_pad8")
+RUNTIME_SUFFIXES = ("_ctxrows", "_graphs", "_pad8", "_masked", "_unmasked")
+DENSE_FLAGS = {"_unmasked"}  # the runtime flags a dense Inductor baseline takes
 
 
 def runtime_flags(name: str) -> tuple[str, set]:
@@ -176,11 +182,13 @@ def runtime_flags(name: str) -> tuple[str, set]:
 def variant_name(text: str) -> str:
     stem, flags = runtime_flags(text)
     base, config = split_variant(stem)
-    if (base not in VARIANTS or (config and base == "eager")
-            or flags and (not base.startswith("sl_") or "_whole" in base)):
+    sl = base.startswith("sl_") and "_whole" not in base
+    allowed = set(RUNTIME_SUFFIXES) - DENSE_FLAGS if sl else DENSE_FLAGS if base.startswith("inductor") else set()
+    if base not in VARIANTS or (config and base == "eager") or flags - allowed:
         raise argparse.ArgumentTypeError(
             f"unknown variant {text!r}: one of {VARIANTS}, plus any of the suffixes "
-            f"{sorted(INDUCTOR_SUFFIXES)} except on eager, then {RUNTIME_SUFFIXES} on regional sl_*")
+            f"{sorted(INDUCTOR_SUFFIXES)} except on eager, then {sorted(set(RUNTIME_SUFFIXES) - DENSE_FLAGS)} "
+            f"on regional sl_*, {sorted(DENSE_FLAGS)} on inductor*")
     return text
 
 
@@ -329,6 +337,16 @@ def quantile(xs, q):
     """Nearest-rank quantile (p90 of 50 steps: the 45th smallest)."""
     xs = sorted(xs)
     return xs[max(0, math.ceil(q * len(xs)) - 1)]
+
+
+def unmasked(fn):
+    """`fn` called with right-padded batches' attention masks dropped, as
+    slc.compile(causal_right_padding=True) does (sparselora_compile/padding.py)."""
+    from sparselora_compile.padding import unmask_right_padding
+
+    def call(**batch):
+        return fn(**unmask_right_padding(batch)[0]) if torch.is_grad_enabled() else fn(**batch)
+    return call
 
 
 def graph_stats(fn) -> dict:
@@ -676,9 +694,11 @@ def run_variant(name, peft, init_state, streams, args, device, layers, log, res=
             extra["mlp_all_rows_max_k"] = 0
         fn = slc_compile(peft, policy, inner=args.inner, regional=regional,
                          cuda_graphs="_graphs" in flags, pad_to_multiple_of=8 if "_pad8" in flags else 0,
-                         **extra)
+                         causal_right_padding="_masked" not in flags, **extra)
         if base != "sl_sparsity0":
             fn.set_step(10**6)  # past the dense warm-up
+    if "_unmasked" in flags:  # a dense baseline given what causal_right_padding does
+        fn = unmasked(fn)
     opt = torch.optim.AdamW(lora_params(peft), lr=1e-5)  # after the bf16 variants' cast
     name = full_name
     from torch._dynamo.utils import counters

@@ -25,11 +25,14 @@ class RunStats:
     """Base-product FLOPs of the rewritten blocks in training forwards (the backward's
     input-gradient products keep the same ratio). `saved_fraction` is what sparsity
     removed from those blocks; blocks a policy leaves dense are not rewritten and not
-    counted (use `explain` for a whole-model figure)."""
+    counted (use `explain` for a whole-model figure). `unmasked_forwards`: training
+    forwards that ran causal attention without their right-padding mask (the wrapper's
+    `causal_right_padding`)."""
 
     steps: int = 0
     base_flops_dense: int = 0
     base_flops_executed: int = 0
+    unmasked_forwards: int = 0
 
     @property
     def saved_fraction(self) -> float:
@@ -40,10 +43,10 @@ class RunStats:
     def as_dict(self) -> dict:
         return {"steps": self.steps, "base_flops_dense": self.base_flops_dense,
                 "base_flops_executed": self.base_flops_executed,
-                "saved_fraction": self.saved_fraction}
+                "saved_fraction": self.saved_fraction, "unmasked_forwards": self.unmasked_forwards}
 
     def reset(self) -> None:
-        self.steps = self.base_flops_dense = self.base_flops_executed = 0
+        self.steps = self.base_flops_dense = self.base_flops_executed = self.unmasked_forwards = 0
 
 
 @dataclass(eq=False)

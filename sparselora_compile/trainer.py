@@ -36,6 +36,8 @@ warns.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import logging
 import os
 import warnings
@@ -110,10 +112,7 @@ def run_state(sparse: SparseLoRAModel, step: int) -> dict:
     run = sparse.run
     moments = {name: {"dim": m.dim, "count": m.count, "sum": m._sum}
                for name, m in run.moments.items() if m._sum is not None}
-    return {"step": int(step), "stats": {"steps": run.stats.steps,
-                                         "base_flops_dense": run.stats.base_flops_dense,
-                                         "base_flops_executed": run.stats.base_flops_executed},
-            "moments": moments}
+    return {"step": int(step), "stats": dataclasses.asdict(run.stats), "moments": moments}
 
 
 def load_run_state(sparse: SparseLoRAModel, saved: dict) -> None:

@@ -41,6 +41,7 @@ from sparselora_compile.runtime.run import Run, RunStats
 from . import copying
 from .backend import BackendOptions, new_run
 from . import dynamic_dims
+from .padding import causal_attention, pad_batch, pad_id, unmask_right_padding
 from .policy import Policy
 
 
@@ -51,7 +52,7 @@ class SparseLoRAModel(torch.nn.Module):
 
     def __init__(self, model: torch.nn.Module, policy: Policy | None = None, regional: bool = True,
                  cuda_graphs: bool = False, graph_bucket: int = 0, pad_to_multiple_of: int = 0,
-                 dynamic: bool | None = None, **options):
+                 dynamic: bool | None = None, causal_right_padding: bool = True, **options):
         super().__init__()
         if cuda_graphs and not regional:
             raise ValueError("sparselora: cuda_graphs=True graphs the regionally compiled "
@@ -63,6 +64,8 @@ class SparseLoRAModel(torch.nn.Module):
             raise ValueError(f"sparselora: graph_bucket={graph_bucket!r} must be an int >= 0")
         if not isinstance(pad_to_multiple_of, int) or pad_to_multiple_of < 0:
             raise ValueError(f"sparselora: pad_to_multiple_of={pad_to_multiple_of!r} must be an int >= 0")
+        if not isinstance(causal_right_padding, bool):
+            raise ValueError(f"sparselora: causal_right_padding={causal_right_padding!r} must be True or False")
         if "run" in options or "region" in options:
             raise ValueError("sparselora: 'run' and 'region' are set by compile itself")
         if getattr(model, "_sparselora", None) is not None:
@@ -79,12 +82,15 @@ class SparseLoRAModel(torch.nn.Module):
         self._copy_instead = {}  # id(compiled object) -> what a deep copy takes (copying.py)
         self._args = dict(regional=regional, cuda_graphs=cuda_graphs, graph_bucket=graph_bucket,
                           pad_to_multiple_of=pad_to_multiple_of, dynamic=dynamic,
+                          causal_right_padding=causal_right_padding,
                           **{k: v for k, v in options.items() if k not in ("policy", "run")})
         self.steps_from_trainer = False  # set by trainer.SparseLoRACallback
         self.graphs = None
         self._graphs_now = None  # the graph set of the running forward
         self.graph_bucket = graph_bucket if cuda_graphs else 0
         self.pad_to_multiple_of = pad_to_multiple_of
+        # padding.py: right-padded training batches run causal attention without their mask
+        self.unmask = causal_right_padding and causal_attention(model)
         self.dynamic = dynamic_dims.DEFAULT if dynamic is None else bool(dynamic)
         self._padded = 0         # positions the running forward's batch was padded by
         if regional:
@@ -150,9 +156,13 @@ class SparseLoRAModel(torch.nn.Module):
         if torch.is_grad_enabled():
             self._warn_without_trainer_steps(kwargs)
         self._padded, score_mask = 0, kwargs.get("attention_mask")
-        step = self._pad_step(run, kwargs) if torch.is_grad_enabled() and model.training else 0
+        train_batch = torch.is_grad_enabled() and model.training
+        step = self._pad_step(run, kwargs) if train_batch else 0
         if step:
-            kwargs, self._padded, score_mask = pad_batch(kwargs, step, _pad_id(model))
+            kwargs, self._padded, score_mask = pad_batch(kwargs, step, pad_id(model))
+        if self.unmask and train_batch:
+            kwargs, unmasked = unmask_right_padding(kwargs)
+            run.stats.unmasked_forwards += unmasked
         run.labels, run.attention_mask = kwargs.get("labels"), score_mask
         if training:
             self._token_rows_ahead(run, kwargs)
@@ -313,50 +323,11 @@ def _refuse_dora(model: torch.nn.Module) -> None:
         raise ValueError(DORA_MESSAGE.format(where=", ".join(n.rsplit(".", 1)[0] for n in found[:2]) + more))
 
 
-PADDABLE = ("input_ids", "labels", "attention_mask", "position_ids")
-
-
-def pad_batch(kwargs: dict, step: int, pad_id: int) -> tuple[dict, int, torch.Tensor | None]:
-    """Right-pad a batch's sequence length up to a multiple of `step` (for CUDA graph
-    buckets, `row_split.bucket_step`, so that graphs captured for one length serve the
-    nearby ones; for `pad_to_multiple_of`, an aligned length): `input_ids` with `pad_id`,
-    `labels` with -100, `attention_mask` with 0, `position_ids` restarting at 0 (a new
-    sequence, as packed batches mark them). Appended positions come after every real one,
-    so under causal attention no real token sees them and the loss ignores them.
-    Returns (kwargs, positions added, the mask of real positions for the estimator).
-    Batches with other [B, T] inputs (`inputs_embeds`, ...) are left as they are."""
-    ids, mask = kwargs.get("input_ids"), kwargs.get("attention_mask")
-    shaped = [k for k, v in kwargs.items() if isinstance(v, torch.Tensor) and v.dim() >= 2]
-    if ids is None or ids.dim() != 2 or any(k not in PADDABLE for k in shaped):
-        return kwargs, 0, mask
-    n = (-ids.shape[1]) % step
-    if n == 0:
-        return kwargs, 0, mask
-    pad = lambda t, value: torch.nn.functional.pad(t, (0, n), value=value)  # noqa: E731
-    out = dict(kwargs, input_ids=pad(ids, pad_id))
-    if kwargs.get("labels") is not None:
-        out["labels"] = pad(kwargs["labels"], -100)
-    real = torch.ones_like(ids, dtype=torch.long) if mask is None else mask
-    score_mask = pad(real, 0)
-    if mask is not None:
-        out["attention_mask"] = score_mask
-    if kwargs.get("position_ids") is not None:
-        tail = torch.arange(n, device=ids.device, dtype=kwargs["position_ids"].dtype)
-        out["position_ids"] = torch.cat([kwargs["position_ids"], tail.expand(ids.shape[0], n)], 1)
-    return out, n, score_mask
-
-
 def _graphable(graphs, kwargs) -> bool:
     """Whether this batch can replay graphs at all (CUDA, unless a test stands in)."""
     ids = kwargs.get("input_ids")
     return graphs is not None and not graphs.disabled and (
         not graphs.needs_cuda or (isinstance(ids, torch.Tensor) and ids.is_cuda))
-
-
-def _pad_id(model) -> int:
-    cfg = getattr(model, "config", None)
-    pid = getattr(cfg, "pad_token_id", None)
-    return pid if isinstance(pid, int) else 0
 
 
 def _without_model_prefix(module, state_dict, prefix, local_metadata) -> None:
@@ -392,7 +363,7 @@ def _forward_with_signature(wrapper: SparseLoRAModel, model: torch.nn.Module):
 
 def compile(model: torch.nn.Module, policy: Policy | None = None, *, regional: bool = True,
             cuda_graphs: bool = False, graph_bucket: int = 0, pad_to_multiple_of: int = 0,
-            dynamic: bool | None = None, **options) -> SparseLoRAModel:
+            dynamic: bool | None = None, causal_right_padding: bool = True, **options) -> SparseLoRAModel:
     """`regional`: compile one decoder layer per distinct plan and reuse it, in place (the
     model itself then trains sparse, see above); `cuda_graphs`: replay those layers as CUDA
     graphs in training (see above); `graph_bucket` (with cuda_graphs, opt-in): pad sequence
@@ -405,10 +376,14 @@ def compile(model: torch.nn.Module, policy: Policy | None = None, *, regional: b
     `dynamic` (default True): mark the batch and sequence dims dynamic before the first
     compile (one compile for all lengths; dynamic_dims.py), False leaves shapes to Dynamo
     (static, recompiled dynamic at a second shape): for batches of one shape, whose static
-    graphs compile ~2x faster. `options`: the backend's (`backend.BackendOptions`)."""
+    graphs compile ~2x faster; `causal_right_padding` (default True): training batches whose
+    attention mask pads only at the right end run causal attention without the mask (fused
+    causal SDPA kernels; outputs at real positions, loss and gradients unchanged, see
+    padding.py), on models whose attention modules are all causal; False keeps the mask.
+    `options`: the backend's (`backend.BackendOptions`)."""
     return SparseLoRAModel(model, policy, regional=regional, cuda_graphs=cuda_graphs,
                            graph_bucket=graph_bucket, pad_to_multiple_of=pad_to_multiple_of,
-                           dynamic=dynamic, **options)
+                           dynamic=dynamic, causal_right_padding=causal_right_padding, **options)
 
 
 def run_of(model) -> Run:

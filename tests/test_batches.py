@@ -135,3 +135,22 @@ def test_scaled_for_a_tiny_model():
 def test_unknown_mode():
     with pytest.raises(ValueError):
         B.make_batches("nope", VOCAB, 1)
+
+
+@pytest.mark.parametrize("mode", ["padded", "packed"])
+def test_retokened_keeps_shapes_padding_and_split(mode):
+    """dist_step --same-lengths: another rank's batch of the same shapes, other tokens."""
+    g = torch.Generator().manual_seed(3)
+    for b in take(mode, steps=3):
+        r = B.retokened(b, VOCAB, g)
+        assert r.keys() == b.keys()
+        for k in b:
+            assert r[k].shape == b[k].shape
+        pad = b["input_ids"] == B.PAD_ID
+        assert r["input_ids"][pad].eq(B.PAD_ID).all() and r["input_ids"][~pad].ne(B.PAD_ID).all()
+        assert torch.equal(r["labels"] == B.IGNORE, b["labels"] == B.IGNORE)
+        kept = r["labels"] != B.IGNORE
+        assert torch.equal(r["labels"][kept], r["input_ids"][kept])
+        assert not torch.equal(r["input_ids"], b["input_ids"])
+        for k in set(b) - {"input_ids", "labels"}:
+            assert torch.equal(r[k], b[k])

@@ -200,7 +200,7 @@ def test_buckets_let_one_capture_serve_varying_lengths(monkeypatch):
 
 @pytest.mark.parametrize("with_mask,with_positions", [(True, False), (False, True), (False, False)])
 def test_padding_a_batch_keeps_its_loss_and_logits(with_mask, with_positions):
-    from sparselora_compile.wrapper import pad_batch
+    from sparselora_compile.padding import pad_batch
     model = tiny_llama(ALL, layers=2)
     ids, labels = batch(t=11, n_out=4)
     kwargs = {"input_ids": ids, "labels": labels}
