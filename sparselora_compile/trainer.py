@@ -37,7 +37,6 @@ warns.
 from __future__ import annotations
 
 import dataclasses
-
 import logging
 import os
 import warnings
