@@ -3,7 +3,9 @@ DDP (all three orders) and FSDP2 (`fully_shard` per decoder layer or on a list o
 then the root).
 
 Reference: one process, the same steps, each rank's micro-batch run in turn with its
-loss halved (gradient accumulation over the global batch). The token split and channel
+loss halved (gradient accumulation over the global batch). The rows are right-padded:
+the reference and the slc.compile runs drop their mask (padding.py), plain torch.compile
+keeps it. The token split and channel
 selection are made per micro-batch, so this is what two ranks compute; a one-process run
 of the whole global batch selects once over all rows and differs by that choice.
 
@@ -49,17 +51,26 @@ def _lora(model):
             for n, p in model.named_parameters() if p.requires_grad}
 
 
+LENGTHS = (12, 9, 11, 7)  # right-padded rows: slc.compile drops their mask (padding.py)
+
+
 def _shards(rank):
-    ids, labels = batch(b=2 * WORLD, t=12, n_out=4)
-    return ids.chunk(WORLD)[rank], labels.chunk(WORLD)[rank]
+    """This rank's rows of the global batch: right-padded, the last 4 real tokens supervised."""
+    ids, _ = batch(b=2 * WORLD, t=12, n_out=4)
+    mask = (torch.arange(12)[None] < torch.tensor(LENGTHS)[:, None]).long()
+    labels = torch.full_like(ids, -100)
+    for i, n in enumerate(LENGTHS):
+        labels[i, n - 4:n] = ids[i, n - 4:n]
+    return {k: v.chunk(WORLD)[rank] for k, v in
+            {"input_ids": ids, "attention_mask": mask, "labels": labels}.items()}
 
 
 def _train(model, fn, rank):
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
-    ids, labels = _shards(rank)
+    shard = _shards(rank)
     losses = []
     for _ in range(STEPS):
-        loss = fn(input_ids=ids, labels=labels).loss
+        loss = fn(**shard).loss
         loss.backward()
         opt.step()
         opt.zero_grad()
@@ -113,8 +124,9 @@ def _scenario(name, rank):
             return {"error": str(e)}
         return {"error": None}
     losses = _train(model, fn, rank)
-    run = slc.run_of(fn.module if isinstance(fn, DDP) else fn)
-    return {"losses": losses, "lora": _lora(model), "saved": run.stats.as_dict()["saved_fraction"]}
+    stats = slc.run_of(fn.module if isinstance(fn, DDP) else fn).stats
+    return {"losses": losses, "lora": _lora(model), "saved": stats.saved_fraction,
+            "unmasked": stats.unmasked_forwards}
 
 
 def _worker(rank, port, out):
@@ -135,8 +147,7 @@ def _reference():
     losses = [[] for _ in range(WORLD)]
     for _ in range(STEPS):
         for rank in range(WORLD):
-            ids, labels = _shards(rank)
-            loss = fn(input_ids=ids, labels=labels).loss
+            loss = fn(**_shards(rank)).loss
             (loss / WORLD).backward()
             losses[rank].append(loss.item())
         opt.step()
@@ -171,11 +182,14 @@ def results(tmp_path_factory):
 @pytest.mark.parametrize("name", [s for s in SCENARIOS if not s.endswith("_error")])
 def test_matches_one_process(results, name):
     """Sparse blocks ran; each rank's losses are the reference's for its micro-batch; the
-    LoRA weights (FSDP2: gathered) are equal across ranks and to the reference's."""
+    LoRA weights (FSDP2: gathered) are equal across ranks and to the reference's. The
+    reference and the slc.compile runs drop the right-padding mask, plain torch.compile
+    keeps it: the same loss and gradients either way."""
     (ref_losses, ref_lora), ranks = results
     for rank, res in enumerate(ranks):
         got = res[name]
         assert got["saved"] > 0, f"{name}: no base FLOPs saved"
+        assert got["unmasked"] == (0 if "compile" in name else STEPS), f"{name}: masks dropped"
         torch.testing.assert_close(torch.tensor(got["losses"]), torch.tensor(ref_losses[rank]),
                                    rtol=1e-5, atol=1e-5, msg=f"{name} rank {rank} losses")
         assert got["lora"].keys() == ref_lora.keys()
