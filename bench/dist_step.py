@@ -131,15 +131,16 @@ def step(fn, opt, batch, scale=1.0, update=True):
     return loss.detach()
 
 
-def stream(mode, cfg, args, n, seed, device):
-    """`n` batches of `mode` for one rank; with --same-lengths every rank's batches have the
-    shapes of seed 0's (its lengths, padding and supervised positions) with their own tokens."""
+def stream(mode, cfg, args, n, base, rank, device):
+    """`n` batches of `mode` for one rank, seed `base + rank`; with --same-lengths every
+    rank's batches have the shapes of seed `base` (lengths, padding, supervised positions)
+    with tokens of their own."""
     if not args.same_lengths:
-        batches = user_batches.make_batches(mode, cfg.vocab_size, n, args.batch, args.seq, seed=seed)
+        batches = user_batches.make_batches(mode, cfg.vocab_size, n, args.batch, args.seq, seed=base + rank)
     else:
-        g = torch.Generator().manual_seed(10_000 + seed)
+        g = torch.Generator().manual_seed(10_000 + base + rank)
         batches = [user_batches.retokened(b, cfg.vocab_size, g) for b in user_batches.make_batches(
-            mode, cfg.vocab_size, n, args.batch, args.seq, seed=seed - seed % 1000)]
+            mode, cfg.vocab_size, n, args.batch, args.seq, seed=base)]
     return [{k: v.to(device) for k, v in b.items()} for b in batches]
 
 
@@ -155,7 +156,7 @@ def timed(engine, variant, args, device):
     cfg, peft = build(args, args.layers, device, QKVO)
     fn, wrapped = wrap(engine, variant, peft, args, args.layers)
     opt = torch.optim.AdamW([p for p in peft.parameters() if p.requires_grad], lr=1e-5)
-    batches = stream(mode, cfg, args, args.warmup + args.steps, seed=rank, device=device)
+    batches = stream(mode, cfg, args, args.warmup + args.steps, 0, rank, device)
     t = time.perf_counter()
     # --warm-stream: the timed batches once untimed too, so that every variant is timed at
     # lengths it has seen, whatever ran before it (caches that outlive a variant: cuDNN's)
@@ -189,7 +190,7 @@ def timed(engine, variant, args, device):
     if args.host_profile:
         # every rank steps (collectives), rank 0's profile is kept
         from host_profile import host_profile
-        extra = stream(mode, cfg, args, args.host_profile, seed=1000 + rank, device=device)
+        extra = stream(mode, cfg, args, args.host_profile, 1000, rank, device)
         prof = host_profile(lambda b: step(fn, opt, b), extra)
         res["host_profile"] = {k: prof[k] for k in ("total_ms", "by_group_ms", "top_self")}
         log(f"{engine} {variant}: host {prof['total_ms']} ms/step (cProfile): {prof['by_group_ms']}")
@@ -212,7 +213,7 @@ def check(engine, args, device, reference):
     opt = torch.optim.SGD([p for p in peft.parameters() if p.requires_grad], lr=args.check_lr)
     init = lora_state(peft)
     ranks = args.check_world if engine == "single" else n
-    shards = {r: stream(args.batches, cfg, args, args.check_steps, seed=100 + r, device=device)
+    shards = {r: stream(args.batches, cfg, args, args.check_steps, 100, r, device)
               for r in (range(ranks) if engine == "single" else [rank])}
     losses = {r: [] for r in shards}
     for i in range(args.check_steps):
