@@ -39,9 +39,13 @@ Runtime suffixes (sl_* variants), after any Inductor suffix:
               recompiles the layers at the first aligned length of packed rows)
     _masked   slc.compile(..., causal_right_padding=False): right-padded batches keep their
               attention mask (the masked SDPA kernel), for an A/B of that option
-Runtime suffix of the dense inductor* baselines:
+    _novarlen slc.compile(..., varlen_attention=False): packed rows run HF's SDPA over its
+              block-diagonal mask, for an A/B of that option
+Runtime suffixes of the dense inductor* baselines:
     _unmasked right-padded training batches lose their attention mask before the call, as
               slc.compile's causal_right_padding does (sparselora_compile/padding.py)
+    _varlen   packed rows run variable-length attention, as slc.compile's varlen_attention
+              does (sparselora_compile/packing.py)
 
 Batches (--batches, bench/batches.py, one or several modes): `fixed` (the default) times
 every compiled variant on the fixed batch shapes of --shapes (Math10K: 8 x 512 with 128
@@ -169,8 +173,8 @@ def split_variant(name: str) -> tuple[str, dict]:
     return name, config
 
 
-RUNTIME_SUFFIXES = ("_ctxrows", "_graphs", "_pad8", "_masked", "_unmasked")
-DENSE_FLAGS = {"_unmasked"}  # the runtime flags a dense Inductor baseline takes
+RUNTIME_SUFFIXES = ("_ctxrows", "_graphs", "_pad8", "_masked", "_novarlen", "_unmasked", "_varlen")
+DENSE_FLAGS = {"_unmasked", "_varlen"}  # the runtime flags a dense Inductor baseline takes
 
 
 def runtime_flags(name: str) -> tuple[str, set]:
@@ -347,6 +351,19 @@ def unmasked(fn):
     def call(**batch):
         return fn(**unmask_right_padding(batch)[0]) if torch.is_grad_enabled() else fn(**batch)
     return call
+
+
+def varlen(fn, model):
+    """`fn` with packed rows running variable-length attention, as
+    slc.compile(varlen_attention=True) does (sparselora_compile/packing.py); (fn, undo)."""
+    from sparselora_compile import packing
+    undo = packing.install(model)
+    if undo is None:
+        raise RuntimeError("varlen: the model's attention is not HF's sdpa")
+
+    def call(**batch):
+        return fn(**packing.add_sequence_starts(batch)[0])
+    return call, undo
 
 
 def graph_stats(fn) -> dict:
@@ -694,11 +711,15 @@ def run_variant(name, peft, init_state, streams, args, device, layers, log, res=
             extra["mlp_all_rows_max_k"] = 0
         fn = slc_compile(peft, policy, inner=args.inner, regional=regional,
                          cuda_graphs="_graphs" in flags, pad_to_multiple_of=8 if "_pad8" in flags else 0,
-                         causal_right_padding="_masked" not in flags, **extra)
+                         causal_right_padding="_masked" not in flags,
+                         varlen_attention="_novarlen" not in flags, **extra)
         if base != "sl_sparsity0":
             fn.set_step(10**6)  # past the dense warm-up
     if "_unmasked" in flags:  # a dense baseline given what causal_right_padding does
         fn = unmasked(fn)
+    undo_varlen = None
+    if "_varlen" in flags:  # a dense baseline given what varlen_attention does
+        fn, undo_varlen = varlen(fn, peft)
     opt = torch.optim.AdamW(lora_params(peft), lr=1e-5)  # after the bf16 variants' cast
     name = full_name
     from torch._dynamo.utils import counters
@@ -754,6 +775,8 @@ def run_variant(name, peft, init_state, streams, args, device, layers, log, res=
             m._compiled_call_impl = None
         if hasattr(fn, "uncompile"):
             fn.uncompile()
+        if undo_varlen is not None:
+            undo_varlen()
         del fn, opt, policy
         free(device)
     return res

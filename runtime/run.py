@@ -27,12 +27,14 @@ class RunStats:
     removed from those blocks; blocks a policy leaves dense are not rewritten and not
     counted (use `explain` for a whole-model figure). `unmasked_forwards`: training
     forwards that ran causal attention without their right-padding mask (the wrapper's
-    `causal_right_padding`)."""
+    `causal_right_padding`); `varlen_forwards`: forwards whose packed rows ran
+    variable-length attention (`varlen_attention`)."""
 
     steps: int = 0
     base_flops_dense: int = 0
     base_flops_executed: int = 0
     unmasked_forwards: int = 0
+    varlen_forwards: int = 0
 
     @property
     def saved_fraction(self) -> float:
@@ -43,10 +45,12 @@ class RunStats:
     def as_dict(self) -> dict:
         return {"steps": self.steps, "base_flops_dense": self.base_flops_dense,
                 "base_flops_executed": self.base_flops_executed,
-                "saved_fraction": self.saved_fraction, "unmasked_forwards": self.unmasked_forwards}
+                "saved_fraction": self.saved_fraction, "unmasked_forwards": self.unmasked_forwards,
+                "varlen_forwards": self.varlen_forwards}
 
     def reset(self) -> None:
-        self.steps = self.base_flops_dense = self.base_flops_executed = self.unmasked_forwards = 0
+        self.steps = self.base_flops_dense = self.base_flops_executed = 0
+        self.unmasked_forwards = self.varlen_forwards = 0
 
 
 @dataclass(eq=False)

@@ -41,6 +41,7 @@ from sparselora_compile.runtime.run import Run, RunStats
 from . import copying
 from .backend import BackendOptions, new_run
 from . import dynamic_dims
+from . import packing
 from .padding import causal_attention, pad_batch, pad_id, unmask_right_padding
 from .policy import Policy
 
@@ -52,7 +53,8 @@ class SparseLoRAModel(torch.nn.Module):
 
     def __init__(self, model: torch.nn.Module, policy: Policy | None = None, regional: bool = True,
                  cuda_graphs: bool = False, graph_bucket: int = 0, pad_to_multiple_of: int = 0,
-                 dynamic: bool | None = None, causal_right_padding: bool = True, **options):
+                 dynamic: bool | None = None, causal_right_padding: bool = True,
+                 varlen_attention: bool = True, **options):
         super().__init__()
         if cuda_graphs and not regional:
             raise ValueError("sparselora: cuda_graphs=True graphs the regionally compiled "
@@ -64,8 +66,9 @@ class SparseLoRAModel(torch.nn.Module):
             raise ValueError(f"sparselora: graph_bucket={graph_bucket!r} must be an int >= 0")
         if not isinstance(pad_to_multiple_of, int) or pad_to_multiple_of < 0:
             raise ValueError(f"sparselora: pad_to_multiple_of={pad_to_multiple_of!r} must be an int >= 0")
-        if not isinstance(causal_right_padding, bool):
-            raise ValueError(f"sparselora: causal_right_padding={causal_right_padding!r} must be True or False")
+        for name, flag in (("causal_right_padding", causal_right_padding), ("varlen_attention", varlen_attention)):
+            if not isinstance(flag, bool):
+                raise ValueError(f"sparselora: {name}={flag!r} must be True or False")
         if "run" in options or "region" in options:
             raise ValueError("sparselora: 'run' and 'region' are set by compile itself")
         if getattr(model, "_sparselora", None) is not None:
@@ -82,7 +85,7 @@ class SparseLoRAModel(torch.nn.Module):
         self._copy_instead = {}  # id(compiled object) -> what a deep copy takes (copying.py)
         self._args = dict(regional=regional, cuda_graphs=cuda_graphs, graph_bucket=graph_bucket,
                           pad_to_multiple_of=pad_to_multiple_of, dynamic=dynamic,
-                          causal_right_padding=causal_right_padding,
+                          causal_right_padding=causal_right_padding, varlen_attention=varlen_attention,
                           **{k: v for k, v in options.items() if k not in ("policy", "run")})
         self.steps_from_trainer = False  # set by trainer.SparseLoRACallback
         self.graphs = None
@@ -91,6 +94,9 @@ class SparseLoRAModel(torch.nn.Module):
         self.pad_to_multiple_of = pad_to_multiple_of
         # padding.py: right-padded training batches run causal attention without their mask
         self.unmask = causal_right_padding and causal_attention(model)
+        # packing.py: packed rows run variable-length attention
+        self._undo_varlen = packing.install(model) if varlen_attention and causal_attention(model) else None
+        self._packed_now = False  # whether the running forward's rows run varlen attention
         self.dynamic = dynamic_dims.DEFAULT if dynamic is None else bool(dynamic)
         self._padded = 0         # positions the running forward's batch was padded by
         if regional:
@@ -163,6 +169,13 @@ class SparseLoRAModel(torch.nn.Module):
         if self.unmask and train_batch:
             kwargs, unmasked = unmask_right_padding(kwargs)
             run.stats.unmasked_forwards += unmasked
+        self._packed_now = False
+        if self._undo_varlen is not None:
+            kwargs, self._packed_now = packing.add_sequence_starts(kwargs)
+            if self._packed_now:
+                run.stats.varlen_forwards += 1
+                if self.dynamic:  # one compile for every count of sequences
+                    torch._dynamo.maybe_mark_dynamic(kwargs[packing.SEQ_STARTS], 0)
         run.labels, run.attention_mask = kwargs.get("labels"), score_mask
         if training:
             self._token_rows_ahead(run, kwargs)
@@ -191,6 +204,7 @@ class SparseLoRAModel(torch.nn.Module):
         if graphs is not None:
             graphs.end()
         padded, self._padded = self._padded, 0
+        self._packed_now = False
         logits = getattr(output, "logits", None)
         if padded and isinstance(logits, torch.Tensor) and logits.dim() == 3:
             output["logits"] = logits[:, : logits.shape[1] - padded]
@@ -234,9 +248,10 @@ class SparseLoRAModel(torch.nn.Module):
 
     def _graph_key(self, run: Run, model: torch.nn.Module):
         """What a CUDA graph set of the layers is valid for (None: no graphs this forward):
-        a training forward past the warm-up whose token split was made ahead; its
-        shape and the split's sizes."""
-        if (not model.training or run.force_dense or not run.sparse_now()
+        a training forward past the warm-up whose token split was made ahead, on rows that
+        are not packed (whose count of sequences would be one more input size); its shape
+        and the split's sizes."""
+        if (not model.training or run.force_dense or not run.sparse_now() or self._packed_now
                 or run.record is not None or run.shared_rows is None
                 or run.shared_rows[0][0] != run.forward_id):
             return None
@@ -263,6 +278,9 @@ class SparseLoRAModel(torch.nn.Module):
             copying.remove(self.model)
         self._layers, self._undo_loss, self._hooks = [], lambda: None, []
         self._copy_instead, self._glue = {}, ()
+        if self._undo_varlen is not None:
+            self._undo_varlen()
+            self._undo_varlen = None
         self.graphs = None  # its dispatch went with the compiled layers; frees the graphs' memory
         return self.model
 
@@ -363,7 +381,8 @@ def _forward_with_signature(wrapper: SparseLoRAModel, model: torch.nn.Module):
 
 def compile(model: torch.nn.Module, policy: Policy | None = None, *, regional: bool = True,
             cuda_graphs: bool = False, graph_bucket: int = 0, pad_to_multiple_of: int = 0,
-            dynamic: bool | None = None, causal_right_padding: bool = True, **options) -> SparseLoRAModel:
+            dynamic: bool | None = None, causal_right_padding: bool = True, varlen_attention: bool = True,
+            **options) -> SparseLoRAModel:
     """`regional`: compile one decoder layer per distinct plan and reuse it, in place (the
     model itself then trains sparse, see above); `cuda_graphs`: replay those layers as CUDA
     graphs in training (see above); `graph_bucket` (with cuda_graphs, opt-in): pad sequence
@@ -379,11 +398,16 @@ def compile(model: torch.nn.Module, policy: Policy | None = None, *, regional: b
     graphs compile ~2x faster; `causal_right_padding` (default True): training batches whose
     attention mask pads only at the right end run causal attention without the mask (fused
     causal SDPA kernels; outputs at real positions, loss and gradients unchanged, see
-    padding.py), on models whose attention modules are all causal; False keeps the mask.
+    padding.py), on models whose attention modules are all causal; False keeps the mask;
+    `varlen_attention` (default True): on HF models with SDPA attention, all causal, forwards
+    whose rows are packed (position ids restarting within a row, no attention mask) run
+    variable-length flash attention instead of SDPA over HF's block-diagonal mask (the same
+    result; packing.py); False leaves HF's SDPA attention in place.
     `options`: the backend's (`backend.BackendOptions`)."""
     return SparseLoRAModel(model, policy, regional=regional, cuda_graphs=cuda_graphs,
                            graph_bucket=graph_bucket, pad_to_multiple_of=pad_to_multiple_of,
-                           dynamic=dynamic, causal_right_padding=causal_right_padding, **options)
+                           dynamic=dynamic, causal_right_padding=causal_right_padding,
+                           varlen_attention=varlen_attention, **options)
 
 
 def run_of(model) -> Run:

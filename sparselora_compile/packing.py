@@ -1,0 +1,104 @@
+"""Packed rows run variable-length attention (`varlen_attention`, on by default).
+
+A packed batch (HF `DataCollatorWithFlattening`, TRL's padding-free packing) holds several
+sequences back to back in a row, with `position_ids` restarting at 0 for each and no
+attention mask. For SDPA, HF builds from those position ids a [B, 1, T, T] block-diagonal
+causal mask, and SDPA given a mask runs its memory-efficient kernel over every (query,
+key) pair of the row: on a 4096-token row holding ~9 sequences that is some 9x the
+attention work the sequences need.
+
+`slc.compile` switches the model's attention implementation from "sdpa" to
+`IMPLEMENTATION`, which is HF's SDPA attention (and HF's SDPA mask) except in forwards
+that carry HF's varlen keyword `cu_seq_lens_q` (the sequence boundaries, as HF's flash
+attention integration takes them): those run `runtime.varlen_attention` on the row's
+tokens, which computes the same block-diagonal causal attention by PyTorch's flash varlen
+kernel. The wrapper adds the boundaries to a forward whose position ids restart within a
+row and that has no attention mask and no cache (`packed_sequences`); `uncompile()` puts
+"sdpa" back. Outputs, loss and gradients are those of the masked SDPA (to the kernels'
+rounding).
+"""
+from __future__ import annotations
+
+import torch
+
+from sparselora_compile.runtime.varlen_attention import packed_causal_attention
+
+IMPLEMENTATION = "sparselora_sdpa"
+_hf_sdpa = None  # HF's SDPA attention function, bound by register() (transformers loads lazily)
+SEQ_STARTS = "cu_seq_lens_q"  # HF's FlashAttentionKwargs name, passed down to the attention
+
+
+def packed_sequences(position_ids: torch.Tensor) -> torch.Tensor | None:
+    """The sequence boundaries (int32 [S + 1], from 0 to B * T) of the flattened [B, T]
+    tokens, when some row holds more than one sequence: a new sequence starts at each row's
+    first token and wherever a position id is not the previous one plus 1 (HF's rule,
+    `masking_utils.find_packed_sequence_indices`). None for rows of one sequence each.
+    Reads the device once (the count of sequences)."""
+    b, t = position_ids.shape
+    pos = position_ids.reshape(-1)
+    start = torch.ones_like(pos, dtype=torch.bool)
+    start[1:] = pos[1:] != pos[:-1] + 1
+    start[::t] = True
+    starts = start.nonzero().squeeze(1)
+    if starts.numel() == b:
+        return None
+    end = torch.full((1,), b * t, dtype=starts.dtype, device=starts.device)
+    return torch.cat([starts, end]).to(torch.int32)
+
+
+def add_sequence_starts(kwargs: dict) -> tuple[dict, bool]:
+    """`kwargs` with `cu_seq_lens_q` when its rows are packed ([B, T] `position_ids`, no
+    `attention_mask`, no cache, not given already); (kwargs, whether it was added)."""
+    pos = kwargs.get("position_ids")
+    if (not isinstance(pos, torch.Tensor) or pos.dim() != 2 or pos.shape[1] < 2
+            or kwargs.get("attention_mask") is not None or kwargs.get("past_key_values") is not None
+            or kwargs.get(SEQ_STARTS) is not None):
+        return kwargs, False
+    ids = kwargs.get("input_ids", kwargs.get("inputs_embeds"))
+    if isinstance(ids, torch.Tensor) and ids.shape[0] != pos.shape[0]:
+        pos = pos.expand(ids.shape[0], -1)  # position ids given once for every row
+    starts = packed_sequences(pos)
+    if starts is None:
+        return kwargs, False
+    return {**kwargs, SEQ_STARTS: starts}, True
+
+
+def attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
+              is_causal=None, **kwargs):
+    """HF attention function: q [B, Hq, T, D], k and v [B, Hkv, T, D]; returns
+    ([B, T, Hq, D], None) as HF's SDPA function does."""
+    starts = kwargs.get(SEQ_STARTS)
+    if starts is None or dropout > 0.0 or is_causal is False or not getattr(module, "is_causal", True):
+        return _hf_sdpa(module, query, key, value, attention_mask, dropout=dropout,
+                                      scaling=scaling, is_causal=is_causal, **kwargs)
+    b, hq, t, d = query.shape
+    flat = lambda x: x.transpose(1, 2).reshape(b * t, x.shape[1], d)  # noqa: E731
+    out = packed_causal_attention(flat(query), flat(key), flat(value), starts, scaling)
+    return out.view(b, t, hq, d), None
+
+
+def register() -> None:
+    """Make `IMPLEMENTATION` known to HF (its mask: the one HF builds for SDPA)."""
+    global _hf_sdpa
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+    from transformers.modeling_utils import AttentionInterface
+    _hf_sdpa = sdpa_attention_forward
+    AttentionInterface.register(IMPLEMENTATION, attention)
+    AttentionMaskInterface.register(IMPLEMENTATION, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+
+
+def install(model: torch.nn.Module):
+    """Switch an HF model whose attention is "sdpa" to `IMPLEMENTATION`; returns the undo,
+    or None for a model it does not apply to (another attention implementation, a model
+    without HF's attention interface)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = getattr(base, "config", None)
+    if (getattr(config, "_attn_implementation", None) != "sdpa"
+            or not hasattr(base, "set_attn_implementation")):
+        return None
+    register()
+    base.set_attn_implementation(IMPLEMENTATION)
+    if config._attn_implementation != IMPLEMENTATION:  # a model HF cannot switch
+        return None
+    return lambda: base.set_attn_implementation("sdpa")

@@ -1,0 +1,204 @@
+"""Packed rows run variable-length attention (packing.py, runtime/varlen_attention.py):
+the same outputs, loss, gradients and sparse selections as HF's SDPA over its
+block-diagonal mask."""
+import functools
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings, strategies as st
+
+import sparselora_compile as slc
+from sparselora_compile import packing
+from sparselora_compile.runtime.varlen_attention import (flash_usable, packed_causal_attention,
+                                                         reference_packed_attention)
+
+from llama import ALL, tiny_llama
+
+POLICY = slc.Policy(mlp=0.5, attention=0.5, warmup_steps=0)
+
+
+def _positions(rows):
+    """[B, T] position ids of rows given as lists of sequence lengths (equal row sums)."""
+    return torch.stack([torch.cat([torch.arange(n) for n in row]) for row in rows])
+
+
+def _per_sequence(q, k, v, lengths, scale=None):
+    """Causal SDPA run on each sequence on its own ([N, H, D] layout)."""
+    groups, outs, at = q.shape[1] // k.shape[1], [], 0
+    for n in lengths:
+        s = slice(at, at + n)
+        kk, vv = (t[s].repeat_interleave(groups, 1).transpose(0, 1) for t in (k, v))
+        outs.append(F.scaled_dot_product_attention(q[s].transpose(0, 1), kk, vv, is_causal=True,
+                                                   scale=scale).transpose(0, 1))
+        at += n
+    return torch.cat(outs)
+
+
+row_lengths = st.lists(st.integers(1, 6), min_size=1, max_size=4)
+
+
+@given(st.lists(row_lengths, min_size=1, max_size=3))
+@settings(max_examples=60, deadline=None)
+def test_sequence_boundaries(rows):
+    t = max(sum(r) for r in rows)
+    rows = [r + [t - sum(r)] if sum(r) < t else r for r in rows]  # each row filled to t
+    starts = packing.packed_sequences(_positions(rows))
+    lengths = [n for r in rows for n in r]
+    if len(lengths) == len(rows):
+        assert starts is None
+    else:
+        expected = torch.tensor([0] + lengths).cumsum(0).to(torch.int32)
+        assert starts.dtype == torch.int32 and torch.equal(starts, expected)
+
+
+def test_two_rows_of_one_sequence_each_are_not_packed():
+    # the second row starts at position 0 after the first row ends: a row start, not a
+    # new sequence in the middle of a row
+    assert packing.packed_sequences(torch.arange(5).expand(2, 5)) is None
+    assert packing.packed_sequences(torch.tensor([[3, 4, 5, 6]])) is None  # one sequence, offset
+
+
+@given(lengths=st.lists(st.integers(1, 9), min_size=1, max_size=5), heads=st.sampled_from([(2, 2), (4, 2), (6, 1)]),
+       dim=st.sampled_from([4, 8]), dtype=st.sampled_from([torch.float32, torch.float64]),
+       scale=st.sampled_from([None, 0.3]))
+@settings(max_examples=40, deadline=None)
+def test_reference_is_causal_attention_per_sequence(lengths, heads, dim, dtype, scale):
+    g = torch.Generator().manual_seed(len(lengths))
+    n = sum(lengths)
+    q = torch.randn(n, heads[0], dim, generator=g, dtype=dtype)
+    k, v = (torch.randn(n, heads[1], dim, generator=g, dtype=dtype) for _ in range(2))
+    cu = torch.tensor([0] + lengths).cumsum(0).to(torch.int32)
+    want = _per_sequence(q, k, v, lengths, scale)
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else {}
+    torch.testing.assert_close(reference_packed_attention(q, k, v, cu, scale), want, **tol)
+    torch.testing.assert_close(packed_causal_attention(q, k, v, cu, scale), want, **tol)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the flash varlen kernel runs on CUDA")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("heads", [(4, 4), (8, 2)])
+def test_flash_varlen_matches_reference_with_gradients(dtype, heads):
+    g = torch.Generator(device="cuda").manual_seed(0)
+    lengths = [37, 1, 128, 200, 5, 141]
+    n, d = sum(lengths), 64
+    q = torch.randn(n, heads[0], d, device="cuda", dtype=dtype, generator=g, requires_grad=True)
+    k, v = (torch.randn(n, heads[1], d, device="cuda", dtype=dtype, generator=g, requires_grad=True)
+            for _ in range(2))
+    cu = torch.tensor([0] + lengths, device="cuda").cumsum(0).to(torch.int32)
+    assert flash_usable(q)
+    out = packed_causal_attention(q, k, v, cu)
+    gout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), gout)
+    ref_in = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref = reference_packed_attention(*ref_in, cu)
+    ref_grads = torch.autograd.grad(ref, ref_in, gout.double())
+    # bf16: 8 bits of mantissa; the kernels round q, k, v and p to the input dtype
+    tol = dict(rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 else dict(rtol=5e-3, atol=5e-3)
+    torch.testing.assert_close(out.double(), ref, **tol)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a.double(), b, **tol)
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled(**kw):
+    """One compiled tiny Llama per setting, reused across examples."""
+    return slc.compile(tiny_llama(ALL, layers=2), POLICY, inner="aot_eager", record=True, **kw)
+
+
+def _packed_batch(rows, seed=0):
+    pos = _positions(rows)
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, 64, pos.shape, generator=g)
+    labels = ids.clone()
+    labels[pos < 2] = -100  # each sequence's first tokens are context (the first: the separator)
+    return {"input_ids": ids, "labels": labels, "position_ids": pos}
+
+
+def _train(batch, **kw):
+    wrapped = _compiled(**kw)
+    model = wrapped.model
+    model.zero_grad(set_to_none=True)
+    before = wrapped.stats.varlen_forwards
+    out = wrapped(**batch)
+    out.loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return out, grads, wrapped, wrapped.stats.varlen_forwards - before
+
+
+@pytest.mark.dynamic_shapes  # one compile for every batch: static, each example's shapes recompile
+@given(st.lists(st.lists(st.integers(3, 7), min_size=2, max_size=3), min_size=1, max_size=2))
+@settings(max_examples=5, deadline=None)
+def test_varlen_equals_block_mask(rows):
+    """Same logits at every position, loss, gradients and selections as HF's SDPA over
+    its block-diagonal mask (the same model with varlen_attention=False)."""
+    t = max(sum(r) for r in rows)
+    rows = [r + [t - sum(r)] if sum(r) < t else r for r in rows]
+    b = _packed_batch(rows)
+    out, grads, wrapped, varlen = _train(b)
+    ref, ref_grads, ref_wrapped, ref_varlen = _train(b, varlen_attention=False)
+    assert (varlen, ref_varlen) == (1, 0)
+    torch.testing.assert_close(out.loss, ref.loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.logits, ref.logits, rtol=1e-4, atol=1e-5)
+    assert grads.keys() == ref_grads.keys() and grads
+    for n in grads:
+        torch.testing.assert_close(grads[n], ref_grads[n], rtol=1e-4, atol=1e-6, msg=n)
+    sel, ref_sel = wrapped.run.record, ref_wrapped.run.record
+    assert sorted(sel) == sorted(ref_sel) and sel
+    for name in sel:
+        for key, x in sel[name].items():
+            torch.testing.assert_close(x, ref_sel[name][key], rtol=0, atol=0, msg=f"{name} {key}")
+
+
+def test_the_packing_must_matter():
+    """The sequence boundaries change the logits past a sequence's first (plain causal
+    attention over the row differs): the comparison above is not vacuous."""
+    model = tiny_llama()
+    packing.install(model)
+    b = _packed_batch([[4, 5]])
+    kw, added = packing.add_sequence_starts(b)
+    with torch.no_grad():
+        out, plain = model(**kw).logits, model(**b).logits  # the latter: HF's block mask
+        causal = model(**{**b, "position_ids": torch.arange(9)[None]}).logits
+    assert added
+    torch.testing.assert_close(out, plain, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(out[:, 4:], causal[:, 4:], rtol=1e-3, atol=1e-4)
+
+
+def test_what_keeps_hf_attention():
+    kw = _packed_batch([[3, 4]])
+    out, added = packing.add_sequence_starts(kw)
+    assert added and torch.equal(out[packing.SEQ_STARTS], torch.tensor([0, 3, 7], dtype=torch.int32))
+    for keep in ({**kw, "attention_mask": torch.ones(1, 7, dtype=torch.long)},  # HF combines the two
+                 {**kw, "past_key_values": object()},                         # a cache
+                 {**kw, "position_ids": torch.arange(7)[None]},               # one sequence
+                 {k: v for k, v in kw.items() if k != "position_ids"},        # no positions
+                 {**kw, packing.SEQ_STARTS: torch.tensor([0, 7])}):           # the caller's own
+        out, added = packing.add_sequence_starts(keep)
+        assert not added and out is keep
+
+
+def test_install_and_uncompile_restore_sdpa():
+    model = tiny_llama()
+    config = model.get_base_model().config
+    assert config._attn_implementation == "sdpa"
+    wrapped = slc.compile(model, POLICY, inner="aot_eager")
+    assert config._attn_implementation == packing.IMPLEMENTATION
+    wrapped.uncompile()
+    assert config._attn_implementation == "sdpa"
+    slc.compile(model, POLICY, inner="aot_eager", varlen_attention=False).uncompile()
+    assert config._attn_implementation == "sdpa"
+
+
+def test_other_attention_implementations_are_left_alone():
+    model = tiny_llama()
+    model.get_base_model().set_attn_implementation("eager")
+    wrapped = slc.compile(model, POLICY, inner="aot_eager")
+    assert model.get_base_model().config._attn_implementation == "eager"
+    wrapped(**_packed_batch([[3, 4]])).loss.backward()
+    assert wrapped.stats.varlen_forwards == 0
+
+
+def test_bad_option_value():
+    with pytest.raises(ValueError, match="varlen_attention"):
+        slc.compile(tiny_llama(), POLICY, varlen_attention=1)
