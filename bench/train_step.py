@@ -37,15 +37,19 @@ Runtime suffixes (sl_* variants), after any Inductor suffix:
     _pad8     slc.compile(..., pad_to_multiple_of=8): training batches right-padded to a
               multiple of 8 (Inductor's CUDA attention-mask alignment guard then never
               recompiles the layers at the first aligned length of packed rows)
-    _masked   slc.compile(..., causal_right_padding=False): right-padded batches keep their
-              attention mask (the masked SDPA kernel), for an A/B of that option
+    _masked   slc.compile(..., causal_right_padding=False): right-padded batches that keep
+              their padding (with _padded or _novarlen) keep their attention mask too (the
+              masked SDPA kernel), for an A/B of that option
     _novarlen slc.compile(..., varlen_attention=False): packed rows run HF's SDPA over its
-              block-diagonal mask, for an A/B of that option
+              block-diagonal mask (and padded batches keep their padding), for an A/B
+    _padded   slc.compile(..., padding_free=False): right-padded batches keep their padding
+              (and run causal attention without their mask), for an A/B of padding_free
 Runtime suffixes of the dense inductor* baselines:
     _unmasked right-padded training batches lose their attention mask before the call, as
               slc.compile's causal_right_padding does (sparselora_compile/padding.py)
-    _varlen   packed rows run variable-length attention, as slc.compile's varlen_attention
-              does (sparselora_compile/packing.py)
+    _varlen   packed rows run variable-length attention and right-padded training batches
+              run as one packed row of their real tokens, as slc.compile's varlen_attention
+              and padding_free do (sparselora_compile/packing.py)
 
 Batches (--batches, bench/batches.py, one or several modes): `fixed` (the default) times
 every compiled variant on the fixed batch shapes of --shapes (Math10K: 8 x 512 with 128
@@ -173,7 +177,8 @@ def split_variant(name: str) -> tuple[str, dict]:
     return name, config
 
 
-RUNTIME_SUFFIXES = ("_ctxrows", "_graphs", "_pad8", "_masked", "_novarlen", "_unmasked", "_varlen")
+RUNTIME_SUFFIXES = ("_ctxrows", "_graphs", "_pad8", "_masked", "_novarlen", "_padded", "_unmasked",
+                    "_varlen")
 DENSE_FLAGS = {"_unmasked", "_varlen"}  # the runtime flags a dense Inductor baseline takes
 
 
@@ -354,15 +359,21 @@ def unmasked(fn):
 
 
 def varlen(fn, model):
-    """`fn` with packed rows running variable-length attention, as
-    slc.compile(varlen_attention=True) does (sparselora_compile/packing.py); (fn, undo)."""
+    """`fn` with packed rows running variable-length attention and right-padded training
+    batches padding-free, as slc.compile(varlen_attention=True, padding_free=True) does
+    (sparselora_compile/packing.py); (fn, undo)."""
     from sparselora_compile import packing
     undo = packing.install(model)
     if undo is None:
         raise RuntimeError("varlen: the model's attention is not HF's sdpa")
 
     def call(**batch):
-        return fn(**packing.add_sequence_starts(batch)[0])
+        kwargs, unpadded = packing.unpad(batch) if torch.is_grad_enabled() else (batch, None)
+        if unpadded is None:
+            return fn(**packing.add_sequence_starts(kwargs)[0])
+        out = fn(**kwargs)
+        out["logits"] = unpadded.repad(out.logits)
+        return out
     return call, undo
 
 
@@ -712,7 +723,8 @@ def run_variant(name, peft, init_state, streams, args, device, layers, log, res=
         fn = slc_compile(peft, policy, inner=args.inner, regional=regional,
                          cuda_graphs="_graphs" in flags, pad_to_multiple_of=8 if "_pad8" in flags else 0,
                          causal_right_padding="_masked" not in flags,
-                         varlen_attention="_novarlen" not in flags, **extra)
+                         varlen_attention="_novarlen" not in flags,
+                         padding_free="_padded" not in flags, **extra)
         if base != "sl_sparsity0":
             fn.set_step(10**6)  # past the dense warm-up
     if "_unmasked" in flags:  # a dense baseline given what causal_right_padding does

@@ -28,13 +28,15 @@ class RunStats:
     counted (use `explain` for a whole-model figure). `unmasked_forwards`: training
     forwards that ran causal attention without their right-padding mask (the wrapper's
     `causal_right_padding`); `varlen_forwards`: forwards whose packed rows ran
-    variable-length attention (`varlen_attention`)."""
+    variable-length attention (`varlen_attention`), `padding_free_forwards` those of them
+    that ran a right-padded batch as one packed row (`padding_free`)."""
 
     steps: int = 0
     base_flops_dense: int = 0
     base_flops_executed: int = 0
     unmasked_forwards: int = 0
     varlen_forwards: int = 0
+    padding_free_forwards: int = 0
 
     @property
     def saved_fraction(self) -> float:
@@ -46,11 +48,12 @@ class RunStats:
         return {"steps": self.steps, "base_flops_dense": self.base_flops_dense,
                 "base_flops_executed": self.base_flops_executed,
                 "saved_fraction": self.saved_fraction, "unmasked_forwards": self.unmasked_forwards,
-                "varlen_forwards": self.varlen_forwards}
+                "varlen_forwards": self.varlen_forwards,
+                "padding_free_forwards": self.padding_free_forwards}
 
     def reset(self) -> None:
         self.steps = self.base_flops_dense = self.base_flops_executed = 0
-        self.unmasked_forwards = self.varlen_forwards = 0
+        self.unmasked_forwards = self.varlen_forwards = self.padding_free_forwards = 0
 
 
 @dataclass(eq=False)

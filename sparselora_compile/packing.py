@@ -19,7 +19,11 @@ rounding).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+
+from .padding import IGNORE
 
 from sparselora_compile.runtime.varlen_attention import packed_causal_attention
 
@@ -61,6 +65,59 @@ def add_sequence_starts(kwargs: dict) -> tuple[dict, bool]:
     if starts is None:
         return kwargs, False
     return {**kwargs, SEQ_STARTS: starts}, True
+
+
+@dataclass(frozen=True)
+class Unpadded:
+    """Where a padding-free forward's tokens came from: `index` [N] their flat positions
+    in the [batch, length] padded batch."""
+    index: torch.Tensor
+    batch: int
+    length: int
+
+    def repad(self, logits: torch.Tensor) -> torch.Tensor:
+        """[1, N, V] -> [batch, length, V], zeros at the padding (differentiable)."""
+        flat = logits.new_zeros(self.batch * self.length, logits.shape[-1])
+        return flat.index_copy(0, self.index, logits[0]).view(self.batch, self.length, -1)
+
+
+UNPADDABLE = {"input_ids", "attention_mask", "labels", "num_items_in_batch", "return_dict",
+              "use_cache", "logits_to_keep"}
+
+
+def unpad(kwargs: dict) -> tuple[dict, Unpadded | None]:
+    """A right-padded training batch as one packed row (`padding_free`): the real tokens
+    back to back, `position_ids` restarting per row, `cu_seq_lens_q` the rows' boundaries,
+    each row's first label -100. The loss reads the same (logit, label) pairs: a row's
+    last token, which predicted a padded position (-100), now predicts the next row's
+    first token, whose label must then be -100 too, which is why this applies only when
+    every row's first label already is (HF's shifted loss never reads it; a prompt's first
+    token never is supervised). Applies to [B, T] `input_ids`, `attention_mask` and
+    `labels`, nothing else of shape (no `position_ids`, cache, embeddings, hidden-state
+    outputs); else (kwargs, None). Reads the device once."""
+    ids, mask, labels = kwargs.get("input_ids"), kwargs.get("attention_mask"), kwargs.get("labels")
+    if (not isinstance(ids, torch.Tensor) or ids.dim() != 2 or not isinstance(mask, torch.Tensor)
+            or mask.shape != ids.shape or not isinstance(labels, torch.Tensor) or labels.shape != ids.shape
+            or any(k not in UNPADDABLE and v is not None and v is not False for k, v in kwargs.items())
+            or kwargs.get("use_cache") or kwargs.get("logits_to_keep", 0) != 0):
+        return kwargs, None
+    b, t = ids.shape
+    real = mask.bool()
+    bad = ((real[:, 1:] & ~real[:, :-1]).any() | (labels.masked_fill(real, IGNORE) != IGNORE).any()
+           | (labels[:, 0] != IGNORE).any())
+    facts = torch.cat([bad.long()[None], real.sum(1)]).tolist()  # the one sync
+    if facts[0]:
+        return kwargs, None
+    lengths = facts[1:]
+    n = sum(lengths)
+    host = torch.cat([torch.arange(i * t, i * t + k) for i, k in enumerate(lengths)]  # flat index
+                     + [torch.arange(k) for k in lengths]                            # positions
+                     + [torch.tensor([0] + lengths).cumsum(0)]).to(ids.device)       # one copy
+    index, positions, starts = host[:n], host[n:2 * n], host[2 * n:].to(torch.int32)
+    flat = lambda x: x.reshape(-1).index_select(0, index)[None]  # noqa: E731
+    out = {k: v for k, v in kwargs.items() if k != "attention_mask"}
+    out.update(input_ids=flat(ids), labels=flat(labels), position_ids=positions[None], **{SEQ_STARTS: starts})
+    return out, Unpadded(index, b, t)
 
 
 def attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,

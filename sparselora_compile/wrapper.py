@@ -54,7 +54,7 @@ class SparseLoRAModel(torch.nn.Module):
     def __init__(self, model: torch.nn.Module, policy: Policy | None = None, regional: bool = True,
                  cuda_graphs: bool = False, graph_bucket: int = 0, pad_to_multiple_of: int = 0,
                  dynamic: bool | None = None, causal_right_padding: bool = True,
-                 varlen_attention: bool = True, **options):
+                 varlen_attention: bool = True, padding_free: bool = True, **options):
         super().__init__()
         if cuda_graphs and not regional:
             raise ValueError("sparselora: cuda_graphs=True graphs the regionally compiled "
@@ -66,7 +66,8 @@ class SparseLoRAModel(torch.nn.Module):
             raise ValueError(f"sparselora: graph_bucket={graph_bucket!r} must be an int >= 0")
         if not isinstance(pad_to_multiple_of, int) or pad_to_multiple_of < 0:
             raise ValueError(f"sparselora: pad_to_multiple_of={pad_to_multiple_of!r} must be an int >= 0")
-        for name, flag in (("causal_right_padding", causal_right_padding), ("varlen_attention", varlen_attention)):
+        for name, flag in (("causal_right_padding", causal_right_padding), ("varlen_attention", varlen_attention),
+                           ("padding_free", padding_free)):
             if not isinstance(flag, bool):
                 raise ValueError(f"sparselora: {name}={flag!r} must be True or False")
         if "run" in options or "region" in options:
@@ -86,7 +87,7 @@ class SparseLoRAModel(torch.nn.Module):
         self._args = dict(regional=regional, cuda_graphs=cuda_graphs, graph_bucket=graph_bucket,
                           pad_to_multiple_of=pad_to_multiple_of, dynamic=dynamic,
                           causal_right_padding=causal_right_padding, varlen_attention=varlen_attention,
-                          **{k: v for k, v in options.items() if k not in ("policy", "run")})
+                          padding_free=padding_free, **{k: v for k, v in options.items() if k not in ("policy", "run")})
         self.steps_from_trainer = False  # set by trainer.SparseLoRACallback
         self.graphs = None
         self._graphs_now = None  # the graph set of the running forward
@@ -97,6 +98,8 @@ class SparseLoRAModel(torch.nn.Module):
         # packing.py: packed rows run variable-length attention
         self._undo_varlen = packing.install(model) if varlen_attention and causal_attention(model) else None
         self._packed_now = False  # whether the running forward's rows run varlen attention
+        self.padding_free = padding_free and self._undo_varlen is not None
+        self._unpadded = None     # how the running forward's batch was unpadded (packing.Unpadded)
         self.dynamic = dynamic_dims.DEFAULT if dynamic is None else bool(dynamic)
         self._padded = 0         # positions the running forward's batch was padded by
         if regional:
@@ -166,13 +169,20 @@ class SparseLoRAModel(torch.nn.Module):
         step = self._pad_step(run, kwargs) if train_batch else 0
         if step:
             kwargs, self._padded, score_mask = pad_batch(kwargs, step, pad_id(model))
+        if self.padding_free and train_batch and not step:
+            kwargs, self._unpadded = packing.unpad(kwargs)
+            if self._unpadded is not None:
+                run.stats.padding_free_forwards += 1
+                score_mask = None
         if self.unmask and train_batch:
             kwargs, unmasked = unmask_right_padding(kwargs)
             run.stats.unmasked_forwards += unmasked
-        self._packed_now = False
         if self._undo_varlen is not None:
-            kwargs, self._packed_now = packing.add_sequence_starts(kwargs)
-            if self._packed_now:
+            packed = self._unpadded is not None
+            if not packed:
+                kwargs, packed = packing.add_sequence_starts(kwargs)
+            self._packed_now = packed
+            if packed:
                 run.stats.varlen_forwards += 1
                 if self.dynamic:  # one compile for every count of sequences
                     torch._dynamo.maybe_mark_dynamic(kwargs[packing.SEQ_STARTS], 0)
@@ -204,8 +214,10 @@ class SparseLoRAModel(torch.nn.Module):
         if graphs is not None:
             graphs.end()
         padded, self._padded = self._padded, 0
-        self._packed_now = False
+        unpadded, self._unpadded, self._packed_now = self._unpadded, None, False
         logits = getattr(output, "logits", None)
+        if unpadded is not None and isinstance(logits, torch.Tensor) and logits.dim() == 3:
+            output["logits"] = unpadded.repad(logits)
         if padded and isinstance(logits, torch.Tensor) and logits.dim() == 3:
             output["logits"] = logits[:, : logits.shape[1] - padded]
         return output
@@ -382,7 +394,7 @@ def _forward_with_signature(wrapper: SparseLoRAModel, model: torch.nn.Module):
 def compile(model: torch.nn.Module, policy: Policy | None = None, *, regional: bool = True,
             cuda_graphs: bool = False, graph_bucket: int = 0, pad_to_multiple_of: int = 0,
             dynamic: bool | None = None, causal_right_padding: bool = True, varlen_attention: bool = True,
-            **options) -> SparseLoRAModel:
+            padding_free: bool = True, **options) -> SparseLoRAModel:
     """`regional`: compile one decoder layer per distinct plan and reuse it, in place (the
     model itself then trains sparse, see above); `cuda_graphs`: replay those layers as CUDA
     graphs in training (see above); `graph_bucket` (with cuda_graphs, opt-in): pad sequence
@@ -402,12 +414,16 @@ def compile(model: torch.nn.Module, policy: Policy | None = None, *, regional: b
     `varlen_attention` (default True): on HF models with SDPA attention, all causal, forwards
     whose rows are packed (position ids restarting within a row, no attention mask) run
     variable-length flash attention instead of SDPA over HF's block-diagonal mask (the same
-    result; packing.py); False leaves HF's SDPA attention in place.
+    result; packing.py); False leaves HF's SDPA attention in place; `padding_free` (default
+    True, with varlen_attention): right-padded training batches whose labels leave the
+    padding and each row's first token unsupervised run as one packed row of their real
+    tokens (no work on padding; loss and gradients unchanged; the logits come back padded,
+    zeros at the padding; packing.unpad).
     `options`: the backend's (`backend.BackendOptions`)."""
     return SparseLoRAModel(model, policy, regional=regional, cuda_graphs=cuda_graphs,
                            graph_bucket=graph_bucket, pad_to_multiple_of=pad_to_multiple_of,
                            dynamic=dynamic, causal_right_padding=causal_right_padding,
-                           varlen_attention=varlen_attention, **options)
+                           varlen_attention=varlen_attention, padding_free=padding_free, **options)
 
 
 def run_of(model) -> Run:

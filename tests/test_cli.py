@@ -73,7 +73,8 @@ def test_tiny_sparselora_compare_dense(compared):
     assert (sparse["backend"], sparse["dense"]) == ("sparselora", False)
     assert (dense["backend"], dense["dense"]) == ("eager", True)
     assert set(sparse["flops"]) == {"steps", "base_flops_dense", "base_flops_executed", "saved_fraction",
-                                    "unmasked_forwards", "varlen_forwards"}
+                                    "unmasked_forwards", "varlen_forwards",
+                                    "padding_free_forwards"}
     assert sparse["flops"]["steps"] == 3
     assert dense["flops_saved"] == 0.0
     # Same seed and data order; the tiny policy's first step is dense warm-up.

@@ -4,8 +4,8 @@ then the root).
 
 Reference: one process, the same steps, each rank's micro-batch run in turn with its
 loss halved (gradient accumulation over the global batch). The rows are right-padded:
-the reference and the slc.compile runs drop their mask (padding.py), plain torch.compile
-keeps it. The token split and channel
+the reference and the slc.compile runs train them padding-free, as one packed row of
+their real tokens (packing.py), plain torch.compile keeps the padding and the mask. The token split and channel
 selection are made per micro-batch, so this is what two ranks compute; a one-process run
 of the whole global batch selects once over all rows and differs by that choice.
 
@@ -51,7 +51,7 @@ def _lora(model):
             for n, p in model.named_parameters() if p.requires_grad}
 
 
-LENGTHS = (12, 9, 11, 7)  # right-padded rows: slc.compile drops their mask (padding.py)
+LENGTHS = (12, 9, 11, 7)  # right-padded rows: slc.compile packs their real tokens (packing.py)
 
 
 def _shards(rank):
@@ -126,7 +126,7 @@ def _scenario(name, rank):
     losses = _train(model, fn, rank)
     stats = slc.run_of(fn.module if isinstance(fn, DDP) else fn).stats
     return {"losses": losses, "lora": _lora(model), "saved": stats.saved_fraction,
-            "unmasked": stats.unmasked_forwards}
+            "padding_free": stats.padding_free_forwards}
 
 
 def _worker(rank, port, out):
@@ -183,13 +183,13 @@ def results(tmp_path_factory):
 def test_matches_one_process(results, name):
     """Sparse blocks ran; each rank's losses are the reference's for its micro-batch; the
     LoRA weights (FSDP2: gathered) are equal across ranks and to the reference's. The
-    reference and the slc.compile runs drop the right-padding mask, plain torch.compile
-    keeps it: the same loss and gradients either way."""
+    reference and the slc.compile runs train padding-free, plain torch.compile keeps the
+    padding: the same loss and gradients either way."""
     (ref_losses, ref_lora), ranks = results
     for rank, res in enumerate(ranks):
         got = res[name]
         assert got["saved"] > 0, f"{name}: no base FLOPs saved"
-        assert got["unmasked"] == (0 if "compile" in name else STEPS), f"{name}: masks dropped"
+        assert got["padding_free"] == (0 if "compile" in name else STEPS), f"{name}: padding-free"
         torch.testing.assert_close(torch.tensor(got["losses"]), torch.tensor(ref_losses[rank]),
                                    rtol=1e-5, atol=1e-5, msg=f"{name} rank {rank} losses")
         assert got["lora"].keys() == ref_lora.keys()

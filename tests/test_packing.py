@@ -202,3 +202,76 @@ def test_other_attention_implementations_are_left_alone():
 def test_bad_option_value():
     with pytest.raises(ValueError, match="varlen_attention"):
         slc.compile(tiny_llama(), POLICY, varlen_attention=1)
+
+
+def _padded_batch(lengths, t, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, 64, (len(lengths), t), generator=g)
+    mask = (torch.arange(t) < torch.tensor(lengths)[:, None]).long()
+    labels = ids.masked_fill(mask == 0, -100)
+    for i, n in enumerate(lengths):  # a prompt of >= 1 token, then a response of <= 3
+        labels[i, : max(n - 3, 1)] = -100
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def test_unpad_packs_the_real_tokens():
+    b = _padded_batch([3, 5], 6)
+    out, unpadded = packing.unpad(b)
+    real = b["attention_mask"].bool()
+    assert torch.equal(out["input_ids"], b["input_ids"][real][None])
+    assert torch.equal(out["labels"], b["labels"][real][None])
+    assert torch.equal(out["position_ids"], torch.tensor([[0, 1, 2, 0, 1, 2, 3, 4]]))
+    assert torch.equal(out[packing.SEQ_STARTS], torch.tensor([0, 3, 8], dtype=torch.int32))
+    assert "attention_mask" not in out
+    logits = torch.randn(1, 8, 4, requires_grad=True)
+    padded = unpadded.repad(logits)
+    assert padded.shape == (2, 6, 4) and torch.equal(padded[real], logits[0])
+    assert not padded[~real].any()
+    padded.sum().backward()
+    assert torch.equal(logits.grad, torch.ones_like(logits))
+
+
+def test_unpad_keeps_what_it_must():
+    b = _padded_batch([3, 5], 6)
+    first = b["labels"].clone()
+    first[1, 0] = 9  # a supervised first token: the previous row's last would predict it
+    pad = b["labels"].clone()
+    pad[0, 4] = 9    # a supervised pad
+    left = {**b, "attention_mask": b["attention_mask"].flip(1)}
+    for keep in (left, {**b, "labels": first}, {**b, "labels": pad},
+                 {**b, "position_ids": torch.arange(6).expand(2, 6)},
+                 {**b, "output_hidden_states": True}, {**b, "past_key_values": object()},
+                 {k: v for k, v in b.items() if k != "labels"}):
+        out, unpadded = packing.unpad(keep)
+        assert unpadded is None and out is keep
+
+
+@pytest.mark.dynamic_shapes
+@given(st.lists(st.integers(2, 9), min_size=2, max_size=3))
+@settings(max_examples=4, deadline=None)
+def test_padding_free_equals_padded(lengths):
+    """Same loss, gradients, selections and real-position logits as the padded batch (with
+    padding_free=False it runs masked or unmasked causal attention over the padded rows)."""
+    b = _padded_batch(lengths, max(lengths) + 1)
+    wrapped = _compiled()
+    before = wrapped.stats.padding_free_forwards
+    out, grads, wrapped, _ = _train(b)
+    ref, ref_grads, ref_wrapped, _ = _train(b, padding_free=False)
+    assert wrapped.stats.padding_free_forwards == before + 1
+    assert ref_wrapped.stats.padding_free_forwards == 0
+    real = b["attention_mask"].bool()
+    torch.testing.assert_close(out.loss, ref.loss, rtol=1e-5, atol=1e-6)
+    assert out.logits.shape == ref.logits.shape
+    torch.testing.assert_close(out.logits[real], ref.logits[real], rtol=1e-4, atol=1e-5)
+    assert not out.logits[~real].any()
+    assert grads.keys() == ref_grads.keys() and grads
+    for n in grads:
+        torch.testing.assert_close(grads[n], ref_grads[n], rtol=1e-4, atol=1e-6, msg=n)
+    sel, ref_sel = wrapped.run.record, ref_wrapped.run.record
+    assert sorted(sel) == sorted(ref_sel) and sel
+    for name in sel:
+        for key, x in sel[name].items():
+            want = ref_sel[name][key]
+            if key == "dense_rows":  # per token: the packed row holds the real positions
+                want = want.reshape(real.shape)[real][None].reshape(x.shape)
+            torch.testing.assert_close(x, want, rtol=0, atol=0, msg=f"{name} {key}")

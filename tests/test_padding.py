@@ -85,7 +85,8 @@ def test_causal_attention_of_models():
 def _compiled(**kw):
     """One compiled tiny Llama per setting, reused across examples (one compile each: the
     batch and sequence dims are dynamic). Same seed, so the same weights."""
-    return slc.compile(tiny_llama(ALL, layers=2), POLICY, inner="aot_eager", record=True, **kw)
+    return slc.compile(tiny_llama(ALL, layers=2), POLICY, inner="aot_eager", record=True,
+                       padding_free=False, **kw)  # which takes these batches first (test_packing.py)
 
 
 def _train(batch, **kw):
