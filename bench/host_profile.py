@@ -194,12 +194,14 @@ def measure(name, peft, init, batches, args, device, log) -> dict:
         for n, p in peft.named_parameters():
             if n in init:
                 p.data = init[n].clone().to(torch.bfloat16)  # bf16 adapters for every variant
-    compiled = []
+    compiled, undo_varlen = [], None
     if stem == "inductor_regional_bf16":
         from sparselora_compile.passes.blocks import decoder_layers
         fn, compiled = peft, [m for _, m in decoder_layers(peft)]
         for m in compiled:
             m.compile(backend=args.inner)
+        if "_varlen" in flags:  # given what slc.compile's varlen_attention and padding_free do
+            fn, undo_varlen = ts.varlen(fn, peft)
     else:
         policy, _ = ts.sampled_policy("math10k", args.layers, total_steps=10**6)
         extra = {}
@@ -263,6 +265,8 @@ def measure(name, peft, init, batches, args, device, log) -> dict:
             m._compiled_call_impl = None
         if hasattr(fn, "uncompile"):
             fn.uncompile()
+        if undo_varlen is not None:
+            undo_varlen()
         del fn, opt
         ts.free(device)
     return res

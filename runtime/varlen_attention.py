@@ -2,33 +2,24 @@
 sequences back to back, `cu_seqlens` [S + 1] (int32) their boundaries; each token attends
 to the tokens of its own sequence at or before it.
 
-`packed_causal_attention` runs PyTorch's flash varlen kernel (`torch.nn.attention.varlen`)
-on CUDA in fp16/bf16: it visits only the (query, key) tiles inside a sequence's causal
-triangle, where SDPA given the block-diagonal [N, N] mask runs the memory-efficient
-kernel over every pair. Elsewhere (CPU, fp32, a torch without the module) it runs
+`packed_causal_attention` runs PyTorch's flash attention kernel in its variable-length
+form on CUDA in fp16/bf16: it visits only the (query, key) tiles inside a sequence's
+causal triangle, where SDPA given the block-diagonal [N, N] mask runs the
+memory-efficient kernel over every pair. It calls the ATen ops `_flash_attention_forward`
+/ `_flash_attention_backward` (what `torch.nn.attention.varlen` wraps) from an autograd
+Function, which Dynamo traces into the graph: Inductor then calls them directly, not
+through a Python custom op on every layer's forward and backward (the host time of a
+sparse step counts, bench/README.md). Elsewhere (CPU, fp32) it runs
 `reference_packed_attention`, the definition written as plain SDPA with that mask.
 """
 from __future__ import annotations
 
-import inspect
-
 import torch
-
-try:
-    from torch.nn.attention.varlen import varlen_attn
-    _PARAMS = inspect.signature(varlen_attn).parameters
-except ImportError:  # torch without it: the reference runs
-    varlen_attn, _PARAMS = None, {}
-
-# torch 2.10 and 2.11 take `is_causal`; later versions a (left, right) `window_size`, where
-# (-1, 0) is causal, and `enable_gqa`.
-_CAUSAL = {"window_size": (-1, 0)} if "window_size" in _PARAMS else {"is_causal": True}
-_GQA = "enable_gqa" in _PARAMS
 
 
 def flash_usable(q: torch.Tensor) -> bool:
-    """Whether the flash varlen kernel takes these queries (its dtype and head-size limits)."""
-    return (varlen_attn is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+    """Whether the flash kernel takes these queries (its dtype and head-size limits)."""
+    return (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
             and q.shape[-1] % 8 == 0 and q.shape[-1] <= 256)
 
 
@@ -52,23 +43,36 @@ def reference_packed_attention(q, k, v, cu_seqlens, scale: float | None = None) 
     return out.transpose(0, 1)
 
 
+class _FlashVarlenCausal(torch.autograd.Function):
+    """Flash attention, causal within each sequence of `cu_seqlens`, no dropout."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, cu_seqlens, max_len: int, scale: float):
+        out, lse, seed, offset, _ = torch.ops.aten._flash_attention_forward(
+            q, k, v, cu_seqlens, cu_seqlens, max_len, max_len, 0.0, True, False, scale=scale)
+        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens, seed, offset)
+        ctx.max_len, ctx.scale = max_len, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, v, out, lse, cu_seqlens, seed, offset = ctx.saved_tensors
+        dq, dk, dv = torch.ops.aten._flash_attention_backward(
+            grad.contiguous(), q, k, v, out, lse, cu_seqlens, cu_seqlens, ctx.max_len, ctx.max_len,
+            0.0, True, seed, offset, scale=ctx.scale)
+        return dq, dk, dv, None, None, None
+
+
 def packed_causal_attention(q, k, v, cu_seqlens, scale: float | None = None) -> torch.Tensor:
     """q [N, Hq, D], k and v [N, Hkv, D], `cu_seqlens` [S + 1] int32 from 0 to N; [N, Hq, D]."""
     if not flash_usable(q):
         return reference_packed_attention(q, k, v, cu_seqlens, scale)
     groups = q.shape[1] // k.shape[1]
-    extra = dict(_CAUSAL)
-    if groups > 1:
-        if _GQA:
-            extra["enable_gqa"] = True
-        else:
-            k, v = (t.repeat_interleave(groups, dim=1) for t in (k, v))
-    if scale is not None and "scale" in _PARAMS:
-        extra["scale"] = scale
-    elif scale is not None and scale != q.shape[-1] ** -0.5:
-        return reference_packed_attention(q, k, v, cu_seqlens, scale)
+    if groups > 1:  # the layout of HF's repeat_kv
+        k, v = (t.repeat_interleave(groups, dim=1) for t in (k, v))
+    q, k, v = (t.contiguous() for t in (q, k, v))
     # The longest sequence is at most N: an upper bound the kernel sizes its grid by (tiles
     # past a sequence's end exit at once), which spares a device sync and keeps the
     # compiled graph free of a data-dependent int.
     n = q.shape[0]
-    return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, n, n, **extra)
+    return _FlashVarlenCausal.apply(q, k, v, cu_seqlens, n, q.shape[-1] ** -0.5 if scale is None else scale)

@@ -112,7 +112,9 @@ def unpad(kwargs: dict) -> tuple[dict, Unpadded | None]:
     n = sum(lengths)
     host = torch.cat([torch.arange(i * t, i * t + k) for i, k in enumerate(lengths)]  # flat index
                      + [torch.arange(k) for k in lengths]                            # positions
-                     + [torch.tensor([0] + lengths).cumsum(0)]).to(ids.device)       # one copy
+                     + [torch.tensor([0] + lengths).cumsum(0)])
+    # one copy, from pinned memory: a pageable one would wait for the GPU
+    host = (host.pin_memory().to(ids.device, non_blocking=True) if ids.is_cuda else host.to(ids.device))
     index, positions, starts = host[:n], host[n:2 * n], host[2 * n:].to(torch.int32)
     flat = lambda x: x.reshape(-1).index_select(0, index)[None]  # noqa: E731
     out = {k: v for k, v in kwargs.items() if k != "attention_mask"}
