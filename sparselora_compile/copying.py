@@ -4,7 +4,7 @@ A model compiled in place holds its compile: glue hooks bound to its wrapper (an
 it to its run), compiled layers and a compiled loss. Copied as they are, the copy's
 forwards would count steps and hand labels to the original's run. So a deep copy of the
 model is the model uncompiled (its own weights, eager layers, no glue; `slc.compile` it
-again to train it sparse), and a deep copy of the wrapper is a new wrapper compiling that
+again to train it sparse; its attention is HF's "sdpa" again), and a deep copy of the wrapper is a new wrapper compiling that
 copy with the same policy and options, with a run of its own (step 0, empty statistics).
 """
 from __future__ import annotations
@@ -14,6 +14,8 @@ import weakref
 from collections import OrderedDict
 
 import torch
+
+from .packing import uninstall
 
 
 def install(model: torch.nn.Module, wrapper) -> None:
@@ -48,6 +50,7 @@ class _UncompiledCopy:
         new = type(model).__new__(type(model))
         memo[id(model)] = new
         new.__setstate__(copy.deepcopy(state, memo))
+        uninstall(new)  # HF's SDPA attention, as before slc.compile switched it
         return new
 
     def __deepcopy__(self, memo):

@@ -1,4 +1,5 @@
-"""Packed rows run variable-length attention (`varlen_attention`, on by default).
+"""Packed rows run variable-length attention (`varlen_attention`, on by default), and
+right-padded training batches run as packed rows (`padding_free`, on by default).
 
 A packed batch (HF `DataCollatorWithFlattening`, TRL's padding-free packing) holds several
 sequences back to back in a row, with `position_ids` restarting at 0 for each and no
@@ -16,6 +17,10 @@ kernel. The wrapper adds the boundaries to a forward whose position ids restart 
 row and that has no attention mask and no cache (`packed_sequences`); `uncompile()` puts
 "sdpa" back. Outputs, loss and gradients are those of the masked SDPA (to the kernels'
 rounding).
+
+`unpad` turns a right-padded training batch into one packed row of its real tokens with
+their boundaries, so that no work runs on padding; `Unpadded.repad` gives the logits back
+in the batch's shape.
 """
 from __future__ import annotations
 
@@ -23,9 +28,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .padding import IGNORE
-
 from sparselora_compile.runtime.varlen_attention import packed_causal_attention
+
+from .padding import IGNORE
 
 IMPLEMENTATION = "sparselora_sdpa"
 _hf_sdpa = None  # HF's SDPA attention function, bound by register() (transformers loads lazily)
@@ -91,10 +96,11 @@ def unpad(kwargs: dict) -> tuple[dict, Unpadded | None]:
     each row's first label -100. The loss reads the same (logit, label) pairs: a row's
     last token, which predicted a padded position (-100), now predicts the next row's
     first token, whose label must then be -100 too, which is why this applies only when
-    every row's first label already is (HF's shifted loss never reads it; a prompt's first
-    token never is supervised). Applies to [B, T] `input_ids`, `attention_mask` and
+    every row's first label already is (HF's shifted loss never reads it, but the token
+    split would count a supervised first token as an output token). Applies to [B, T] `input_ids`, `attention_mask` and
     `labels`, nothing else of shape (no `position_ids`, cache, embeddings, hidden-state
-    outputs); else (kwargs, None). Reads the device once."""
+    outputs); else (kwargs, None), without the mask when it has no padding. Reads the device
+    once."""
     ids, mask, labels = kwargs.get("input_ids"), kwargs.get("attention_mask"), kwargs.get("labels")
     if (not isinstance(ids, torch.Tensor) or ids.dim() != 2 or not isinstance(mask, torch.Tensor)
             or mask.shape != ids.shape or not isinstance(labels, torch.Tensor) or labels.shape != ids.shape
@@ -109,6 +115,8 @@ def unpad(kwargs: dict) -> tuple[dict, Unpadded | None]:
     if facts[0]:
         return kwargs, None
     lengths = facts[1:]
+    if all(n == t for n in lengths):  # no padding: a mask of ones, as HF drops itself
+        return {k: v for k, v in kwargs.items() if k != "attention_mask"}, None
     n = sum(lengths)
     host = torch.cat([torch.arange(i * t, i * t + k) for i, k in enumerate(lengths)]  # flat index
                      + [torch.arange(k) for k in lengths]                            # positions
@@ -129,7 +137,7 @@ def attention(module, query, key, value, attention_mask, dropout: float = 0.0, s
     starts = kwargs.get(SEQ_STARTS)
     if starts is None or dropout > 0.0 or is_causal is False or not getattr(module, "is_causal", True):
         return _hf_sdpa(module, query, key, value, attention_mask, dropout=dropout,
-                                      scaling=scaling, is_causal=is_causal, **kwargs)
+                        scaling=scaling, is_causal=is_causal, **kwargs)
     b, hq, t, d = query.shape
     flat = lambda x: x.transpose(1, 2).reshape(b * t, x.shape[1], d)  # noqa: E731
     out = packed_causal_attention(flat(query), flat(key), flat(value), starts, scaling)
@@ -150,14 +158,23 @@ def register() -> None:
 def install(model: torch.nn.Module):
     """Switch an HF model whose attention is "sdpa" to `IMPLEMENTATION`; returns the undo,
     or None for a model it does not apply to (another attention implementation, a model
-    without HF's attention interface)."""
+    without HF's attention interface). A model already switched (a deep copy of a compiled
+    one) stays switched, with the same undo."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     config = getattr(base, "config", None)
-    if (getattr(config, "_attn_implementation", None) != "sdpa"
+    if (getattr(config, "_attn_implementation", None) not in ("sdpa", IMPLEMENTATION)
             or not hasattr(base, "set_attn_implementation")):
         return None
     register()
-    base.set_attn_implementation(IMPLEMENTATION)
+    if config._attn_implementation == "sdpa":
+        base.set_attn_implementation(IMPLEMENTATION)
     if config._attn_implementation != IMPLEMENTATION:  # a model HF cannot switch
         return None
-    return lambda: base.set_attn_implementation("sdpa")
+    return lambda: uninstall(model)
+
+
+def uninstall(model: torch.nn.Module) -> None:
+    """Put HF's "sdpa" back on a model switched to `IMPLEMENTATION` (else nothing)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if getattr(getattr(base, "config", None), "_attn_implementation", None) == IMPLEMENTATION:
+        base.set_attn_implementation("sdpa")

@@ -26,6 +26,8 @@ def test_a_copy_of_the_model_is_uncompiled_and_leaves_the_run_alone():
     assert "_sparselora" not in c.__dict__ and "__deepcopy__" not in c.__dict__
     assert list(c._forward_pre_hooks) == [user_hook.id] and not c._forward_hooks
     assert all(m._compiled_call_impl is None for m in c.modules())
+    assert c.get_base_model().config._attn_implementation == "sdpa"  # packing.py switched the original
+    assert model.get_base_model().config._attn_implementation == "sparselora_sdpa"
     loss = c(input_ids=ids, labels=labels).loss
     loss.backward()
     assert sparse.stats.steps == 0 and sparse.run.labels is None
@@ -46,6 +48,10 @@ def test_a_copy_of_the_wrapper_has_its_own_run():
     twin = copy.deepcopy(sparse)
     assert type(twin) is type(sparse) and twin.run is not sparse.run and twin.model is not model
     assert twin.model.__dict__["_sparselora"] is twin and twin.policy == sparse.policy
+    assert twin.model.get_base_model().config._attn_implementation == "sparselora_sdpa"
+    twin.uncompile()
+    assert twin.model.get_base_model().config._attn_implementation == "sdpa"
+    twin = copy.deepcopy(sparse)
     a = twin(input_ids=ids, labels=labels).loss
     assert (twin.stats.steps, sparse.stats.steps) == (1, 0)
     assert twin.stats.saved_fraction > 0  # its layers are compiled, sparse

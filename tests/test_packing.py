@@ -237,6 +237,13 @@ def test_unpad_packs_the_real_tokens():
     assert torch.equal(logits.grad, torch.ones_like(logits))
 
 
+def test_unpad_leaves_a_batch_without_padding_and_drops_its_mask():
+    b = _padded_batch([6, 6], 6)
+    out, unpadded = packing.unpad(b)
+    assert unpadded is None and "attention_mask" not in out
+    assert all(out[k] is b[k] for k in ("input_ids", "labels"))
+
+
 def test_unpad_keeps_what_it_must():
     b = _padded_batch([3, 5], 6)
     first = b["labels"].clone()
