@@ -30,3 +30,24 @@ def batch(b=2, t=10, n_out=3, seed=1):
     labels = ids.clone()
     labels[:, : t - n_out] = -100
     return ids, labels
+
+
+def assert_same_step(got, want, real=None, packed=False):
+    """Two training steps, each (output, {name: grad}, run record), computed two ways: the
+    same loss, gradients and sparse selections, and the same logits (at the `real` positions
+    when given). `packed`: `got` ran the real positions as one packed row, so its per-token
+    records hold those positions only."""
+    (out, grads, sel), (ref, ref_grads, ref_sel) = got, want
+    torch.testing.assert_close(out.loss, ref.loss, rtol=1e-5, atol=1e-6)
+    logits, ref_logits = (out.logits, ref.logits) if real is None else (out.logits[real], ref.logits[real])
+    torch.testing.assert_close(logits, ref_logits, rtol=1e-4, atol=1e-5)
+    assert grads.keys() == ref_grads.keys() and grads
+    for n in grads:
+        torch.testing.assert_close(grads[n], ref_grads[n], rtol=1e-4, atol=1e-6, msg=n)
+    assert sorted(sel) == sorted(ref_sel) and sel
+    for name in sel:
+        for key, x in sel[name].items():
+            expected = ref_sel[name][key]
+            if packed and key == "dense_rows":
+                expected = expected.reshape(real.shape)[real].reshape(x.shape)
+            torch.testing.assert_close(x, expected, rtol=0, atol=0, msg=f"{name} {key}")
