@@ -51,3 +51,12 @@ def assert_same_step(got, want, real=None, packed=False):
             if packed and key == "dense_rows":
                 expected = expected.reshape(real.shape)[real].reshape(x.shape)
             torch.testing.assert_close(x, expected, rtol=0, atol=0, msg=f"{name} {key}")
+
+
+def one_step(wrapped, batch):
+    """A forward and backward of a compiled model on `batch`: (output, {name: grad})."""
+    model = wrapped.model
+    model.zero_grad(set_to_none=True)
+    out = wrapped(**batch)
+    out.loss.backward()
+    return out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}

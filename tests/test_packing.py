@@ -13,7 +13,7 @@ from sparselora_compile import packing
 from sparselora_compile.runtime.varlen_attention import (flash_usable, packed_causal_attention,
                                                          reference_packed_attention)
 
-from llama import ALL, assert_same_step, tiny_llama
+from llama import ALL, assert_same_step, one_step, tiny_llama
 
 POLICY = slc.Policy(mlp=0.5, attention=0.5, warmup_steps=0)
 
@@ -123,12 +123,8 @@ def _packed_batch(rows, seed=0):
 
 def _train(batch, **kw):
     wrapped = _compiled(**kw)
-    model = wrapped.model
-    model.zero_grad(set_to_none=True)
     before = wrapped.stats.varlen_forwards
-    out = wrapped(**batch)
-    out.loss.backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    out, grads = one_step(wrapped, batch)
     return out, grads, wrapped, wrapped.stats.varlen_forwards - before
 
 

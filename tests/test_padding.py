@@ -10,7 +10,7 @@ from hypothesis import given, settings, strategies as st
 import sparselora_compile as slc
 from sparselora_compile.padding import causal_attention, right_padded, unmask_right_padding
 
-from llama import ALL, assert_same_step, tiny_llama
+from llama import ALL, assert_same_step, one_step, tiny_llama
 
 POLICY = slc.Policy(mlp=0.5, attention=0.5, warmup_steps=0)
 
@@ -91,12 +91,8 @@ def _compiled(**kw):
 
 def _train(batch, **kw):
     wrapped = _compiled(**kw)
-    model = wrapped.model
-    model.zero_grad(set_to_none=True)
     before = wrapped.stats.unmasked_forwards
-    out = wrapped(**batch)
-    out.loss.backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    out, grads = one_step(wrapped, batch)
     return out, grads, wrapped, wrapped.stats.unmasked_forwards - before
 
 
