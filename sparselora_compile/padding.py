@@ -2,6 +2,8 @@
 
 - `pad_batch` right-pads the sequence length up to a multiple (CUDA graph buckets,
   `pad_to_multiple_of`).
+- `packing.unpad` (`padding_free`, on by default) runs a right-padded training batch as
+  one packed row of its real tokens; the batches it leaves padded come here.
 - `unmask_right_padding` drops an attention mask that pads only at the right end of each
   row, in a batch whose labels leave the padding unsupervised (`causal_right_padding`, on
   by default). HF turns a padding mask into a [B, 1, T, T] mask for SDPA, which then
