@@ -57,11 +57,14 @@ def packed_sequences(position_ids: torch.Tensor) -> torch.Tensor | None:
 
 def add_sequence_starts(kwargs: dict) -> tuple[dict, bool]:
     """`kwargs` with `cu_seq_lens_q` when its rows are packed ([B, T] `position_ids`, no
-    `attention_mask`, no cache, not given already); (kwargs, whether it was added)."""
+    `attention_mask`, no cache); (kwargs, whether the forward runs varlen attention). A
+    caller's own `cu_seq_lens_q` (TRL's padding-free collator passes HF's flash-attention
+    keywords) is kept, and counts."""
+    if isinstance(kwargs.get(SEQ_STARTS), torch.Tensor):
+        return kwargs, kwargs.get("past_key_values") is None
     pos = kwargs.get("position_ids")
     if (not isinstance(pos, torch.Tensor) or pos.dim() != 2 or pos.shape[1] < 2
-            or kwargs.get("attention_mask") is not None or kwargs.get("past_key_values") is not None
-            or kwargs.get(SEQ_STARTS) is not None):
+            or kwargs.get("attention_mask") is not None or kwargs.get("past_key_values") is not None):
         return kwargs, False
     ids = kwargs.get("input_ids", kwargs.get("inputs_embeds"))
     if isinstance(ids, torch.Tensor) and ids.shape[0] != pos.shape[0]:
@@ -140,7 +143,7 @@ def attention(module, query, key, value, attention_mask, dropout: float = 0.0, s
                         scaling=scaling, is_causal=is_causal, **kwargs)
     b, hq, t, d = query.shape
     flat = lambda x: x.transpose(1, 2).reshape(b * t, x.shape[1], d)  # noqa: E731
-    out = packed_causal_attention(flat(query), flat(key), flat(value), starts, scaling)
+    out = packed_causal_attention(flat(query), flat(key), flat(value), starts.to(torch.int32), scaling)
     return out.view(b, t, hq, d), None
 
 

@@ -165,10 +165,12 @@ def test_what_keeps_hf_attention():
     for keep in ({**kw, "attention_mask": torch.ones(1, 7, dtype=torch.long)},  # HF combines the two
                  {**kw, "past_key_values": object()},                         # a cache
                  {**kw, "position_ids": torch.arange(7)[None]},               # one sequence
-                 {k: v for k, v in kw.items() if k != "position_ids"},        # no positions
-                 {**kw, packing.SEQ_STARTS: torch.tensor([0, 7])}):           # the caller's own
+                 {k: v for k, v in kw.items() if k != "position_ids"}):       # no positions
         out, added = packing.add_sequence_starts(keep)
         assert not added and out is keep
+    own = {**kw, packing.SEQ_STARTS: torch.tensor([0, 7])}  # TRL's padding-free collator passes them
+    out, varlen = packing.add_sequence_starts(own)
+    assert varlen and out is own
 
 
 def test_install_and_uncompile_restore_sdpa():

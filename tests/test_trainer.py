@@ -179,7 +179,8 @@ def _word_tokenizer():
 def test_trl_sft_trainer(tmp_path, mode):
     """SFTTrainer on prompt-completion pairs (completion-only loss) in its padding-free and
     packed (BFD) layouts: one row, position_ids restarting per sequence, no attention
-    mask; labels reach the run, steps follow global_step, the prompt tokens run sparse."""
+    mask; labels reach the run, steps follow global_step, the prompt tokens run sparse, and
+    the packed sequences run varlen attention."""
     pytest.importorskip("trl")
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
@@ -206,6 +207,7 @@ def test_trl_sft_trainer(tmp_path, mode):
         assert 0 < supervised < 10 * sequences  # completion tokens only
     assert "no labels" not in sparse.run.said
     assert sparse.stats.steps == 2 and sparse.stats.saved_fraction > 0
+    assert sparse.stats.varlen_forwards == 2  # the sequences attend within themselves (packing.py)
 
 
 def test_the_model_itself_runs_the_glue_until_uncompiled():
