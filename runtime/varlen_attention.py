@@ -18,7 +18,8 @@ import torch
 
 
 def flash_usable(q: torch.Tensor) -> bool:
-    """Whether the flash kernel takes these queries (its dtype and head-size limits)."""
+    """Whether the flash kernel takes these queries (its dtype and head-size limits). It also
+    needs an Ampere or newer GPU (sm80+), which is not checked: the H200 is what ran it."""
     return (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
             and q.shape[-1] % 8 == 0 and q.shape[-1] <= 256)
 
