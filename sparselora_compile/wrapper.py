@@ -98,7 +98,8 @@ class SparseLoRAModel(torch.nn.Module):
         # packing.py: packed rows run variable-length attention
         self._undo_varlen = packing.install(model) if varlen_attention and causal_attention(model) else None
         self._packed_now = False  # whether the running forward's rows run varlen attention
-        self.padding_free = padding_free and self._undo_varlen is not None
+        # not under CUDA graphs: a capture serves one shape, and packed rows' length varies
+        self.padding_free = padding_free and not cuda_graphs and self._undo_varlen is not None
         self._unpadded = None     # how the running forward's batch was unpadded (packing.Unpadded)
         self.dynamic = dynamic_dims.DEFAULT if dynamic is None else bool(dynamic)
         self._padded = 0         # positions the running forward's batch was padded by
@@ -415,7 +416,7 @@ def compile(model: torch.nn.Module, policy: Policy | None = None, *, regional: b
     whose rows are packed (position ids restarting within a row, no attention mask) run
     variable-length flash attention instead of SDPA over HF's block-diagonal mask (the same
     result; packing.py); False leaves HF's SDPA attention in place; `padding_free` (default
-    True, with varlen_attention): right-padded training batches whose labels leave the
+    True, with varlen_attention, not with cuda_graphs): right-padded training batches whose labels leave the
     padding and each row's first token unsupervised run as one packed row of their real
     tokens (no work on padding; loss and gradients unchanged; the logits come back padded,
     zeros at the padding; packing.unpad).

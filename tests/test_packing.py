@@ -194,6 +194,12 @@ def test_other_attention_implementations_are_left_alone():
     assert wrapped.stats.varlen_forwards == 0
 
 
+def test_cuda_graphs_keep_padded_batches_padded():
+    """A capture serves one shape; a padding-free row's length changes with the batch."""
+    wrapped = slc.compile(tiny_llama(), POLICY, inner="aot_eager", cuda_graphs=True)
+    assert not wrapped.padding_free and slc.compile(tiny_llama(), POLICY, inner="aot_eager").padding_free
+
+
 def test_bad_option_value():
     with pytest.raises(ValueError, match="varlen_attention"):
         slc.compile(tiny_llama(), POLICY, varlen_attention=1)
