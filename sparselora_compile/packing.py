@@ -30,7 +30,7 @@ import torch
 
 from sparselora_compile.runtime.varlen_attention import packed_causal_attention
 
-from .padding import IGNORE
+from .padding import IGNORE, not_right_padded
 
 IMPLEMENTATION = "sparselora_sdpa"
 _hf_sdpa = None  # HF's SDPA attention function, bound by register() (transformers loads lazily)
@@ -112,8 +112,7 @@ def unpad(kwargs: dict) -> tuple[dict, Unpadded | None]:
         return kwargs, None
     b, t = ids.shape
     real = mask.bool()
-    bad = ((real[:, 1:] & ~real[:, :-1]).any() | (labels.masked_fill(real, IGNORE) != IGNORE).any()
-           | (labels[:, 0] != IGNORE).any())
+    bad = not_right_padded(real, labels) | (labels[:, 0] != IGNORE).any()
     facts = torch.cat([bad.long()[None], real.sum(1)]).tolist()  # the one sync
     if facts[0]:
         return kwargs, None
@@ -163,7 +162,7 @@ def install(model: torch.nn.Module):
     or None for a model it does not apply to (another attention implementation, a model
     without HF's attention interface). A model already switched (a deep copy of a compiled
     one) stays switched, with the same undo."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = _base(model)
     config = getattr(base, "config", None)
     if (getattr(config, "_attn_implementation", None) not in ("sdpa", IMPLEMENTATION)
             or not hasattr(base, "set_attn_implementation")):
@@ -178,6 +177,11 @@ def install(model: torch.nn.Module):
 
 def uninstall(model: torch.nn.Module) -> None:
     """Put HF's "sdpa" back on a model switched to `IMPLEMENTATION` (else nothing)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = _base(model)
     if getattr(getattr(base, "config", None), "_attn_implementation", None) == IMPLEMENTATION:
         base.set_attn_implementation("sdpa")
+
+
+def _base(model: torch.nn.Module) -> torch.nn.Module:
+    """The HF model under a PEFT model (the model itself otherwise)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model

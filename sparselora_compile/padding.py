@@ -72,11 +72,16 @@ def right_padded(mask: torch.Tensor, labels: torch.Tensor | None = None) -> bool
     a padded one in any row, and, with `labels`, none of its padded positions supervised
     (-100 there: the loss never reads a padded position's output). Reads the device once:
     one sync on CUDA, where HF's own mask check would otherwise make it."""
-    real = mask.bool()
+    return not bool(not_right_padded(mask.bool(), labels))
+
+
+def not_right_padded(real: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+    """`right_padded`'s test on the device (a bool tensor, no sync): a real token after a
+    padded one, or with `labels`, a supervised padded position. `real`: the bool mask."""
     bad = (real[:, 1:] & ~real[:, :-1]).any()
     if labels is not None:
         bad = bad | (labels.masked_fill(real, IGNORE) != IGNORE).any()
-    return not bool(bad)
+    return bad
 
 
 def unmask_right_padding(kwargs: dict) -> tuple[dict, bool]:

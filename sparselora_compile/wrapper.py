@@ -94,9 +94,10 @@ class SparseLoRAModel(torch.nn.Module):
         self.graph_bucket = graph_bucket if cuda_graphs else 0
         self.pad_to_multiple_of = pad_to_multiple_of
         # padding.py: right-padded training batches run causal attention without their mask
-        self.unmask = causal_right_padding and causal_attention(model)
+        causal = causal_attention(model)
+        self.unmask = causal_right_padding and causal
         # packing.py: packed rows run variable-length attention
-        self._undo_varlen = packing.install(model) if varlen_attention and causal_attention(model) else None
+        self._undo_varlen = packing.install(model) if varlen_attention and causal else None
         self._packed_now = False  # whether the running forward's rows run varlen attention
         # not under CUDA graphs: a capture serves one shape, and packed rows' length varies
         self.padding_free = padding_free and not cuda_graphs and self._undo_varlen is not None
