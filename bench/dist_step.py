@@ -14,6 +14,9 @@ rank's. Variants per engine:
           baseline for `lora_dtype="model"`)
 - dense_unmasked: the same, with right-padded batches' attention masks dropped before the
           call, as the sparse variant's `causal_right_padding` does (fused causal attention)
+- dense_varlen: the same, with right-padded batches run as one packed row of their real
+          tokens under variable-length attention, as the sparse variant's `padding_free`
+          does (the dense step given the same saving)
 - sparse: `slc.compile(model, math10k preset, lora_dtype="model")`, past the warm-up
 - sparse_graphs: the same with `cuda_graphs=True` on the fixed batch (graphs serve one
           shape), where --graphs is given
@@ -56,7 +59,7 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import batches as user_batches  # noqa: E402
 from train_step import (ALL, QKVO, add_lora, build_model, graph_stats, unmasked,  # noqa: E402
-                        llama_config, sampled_policy, sync)
+                        llama_config, sampled_policy, sync, varlen)
 
 import sparselora_compile as slc  # noqa: E402
 from sparselora_compile.passes.blocks import decoder_layers  # noqa: E402
@@ -119,6 +122,8 @@ def wrap(engine, variant, peft, args, layers):
         fn = DDP(peft)
     if variant == "dense_unmasked":
         fn = unmasked(fn)
+    if variant == "dense_varlen":
+        fn, _ = varlen(fn, peft)  # the model is built anew for every variant: no undo
     return fn, wrapped
 
 
@@ -330,7 +335,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--engines", nargs="+", default=["single"], choices=("single", "ddp", "fsdp", "fsdp_keep"))
     ap.add_argument("--variants", nargs="*", default=["dense", "sparse"],
-                    choices=("dense", "dense_unmasked", "sparse", "sparse_graphs"))
+                    choices=("dense", "dense_unmasked", "dense_varlen", "sparse", "sparse_graphs"))
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--batches", default="padded", choices=user_batches.MODES)
     ap.add_argument("--batch", type=int, default=8)

@@ -34,6 +34,9 @@ Runtime suffixes (sl_* variants), after any Inductor suffix:
     _ctxrows  the sparse MLP's context part over the context rows only
               (`mlp_all_rows_max_k=0`, runtime/sparse_mlp.py), for an A/B in one run
     _graphs   slc.compile(..., cuda_graphs=True): the decoder layers replayed as CUDA graphs
+    _bucket512, _bucket1024  with _graphs: slc.compile(..., graph_bucket=512 or 1024): padded
+              batches run as packed rows filled up to a multiple of it (dense rows of the
+              token split to a quarter of it), so that a few graph sets serve varying lengths
     _pad8     slc.compile(..., pad_to_multiple_of=8): training batches right-padded to a
               multiple of 8 (Inductor's CUDA attention-mask alignment guard then never
               recompiles the layers at the first aligned length of packed rows)
@@ -177,8 +180,9 @@ def split_variant(name: str) -> tuple[str, dict]:
     return name, config
 
 
+GRAPH_BUCKETS = {"_bucket512": 512, "_bucket1024": 1024}
 RUNTIME_SUFFIXES = ("_ctxrows", "_graphs", "_pad8", "_masked", "_novarlen", "_padded", "_unmasked",
-                    "_varlen")
+                    "_varlen", *GRAPH_BUCKETS)
 DENSE_FLAGS = {"_unmasked", "_varlen"}  # the runtime flags a dense Inductor baseline takes
 
 
@@ -722,6 +726,7 @@ def run_variant(name, peft, init_state, streams, args, device, layers, log, res=
             extra["mlp_all_rows_max_k"] = 0
         fn = slc_compile(peft, policy, inner=args.inner, regional=regional,
                          cuda_graphs="_graphs" in flags, pad_to_multiple_of=8 if "_pad8" in flags else 0,
+                         graph_bucket=next((GRAPH_BUCKETS[f] for f in flags if f in GRAPH_BUCKETS), 0),
                          causal_right_padding="_masked" not in flags,
                          varlen_attention="_novarlen" not in flags,
                          padding_free="_padded" not in flags, **extra)

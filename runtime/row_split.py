@@ -21,9 +21,10 @@ class RowSplit:
 
     `bucket` > 0 rounds the two index lists to fixed capacities, so that a CUDA graph
     captured for one split serves every split of the same bucket: the dense list is
-    padded with copies of its first row up to a multiple of `bucket_step` (`bucket`, or an
-    eighth of the count's power of two), the context list with copies of its first row
-    to the complement. A copy computes the same row again
+    padded with copies of its first row up to a multiple of `bucket_step(count, bucket //
+    DENSE_SHARE)` (a finer step than the sequence lengths': a dense row costs several
+    context rows), the context list with copies of its first row to the complement. A
+    copy computes the same row again
     and every sparse op writes rows with index_copy_, so the result is unchanged.
 
     The estimator scores the context rows with weight 1 and skips padding positions and
@@ -57,6 +58,9 @@ class RowSplit:
         return self.dense.numel(), self.ctx.numel()
 
 
+DENSE_SHARE = 4
+
+
 def bucket_step(n: int, bucket: int) -> int:
     """The rounding step for a size n: `bucket`, or an eighth of n's power of two when that
     is larger, so that rounding up adds at most 12.5% and a few buckets span a wide range."""
@@ -76,10 +80,11 @@ def compute_split(rows: torch.Tensor, padding: torch.Tensor | None = None, bucke
     r = rows.reshape(-1)
     dense, ctx = r.nonzero().squeeze(1), (~r).nonzero().squeeze(1)
     n_dense, n_ctx = dense.numel(), ctx.numel()
-    step = bucket_step(n_dense, bucket) if bucket > 0 else 0
-    if step and n_dense and n_ctx and n_dense % step:
-        floor = n_dense - n_dense % step
-        dense, ctx = _pad_to(dense, floor + step), _pad_to(ctx, r.numel() - floor)
+    step = bucket_step(n_dense, max(1, bucket // DENSE_SHARE)) if bucket > 0 else 0
+    if step and n_dense and n_ctx:
+        # every count of dense rows in (cap - step, cap] gets the same two capacities
+        cap = -(-n_dense // step) * step
+        dense, ctx = _pad_to(dense, cap), _pad_to(ctx, r.numel() - cap + step - 1)
     split = RowSplit(dense, ctx, r.numel(), n_dense)
     if n_dense or padding is not None:
         scored = ~r if padding is None else ~(r | padding.reshape(-1))

@@ -171,12 +171,13 @@ class LayerGraphs:
         self._dropout = False      # a layer holds a Dropout with p > 0
         self._said: set = set()    # blockers already logged
         self.graphed_forwards = 0
+        self.capture_s = 0.0       # wall time spent capturing
 
     def stats(self) -> dict:
-        """Training forwards that replayed graphs, captures made, graph sets kept, and why
-        graphs are off (None while they are on)."""
+        """Training forwards that replayed graphs, captures made and their wall time, graph
+        sets kept, and why graphs are off (None while they are on)."""
         return {"graphed_forwards": self.graphed_forwards, "captures": self.captures,
-                "sets": len(self.sets), "disabled": self.disabled}
+                "capture_s": round(self.capture_s, 3), "sets": len(self.sets), "disabled": self.disabled}
 
     # ---- installing ----------------------------------------------------------------------
 
@@ -344,6 +345,7 @@ class LayerGraphs:
             stats.base_flops_dense, stats.base_flops_executed = saved
             run.shared_rows = outer
         self.captures += 1
+        self.capture_s += time.perf_counter() - t0
         graphs = _GraphSet({p: (recorded[p][0], g, f) for p, g, f in zip(order, graphed, fns)},
                            rows, split, {p: recorded[p][2] for p in order})
         # the graphs read cached tensors by address: hold them while the graphs exist

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
+from sparselora_compile.runtime.row_split import bucket_step
 from sparselora_compile.runtime.varlen_attention import packed_causal_attention
 
 from .padding import IGNORE, not_right_padded
@@ -78,32 +79,45 @@ def add_sequence_starts(kwargs: dict) -> tuple[dict, bool]:
 @dataclass(frozen=True)
 class Unpadded:
     """Where a padding-free forward's tokens came from: `index` [N] their flat positions
-    in the [batch, length] padded batch."""
+    in the [batch, length] padded batch; `real` [1, C] the packed row's real tokens (1) and
+    filler (0), None without filler (C = N)."""
     index: torch.Tensor
     batch: int
     length: int
+    real: torch.Tensor | None = None
 
     def repad(self, logits: torch.Tensor) -> torch.Tensor:
-        """[1, N, V] -> [batch, length, V], zeros at the padding (differentiable)."""
+        """[1, C, V] -> [batch, length, V], zeros at the padding (differentiable)."""
         flat = logits.new_zeros(self.batch * self.length, logits.shape[-1])
-        return flat.index_copy(0, self.index, logits[0]).view(self.batch, self.length, -1)
+        rows = logits[0, : self.index.numel()]
+        return flat.index_copy(0, self.index, rows).view(self.batch, self.length, -1)
+
+
+FILLER_SEQUENCES = 4  # the filler's pieces: short sequences keep its attention work small
 
 
 UNPADDABLE = {"input_ids", "attention_mask", "labels", "num_items_in_batch", "return_dict",
               "use_cache", "logits_to_keep"}
 
 
-def unpad(kwargs: dict) -> tuple[dict, Unpadded | None]:
+def unpad(kwargs: dict, bucket: int = 0, filler_id: int = 0) -> tuple[dict, Unpadded | None]:
     """A right-padded training batch as one packed row (`padding_free`): the real tokens
     back to back, `position_ids` restarting per row, `cu_seq_lens_q` the rows' boundaries,
     each row's first label -100. The loss reads the same (logit, label) pairs: a row's
     last token, which predicted a padded position (-100), now predicts the next row's
     first token, whose label must then be -100 too, which is why this applies only when
     every row's first label already is (HF's shifted loss never reads it, but the token
-    split would count a supervised first token as an output token). Applies to [B, T] `input_ids`, `attention_mask` and
-    `labels`, nothing else of shape (no `position_ids`, cache, embeddings, hidden-state
-    outputs); else (kwargs, None), without the mask when it has no padding. Reads the device
-    once."""
+    split would count a supervised first token as an output token). Applies to [B, T]
+    `input_ids`, `attention_mask` and `labels`, nothing else of shape (no `position_ids`,
+    cache, embeddings, hidden-state outputs); else (kwargs, None), without the mask when it
+    has no padding. Reads the device once.
+
+    `bucket` > 0 (CUDA graph buckets): the row is filled up to a capacity, a multiple of
+    `row_split.bucket_step(N, bucket)` above the N real tokens, so that rows of nearby
+    lengths have one shape and one count of sequences (a graph serves them all). The
+    filler is FILLER_SEQUENCES sequences of `filler_id` tokens labelled -100, after every
+    real token: no real token attends to it, the loss skips it, and `Unpadded.real` tells
+    the estimator to leave it out of its scores."""
     ids, mask, labels = kwargs.get("input_ids"), kwargs.get("attention_mask"), kwargs.get("labels")
     if (not isinstance(ids, torch.Tensor) or ids.dim() != 2 or not isinstance(mask, torch.Tensor)
             or mask.shape != ids.shape or not isinstance(labels, torch.Tensor) or labels.shape != ids.shape
@@ -120,16 +134,37 @@ def unpad(kwargs: dict) -> tuple[dict, Unpadded | None]:
     if all(n == t for n in lengths):  # no padding: a mask of ones, as HF drops itself
         return {k: v for k, v in kwargs.items() if k != "attention_mask"}, None
     n = sum(lengths)
+    filler = _filler(n, bucket)
+    seqs = lengths + filler
     host = torch.cat([torch.arange(i * t, i * t + k) for i, k in enumerate(lengths)]  # flat index
-                     + [torch.arange(k) for k in lengths]                            # positions
-                     + [torch.tensor([0] + lengths).cumsum(0)])
+                     + [torch.arange(k) for k in seqs]                               # positions
+                     + [torch.tensor([0] + seqs).cumsum(0)])
     # one copy, from pinned memory: a pageable one would wait for the GPU
     host = (host.pin_memory().to(ids.device, non_blocking=True) if ids.is_cuda else host.to(ids.device))
-    index, positions, starts = host[:n], host[n:2 * n], host[2 * n:].to(torch.int32)
-    flat = lambda x: x.reshape(-1).index_select(0, index)[None]  # noqa: E731
+    c = n + sum(filler)
+    index, positions, starts = host[:n], host[n:n + c], host[n + c:].to(torch.int32)
+    fill = sum(filler)
+
+    def flat(x, value):
+        row = x.reshape(-1).index_select(0, index)
+        return torch.cat([row, row.new_full((fill,), value)])[None] if fill else row[None]
     out = {k: v for k, v in kwargs.items() if k != "attention_mask"}
-    out.update(input_ids=flat(ids), labels=flat(labels), position_ids=positions[None], **{SEQ_STARTS: starts})
-    return out, Unpadded(index, b, t)
+    out.update(input_ids=flat(ids, filler_id), labels=flat(labels, IGNORE), position_ids=positions[None],
+               **{SEQ_STARTS: starts})
+    real_tokens = (torch.arange(c, device=ids.device) < n).long()[None] if fill else None
+    return out, Unpadded(index, b, t, real_tokens)
+
+
+def _filler(n: int, bucket: int) -> list[int]:
+    """The filler sequences' lengths that take `n` real tokens up to their bucket (none
+    without one): FILLER_SEQUENCES of them, each at least one token, so that the count
+    of sequences does not change with n."""
+    if bucket <= 0:
+        return []
+    step = bucket_step(n + FILLER_SEQUENCES, bucket)
+    total = -(-(n + FILLER_SEQUENCES) // step) * step - n
+    each, extra = divmod(total, FILLER_SEQUENCES)
+    return [each + (i < extra) for i in range(FILLER_SEQUENCES)]
 
 
 def attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,

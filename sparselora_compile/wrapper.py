@@ -99,8 +99,8 @@ class SparseLoRAModel(torch.nn.Module):
         # packing.py: packed rows run variable-length attention
         self._undo_varlen = packing.install(model) if varlen_attention and causal else None
         self._packed_now = False  # whether the running forward's rows run varlen attention
-        # not under CUDA graphs: a capture serves one shape, and packed rows' length varies
-        self.padding_free = padding_free and not cuda_graphs and self._undo_varlen is not None
+        # under CUDA graphs with graph_bucket, the packed row is filled up to its bucket
+        self.padding_free = padding_free and self._undo_varlen is not None
         self._unpadded = None     # how the running forward's batch was unpadded (packing.Unpadded)
         self.dynamic = dynamic_dims.DEFAULT if dynamic is None else bool(dynamic)
         self._padded = 0         # positions the running forward's batch was padded by
@@ -168,14 +168,14 @@ class SparseLoRAModel(torch.nn.Module):
             self._warn_without_trainer_steps(kwargs)
         self._padded, score_mask = 0, kwargs.get("attention_mask")
         train_batch = torch.is_grad_enabled() and model.training
-        step = self._pad_step(run, kwargs) if train_batch else 0
-        if step:
-            kwargs, self._padded, score_mask = pad_batch(kwargs, step, pad_id(model))
-        if self.padding_free and train_batch and not step:
-            kwargs, self._unpadded = packing.unpad(kwargs)
+        if self.padding_free and train_batch and not self.pad_to_multiple_of:
+            kwargs, self._unpadded = packing.unpad(kwargs, self._graph_bucket_now(run, kwargs), pad_id(model))
             if self._unpadded is not None:
                 run.stats.padding_free_forwards += 1
-                score_mask = None
+                score_mask = self._unpadded.real
+        step = self._pad_step(run, kwargs) if train_batch and self._unpadded is None else 0
+        if step:
+            kwargs, self._padded, score_mask = pad_batch(kwargs, step, pad_id(model))
         if self.unmask and train_batch:
             kwargs, unmasked = unmask_right_padding(kwargs)
             run.stats.unmasked_forwards += unmasked
@@ -193,7 +193,7 @@ class SparseLoRAModel(torch.nn.Module):
             self._token_rows_ahead(run, kwargs)
         self._graphs_now = self.graphs if torch.is_grad_enabled() else None
         if self._graphs_now is not None:
-            self._graphs_now.begin(self._graph_key(run, model))
+            self._graphs_now.begin(self._graph_key(run, model, kwargs.get(packing.SEQ_STARTS)))
         return kwargs
 
     def _pad_step(self, run: Run, kwargs) -> int:
@@ -204,10 +204,17 @@ class SparseLoRAModel(torch.nn.Module):
         if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
             return 0
         step = self.pad_to_multiple_of
-        if self.regional and self.graph_bucket and run.sparse_now() and _graphable(self.graphs, kwargs):
-            bucket = bucket_step(ids.shape[1], self.graph_bucket)
+        if bucket := self._graph_bucket_now(run, kwargs):
+            bucket = bucket_step(ids.shape[1], bucket)
             step = -(-bucket // step) * step if step else bucket
         return step
+
+    def _graph_bucket_now(self, run: Run, kwargs) -> int:
+        """`graph_bucket` when this training batch may replay graphs (past the warm-up, on
+        CUDA), else 0."""
+        if self.regional and self.graph_bucket and run.sparse_now() and _graphable(self.graphs, kwargs):
+            return self.graph_bucket
+        return 0
 
     def _end(self, output=None):
         """After a forward; returns its output (logits cut back to the unpadded length)."""
@@ -260,18 +267,18 @@ class SparseLoRAModel(torch.nn.Module):
         model.__dict__["_sparselora"] = self  # not a submodule of the model
         copying.install(model, self)
 
-    def _graph_key(self, run: Run, model: torch.nn.Module):
+    def _graph_key(self, run: Run, model: torch.nn.Module, starts=None):
         """What a CUDA graph set of the layers is valid for (None: no graphs this forward):
-        a training forward past the warm-up whose token split was made ahead, on rows that
-        are not packed (whose count of sequences would be one more input size); its shape
-        and the split's sizes."""
-        if (not model.training or run.force_dense or not run.sparse_now() or self._packed_now
+        a training forward past the warm-up whose token split was made ahead; its shape, the
+        split's sizes and, for packed rows, their count of sequences (`starts`)."""
+        if (not model.training or run.force_dense or not run.sparse_now()
                 or run.record is not None or run.shared_rows is None
                 or run.shared_rows[0][0] != run.forward_id):
             return None
         rows = run.shared_rows[1]
         split = run.splits.of(rows)
-        return (tuple(rows.shape), rows.device, split.capacities, split.score_weight is not None)
+        sequences = starts.numel() - 1 if self._packed_now and isinstance(starts, torch.Tensor) else None
+        return (tuple(rows.shape), rows.device, split.capacities, split.score_weight is not None, sequences)
 
     @staticmethod
     def _token_rows_ahead(run: Run, kwargs) -> None:

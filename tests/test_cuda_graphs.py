@@ -63,8 +63,9 @@ def _train(graphs, batches, device="cpu", monkeypatch=None, stand_in=None, inner
     wrapped = slc.compile(model, policy, inner=inner, cuda_graphs=graphs, graph_bucket=graph_bucket)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     losses = []
-    for ids, labels in batches:
-        loss = wrapped(input_ids=ids.to(device), labels=labels.to(device)).loss
+    for b in batches:
+        b = b if isinstance(b, dict) else {"input_ids": b[0], "labels": b[1]}
+        loss = wrapped(**{k: v.to(device) for k, v in b.items()}).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -95,7 +96,9 @@ def test_capture_on_the_second_forward_of_a_key_then_replay(monkeypatch):
     g = graphed[3]
     # forward 1 records, forward 2 captures and replays, and so do forwards 3-5
     assert g.captures == 1 and g.graphed_forwards == 4 and len(g.sets) == 1
-    assert g.stats() == {"graphed_forwards": 4, "captures": 1, "sets": 1, "disabled": None}
+    stats = g.stats()
+    assert stats.pop("capture_s") >= 0
+    assert stats == {"graphed_forwards": 4, "captures": 1, "sets": 1, "disabled": None}
     # layer 0's input (the frozen embedding's output) needs no grad, the others do
     assert stand_in.calls[0][0][0] is False and all(s[0] for s in stand_in.calls[0][1:])
     # A captured backward must not reach gradient accumulators made on the default stream
@@ -184,10 +187,10 @@ def test_dropout_and_checkpointing_run_ungraphed(monkeypatch, caplog, blocker):
 
 
 def test_buckets_let_one_capture_serve_varying_lengths(monkeypatch):
-    """Lengths 10-13 and 2-4 output tokens per row, padded to 16 with the dense rows
-    rounded to 16: one key, captured at forward 2 and replayed from then on; the training
+    """Lengths 10-13 and 2-3 output tokens per row, padded to 16 with the dense rows
+    rounded to 4: one key, captured at forward 2 and replayed from then on; the training
     equals ungraphed training on the unpadded batches."""
-    shapes = [(10, 3), (12, 2), (11, 4), (13, 3), (12, 4), (10, 2)]
+    shapes = [(10, 3), (12, 2), (11, 3), (13, 3), (12, 2), (10, 2)]
     batches = [batch(t=t, n_out=n, seed=50 + i) for i, (t, n) in enumerate(shapes)]
     plain = _train(False, batches)
     graphed = _train(True, batches, monkeypatch=monkeypatch, stand_in=StandIn(), graph_bucket=16)
@@ -195,7 +198,40 @@ def test_buckets_let_one_capture_serve_varying_lengths(monkeypatch):
     g = graphed[3]
     assert g.captures == 1 and g.graphed_forwards == len(shapes) - 1 and len(g.sets) == 1
     (key,) = g.sets
-    assert key[0] == (2, 16) and key[2] == (16, 32)  # [B, T] padded; dense, context capacities
+    # [B, T] padded; dense rows rounded up to a multiple of 16 // DENSE_SHARE = 4, context
+    # rows to 32 - 8 + 3 (the most that 5-8 dense rows leave)
+    assert key[0] == (2, 16) and key[2] == (8, 27) and key[4] is None
+
+
+def padded_sft_batch(lengths, t, n_out=3, seed=0):
+    """Right-padded rows of `lengths` real tokens, the last `n_out` of each supervised."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, 64, (len(lengths), t), generator=g)
+    mask = (torch.arange(t) < torch.tensor(lengths)[:, None]).long()
+    labels = ids.masked_fill(mask == 0, -100)
+    for i, n in enumerate(lengths):
+        labels[i, : n - n_out] = -100
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+PADDED_LENGTHS = [(9, 12), (11, 7), (12, 10), (8, 8), (10, 12), (12, 9)]  # 16-24 real tokens
+
+
+def test_buckets_serve_padding_free_rows(monkeypatch):
+    """Padded batches of 16-24 real tokens run padding-free, filled to one 32-token row
+    with the same count of sequences: one key, captured at forward 2 and replayed from then
+    on; the training equals ungraphed padding-free training on the exact rows."""
+    batches = [padded_sft_batch(n, 12, seed=60 + i) for i, n in enumerate(PADDED_LENGTHS)]
+    plain = _train(False, batches)
+    graphed = _train(True, batches, monkeypatch=monkeypatch, stand_in=StandIn(), graph_bucket=16)
+    _assert_same(graphed, plain, rtol=1e-4, atol=1e-5)
+    assert graphed[2]["padding_free_forwards"] == plain[2]["padding_free_forwards"] == len(batches)
+    g = graphed[3]
+    assert g.captures == 1 and g.graphed_forwards == len(batches) - 1 and len(g.sets) == 1
+    (key,) = g.sets
+    # one packed row of 32; 8 dense rows (2 x 3 outputs + their predictors: 8); 2 rows and
+    # FILLER_SEQUENCES filler sequences
+    assert key[0] == (1, 32) and key[2] == (8, 27) and key[4] == 2 + slc.packing.FILLER_SEQUENCES
 
 
 @pytest.mark.parametrize("with_mask,with_positions", [(True, False), (False, True), (False, False)])
@@ -245,3 +281,16 @@ def test_graph_replay_matches_ungraphed_training_on_cuda(dtype):
     _assert_same(graphed, plain, **tol)
     assert graphed[2] == plain[2]
     assert g.captures == 1 and g.graphed_forwards == 6
+
+
+@pytest.mark.skipif(not CUDA, reason="CUDA graphs need a GPU")
+def test_padding_free_graph_replay_matches_ungraphed_training_on_cuda():
+    """Real captures of padding-free rows (flash varlen attention, bf16) filled to one
+    bucket, against ungraphed padding-free training on the exact rows."""
+    batches = [padded_sft_batch(n, 12, seed=70 + i) for i, n in enumerate(PADDED_LENGTHS)]
+    plain = _train(False, batches, device="cuda", inner="inductor", dtype=torch.bfloat16)
+    graphed = _train(True, batches, device="cuda", inner="inductor", dtype=torch.bfloat16, graph_bucket=16)
+    g = graphed[3]
+    assert g.disabled is None, g.failure
+    _assert_same(graphed, plain, rtol=2e-2, atol=2e-2)
+    assert g.captures == 1 and g.graphed_forwards == len(batches) - 1

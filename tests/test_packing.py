@@ -194,12 +194,6 @@ def test_other_attention_implementations_are_left_alone():
     assert wrapped.stats.varlen_forwards == 0
 
 
-def test_cuda_graphs_keep_padded_batches_padded():
-    """A capture serves one shape; a padding-free row's length changes with the batch."""
-    wrapped = slc.compile(tiny_llama(), POLICY, inner="aot_eager", cuda_graphs=True)
-    assert not wrapped.padding_free and slc.compile(tiny_llama(), POLICY, inner="aot_eager").padding_free
-
-
 def test_bad_option_value():
     with pytest.raises(ValueError, match="varlen_attention"):
         slc.compile(tiny_llama(), POLICY, varlen_attention=1)
@@ -230,6 +224,52 @@ def test_unpad_packs_the_real_tokens():
     assert not padded[~real].any()
     padded.sum().backward()
     assert torch.equal(logits.grad, torch.ones_like(logits))
+
+
+def test_unpad_fills_the_row_to_its_bucket():
+    """8 real tokens and 4 filler sequences fill a row of 16 (bucket_step(12, 16) = 16)."""
+    b = _padded_batch([3, 5], 6)
+    out, unpadded = packing.unpad(b, bucket=16, filler_id=7)
+    exact, _ = packing.unpad(b)
+    assert out["input_ids"].shape == (1, 16) and packing.FILLER_SEQUENCES == 4
+    assert torch.equal(out["input_ids"][:, :8], exact["input_ids"]) and out["input_ids"][0, 8:].eq(7).all()
+    assert torch.equal(out["labels"][:, :8], exact["labels"]) and out["labels"][0, 8:].eq(-100).all()
+    assert torch.equal(out["position_ids"], torch.tensor([[0, 1, 2, 0, 1, 2, 3, 4] + [0, 1] * 4]))
+    assert torch.equal(out[packing.SEQ_STARTS], torch.tensor([0, 3, 8, 10, 12, 14, 16], dtype=torch.int32))
+    assert torch.equal(unpadded.real, (torch.arange(16) < 8).long()[None])
+    logits = torch.randn(1, 16, 4)
+    torch.testing.assert_close(unpadded.repad(logits), packing.unpad(b)[1].repad(logits[:, :8]), rtol=0, atol=0)
+    # a row one token short of a bucket still gets one token per filler sequence
+    assert packing.unpad(_padded_batch([6, 6, 1], 6), bucket=16)[0]["input_ids"].shape == (1, 32)
+
+
+@given(st.lists(st.integers(2, 9), min_size=1, max_size=3), st.integers(1, 8))
+@settings(max_examples=10, deadline=None)
+def test_filler_changes_no_real_token(lengths, bucket):
+    """The dense model on the filled row: the loss, the real tokens' logits and the
+    gradients of the exact row."""
+    model = _dense_model()
+    b = _padded_batch(lengths, max(lengths) + 1, seed=len(lengths))
+    results = []
+    for kw in (packing.unpad(b)[0], packing.unpad(b, bucket=bucket)[0]):
+        model.zero_grad(set_to_none=True)
+        out = model(**kw)
+        out.loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append((out.loss, out.logits[:, : sum(lengths)], grads))
+    (loss, logits, grads), (f_loss, f_logits, f_grads) = results
+    torch.testing.assert_close(f_loss, loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(f_logits, logits, rtol=1e-5, atol=1e-5)
+    for n in grads:
+        torch.testing.assert_close(f_grads[n], grads[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+@functools.lru_cache(maxsize=None)
+def _dense_model():
+    """A tiny Llama switched to the packed attention, uncompiled."""
+    model = tiny_llama(ALL, layers=2)
+    assert packing.install(model) is not None
+    return model
 
 
 def test_unpad_leaves_a_batch_without_padding_and_drops_its_mask():
