@@ -406,10 +406,11 @@ def compile(model: torch.nn.Module, policy: Policy | None = None, *, regional: b
             padding_free: bool = True, **options) -> SparseLoRAModel:
     """`regional`: compile one decoder layer per distinct plan and reuse it, in place (the
     model itself then trains sparse, see above); `cuda_graphs`: replay those layers as CUDA
-    graphs in training (see above); `graph_bucket` (with cuda_graphs, opt-in): pad sequence
-    lengths and round the token split's dense rows up to multiples of it, so that graphs
-    captured for one batch serve batches of nearby lengths (0, the default: exact shapes;
-    README "CUDA graphs" has what bucketing measured); `pad_to_multiple_of` (opt-in):
+    graphs in training (see above); `graph_bucket` (with cuda_graphs, opt-in): fill
+    padding-free rows (else pad sequence lengths) up to multiples of it and round the token
+    split's dense rows up to multiples of a quarter of it, so that graphs captured for one
+    batch serve batches of nearby lengths (0, the default: exact shapes; README "CUDA
+    graphs" has what bucketing measured); `pad_to_multiple_of` (opt-in):
     right-pad every training batch's length to a multiple of it, as HF collators'
     option of that name does (8 keeps Inductor's CUDA attention-mask alignment guard
     from recompiling every layer graph at the first aligned length of packed rows);
@@ -424,10 +425,10 @@ def compile(model: torch.nn.Module, policy: Policy | None = None, *, regional: b
     whose rows are packed (position ids restarting within a row, no attention mask) run
     variable-length flash attention instead of SDPA over HF's block-diagonal mask (the same
     result; packing.py); False leaves HF's SDPA attention in place; `padding_free` (default
-    True, with varlen_attention, not with cuda_graphs): right-padded training batches whose labels leave the
-    padding and each row's first token unsupervised run as one packed row of their real
-    tokens (no work on padding; loss and gradients unchanged; the logits come back padded,
-    zeros at the padding; packing.unpad).
+    True, with varlen_attention, unless pad_to_multiple_of is set): right-padded training
+    batches whose labels leave the padding and each row's first token unsupervised run as
+    one packed row of their real tokens (no work on padding; loss and gradients unchanged;
+    the logits come back padded, zeros at the padding; packing.unpad).
     `options`: the backend's (`backend.BackendOptions`)."""
     return SparseLoRAModel(model, policy, regional=regional, cuda_graphs=cuda_graphs,
                            graph_bucket=graph_bucket, pad_to_multiple_of=pad_to_multiple_of,
