@@ -20,11 +20,13 @@ A replay runs no Python, so what the layers read from Python is kept valid this 
 - not graphed at all: layers under gradient checkpointing (recomputed in the backward) and
   layers with active dropout (random masks under replay are not verified on a GPU yet).
 Every ungraphed forward records its layers' arguments and token split; once CAPTURE_AFTER
-forwards had the recorded one's key, that key is captured at the start of the next forward
-(whatever that forward's own key). With bucketing (`graph_bucket`, wrapper.py) keys stand
-for shape buckets, so a handful of sets serves a dataset of varying lengths. At most
-MAX_SETS sets are kept (least recently used goes first), and a model captures at most
-MAX_CAPTURES times. A failing capture (a layer that syncs with the host, say) turns graphs off with a
+of the last WINDOW forwards had the recorded one's key, that key is captured at the start
+of the next forward (whatever that forward's own key). With bucketing (`graph_bucket`,
+wrapper.py) keys stand for shape buckets, so a handful of sets serves a dataset of
+varying lengths. At most MAX_SETS sets are kept, and a model captures at most
+MAX_CAPTURES times; with MAX_SETS kept, a key is captured only if it came more often in
+the window than the rarest kept one, which it replaces (else two common keys and a rare
+one would evict each other, a capture costing a step or more each time). A failing capture (a layer that syncs with the host, say) turns graphs off with a
 warning; training goes on ungraphed.
 """
 from __future__ import annotations
@@ -34,7 +36,7 @@ import logging
 import time
 import traceback
 import weakref
-from collections import OrderedDict
+from collections import OrderedDict, deque
 
 import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
@@ -43,7 +45,8 @@ log = logging.getLogger("sparselora_compile")
 
 MAX_SETS = 2        # each kept set holds its own static activations and inputs
 MAX_CAPTURES = 8
-CAPTURE_AFTER = 2   # forwards with a key before it is captured
+CAPTURE_AFTER = 2   # forwards with a key in the window before it is captured
+WINDOW = 32         # recent forwards whose keys are counted
 WARMUP_ITERS = 2  # make_graphed_callables' warm-up on a side stream before capturing
 _TENSOR = object()  # where a tensor goes among a call's leaves
 
@@ -161,7 +164,7 @@ class LayerGraphs:
         self.active: _GraphSet | None = None
         self.recording: dict | None = None
         self.recorded: tuple | None = None  # (key, {prefix: (signature, tensors, flops)}, rows, split)
-        self.seen: "OrderedDict[tuple, int]" = OrderedDict()  # forwards per key (recent keys)
+        self.recent: "deque[tuple]" = deque(maxlen=WINDOW)  # the keys of recent forwards
         self.last_key = None
         self.captures = 0
         self.disabled: str | None = None
@@ -210,13 +213,9 @@ class LayerGraphs:
             log.debug("sparselora: the previous graphed forward's backward has not run; "
                       "this forward runs ungraphed")
             return
-        self.seen[key] = self.seen.get(key, 0) + 1
-        self.seen.move_to_end(key)
-        while len(self.seen) > 64:
-            self.seen.popitem(last=False)
+        self.recent.append(key)
         graphs = self.sets.get(key)
-        if (graphs is None and self.recorded and self.recorded[0] not in self.sets
-                and self.seen.get(self.recorded[0], 0) >= CAPTURE_AFTER):
+        if graphs is None and self.recorded and self._due(self.recorded[0]):
             self._capture(self.recorded[0])
             graphs = self.sets.get(key)
         if graphs is None:
@@ -235,6 +234,17 @@ class LayerGraphs:
             self.recorded = (self.last_key, self.recording, rows.clone(),
                              _clone_split(self.run.splits.of(rows)))
         self.active = self.recording = None
+
+    def _due(self, key) -> bool:
+        """Whether `key` (the recorded forward's) is to be captured now."""
+        if key in self.sets or self.recent.count(key) < CAPTURE_AFTER:
+            return False
+        return len(self.sets) < MAX_SETS or self.recent.count(key) > self.recent.count(self._rarest())
+
+    def _rarest(self):
+        """The kept set's key that came least often in the window (the least recently
+        used of those)."""
+        return min(self.sets, key=self.recent.count)  # self.sets runs from least recently used
 
     def _blocker(self) -> str | None:
         if self._dropout and any(m.training for layer, _ in self.calls.values()
@@ -350,9 +360,9 @@ class LayerGraphs:
                            rows, split, {p: recorded[p][2] for p in order})
         # the graphs read cached tensors by address: hold them while the graphs exist
         graphs.keep = self.run.joined.tensors()
+        while len(self.sets) >= MAX_SETS:
+            del self.sets[self._rarest()]
         self.sets[key] = graphs
-        while len(self.sets) > MAX_SETS:
-            self.sets.popitem(last=False)
         log.info("sparselora: captured %d decoder layers in CUDA graphs in %.1f s "
                  "(key %d of at most %d)", len(order), time.perf_counter() - t0,
                  self.captures, MAX_CAPTURES)

@@ -127,6 +127,19 @@ def test_a_new_split_runs_ungraphed_until_it_repeats(monkeypatch):
     assert g.captures == 2 and g.graphed_forwards == 5 and len(g.sets) == 2
 
 
+def test_a_rare_key_does_not_evict_common_ones(monkeypatch):
+    """Two sets kept: splits 3 and 5 come often and are captured; split 4, seen twice
+    late in the window, is rarer than both and runs ungraphed instead of evicting one."""
+    sizes = (3, 3, 5, 5, 3, 5, 3, 5, 4, 4, 3, 5)
+    batches = [batch(t=12, n_out=n, seed=80 + i) for i, n in enumerate(sizes)]
+    plain = _train(False, batches)
+    graphed = _train(True, batches, monkeypatch=monkeypatch, stand_in=StandIn())
+    _assert_same(graphed, plain)
+    g = graphed[3]
+    assert cuda_graphs.MAX_SETS == 2
+    assert g.captures == 2 and g.graphed_forwards == 8 and len(g.sets) == 2
+
+
 def test_past_the_capture_limit_new_splits_run_ungraphed(monkeypatch, caplog):
     monkeypatch.setattr(cuda_graphs, "MAX_CAPTURES", 1)
     batches = [batch(t=12, n_out=n, seed=40 + i) for i, n in enumerate((3, 3, 5, 5, 5))]
