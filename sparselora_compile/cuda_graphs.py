@@ -26,8 +26,9 @@ wrapper.py) keys stand for shape buckets, so a handful of sets serves a dataset 
 varying lengths. At most MAX_SETS sets are kept, and a model captures at most
 MAX_CAPTURES times; with MAX_SETS kept, a key is captured only if it came more often in
 the window than the rarest kept one, which it replaces (else two common keys and a rare
-one would evict each other, a capture costing a step or more each time). A failing capture (a layer that syncs with the host, say) turns graphs off with a
-warning; training goes on ungraphed.
+one would evict each other, a capture costing a step or more each time). A failing
+capture (a layer that syncs with the host, say) turns graphs off with a warning; training
+goes on ungraphed.
 """
 from __future__ import annotations
 

@@ -112,8 +112,9 @@ def unpad(kwargs: dict, bucket: int = 0, filler_id: int = 0) -> tuple[dict, Unpa
     cache, embeddings, hidden-state outputs); else (kwargs, None), without the mask when it
     has no padding. Reads the device once.
 
-    `bucket` > 0 (CUDA graph buckets): the row is filled up to a capacity, a multiple of
-    `row_split.bucket_step(N, bucket)` above the N real tokens, so that rows of nearby
+    `bucket` > 0 (CUDA graph buckets): the row is filled up to a capacity, the multiple of
+    `row_split.bucket_step` that leaves room for the filler after the N real tokens (see
+    `_filler`), so that rows of nearby
     lengths have one shape and one count of sequences (a graph serves them all). The
     filler is FILLER_SEQUENCES sequences of `filler_id` tokens labelled -100, after every
     real token: no real token attends to it, the loss skips it, and `Unpadded.real` tells
