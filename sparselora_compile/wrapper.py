@@ -199,13 +199,14 @@ class SparseLoRAModel(torch.nn.Module):
     def _pad_step(self, run: Run, kwargs) -> int:
         """What a training batch's length is rounded up to (0: left as it is):
         `pad_to_multiple_of`, and with graph buckets (regional, past the warm-up) the
-        bucket's step, rounded up to a multiple of the former."""
+        bucket's step for a row (the bucket counts the batch's tokens), rounded up to a
+        multiple of the former."""
         ids = kwargs.get("input_ids")
         if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
             return 0
         step = self.pad_to_multiple_of
         if bucket := self._graph_bucket_now(run, kwargs):
-            bucket = bucket_step(ids.shape[1], bucket)
+            bucket = bucket_step(ids.shape[1], max(1, bucket // ids.shape[0]))
             step = -(-bucket // step) * step if step else bucket
         return step
 
@@ -406,11 +407,12 @@ def compile(model: torch.nn.Module, policy: Policy | None = None, *, regional: b
             padding_free: bool = True, **options) -> SparseLoRAModel:
     """`regional`: compile one decoder layer per distinct plan and reuse it, in place (the
     model itself then trains sparse, see above); `cuda_graphs`: replay those layers as CUDA
-    graphs in training (see above); `graph_bucket` (with cuda_graphs, opt-in): fill
-    padding-free rows (else pad sequence lengths) up to multiples of it and round the token
-    split's dense rows up to multiples of a quarter of it, so that graphs captured for one
-    batch serve batches of nearby lengths (0, the default: exact shapes; README "CUDA
-    graphs" has what bucketing measured); `pad_to_multiple_of` (opt-in):
+    graphs in training (see above); `graph_bucket` (with cuda_graphs, opt-in; tokens): fill
+    padding-free rows up to multiples of it (pad other batches' lengths to multiples of
+    their share of it per row) and round the token split's dense rows up to multiples of a
+    quarter of it, so that graphs captured for one batch serve batches of nearby lengths
+    (0, the default: exact shapes; README "CUDA graphs" has what bucketing measured);
+    `pad_to_multiple_of` (opt-in):
     right-pad every training batch's length to a multiple of it, as HF collators'
     option of that name does (8 keeps Inductor's CUDA attention-mask alignment guard
     from recompiling every layer graph at the first aligned length of packed rows);

@@ -200,20 +200,21 @@ def test_dropout_and_checkpointing_run_ungraphed(monkeypatch, caplog, blocker):
 
 
 def test_buckets_let_one_capture_serve_varying_lengths(monkeypatch):
-    """Lengths 10-13 and 2-3 output tokens per row, padded to 16 with the dense rows
-    rounded to 4: one key, captured at forward 2 and replayed from then on; the training
-    equals ungraphed training on the unpadded batches."""
+    """Two rows of lengths 10-13 (no padding, so not padding-free) and 2-3 output tokens
+    per row; a bucket of 32 tokens pads each row to 16 and rounds the dense rows to 8: one
+    key, captured at forward 2 and replayed from then on; the training equals ungraphed
+    training on the unpadded batches."""
     shapes = [(10, 3), (12, 2), (11, 3), (13, 3), (12, 2), (10, 2)]
     batches = [batch(t=t, n_out=n, seed=50 + i) for i, (t, n) in enumerate(shapes)]
     plain = _train(False, batches)
-    graphed = _train(True, batches, monkeypatch=monkeypatch, stand_in=StandIn(), graph_bucket=16)
+    graphed = _train(True, batches, monkeypatch=monkeypatch, stand_in=StandIn(), graph_bucket=32)
     _assert_same(graphed, plain, rtol=1e-4, atol=1e-5)
     g = graphed[3]
     assert g.captures == 1 and g.graphed_forwards == len(shapes) - 1 and len(g.sets) == 1
     (key,) = g.sets
-    # [B, T] padded; dense rows rounded up to a multiple of 16 // DENSE_SHARE = 4, context
-    # rows to 32 - 8 + 3 (the most that 5-8 dense rows leave)
-    assert key[0] == (2, 16) and key[2] == (8, 27) and key[4] is None
+    # [B, T] padded to 32 // B = 16; dense rows rounded up to a multiple of 32 // DENSE_SHARE
+    # = 8, context rows to 32 - 8 + 7 (the most that 1-8 dense rows leave)
+    assert key[0] == (2, 16) and key[2] == (8, 31) and key[4] is None
 
 
 def padded_sft_batch(lengths, t, n_out=3, seed=0):
