@@ -19,7 +19,9 @@ rank's. Variants per engine:
           does (the dense step given the same saving)
 - sparse: `slc.compile(model, math10k preset, lora_dtype="model")`, past the warm-up
 - sparse_graphs: the same with `cuda_graphs=True` on the fixed batch (graphs serve one
-          shape), where --graphs is given
+          shape)
+- sparse_graphs_bucket: `cuda_graphs=True, graph_bucket=1024` on the --batches stream
+          (padding-free rows filled to a few shapes)
 Engines: single (no wrapper), ddp (`DistributedDataParallel(model)` after compiling),
 fsdp (`fully_shard` on each decoder layer, then the root, then compile: torchtitan's
 order; --fsdp-unit K shards K layers as one unit), fsdp_keep (the same with
@@ -115,7 +117,8 @@ def wrap(engine, variant, peft, args, layers):
     else:
         policy, _ = sampled_policy(args.preset, layers, total_steps=args.total_steps)
         wrapped = slc.compile(peft, policy, inner=args.inner, lora_dtype="model",
-                              cuda_graphs=variant == "sparse_graphs")
+                              cuda_graphs=variant.startswith("sparse_graphs"),
+                              graph_bucket=1024 if variant == "sparse_graphs_bucket" else 0)
         wrapped.set_step(10**6)  # past the dense warm-up
     fn = peft  # slc.compile compiled its layers in place: the model runs the glue
     if engine == "ddp":
@@ -201,7 +204,7 @@ def timed(engine, variant, args, device):
         log(f"{engine} {variant}: host {prof['total_ms']} ms/step (cProfile): {prof['by_group_ms']}")
     if wrapped is not None:
         res["policy_stats"] = wrapped.stats.as_dict()
-        if variant == "sparse_graphs":
+        if variant.startswith("sparse_graphs"):
             res["cuda_graphs"] = graph_stats(wrapped)
     del fn, opt, peft, wrapped
     torch._dynamo.reset()
@@ -335,7 +338,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--engines", nargs="+", default=["single"], choices=("single", "ddp", "fsdp", "fsdp_keep"))
     ap.add_argument("--variants", nargs="*", default=["dense", "sparse"],
-                    choices=("dense", "dense_unmasked", "dense_varlen", "sparse", "sparse_graphs"))
+                    choices=("dense", "dense_unmasked", "dense_varlen", "sparse", "sparse_graphs",
+                             "sparse_graphs_bucket"))
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--batches", default="padded", choices=user_batches.MODES)
     ap.add_argument("--batch", type=int, default=8)
