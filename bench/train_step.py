@@ -35,8 +35,9 @@ Runtime suffixes (sl_* variants), after any Inductor suffix:
               (`mlp_all_rows_max_k=0`, runtime/sparse_mlp.py), for an A/B in one run
     _graphs   slc.compile(..., cuda_graphs=True): the decoder layers replayed as CUDA graphs
     _bucket512, _bucket1024  with _graphs: slc.compile(..., graph_bucket=512 or 1024): padded
-              batches run as packed rows filled up to a multiple of it (dense rows of the
-              token split to a quarter of it), so that a few graph sets serve varying lengths
+              batches run as packed rows, and packed rows run, filled up to a multiple of it
+              (dense rows of the token split to a quarter of it), so that a few graph sets
+              serve varying lengths
     _pad8     slc.compile(..., pad_to_multiple_of=8): training batches right-padded to a
               multiple of 8 (Inductor's CUDA attention-mask alignment guard then never
               recompiles the layers at the first aligned length of packed rows)

@@ -78,22 +78,26 @@ def add_sequence_starts(kwargs: dict) -> tuple[dict, bool]:
 
 @dataclass(frozen=True)
 class Unpadded:
-    """Where a padding-free forward's tokens came from: `index` [N] their flat positions
-    in the [batch, length] padded batch; `real` [1, C] the packed row's real tokens (1) and
-    filler (0), None without filler (C = N)."""
-    index: torch.Tensor
+    """Where a packed row's tokens came from: `index` [N] their flat positions in the
+    [batch, length] padded batch (None for a caller's packed row, filled: its first
+    `length` tokens are the row); `real` [1, C] the row's real tokens (1) and filler (0),
+    None without filler (C = N)."""
+    index: torch.Tensor | None
     batch: int
     length: int
     real: torch.Tensor | None = None
 
     def repad(self, logits: torch.Tensor) -> torch.Tensor:
         """[1, C, V] -> [batch, length, V], zeros at the padding (differentiable)."""
+        if self.index is None:
+            return logits[:, : self.length]
         flat = logits.new_zeros(self.batch * self.length, logits.shape[-1])
         rows = logits[0, : self.index.numel()]
         return flat.index_copy(0, self.index, rows).view(self.batch, self.length, -1)
 
 
 FILLER_SEQUENCES = 4  # the filler's pieces: short sequences keep its attention work small
+SEQUENCE_STEP = 8     # a filled packed row's count of sequences is rounded up to a multiple
 
 
 UNPADDABLE = {"input_ids", "attention_mask", "labels", "num_items_in_batch", "return_dict",
@@ -156,16 +160,53 @@ def unpad(kwargs: dict, bucket: int = 0, filler_id: int = 0) -> tuple[dict, Unpa
     return out, Unpadded(index, b, t, real_tokens)
 
 
-def _filler(n: int, bucket: int) -> list[int]:
+def _filler(n: int, bucket: int, pieces: int = FILLER_SEQUENCES) -> list[int]:
     """The filler sequences' lengths that take `n` real tokens up to their bucket (none
-    without one): FILLER_SEQUENCES of them, each at least one token, so that the count
-    of sequences does not change with n."""
+    without one): `pieces` of them, each at least one token, so that the count of
+    sequences does not change with n."""
     if bucket <= 0:
         return []
-    step = bucket_step(n + FILLER_SEQUENCES, bucket)
-    total = -(-(n + FILLER_SEQUENCES) // step) * step - n
-    each, extra = divmod(total, FILLER_SEQUENCES)
-    return [each + (i < extra) for i in range(FILLER_SEQUENCES)]
+    step = bucket_step(n + pieces, bucket)
+    total = -(-(n + pieces) // step) * step - n
+    each, extra = divmod(total, pieces)
+    return [each + (i < extra) for i in range(pieces)]
+
+
+FILLABLE = {"input_ids", "labels", "position_ids", "num_items_in_batch", "return_dict",
+            "use_cache", "logits_to_keep", "attention_mask"}
+
+
+def fill_packed(kwargs: dict, bucket: int, filler_id: int = 0) -> tuple[dict, Unpadded | None]:
+    """A caller's packed training row ([1, N] `input_ids`, `labels` and `position_ids`
+    restarting per sequence, no attention mask, no cache, no boundaries of its own) with
+    `cu_seq_lens_q` added and filled up to its CUDA graph bucket, as `unpad` fills (same
+    filler, same `Unpadded.real`); its count of sequences is rounded up to a multiple of
+    SEQUENCE_STEP by more filler sequences (plus FILLER_SEQUENCES), so that a graph serves
+    rows of nearby lengths and counts. Else (kwargs, None). Reads the device once (the
+    boundaries' count, as `add_sequence_starts`)."""
+    ids, labels, pos = kwargs.get("input_ids"), kwargs.get("labels"), kwargs.get("position_ids")
+    if (bucket <= 0 or any(not isinstance(x, torch.Tensor) or x.dim() != 2 or x.shape[0] != 1
+                           or x.shape != ids.shape for x in (ids, labels, pos))
+            or kwargs.get("attention_mask") is not None or kwargs.get("use_cache")
+            or kwargs.get("logits_to_keep", 0) != 0
+            or any(k not in FILLABLE and v is not None and v is not False for k, v in kwargs.items())):
+        return kwargs, None
+    out, packed = add_sequence_starts(kwargs)
+    if not packed:
+        return kwargs, None
+    n, s = ids.shape[1], out[SEQ_STARTS].numel() - 1
+    filler = _filler(n, bucket, -(-s // SEQUENCE_STEP) * SEQUENCE_STEP - s + FILLER_SEQUENCES)
+    fill = sum(filler)
+    host = torch.cat([torch.arange(k) for k in filler] + [n + torch.tensor(filler).cumsum(0)])
+    host = (host.pin_memory().to(ids.device, non_blocking=True) if ids.is_cuda else host.to(ids.device))
+    positions, ends = host[:fill].to(pos.dtype), host[fill:].to(torch.int32)
+    tail = lambda x, value: torch.cat([x, x.new_full((1, fill), value)], 1)  # noqa: E731
+    out.update(input_ids=tail(ids, filler_id), labels=tail(labels, IGNORE),
+               position_ids=torch.cat([pos, positions[None]], 1),
+               **{SEQ_STARTS: torch.cat([out[SEQ_STARTS], ends])})
+    out.pop("attention_mask", None)
+    real = (torch.arange(n + fill, device=ids.device) < n).long()[None]
+    return out, Unpadded(None, 1, n, real)
 
 
 def attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,

@@ -101,7 +101,7 @@ class SparseLoRAModel(torch.nn.Module):
         self._packed_now = False  # whether the running forward's rows run varlen attention
         # under CUDA graphs with graph_bucket, the packed row is filled up to its bucket
         self.padding_free = padding_free and self._undo_varlen is not None
-        self._unpadded = None     # how the running forward's batch was unpadded (packing.Unpadded)
+        self._unpadded = None     # how the running forward's batch became a packed row (packing.Unpadded)
         self.dynamic = dynamic_dims.DEFAULT if dynamic is None else bool(dynamic)
         self._padded = 0         # positions the running forward's batch was padded by
         if regional:
@@ -168,10 +168,15 @@ class SparseLoRAModel(torch.nn.Module):
             self._warn_without_trainer_steps(kwargs)
         self._padded, score_mask = 0, kwargs.get("attention_mask")
         train_batch = torch.is_grad_enabled() and model.training
+        bucket = self._graph_bucket_now(run, kwargs) if train_batch else 0
         if self.padding_free and train_batch and not self.pad_to_multiple_of:
-            kwargs, self._unpadded = packing.unpad(kwargs, self._graph_bucket_now(run, kwargs), pad_id(model))
+            kwargs, self._unpadded = packing.unpad(kwargs, bucket, pad_id(model))
             if self._unpadded is not None:
                 run.stats.padding_free_forwards += 1
+                score_mask = self._unpadded.real
+        if bucket and self._unpadded is None and self._undo_varlen is not None and not self.pad_to_multiple_of:
+            kwargs, self._unpadded = packing.fill_packed(kwargs, bucket, pad_id(model))
+            if self._unpadded is not None:
                 score_mask = self._unpadded.real
         step = self._pad_step(run, kwargs) if train_batch and self._unpadded is None else 0
         if step:
@@ -408,8 +413,8 @@ def compile(model: torch.nn.Module, policy: Policy | None = None, *, regional: b
     """`regional`: compile one decoder layer per distinct plan and reuse it, in place (the
     model itself then trains sparse, see above); `cuda_graphs`: replay those layers as CUDA
     graphs in training (see above); `graph_bucket` (with cuda_graphs, opt-in; tokens): fill
-    padding-free rows up to multiples of it (pad other batches' lengths to multiples of
-    their share of it per row) and round the token split's dense rows up to multiples of a
+    packed rows (padding-free ones, and the caller's) up to multiples of it (pad other
+    batches' lengths to multiples of their share of it per row) and round the token split's dense rows up to multiples of a
     quarter of it, so that graphs captured for one batch serve batches of nearby lengths
     (0, the default: exact shapes; README "CUDA graphs" has what bucketing measured);
     `pad_to_multiple_of` (opt-in):

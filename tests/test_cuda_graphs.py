@@ -280,6 +280,37 @@ def test_without_cuda_graphs_stay_off():
     assert g.captures == 0 and g.graphed_forwards == 0 and g.disabled is None
 
 
+def packed_row(lengths, n_out=1, seed=0):
+    """A caller's packed row (DataCollatorWithFlattening's form): sequences of `lengths`
+    back to back, position ids restarting, the last `n_out` tokens of each supervised."""
+    g = torch.Generator().manual_seed(seed)
+    pos = torch.cat([torch.arange(n) for n in lengths])[None]
+    ids = torch.randint(1, 64, pos.shape, generator=g)
+    labels = torch.full_like(ids, -100)
+    at = 0
+    for n in lengths:
+        labels[0, at + n - n_out: at + n] = ids[0, at + n - n_out: at + n]
+        at += n
+    return {"input_ids": ids, "labels": labels, "position_ids": pos}
+
+
+def test_buckets_serve_packed_rows(monkeypatch):
+    """Caller-packed rows of 17-21 tokens in 2 or 3 sequences, filled to one 32-token row of
+    8 + 4 sequences, 4-6 dense rows rounded to 8: one key, captured at forward 2; the
+    training equals ungraphed training on the exact rows."""
+    rows = [(9, 8), (7, 6, 5), (11, 10), (6, 6, 6), (10, 9), (8, 7, 6)]
+    batches = [packed_row(r, seed=90 + i) for i, r in enumerate(rows)]
+    plain = _train(False, batches)
+    graphed = _train(True, batches, monkeypatch=monkeypatch, stand_in=StandIn(), graph_bucket=32)
+    _assert_same(graphed, plain, rtol=1e-4, atol=1e-5)
+    assert graphed[2]["varlen_forwards"] == plain[2]["varlen_forwards"] == len(batches)
+    g = graphed[3]
+    assert g.captures == 1 and g.graphed_forwards == len(batches) - 1 and len(g.sets) == 1
+    (key,) = g.sets
+    assert key[0] == (1, 32) and key[2] == (8, 31)
+    assert key[4] == slc.packing.SEQUENCE_STEP + slc.packing.FILLER_SEQUENCES
+
+
 @pytest.mark.skipif(not CUDA, reason="CUDA graphs need a GPU")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_graph_replay_matches_ungraphed_training_on_cuda(dtype):

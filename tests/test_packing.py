@@ -243,20 +243,48 @@ def test_unpad_fills_the_row_to_its_bucket():
     assert packing.unpad(_padded_batch([6, 6, 1], 6), bucket=16)[0]["input_ids"].shape == (1, 32)
 
 
+def test_fill_packed_rounds_tokens_and_sequences():
+    """A caller's row of 3 sequences (9 tokens): 8 - 3 + 4 = 9 filler sequences take it to
+    a row of 32 (bucket_step(18, 16) = 16) and 12 sequences."""
+    b = _packed_batch([[3, 4, 2]])
+    out, filled = packing.fill_packed(b, 16, filler_id=7)
+    assert out["input_ids"].shape == (1, 32) and out["input_ids"][0, 9:].eq(7).all()
+    assert torch.equal(out["input_ids"][:, :9], b["input_ids"]) and out["labels"][0, 9:].eq(-100).all()
+    starts = out[packing.SEQ_STARTS]
+    assert starts.dtype == torch.int32 and starts.numel() == 12 + 1 and starts[-1] == 32
+    assert torch.equal(starts[:4], torch.tensor([0, 3, 7, 9], dtype=torch.int32))
+    assert (starts.diff() >= 1).all()  # every filler sequence holds a token
+    assert torch.equal(packing.packed_sequences(out["position_ids"]), starts)  # positions agree
+    assert torch.equal(filled.real, (torch.arange(32) < 9).long()[None])
+    logits = torch.randn(1, 32, 4)
+    assert torch.equal(filled.repad(logits), logits[:, :9])
+    # what it leaves alone: rows of one sequence, two rows, a mask, the caller's boundaries
+    for keep in (_packed_batch([[9]]), _packed_batch([[3, 4], [5, 2]]), {**b, "attention_mask": torch.ones(1, 9)},
+                 {**b, packing.SEQ_STARTS: torch.tensor([0, 3, 7, 9], dtype=torch.int32)}):
+        assert packing.fill_packed(keep, 16) == (keep, None)
+
+
+@pytest.mark.parametrize("packed", [False, True])
 @given(st.lists(st.integers(2, 9), min_size=1, max_size=3), st.integers(1, 8))
-@settings(max_examples=10, deadline=None)
-def test_filler_changes_no_real_token(lengths, bucket):
-    """The dense model on the filled row: the loss, the real tokens' logits and the
-    gradients of the exact row."""
+@settings(max_examples=6, deadline=None)
+def test_filler_changes_no_real_token(packed, lengths, bucket):
+    """The dense model on the filled row (a padded batch unpadded, or a caller's packed
+    row): the loss, the real tokens' logits and the gradients of the exact row."""
     model = _dense_model()
-    b = _padded_batch(lengths, max(lengths) + 1, seed=len(lengths))
+    if packed:  # sequences of 3 or more: _packed_batch supervises from each one's third token
+        b = _packed_batch([[max(n, 3) for n in lengths] + [3]], seed=len(lengths))
+        variants = (packing.add_sequence_starts(b)[0], packing.fill_packed(b, bucket)[0])
+    else:
+        b = _padded_batch(lengths, max(lengths) + 1, seed=len(lengths))
+        variants = (packing.unpad(b)[0], packing.unpad(b, bucket=bucket)[0])
+    n = variants[0]["input_ids"].shape[1]  # the real tokens
     results = []
-    for kw in (packing.unpad(b)[0], packing.unpad(b, bucket=bucket)[0]):
+    for kw in variants:
         model.zero_grad(set_to_none=True)
         out = model(**kw)
         out.loss.backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-        results.append((out.loss, out.logits[:, : sum(lengths)], grads))
+        results.append((out.loss, out.logits[:, :n], grads))
     (loss, logits, grads), (f_loss, f_logits, f_grads) = results
     torch.testing.assert_close(f_loss, loss, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(f_logits, logits, rtol=1e-5, atol=1e-5)
