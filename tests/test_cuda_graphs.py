@@ -294,12 +294,14 @@ def packed_row(lengths, n_out=1, seed=0):
     return {"input_ids": ids, "labels": labels, "position_ids": pos}
 
 
+PACKED_LENGTHS = [(9, 8), (7, 6, 5), (11, 10), (6, 6, 6), (10, 9), (8, 7, 6)]  # 17-21 tokens
+
+
 def test_buckets_serve_packed_rows(monkeypatch):
     """Caller-packed rows of 17-21 tokens in 2 or 3 sequences, filled to one 32-token row of
     8 + 4 sequences, 4-6 dense rows rounded to 8: one key, captured at forward 2; the
     training equals ungraphed training on the exact rows."""
-    rows = [(9, 8), (7, 6, 5), (11, 10), (6, 6, 6), (10, 9), (8, 7, 6)]
-    batches = [packed_row(r, seed=90 + i) for i, r in enumerate(rows)]
+    batches = [packed_row(r, seed=90 + i) for i, r in enumerate(PACKED_LENGTHS)]
     plain = _train(False, batches)
     graphed = _train(True, batches, monkeypatch=monkeypatch, stand_in=StandIn(), graph_bucket=32)
     _assert_same(graphed, plain, rtol=1e-4, atol=1e-5)
@@ -329,12 +331,18 @@ def test_graph_replay_matches_ungraphed_training_on_cuda(dtype):
 
 
 @pytest.mark.skipif(not CUDA, reason="CUDA graphs need a GPU")
-def test_padding_free_graph_replay_matches_ungraphed_training_on_cuda():
-    """Real captures of padding-free rows (flash varlen attention, bf16) filled to one
-    bucket, against ungraphed padding-free training on the exact rows."""
-    batches = [padded_sft_batch(n, 12, seed=70 + i) for i, n in enumerate(PADDED_LENGTHS)]
+@pytest.mark.parametrize("rows", ["padding_free", "caller_packed"])
+def test_filled_rows_graph_replay_matches_ungraphed_training_on_cuda(rows):
+    """Real captures of packed rows (flash varlen attention, bf16) filled to one bucket,
+    against ungraphed training on the exact rows: padded batches run padding-free, and
+    caller-packed rows."""
+    if rows == "padding_free":
+        batches = [padded_sft_batch(n, 12, seed=70 + i) for i, n in enumerate(PADDED_LENGTHS)]
+    else:
+        batches = [packed_row(r, seed=70 + i) for i, r in enumerate(PACKED_LENGTHS)]
+    bucket = 16 if rows == "padding_free" else 32
     plain = _train(False, batches, device="cuda", inner="inductor", dtype=torch.bfloat16)
-    graphed = _train(True, batches, device="cuda", inner="inductor", dtype=torch.bfloat16, graph_bucket=16)
+    graphed = _train(True, batches, device="cuda", inner="inductor", dtype=torch.bfloat16, graph_bucket=bucket)
     g = graphed[3]
     assert g.disabled is None, g.failure
     _assert_same(graphed, plain, rtol=2e-2, atol=2e-2)
