@@ -231,23 +231,6 @@ def padded_sft_batch(lengths, t, n_out=3, seed=0):
 PADDED_LENGTHS = [(9, 12), (11, 7), (12, 10), (8, 8), (10, 12), (12, 9)]  # 16-24 real tokens
 
 
-def test_buckets_serve_padding_free_rows(monkeypatch):
-    """Padded batches of 16-24 real tokens run padding-free, filled to one 32-token row
-    with the same count of sequences: one key, captured at forward 2 and replayed from then
-    on; the training equals ungraphed padding-free training on the exact rows."""
-    batches = [padded_sft_batch(n, 12, seed=60 + i) for i, n in enumerate(PADDED_LENGTHS)]
-    plain = _train(False, batches)
-    graphed = _train(True, batches, monkeypatch=monkeypatch, stand_in=StandIn(), graph_bucket=16)
-    _assert_same(graphed, plain, rtol=1e-4, atol=1e-5)
-    assert graphed[2]["padding_free_forwards"] == plain[2]["padding_free_forwards"] == len(batches)
-    g = graphed[3]
-    assert g.captures == 1 and g.graphed_forwards == len(batches) - 1 and len(g.sets) == 1
-    (key,) = g.sets
-    # one packed row of 32; 8 dense rows (2 x 3 outputs + their predictors: 8); 2 rows and
-    # FILLER_SEQUENCES filler sequences
-    assert key[0] == (1, 32) and key[2] == (8, 27) and key[4] == 2 + slc.packing.FILLER_SEQUENCES
-
-
 @pytest.mark.parametrize("with_mask,with_positions", [(True, False), (False, True), (False, False)])
 def test_padding_a_batch_keeps_its_loss_and_logits(with_mask, with_positions):
     from sparselora_compile.padding import pad_batch
@@ -297,20 +280,29 @@ def packed_row(lengths, n_out=1, seed=0):
 PACKED_LENGTHS = [(9, 8), (7, 6, 5), (11, 10), (6, 6, 6), (10, 9), (8, 7, 6)]  # 17-21 tokens
 
 
-def test_buckets_serve_packed_rows(monkeypatch):
-    """Caller-packed rows of 17-21 tokens in 2 or 3 sequences, filled to one 32-token row of
-    8 + 4 sequences, 4-6 dense rows rounded to 8: one key, captured at forward 2; the
-    training equals ungraphed training on the exact rows."""
-    batches = [packed_row(r, seed=90 + i) for i, r in enumerate(PACKED_LENGTHS)]
+@pytest.mark.parametrize("rows", ["padding_free", "caller_packed"])
+def test_buckets_serve_filled_rows(monkeypatch, rows):
+    """One key, captured at forward 2 and replayed from then on; the training equals
+    ungraphed training on the exact rows. Padded batches of 16-24 real tokens run
+    padding-free, filled to one 32-token row of their 2 rows and FILLER_SEQUENCES filler
+    sequences, 8 dense rows (2 x 3 outputs and their predictors). Caller-packed rows of
+    17-21 tokens in 2 or 3 sequences are filled to 32 tokens and 8 + FILLER_SEQUENCES
+    sequences, their 4-6 dense rows rounded to 8."""
+    from sparselora_compile.packing import FILLER_SEQUENCES, SEQUENCE_STEP
+    if rows == "padding_free":
+        batches = [padded_sft_batch(n, 12, seed=60 + i) for i, n in enumerate(PADDED_LENGTHS)]
+        bucket, counter, key_want = 16, "padding_free_forwards", ((1, 32), (8, 27), 2 + FILLER_SEQUENCES)
+    else:
+        batches = [packed_row(r, seed=90 + i) for i, r in enumerate(PACKED_LENGTHS)]
+        bucket, counter, key_want = 32, "varlen_forwards", ((1, 32), (8, 31), SEQUENCE_STEP + FILLER_SEQUENCES)
     plain = _train(False, batches)
-    graphed = _train(True, batches, monkeypatch=monkeypatch, stand_in=StandIn(), graph_bucket=32)
+    graphed = _train(True, batches, monkeypatch=monkeypatch, stand_in=StandIn(), graph_bucket=bucket)
     _assert_same(graphed, plain, rtol=1e-4, atol=1e-5)
-    assert graphed[2]["varlen_forwards"] == plain[2]["varlen_forwards"] == len(batches)
+    assert graphed[2][counter] == plain[2][counter] == len(batches)
     g = graphed[3]
     assert g.captures == 1 and g.graphed_forwards == len(batches) - 1 and len(g.sets) == 1
     (key,) = g.sets
-    assert key[0] == (1, 32) and key[2] == (8, 31)
-    assert key[4] == slc.packing.SEQUENCE_STEP + slc.packing.FILLER_SEQUENCES
+    assert (key[0], key[2], key[4]) == key_want
 
 
 @pytest.mark.skipif(not CUDA, reason="CUDA graphs need a GPU")
