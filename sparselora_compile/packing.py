@@ -20,7 +20,9 @@ rounding).
 
 `unpad` turns a right-padded training batch into one packed row of its real tokens with
 their boundaries, so that no work runs on padding; `Unpadded.repad` gives the logits back
-in the batch's shape.
+in the batch's shape. For CUDA graph buckets (`graph_bucket`), `unpad` and `fill_packed`
+(a caller's packed row) fill the row up to its bucket with short filler sequences, so
+that rows of nearby lengths share one shape and one count of sequences.
 """
 from __future__ import annotations
 
