@@ -198,6 +198,8 @@ def variant_name(text: str) -> str:
     base, config = split_variant(stem)
     sl = base.startswith("sl_") and "_whole" not in base
     allowed = set(RUNTIME_SUFFIXES) - DENSE_FLAGS if sl else DENSE_FLAGS if base.startswith("inductor") else set()
+    if flags & set(GRAPH_BUCKETS) and "_graphs" not in flags:
+        raise argparse.ArgumentTypeError(f"variant {text!r}: a _bucket suffix needs _graphs")
     if base not in VARIANTS or (config and base == "eager") or flags - allowed:
         raise argparse.ArgumentTypeError(
             f"unknown variant {text!r}: one of {VARIANTS}, plus any of the suffixes "

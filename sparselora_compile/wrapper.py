@@ -64,6 +64,9 @@ class SparseLoRAModel(torch.nn.Module):
             refuse_sharded(model)
         if not isinstance(graph_bucket, int) or graph_bucket < 0:
             raise ValueError(f"sparselora: graph_bucket={graph_bucket!r} must be an int >= 0")
+        if graph_bucket and not cuda_graphs:
+            raise ValueError(f"sparselora: graph_bucket={graph_bucket} shapes batches for CUDA graphs; "
+                             "it needs cuda_graphs=True")
         if not isinstance(pad_to_multiple_of, int) or pad_to_multiple_of < 0:
             raise ValueError(f"sparselora: pad_to_multiple_of={pad_to_multiple_of!r} must be an int >= 0")
         for name, flag in (("causal_right_padding", causal_right_padding), ("varlen_attention", varlen_attention),
@@ -91,7 +94,7 @@ class SparseLoRAModel(torch.nn.Module):
         self.steps_from_trainer = False  # set by trainer.SparseLoRACallback
         self.graphs = None
         self._graphs_now = None  # the graph set of the running forward
-        self.graph_bucket = graph_bucket if cuda_graphs else 0
+        self.graph_bucket = graph_bucket
         self.pad_to_multiple_of = pad_to_multiple_of
         # padding.py: right-padded training batches run causal attention without their mask
         causal = causal_attention(model)

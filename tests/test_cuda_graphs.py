@@ -253,9 +253,11 @@ def test_padding_a_batch_keeps_its_loss_and_logits(with_mask, with_positions):
     assert pad_batch({"inputs_embeds": torch.zeros(2, 11, 32), "labels": labels}, 16, 0)[1] == 0
 
 
-def test_cuda_graphs_needs_regional_compilation():
+def test_cuda_graphs_needs_regional_compilation_and_buckets_need_graphs():
     with pytest.raises(ValueError, match="regional=True"):
         slc.compile(tiny_llama(ALL), slc.Policy(**POLICY), regional=False, cuda_graphs=True)
+    with pytest.raises(ValueError, match="needs cuda_graphs=True"):
+        slc.compile(tiny_llama(ALL), slc.Policy(**POLICY), graph_bucket=1024)
 
 
 def test_without_cuda_graphs_stay_off():
