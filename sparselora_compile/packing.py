@@ -146,20 +146,30 @@ def unpad(kwargs: dict, bucket: int = 0, filler_id: int = 0) -> tuple[dict, Unpa
     host = torch.cat([torch.arange(i * t, i * t + k) for i, k in enumerate(lengths)]  # flat index
                      + [torch.arange(k) for k in seqs]                               # positions
                      + [torch.tensor([0] + seqs).cumsum(0)])
-    # one copy, from pinned memory: a pageable one would wait for the GPU
-    host = (host.pin_memory().to(ids.device, non_blocking=True) if ids.is_cuda else host.to(ids.device))
-    c = n + sum(filler)
-    index, positions, starts = host[:n], host[n:n + c], host[n + c:].to(torch.int32)
+    host = _to_device(host, ids.device)
     fill = sum(filler)
-
-    def flat(x, value):
-        row = x.reshape(-1).index_select(0, index)
-        return torch.cat([row, row.new_full((fill,), value)])[None] if fill else row[None]
+    c = n + fill
+    index, positions, starts = host[:n], host[n:n + c], host[n + c:].to(torch.int32)
+    flat = lambda x, value: _filled(x.reshape(-1).index_select(0, index)[None], fill, value)  # noqa: E731
     out = {k: v for k, v in kwargs.items() if k != "attention_mask"}
     out.update(input_ids=flat(ids, filler_id), labels=flat(labels, IGNORE), position_ids=positions[None],
                **{SEQ_STARTS: starts})
-    real_tokens = (torch.arange(c, device=ids.device) < n).long()[None] if fill else None
-    return out, Unpadded(index, b, t, real_tokens)
+    return out, Unpadded(index, b, t, _real_tokens(n, fill, ids.device))
+
+
+def _to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """One copy, from pinned memory to a GPU: a pageable one would wait for the GPU."""
+    return host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else host.to(device)
+
+
+def _filled(row: torch.Tensor, fill: int, value) -> torch.Tensor:
+    """[1, n] -> [1, n + fill], the filler tokens `value`."""
+    return torch.cat([row, row.new_full((1, fill), value)], 1) if fill else row
+
+
+def _real_tokens(n: int, fill: int, device) -> torch.Tensor | None:
+    """`Unpadded.real` of a row of n real tokens then `fill` filler ones (None without)."""
+    return (torch.arange(n + fill, device=device) < n).long()[None] if fill else None
 
 
 def _filler(n: int, bucket: int, pieces: int = FILLER_SEQUENCES) -> list[int]:
@@ -199,16 +209,14 @@ def fill_packed(kwargs: dict, bucket: int, filler_id: int = 0) -> tuple[dict, Un
     n, s = ids.shape[1], out[SEQ_STARTS].numel() - 1
     filler = _filler(n, bucket, -(-s // SEQUENCE_STEP) * SEQUENCE_STEP - s + FILLER_SEQUENCES)
     fill = sum(filler)
-    host = torch.cat([torch.arange(k) for k in filler] + [n + torch.tensor(filler).cumsum(0)])
-    host = (host.pin_memory().to(ids.device, non_blocking=True) if ids.is_cuda else host.to(ids.device))
+    host = _to_device(torch.cat([torch.arange(k) for k in filler] + [n + torch.tensor(filler).cumsum(0)]),
+                      ids.device)
     positions, ends = host[:fill].to(pos.dtype), host[fill:].to(torch.int32)
-    tail = lambda x, value: torch.cat([x, x.new_full((1, fill), value)], 1)  # noqa: E731
-    out.update(input_ids=tail(ids, filler_id), labels=tail(labels, IGNORE),
+    out.update(input_ids=_filled(ids, fill, filler_id), labels=_filled(labels, fill, IGNORE),
                position_ids=torch.cat([pos, positions[None]], 1),
                **{SEQ_STARTS: torch.cat([out[SEQ_STARTS], ends])})
     out.pop("attention_mask", None)
-    real = (torch.arange(n + fill, device=ids.device) < n).long()[None]
-    return out, Unpadded(None, 1, n, real)
+    return out, Unpadded(None, 1, n, _real_tokens(n, fill, ids.device))
 
 
 def attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,

@@ -181,7 +181,7 @@ class SparseLoRAModel(torch.nn.Module):
             kwargs, self._unpadded = packing.fill_packed(kwargs, bucket, pad_id(model))
             if self._unpadded is not None:
                 score_mask = self._unpadded.real
-        step = self._pad_step(run, kwargs) if train_batch and self._unpadded is None else 0
+        step = self._pad_step(kwargs, bucket) if train_batch and self._unpadded is None else 0
         if step:
             kwargs, self._padded, score_mask = pad_batch(kwargs, step, pad_id(model))
         if self.unmask and train_batch:
@@ -204,7 +204,7 @@ class SparseLoRAModel(torch.nn.Module):
             self._graphs_now.begin(self._graph_key(run, model, kwargs.get(packing.SEQ_STARTS)))
         return kwargs
 
-    def _pad_step(self, run: Run, kwargs) -> int:
+    def _pad_step(self, kwargs, bucket: int) -> int:
         """What a training batch's length is rounded up to (0: left as it is):
         `pad_to_multiple_of`, and with graph buckets (regional, past the warm-up) the
         bucket's step for a row (the bucket counts the batch's tokens), rounded up to a
@@ -213,7 +213,7 @@ class SparseLoRAModel(torch.nn.Module):
         if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
             return 0
         step = self.pad_to_multiple_of
-        if bucket := self._graph_bucket_now(run, kwargs):
+        if bucket:  # this batch's graph bucket (_graph_bucket_now)
             bucket = bucket_step(ids.shape[1], max(1, bucket // ids.shape[0]))
             step = -(-bucket // step) * step if step else bucket
         return step
