@@ -17,6 +17,7 @@ A replay runs no Python, so what the layers read from Python is kept valid this 
 - the static activations: a replay overwrites the previous replay's, so while the previous
   graphed forward's autograd graph is alive and its backward has not run, a forward runs
   ungraphed;
+- the static gradients: the parameters' are copied out of the replay's buffers;
 - not graphed at all: layers under gradient checkpointing (recomputed in the backward) and
   layers with active dropout (random masks under replay are not verified on a GPU yet).
 Every ungraphed forward records its layers' arguments and token split; once CAPTURE_AFTER
@@ -140,6 +141,21 @@ class _Watch(torch.autograd.Function):
     def backward(ctx, g):
         ctx.done = True
         return g
+
+
+class _OwnGrad(torch.autograd.Function):
+    """Identity on a parameter passed to a replay; its backward copies the gradient. A
+    replayed backward returns gradients in static buffers, and a parameter whose `.grad`
+    is None takes the buffer itself as `.grad` (pytorch/pytorch#181723): the next replay
+    would overwrite it, and gradient accumulation would sum a corrupted value."""
+
+    @staticmethod
+    def forward(ctx, p):
+        return p.view_as(p)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g.clone()
 
 
 class _GraphSet:
@@ -269,7 +285,7 @@ class LayerGraphs:
             if same_signature(sig, want):
                 # the parameters as they are now: one replaced since the capture gets its
                 # values copied into the captured storage, and its gradient
-                out = fn(*tensors, *layer_fn.params())
+                out = fn(*tensors, *(_OwnGrad.apply(p) for p in layer_fn.params()))
                 self._count(graphs.flops.get(prefix))
                 if self._unwatched:
                     self._unwatched = False

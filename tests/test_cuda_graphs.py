@@ -47,13 +47,42 @@ class StandIn:
         return replay
 
 
+class _StaticGrad(torch.autograd.Function):
+    """Identity whose backward hands its gradient back in one buffer that every later
+    backward overwrites, as a replayed graph's backward does."""
+
+    @staticmethod
+    def forward(ctx, x, buffer):
+        ctx.buffer = buffer
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        ctx.buffer.copy_(g)
+        return ctx.buffer.detach(), None
+
+
+class StaticGrads(StandIn):
+    """The stand-in, with make_graphed_callables' gradients: each argument's gradient
+    comes back in a static buffer that the next replay's backward overwrites."""
+
+    @staticmethod
+    def _replaying(forward):
+        replay, buffers = StandIn._replaying(forward), {}
+
+        def with_static_grads(*tensors):
+            return replay(*(_StaticGrad.apply(t, buffers.setdefault(i, torch.empty_like(t)))
+                            if t.requires_grad else t for i, t in enumerate(tensors)))
+        return with_static_grads
+
+
 def _batches(n, n_out=(3,), t=12):
     # different tokens each step; the split's sizes change only where n_out does
     return [batch(t=t, n_out=n_out[i % len(n_out)], seed=10 + i) for i in range(n)]
 
 
 def _train(graphs, batches, device="cpu", monkeypatch=None, stand_in=None, inner="aot_eager",
-           dtype=torch.float32, graph_bucket=0):
+           dtype=torch.float32, graph_bucket=0, accumulate=1):
     torch._dynamo.reset()
     model = tiny_llama(ALL, layers=3).to(device, dtype)
     if monkeypatch is not None:
@@ -63,12 +92,13 @@ def _train(graphs, batches, device="cpu", monkeypatch=None, stand_in=None, inner
     wrapped = slc.compile(model, policy, inner=inner, cuda_graphs=graphs, graph_bucket=graph_bucket)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     losses = []
-    for b in batches:
+    for i, b in enumerate(batches, 1):
         b = b if isinstance(b, dict) else {"input_ids": b[0], "labels": b[1]}
         loss = wrapped(**{k: v.to(device) for k, v in b.items()}).loss
         loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        if i % accumulate == 0:  # gradients of `accumulate` micro-batches summed in .grad
+            opt.step()
+            opt.zero_grad(set_to_none=True)
         losses.append(loss.detach().float().cpu())
     params = {n: p.detach().float().cpu() for n, p in model.named_parameters() if p.requires_grad}
     return losses, params, wrapped.stats.as_dict(), wrapped.graphs
@@ -110,6 +140,17 @@ def test_capture_on_the_second_forward_of_a_key_then_replay(monkeypatch):
         assert params and all(p.requires_grad for p in params)
         for a, p in zip(sample[-len(params):], params):
             assert a is not p and a.is_leaf and a.requires_grad and a.data_ptr() == p.data_ptr()
+
+
+def test_accumulated_gradients_survive_the_next_replay(monkeypatch):
+    """Gradient accumulation: a replayed backward returns its gradients in static buffers,
+    which the first micro-batch's `.grad` must not alias (the next replay would overwrite
+    them before they are summed, pytorch/pytorch#181723)."""
+    batches = _batches(8)
+    plain = _train(False, batches, accumulate=2)
+    graphed = _train(True, batches, monkeypatch=monkeypatch, stand_in=StaticGrads(), accumulate=2)
+    assert graphed[3].graphed_forwards == 7
+    _assert_same(graphed, plain)
 
 
 def test_a_new_split_runs_ungraphed_until_it_repeats(monkeypatch):
