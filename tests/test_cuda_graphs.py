@@ -174,10 +174,10 @@ def test_a_rare_key_does_not_evict_common_ones(monkeypatch):
     sizes = (3, 3, 5, 5, 3, 5, 3, 5, 4, 4, 3, 5)
     batches = [batch(t=12, n_out=n, seed=80 + i) for i, n in enumerate(sizes)]
     plain = _train(False, batches)
+    monkeypatch.setattr(cuda_graphs, "MAX_SETS", 2)
     graphed = _train(True, batches, monkeypatch=monkeypatch, stand_in=StandIn())
     _assert_same(graphed, plain)
     g = graphed[3]
-    assert cuda_graphs.MAX_SETS == 2
     assert g.captures == 2 and g.graphed_forwards == 8 and len(g.sets) == 2
 
 
@@ -363,6 +363,21 @@ def test_graph_replay_matches_ungraphed_training_on_cuda(dtype):
     _assert_same(graphed, plain, **tol)
     assert graphed[2] == plain[2]
     assert g.captures == 1 and g.graphed_forwards == 6
+
+
+@pytest.mark.skipif(not CUDA, reason="CUDA graphs need a GPU")
+def test_sets_sharing_one_pool_replay_in_turn_with_accumulation_on_cuda():
+    """Two sets of graphs in one memory pool, replayed in turn, with gradients of two
+    micro-batches summed per optimizer step: each set's replays must find its own
+    activations and leave the other's results alone (fp32, exact up to reduction order)."""
+    sizes = (3, 3, 5, 5, 3, 5, 3, 5, 5, 3, 3, 5)
+    batches = [batch(t=12, n_out=n, seed=50 + i) for i, n in enumerate(sizes)]
+    plain = _train(False, batches, device="cuda", inner="inductor", accumulate=2)
+    graphed = _train(True, batches, device="cuda", inner="inductor", accumulate=2)
+    g = graphed[3]
+    assert g.disabled is None, g.failure
+    assert g.captures == 2 and len(g.sets) == 2 and g.graphed_forwards == 10
+    _assert_same(graphed, plain, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.skipif(not CUDA, reason="CUDA graphs need a GPU")
