@@ -8,8 +8,8 @@ every layer's forward and backward; all sets of graphs share one memory pool, wh
 sound because a set's replays run as a whole (its forwards, then its backwards) before
 another set's begin (a forward waits, ungraphed, while a graphed backward is pending), so
 a set's temporaries are dead when another set reuses their memory. Each kept set still
-holds its own static inputs, outputs and gradients (3 x 32 hidden states of the batch for
-32 layers).
+holds its own static inputs, outputs and gradients (four hidden states of the batch per
+layer: input, output and their gradients).
 
 A replay runs no Python, so what the layers read from Python is kept valid this way:
 - the token split (index tensors whose sizes depend on the labels): the capturing forward's
