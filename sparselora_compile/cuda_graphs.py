@@ -187,6 +187,7 @@ class LayerGraphs:
         self.recording: dict | None = None
         self.recorded: tuple | None = None  # (key, {prefix: (signature, tensors, flops)}, rows, split)
         self.recent: "deque[tuple]" = deque(maxlen=WINDOW)  # the keys of recent forwards
+        self.recent_graphed: "deque[bool]" = deque(maxlen=WINDOW)  # whether each replayed
         self.last_key = None
         self.captures = 0
         self.disabled: str | None = None
@@ -201,9 +202,14 @@ class LayerGraphs:
 
     def stats(self) -> dict:
         """Training forwards that replayed graphs, captures made and their wall time, graph
-        sets kept, and why graphs are off (None while they are on)."""
+        sets kept, and why graphs are off (None while they are on). `window`: of the last
+        WINDOW forwards that could use graphs, how many there were, how many distinct keys
+        they had and how many replayed; keys spread over more than MAX_SETS mean that
+        steps run ungraphed (a larger `graph_bucket` or more uniform lengths help)."""
         return {"graphed_forwards": self.graphed_forwards, "captures": self.captures,
-                "capture_s": round(self.capture_s, 3), "sets": len(self.sets), "disabled": self.disabled}
+                "capture_s": round(self.capture_s, 3), "sets": len(self.sets), "disabled": self.disabled,
+                "window": {"forwards": len(self.recent), "keys": len(set(self.recent)),
+                           "graphed": sum(self.recent_graphed)}}
 
     # ---- installing ----------------------------------------------------------------------
 
@@ -241,6 +247,7 @@ class LayerGraphs:
         if graphs is None and self.recorded and self._due(self.recorded[0]):
             self._capture(self.recorded[0])
             graphs = self.sets.get(key)
+        self.recent_graphed.append(graphs is not None)
         if graphs is None:
             self.recording = {}
             return
@@ -340,8 +347,11 @@ class LayerGraphs:
         if self.captures >= MAX_CAPTURES:
             if "max captures" not in self._said:
                 self._said.add("max captures")
-                log.warning("sparselora: %d CUDA graph captures made; the token split keeps "
-                            "changing, so new ones run ungraphed", MAX_CAPTURES)
+                log.warning("sparselora: %d CUDA graph captures made, and new keys (batch shape "
+                            "and token split sizes) run ungraphed: the last %d forwards had %d "
+                            "distinct keys for %d kept sets; a larger graph_bucket, or batches of "
+                            "more uniform lengths (length-grouped sampling), let more replay",
+                            MAX_CAPTURES, len(self.recent), len(set(self.recent)), MAX_SETS)
             return None
         _, recorded, rows, split = self.recorded
         order = [p for p in self.calls if p in recorded]  # the layers' order

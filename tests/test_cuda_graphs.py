@@ -128,7 +128,8 @@ def test_capture_on_the_second_forward_of_a_key_then_replay(monkeypatch):
     assert g.captures == 1 and g.graphed_forwards == 4 and len(g.sets) == 1
     stats = g.stats()
     assert stats.pop("capture_s") >= 0
-    assert stats == {"graphed_forwards": 4, "captures": 1, "sets": 1, "disabled": None}
+    assert stats == {"graphed_forwards": 4, "captures": 1, "sets": 1, "disabled": None,
+                     "window": {"forwards": 5, "keys": 1, "graphed": 4}}
     # layer 0's input (the frozen embedding's output) needs no grad, the others do
     assert stand_in.calls[0][0][0] is False and all(s[0] for s in stand_in.calls[0][1:])
     # A captured backward must not reach gradient accumulators made on the default stream
@@ -189,6 +190,9 @@ def test_past_the_capture_limit_new_splits_run_ungraphed(monkeypatch, caplog):
     # split size 3 captured at forward 2; size 5 would be at forward 4, past the limit
     assert g.captures == 1 and g.graphed_forwards == 1 and len(g.sets) == 1
     assert caplog.text.count("1 CUDA graph captures made") == 1  # said once, not per forward
+    # said at forward 4, with what spreads the keys
+    assert "the last 4 forwards had 2 distinct keys for 3 kept sets" in caplog.text
+    assert g.stats()["window"] == {"forwards": 5, "keys": 2, "graphed": 1}
 
 
 def test_a_forward_whose_predecessor_awaits_its_backward_runs_ungraphed(monkeypatch):
