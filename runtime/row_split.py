@@ -25,7 +25,11 @@ class RowSplit:
     DENSE_SHARE)` (a finer step than the sequence lengths': a dense row costs several
     context rows), the context list with copies of its first row to the complement. A
     copy computes the same row again
-    and every sparse op writes rows with index_copy_, so the result is unchanged.
+    and every sparse op writes rows with index_copy_, so the result is unchanged. A split
+    may instead take the capacities of a kept graph set (`kept`) whose dense list is
+    longer than its own rounding: a filled row's filler rows (its last context rows, which
+    no real token reads and the loss skips) then fill the dense list before copies do, so
+    that one set serves more counts of dense rows.
 
     The estimator scores the context rows with weight 1 and skips padding positions and
     copies (weight 0: `score_weight`, None when every context row counts); `n_unscored`
@@ -73,29 +77,49 @@ def _pad_to(idx: torch.Tensor, n: int) -> torch.Tensor:
     return torch.cat([idx, idx[:1].expand(n - idx.numel())])
 
 
-def compute_split(rows: torch.Tensor, padding: torch.Tensor | None = None, bucket: int = 0) -> RowSplit:
+def _fit_kept(dense: torch.Tensor, ctx: torch.Tensor, filler: int, kept) -> tuple | None:
+    """(dense, context, real context rows): the index lists in the (dense, context)
+    capacities of a kept graph set, the one with the fewest dense rows that fits: up to
+    `filler` trailing context rows move to the dense list, copies of a row fill the rest;
+    None when none fits."""
+    n_dense, n_ctx = dense.numel(), ctx.numel()
+    for d_cap, c_cap in sorted(kept):
+        moved = min(filler, max(d_cap - n_dense, 0))
+        if d_cap >= n_dense and 0 < n_ctx - moved <= c_cap:
+            return (_pad_to(torch.cat([dense, ctx[n_ctx - moved:]]), d_cap),
+                    _pad_to(ctx[:n_ctx - moved], c_cap), n_ctx - moved)
+    return None
+
+
+def compute_split(rows: torch.Tensor, padding: torch.Tensor | None = None, bucket: int = 0,
+                  filler: int = 0, kept=()) -> RowSplit:
     """`padding`: bool mask of padded positions, left out of the estimator's scores (their
     hidden states are not text; they still run sparse, as nothing reads them). `bucket`:
-    round the index lists to fixed capacities (see RowSplit)."""
+    round the index lists to fixed capacities (see RowSplit); `filler`: the row's trailing
+    filler rows, which `kept` (capacity pairs of kept graph sets) may take as dense rows."""
     r = rows.reshape(-1)
     dense, ctx = r.nonzero().squeeze(1), (~r).nonzero().squeeze(1)
     n_dense, n_ctx = dense.numel(), ctx.numel()
     step = bucket_step(n_dense, max(1, bucket // DENSE_SHARE)) if bucket > 0 else 0
+    n_real_ctx = n_ctx  # context rows that are not copies (the first ones of the list)
     if step and n_dense and n_ctx:
-        # every count of dense rows in (cap - step, cap] gets the same two capacities
-        cap = -(-n_dense // step) * step
-        dense, ctx = _pad_to(dense, cap), _pad_to(ctx, r.numel() - cap + step - 1)
+        fit = _fit_kept(dense, ctx, filler, kept) if kept else None
+        if fit is not None:
+            dense, ctx, n_real_ctx = fit
+        else:
+            # every count of dense rows in (cap - step, cap] gets the same two capacities
+            cap = -(-n_dense // step) * step
+            dense, ctx = _pad_to(dense, cap), _pad_to(ctx, r.numel() - cap + step - 1)
     split = RowSplit(dense, ctx, r.numel(), n_dense)
     if n_dense or padding is not None:
         scored = ~r if padding is None else ~(r | padding.reshape(-1))
         split.row_weight = scored.float()
-    if padding is not None or ctx.numel() > n_ctx:
+    if padding is not None or ctx.numel() > n_real_ctx:
         weight = torch.zeros(ctx.numel(), dtype=torch.float32, device=r.device)
-        real = ctx[:n_ctx]
-        keep = torch.ones(n_ctx, dtype=torch.float32, device=r.device)
+        keep = torch.ones(n_real_ctx, dtype=torch.float32, device=r.device)
         if padding is not None:
-            keep = (~padding.reshape(-1)).index_select(0, real).float()
-        weight[:n_ctx] = keep
+            keep = (~padding.reshape(-1)).index_select(0, ctx[:n_real_ctx]).float()
+        weight[:n_real_ctx] = keep
         split.score_weight = weight
         split.n_unscored = weight.numel() - weight.sum()
     return split
@@ -109,10 +133,11 @@ class SplitCache:
 
     def __init__(self, bucket: int = 0):
         self.bucket = bucket
+        self.fit: tuple = (0, ())  # (filler rows, kept capacities) for the next compute
         self._entries: "OrderedDict[tuple[int, int], tuple[torch.Tensor, RowSplit]]" = OrderedDict()
 
     def compute(self, rows: torch.Tensor, padding: torch.Tensor | None = None) -> RowSplit:
-        split = compute_split(rows, padding, self.bucket)
+        split = compute_split(rows, padding, self.bucket, *self.fit)
         self.remember(rows, split)
         return split
 

@@ -211,6 +211,11 @@ class LayerGraphs:
                 "window": {"forwards": len(self.recent), "keys": len(set(self.recent)),
                            "graphed": sum(self.recent_graphed)}}
 
+    def capacities_for(self, shape: tuple, device, sequences) -> tuple:
+        """The (dense, context) token-split capacities of the kept sets captured for rows of
+        this shape, device and count of sequences, with estimator weights (filled rows)."""
+        return tuple(k[2] for k in self.sets if k[0] == shape and k[1] == device and k[3] and k[4] == sequences)
+
     # ---- installing ----------------------------------------------------------------------
 
     def install(self, prefix: str, layer: torch.nn.Module) -> None:

@@ -198,7 +198,11 @@ class SparseLoRAModel(torch.nn.Module):
                     torch._dynamo.maybe_mark_dynamic(kwargs[packing.SEQ_STARTS], 0)
         run.labels, run.attention_mask = kwargs.get("labels"), score_mask
         if training:
-            self._token_rows_ahead(run, kwargs)
+            run.splits.fit = self._split_fit(kwargs)
+            try:
+                self._token_rows_ahead(run, kwargs)
+            finally:
+                run.splits.fit = (0, ())
         self._graphs_now = self.graphs if torch.is_grad_enabled() else None
         if self._graphs_now is not None:
             self._graphs_now.begin(self._graph_key(run, model, kwargs.get(packing.SEQ_STARTS)))
@@ -275,6 +279,18 @@ class SparseLoRAModel(torch.nn.Module):
         self._glue = (before, after)
         model.__dict__["_sparselora"] = self  # not a submodule of the model
         copying.install(model, self)
+
+    def _split_fit(self, kwargs) -> tuple:
+        """(filler rows, capacities) for the token split of a row filled for graph buckets:
+        its trailing filler rows and the (dense, context) capacities of the kept graph
+        sets of its shape, so that the split can take one of them (row_split.compute_split)."""
+        u = self._unpadded
+        if self.graphs is None or u is None or u.real is None or not self.graphs.sets:
+            return 0, ()
+        ids, starts = kwargs["input_ids"], kwargs.get(packing.SEQ_STARTS)
+        sequences = starts.numel() - 1 if self._packed_now and isinstance(starts, torch.Tensor) else None
+        real = u.index.numel() if u.index is not None else u.length
+        return ids.shape[1] - real, self.graphs.capacities_for(tuple(ids.shape), ids.device, sequences)
 
     def _graph_key(self, run: Run, model: torch.nn.Module, starts=None):
         """What a CUDA graph set of the layers is valid for (None: no graphs this forward):

@@ -352,6 +352,23 @@ def test_buckets_serve_filled_rows(monkeypatch, rows):
     assert (key[0], key[2], key[4]) == key_want
 
 
+def test_a_kept_set_serves_fewer_dense_rows_through_the_filler(monkeypatch):
+    """Filled padding-free rows with 10 dense rows (4 outputs per row) round to 12 dense
+    rows, with 6 (2 outputs) to 8: two keys by their own rounding. Once the 12 set is kept,
+    the batches with 6 take its capacities, 6 of their filler rows computed densely in
+    place of copies, so one capture serves every batch; training equals ungraphed training
+    on the exact rows."""
+    outputs = (4, 4, 2, 4, 2, 2)
+    batches = [padded_sft_batch(n, 12, n_out=k, seed=110 + i) for i, (n, k) in enumerate(zip(PADDED_LENGTHS, outputs))]
+    plain = _train(False, batches)
+    graphed = _train(True, batches, monkeypatch=monkeypatch, stand_in=StandIn(), graph_bucket=16)
+    _assert_same(graphed, plain, rtol=1e-4, atol=1e-5)
+    g = graphed[3]
+    assert g.captures == 1 and g.graphed_forwards == len(batches) - 1 and len(g.sets) == 1
+    (key,) = g.sets
+    assert key[2] == (12, 23)
+
+
 @pytest.mark.skipif(not CUDA, reason="CUDA graphs need a GPU")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_graph_replay_matches_ungraphed_training_on_cuda(dtype):
@@ -385,16 +402,20 @@ def test_sets_sharing_one_pool_replay_in_turn_with_accumulation_on_cuda():
 
 
 @pytest.mark.skipif(not CUDA, reason="CUDA graphs need a GPU")
-@pytest.mark.parametrize("rows", ["padding_free", "caller_packed"])
+@pytest.mark.parametrize("rows", ["padding_free", "caller_packed", "fewer_dense"])
 def test_filled_rows_graph_replay_matches_ungraphed_training_on_cuda(rows):
     """Real captures of packed rows (flash varlen attention, bf16) filled to one bucket,
-    against ungraphed training on the exact rows: padded batches run padding-free, and
-    caller-packed rows."""
+    against ungraphed training on the exact rows: padded batches run padding-free,
+    caller-packed rows, and padded batches whose fewer dense rows take a kept set's
+    capacities through their filler (the CPU test above)."""
     if rows == "padding_free":
         batches = [padded_sft_batch(n, 12, seed=70 + i) for i, n in enumerate(PADDED_LENGTHS)]
+    elif rows == "fewer_dense":
+        batches = [padded_sft_batch(n, 12, n_out=k, seed=70 + i)
+                   for i, (n, k) in enumerate(zip(PADDED_LENGTHS, (4, 4, 2, 4, 2, 2)))]
     else:
         batches = [packed_row(r, seed=70 + i) for i, r in enumerate(PACKED_LENGTHS)]
-    bucket = 16 if rows == "padding_free" else 32
+    bucket = 32 if rows == "caller_packed" else 16
     plain = _train(False, batches, device="cuda", inner="inductor", dtype=torch.bfloat16)
     graphed = _train(True, batches, device="cuda", inner="inductor", dtype=torch.bfloat16, graph_bucket=bucket)
     g = graphed[3]

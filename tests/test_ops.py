@@ -353,3 +353,43 @@ def test_score_weights_skip_padding_and_copies(tokens, bucket, seed, residual):
     qw = selection.gram_column_sq_norms(x[:, real], [(ag, bg)], compute_split(
         torch.zeros(1, int(real.sum()), dtype=torch.bool)))[0].double()
     torch.testing.assert_close(qn, qw, rtol=1e-4, atol=1e-4)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(4, 30), st.integers(1, 12), st.integers(1, 5), st.integers(0, 12), st.integers(0, 2**16))
+def test_a_kept_capacity_takes_filler_rows_as_dense(tokens, filler, bucket, extra, seed):
+    """A filled row's split in a kept graph set's capacities (more dense rows than its own
+    rounding): trailing filler rows fill the dense list before copies do, every row is in
+    one list, and the scores still equal scores over the real context rows alone."""
+    g = torch.Generator().manual_seed(seed)
+    n = tokens + filler
+    rows = torch.zeros(1, n, dtype=torch.bool)
+    rows[0, :tokens] = torch.rand(tokens, generator=g) < 0.3
+    rows[0, 0] = False  # at least one real context row
+    padding = torch.zeros(1, n, dtype=torch.bool)
+    padding[0, tokens:] = True
+    n_dense = int(rows.sum())
+    if n_dense == 0:
+        rows[0, tokens - 1] = True
+        n_dense = 1
+    own = compute_split(rows, padding, bucket)
+    d_cap = own.capacities[0] + extra
+    c_cap = n - n_dense - min(filler, d_cap - n_dense) + extra % 3
+    split = compute_split(rows, padding, bucket, filler, kept=((d_cap, c_cap),))
+    assert split.capacities == (d_cap, c_cap) and split.n_dense == n_dense
+    moved = min(filler, d_cap - n_dense)
+    dense, ctx = set(split.dense.tolist()), set(split.ctx.tolist())
+    assert dense | ctx == set(range(n))
+    assert set(split.dense[n_dense:n_dense + moved].tolist()) == set(range(n - moved, n))
+    assert not dense & (set(range(n)) - set(rows[0].nonzero()[:, 0].tolist()) - set(range(n - moved, n)))
+    x = torch.randn(1, n, 6, generator=g, dtype=torch.float32)
+    ag, au = torch.randn(6, 2, generator=g), torch.randn(6, 2, generator=g)
+    bg, bu = torch.randn(2, 9, generator=g), torch.randn(2, 9, generator=g)
+    rg, ru = torch.rand(9, generator=g), torch.rand(9, generator=g)
+    real = (~rows & ~padding).reshape(-1)
+    want = selection.mlp_scores(x[:, real], ag, bg, au, bu, rg, ru,
+                                compute_split(torch.zeros(1, int(real.sum()), dtype=torch.bool))).double()
+    got = selection.mlp_scores(x, ag, bg, au, bu, rg, ru, split).double()
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    # a kept set with fewer dense rows than the row has does not fit: the row's own rounding
+    assert compute_split(rows, padding, bucket, filler, kept=((n_dense - 1, n),)).capacities == own.capacities
