@@ -244,6 +244,18 @@ def test_dropout_and_checkpointing_run_ungraphed(monkeypatch, caplog, blocker):
     assert ("random masks" if blocker == "dropout" else "recomputes the layers") in caplog.text
 
 
+def _one_set_serves_all(monkeypatch, batches, bucket):
+    """Ungraphed training, and training with `graph_bucket` and the stand-in capture: the
+    same; one key captured at forward 2 and replayed from then on. (graphed, plain, key)."""
+    plain = _train(False, batches)
+    graphed = _train(True, batches, monkeypatch=monkeypatch, stand_in=StandIn(), graph_bucket=bucket)
+    _assert_same(graphed, plain, rtol=1e-4, atol=1e-5)
+    g = graphed[3]
+    assert g.captures == 1 and g.graphed_forwards == len(batches) - 1 and len(g.sets) == 1
+    (key,) = g.sets
+    return graphed, plain, key
+
+
 def test_buckets_let_one_capture_serve_varying_lengths(monkeypatch):
     """Two rows of lengths 10-13 (no padding, so not padding-free) and 2-3 output tokens
     per row; a bucket of 32 tokens pads each row to 16 and rounds the dense rows to 8: one
@@ -251,12 +263,7 @@ def test_buckets_let_one_capture_serve_varying_lengths(monkeypatch):
     training on the unpadded batches."""
     shapes = [(10, 3), (12, 2), (11, 3), (13, 3), (12, 2), (10, 2)]
     batches = [batch(t=t, n_out=n, seed=50 + i) for i, (t, n) in enumerate(shapes)]
-    plain = _train(False, batches)
-    graphed = _train(True, batches, monkeypatch=monkeypatch, stand_in=StandIn(), graph_bucket=32)
-    _assert_same(graphed, plain, rtol=1e-4, atol=1e-5)
-    g = graphed[3]
-    assert g.captures == 1 and g.graphed_forwards == len(shapes) - 1 and len(g.sets) == 1
-    (key,) = g.sets
+    key = _one_set_serves_all(monkeypatch, batches, 32)[2]
     # [B, T] padded to 32 // B = 16; dense rows rounded up to a multiple of 32 // DENSE_SHARE
     # = 8, context rows to 32 - 8 + 7 (the most that 1-8 dense rows leave)
     assert key[0] == (2, 16) and key[2] == (8, 31) and key[4] is None
@@ -342,13 +349,8 @@ def test_buckets_serve_filled_rows(monkeypatch, rows):
     else:
         batches = [packed_row(r, seed=90 + i) for i, r in enumerate(PACKED_LENGTHS)]
         bucket, counter, key_want = 32, "varlen_forwards", ((1, 32), (8, 31), SEQUENCE_STEP + FILLER_SEQUENCES)
-    plain = _train(False, batches)
-    graphed = _train(True, batches, monkeypatch=monkeypatch, stand_in=StandIn(), graph_bucket=bucket)
-    _assert_same(graphed, plain, rtol=1e-4, atol=1e-5)
+    graphed, plain, key = _one_set_serves_all(monkeypatch, batches, bucket)
     assert graphed[2][counter] == plain[2][counter] == len(batches)
-    g = graphed[3]
-    assert g.captures == 1 and g.graphed_forwards == len(batches) - 1 and len(g.sets) == 1
-    (key,) = g.sets
     assert (key[0], key[2], key[4]) == key_want
 
 
@@ -360,13 +362,7 @@ def test_a_kept_set_serves_fewer_dense_rows_through_the_filler(monkeypatch):
     on the exact rows."""
     outputs = (4, 4, 2, 4, 2, 2)
     batches = [padded_sft_batch(n, 12, n_out=k, seed=110 + i) for i, (n, k) in enumerate(zip(PADDED_LENGTHS, outputs))]
-    plain = _train(False, batches)
-    graphed = _train(True, batches, monkeypatch=monkeypatch, stand_in=StandIn(), graph_bucket=16)
-    _assert_same(graphed, plain, rtol=1e-4, atol=1e-5)
-    g = graphed[3]
-    assert g.captures == 1 and g.graphed_forwards == len(batches) - 1 and len(g.sets) == 1
-    (key,) = g.sets
-    assert key[2] == (12, 23)
+    assert _one_set_serves_all(monkeypatch, batches, 16)[2][2] == (12, 23)
 
 
 @pytest.mark.skipif(not CUDA, reason="CUDA graphs need a GPU")
