@@ -148,19 +148,20 @@ class _Watch(torch.autograd.Function):
         return g
 
 
-class _OwnGrad(torch.autograd.Function):
-    """Identity on a parameter passed to a replay; its backward copies the gradient. A
-    replayed backward returns gradients in static buffers, and a parameter whose `.grad`
-    is None takes the buffer itself as `.grad` (pytorch/pytorch#181723): the next replay
-    would overwrite it, and gradient accumulation would sum a corrupted value."""
+class _OwnGrads(torch.autograd.Function):
+    """Identity on the parameters passed to a replay (one node per layer); its backward
+    copies their gradients. A replayed backward returns gradients in static buffers, and a
+    parameter whose `.grad` is None takes the buffer itself as `.grad`
+    (pytorch/pytorch#181723): the next replay would overwrite it, and gradient
+    accumulation would sum a corrupted value."""
 
     @staticmethod
-    def forward(ctx, p):
-        return p.view_as(p)
+    def forward(ctx, *params):
+        return tuple(p.view_as(p) for p in params)
 
     @staticmethod
-    def backward(ctx, g):
-        return g.clone()
+    def backward(ctx, *grads):
+        return tuple(None if g is None else g.clone() for g in grads)
 
 
 class _GraphSet:
@@ -303,7 +304,8 @@ class LayerGraphs:
             if same_signature(sig, want):
                 # the parameters as they are now: one replaced since the capture gets its
                 # values copied into the captured storage, and its gradient
-                out = fn(*tensors, *(_OwnGrad.apply(p) for p in layer_fn.params()))
+                params = layer_fn.params()
+                out = fn(*tensors, *(_OwnGrads.apply(*params) if params else ()))
                 self._count(graphs.flops.get(prefix))
                 if self._unwatched:
                     self._unwatched = False

@@ -89,6 +89,13 @@ class Unpadded:
     length: int
     real: torch.Tensor | None = None
 
+    @property
+    def filler(self) -> int:
+        """The row's trailing filler tokens."""
+        if self.real is None:
+            return 0
+        return self.real.shape[1] - (self.index.numel() if self.index is not None else self.length)
+
     def repad(self, logits: torch.Tensor) -> torch.Tensor:
         """[1, C, V] -> [batch, length, V], zeros at the padding (differentiable)."""
         if self.index is None:

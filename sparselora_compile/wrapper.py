@@ -285,12 +285,15 @@ class SparseLoRAModel(torch.nn.Module):
         its trailing filler rows and the (dense, context) capacities of the kept graph
         sets of its shape, so that the split can take one of them (row_split.compute_split)."""
         u = self._unpadded
-        if self.graphs is None or u is None or u.real is None or not self.graphs.sets:
+        if self.graphs is None or u is None or not u.filler or not self.graphs.sets:
             return 0, ()
-        ids, starts = kwargs["input_ids"], kwargs.get(packing.SEQ_STARTS)
-        sequences = starts.numel() - 1 if self._packed_now and isinstance(starts, torch.Tensor) else None
-        real = u.index.numel() if u.index is not None else u.length
-        return ids.shape[1] - real, self.graphs.capacities_for(tuple(ids.shape), ids.device, sequences)
+        ids = kwargs["input_ids"]
+        sequences = self._sequences(kwargs.get(packing.SEQ_STARTS))
+        return u.filler, self.graphs.capacities_for(tuple(ids.shape), ids.device, sequences)
+
+    def _sequences(self, starts) -> int | None:
+        """The count of sequences of the running forward's packed rows (None: not packed)."""
+        return starts.numel() - 1 if self._packed_now and isinstance(starts, torch.Tensor) else None
 
     def _graph_key(self, run: Run, model: torch.nn.Module, starts=None):
         """What a CUDA graph set of the layers is valid for (None: no graphs this forward):
@@ -302,7 +305,7 @@ class SparseLoRAModel(torch.nn.Module):
             return None
         rows = run.shared_rows[1]
         split = run.splits.of(rows)
-        sequences = starts.numel() - 1 if self._packed_now and isinstance(starts, torch.Tensor) else None
+        sequences = self._sequences(starts)
         return (tuple(rows.shape), rows.device, split.capacities, split.score_weight is not None, sequences)
 
     @staticmethod
