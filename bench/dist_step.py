@@ -280,7 +280,8 @@ def env(device) -> dict:
     info = {"torch": torch.__version__, "transformers": transformers.__version__,
             "peft": peft.__version__, "python": platform.python_version(),
             "sparselora_compile": slc.__version__, "device": str(device),
-            "env": {k: os.environ.get(k) for k in NO_MULTICAST}}
+            "env": {k: os.environ.get(k) for k in (*NO_MULTICAST, "OMP_NUM_THREADS")},
+            "intra_op_threads": torch.get_num_threads()}
     if device.type == "cuda":
         import triton
         info.update(gpu=torch.cuda.get_device_name(), gpus=torch.cuda.device_count(),
@@ -299,17 +300,20 @@ def merge(paths, out):
             r.setdefault("cudnn_attention", shape.get("cudnn_attention", True))
             r.setdefault("warm_stream", False)
             r.setdefault("same_lengths", False)
+            r.setdefault("omp_num_threads", run.get("env", {}).get("env", {}).get("OMP_NUM_THREADS"))
     timed_all = [r for run in runs for r in run["timed"] if "error" not in r]
 
     def key(r, engine=None, variant=None):
+        single = (engine or r["engine"]) == "single"  # one rank: --same-lengths changes nothing
         return (engine or r["engine"], variant or r["variant"], r["batches"],
-                1 if engine == "single" else r["fsdp_unit"], r["cudnn_attention"], r["warm_stream"],
-                r["same_lengths"])
+                1 if single else r["fsdp_unit"], r["cudnn_attention"], r["warm_stream"],
+                None if single else r["same_lengths"], None if single else r["omp_num_threads"])
 
     def label(r):
         unit = f" ({r['fsdp_unit']} layers per unit)" if r["fsdp_unit"] > 1 else ""
         notes = (("" if r["cudnn_attention"] else ", no cuDNN") + (", seen lengths" if r["warm_stream"] else "")
-                 + (", same lengths on every rank" if r["same_lengths"] else ""))
+                 + (", same lengths on every rank" if r["same_lengths"] else "")
+                 + (f", OMP_NUM_THREADS={r['omp_num_threads']}" if r["omp_num_threads"] else ""))
         return f"{r['engine']}{unit}/{r['variant']} [{r['batches']}{notes}]"
 
     by = {key(r): r for r in timed_all}
