@@ -32,7 +32,9 @@ wrapper.py) keys stand for shape buckets, so a handful of sets serves a dataset 
 varying lengths. At most MAX_SETS sets are kept, and a model captures at most
 MAX_CAPTURES times; with MAX_SETS kept, a key is captured only if it came more often in
 the window than the rarest kept one, which it replaces (else two common keys and a rare
-one would evict each other, a capture costing a step or more each time). A failing
+one would evict each other, a capture costing a step or more each time). Graphs that do
+not pay (replays no faster than ungraphed forwards: the GPU sets the pace, see
+graph_payoff.py) are dropped and turned off, with a warning. A failing
 capture (a layer that syncs with the host, say) turns graphs off with a warning; training
 goes on ungraphed.
 """
@@ -47,6 +49,8 @@ from collections import OrderedDict, deque
 
 import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from sparselora_compile.graph_payoff import Payoff
 
 log = logging.getLogger("sparselora_compile")
 
@@ -200,6 +204,7 @@ class LayerGraphs:
         self.graphed_forwards = 0
         self.capture_s = 0.0       # wall time spent capturing
         self.pool = None           # the memory pool every set's graphs share
+        self.payoff = Payoff()     # whether replays are faster than ungraphed forwards
 
     def stats(self) -> dict:
         """Training forwards that replayed graphs, captures made and their wall time, graph
@@ -210,7 +215,8 @@ class LayerGraphs:
         return {"graphed_forwards": self.graphed_forwards, "captures": self.captures,
                 "capture_s": round(self.capture_s, 3), "sets": len(self.sets), "disabled": self.disabled,
                 "window": {"forwards": len(self.recent), "keys": len(set(self.recent)),
-                           "graphed": sum(self.recent_graphed)}}
+                           "graphed": sum(self.recent_graphed)},
+                "payoff": self.payoff.figures and {**self.payoff.figures, "pays": self.payoff.verdict is True}}
 
     def capacities_for(self, shape: tuple, device, sequences) -> tuple:
         """The (dense, context) token-split capacities of the kept sets captured for rows of
@@ -236,7 +242,12 @@ class LayerGraphs:
         this forward must not use graphs."""
         self.active, self.recording = None, None
         self.last_key = key
+        self.payoff.abandon()
         if key is None or self.disabled or self.needs_cuda and key[1].type != "cuda":
+            return
+        verdict = self.payoff.judge()
+        if isinstance(verdict, str):
+            self._turn_off(verdict)
             return
         blocker = self._blocker()
         if blocker:
@@ -254,6 +265,7 @@ class LayerGraphs:
             self._capture(self.recorded[0])
             graphs = self.sets.get(key)
         self.recent_graphed.append(graphs is not None)
+        self.payoff.start(key, graphs is not None)
         if graphs is None:
             self.recording = {}
             return
@@ -265,6 +277,7 @@ class LayerGraphs:
     def end(self) -> None:
         """After a forward: keep the layer arguments and the token split it recorded (for a
         capture of its key)."""
+        self.payoff.stop()
         if self.recording:
             rows = self.run.shared_rows[1]
             self.recorded = (self.last_key, self.recording, rows.clone(),
@@ -281,6 +294,13 @@ class LayerGraphs:
         """The kept set's key that came least often in the window (the least recently
         used of those)."""
         return min(self.sets, key=self.recent.count)  # self.sets runs from least recently used
+
+    def _turn_off(self, reason: str) -> None:
+        self.disabled = f"graphs did not pay: {reason}"
+        self.sets.clear()  # their static tensors and graphs go back to the allocator
+        self.recorded = None
+        log.warning("sparselora: cuda_graphs: %s; the layers run ungraphed from now on and the "
+                    "graph sets are dropped (leave cuda_graphs off for batches like these)", reason)
 
     def _blocker(self) -> str | None:
         if self._dropout and any(m.training for layer, _ in self.calls.values()
@@ -403,7 +423,9 @@ class LayerGraphs:
         # the graphs read cached tensors by address: hold them while the graphs exist
         graphs.keep = self.run.joined.tensors()
         while len(self.sets) >= MAX_SETS:
-            del self.sets[self._rarest()]
+            evicted = self._rarest()
+            del self.sets[evicted]
+            self.payoff.forget(evicted)
         self.sets[key] = graphs
         log.info("sparselora: captured %d decoder layers in CUDA graphs in %.1f s "
                  "(key %d of at most %d)", len(order), time.perf_counter() - t0,

@@ -13,6 +13,7 @@ import torch
 import sparselora_compile as slc
 from sparselora_compile import cuda_graphs
 from sparselora_compile.cuda_graphs import LayerGraphs
+from sparselora_compile.graph_payoff import GpuSpan, Payoff
 from sparselora_compile.runtime.run import Run
 
 from llama import ALL, batch, tiny_llama
@@ -129,7 +130,7 @@ def test_capture_on_the_second_forward_of_a_key_then_replay(monkeypatch):
     stats = g.stats()
     assert stats.pop("capture_s") >= 0
     assert stats == {"graphed_forwards": 4, "captures": 1, "sets": 1, "disabled": None,
-                     "window": {"forwards": 5, "keys": 1, "graphed": 4}}
+                     "window": {"forwards": 5, "keys": 1, "graphed": 4}, "payoff": None}
     # layer 0's input (the frozen embedding's output) needs no grad, the others do
     assert stand_in.calls[0][0][0] is False and all(s[0] for s in stand_in.calls[0][1:])
     # A captured backward must not reach gradient accumulators made on the default stream
@@ -152,6 +153,45 @@ def test_accumulated_gradients_survive_the_next_replay(monkeypatch):
     graphed = _train(True, batches, monkeypatch=monkeypatch, stand_in=StaticGrads(), accumulate=2)
     assert graphed[3].graphed_forwards == 7
     _assert_same(graphed, plain)
+
+
+class FakeSpan:
+    """A forward's GPU span without a GPU: `ms_of[graphed]` milliseconds."""
+    ms_of = {True: 10.0, False: 10.0}
+
+    def __init__(self, device, graphed):
+        self.graphed = graphed
+
+    def close(self):
+        pass
+
+    def ms(self):
+        return self.ms_of[self.graphed]
+
+
+@pytest.mark.parametrize("replayed_ms", [8.0, 9.5])
+def test_graphs_whose_replays_are_not_faster_are_dropped(monkeypatch, caplog, replayed_ms):
+    """Replays that take 95% of an ungraphed forward's GPU span (the GPU sets the pace)
+    turn graphs off and drop their sets; replays at 80% keep them, and timing stops."""
+    monkeypatch.setattr(Payoff, "span", FakeSpan)
+    monkeypatch.setattr(FakeSpan, "ms_of", {True: replayed_ms, False: 10.0})
+    # forwards that compile are not timed: forward 1, and here the first replay (the
+    # stand-in runs the layers). Key 5 is timed ungraphed at forward 2, captured at 3,
+    # timed replaying at 4-6, and judged at 7
+    sizes = (3, 5, 5, 5, 5, 5, 5)
+    batches = [batch(t=12, n_out=n, seed=60 + i) for i, n in enumerate(sizes)]
+    plain = _train(False, batches)
+    with caplog.at_level(logging.WARNING, logger="sparselora_compile"):
+        graphed = _train(True, batches, monkeypatch=monkeypatch, stand_in=StandIn())
+    _assert_same(graphed, plain)
+    g, pays = graphed[3], replayed_ms == 8.0
+    assert g.stats()["payoff"] == {"replayed_ms": replayed_ms, "ungraphed_ms": 10.0, "pays": pays}
+    if pays:
+        assert g.graphed_forwards == 5 and len(g.sets) == 1 and g.disabled is None
+        assert "did not pay" not in caplog.text
+    else:
+        assert g.graphed_forwards == 4 and not g.sets and "9.5 ms of GPU time against 10.0" in g.disabled
+        assert caplog.text.count("graph sets are dropped") == 1
 
 
 def test_a_new_split_runs_ungraphed_until_it_repeats(monkeypatch):
@@ -380,6 +420,21 @@ def test_graph_replay_matches_ungraphed_training_on_cuda(dtype):
     _assert_same(graphed, plain, **tol)
     assert graphed[2] == plain[2]
     assert g.captures == 1 and g.graphed_forwards == 6
+
+
+@pytest.mark.skipif(not CUDA, reason="CUDA events need a GPU")
+def test_a_gpu_span_times_the_kernels_queued_inside_it():
+    x = torch.randn(2048, 2048, device="cuda")
+    torch.cuda.synchronize()
+    short = GpuSpan(x.device, graphed=False)
+    x @ x
+    short.close()
+    long = GpuSpan(x.device, graphed=False)
+    for _ in range(20):
+        x @ x
+    long.close()
+    torch.cuda.synchronize()
+    assert 0 < short.ms() < long.ms()
 
 
 @pytest.mark.skipif(not CUDA, reason="CUDA graphs need a GPU")

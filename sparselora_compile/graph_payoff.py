@@ -1,0 +1,105 @@
+"""Whether CUDA graphs pay for this model and these batches, measured while training.
+
+A replay saves the host the time to queue a layer's kernels; it saves nothing when the
+GPU, not the host, sets the step's pace (long packed rows on a fast host, say), and then
+the graph sets only cost captures and memory. So a forward's GPU span (an event at its
+start, another at its end) is timed for the keys that have graphs: ungraphed before the
+capture, replayed after. The span of an ungraphed forward is the longer of its host
+queueing and its kernels; a replay's is its kernels. A forward during which Dynamo
+compiled is not timed (its host time would flatter the graphs). Once a key has TIMED
+replays and an ungraphed forward, the median replay is compared with the fastest
+ungraphed one: under PAYOFF of it (a margin above the noise of first-seen shapes), the
+graphs pay and timing stops; else `LayerGraphs` turns graphs off and drops their sets.
+"""
+from __future__ import annotations
+
+import statistics
+from collections import deque
+
+import torch
+from torch._dynamo.utils import counters
+
+PAYOFF = 0.9   # a replayed forward must take less than this share of an ungraphed one
+TIMED = 3      # replays of a key timed before the verdict
+
+
+class GpuSpan:
+    """The GPU time from a forward's start to its end, readable once the GPU got there."""
+
+    def __init__(self, device: torch.device, graphed: bool):
+        self.start = torch.cuda.Event(enable_timing=True)
+        self.start.record()
+        self.end = None
+
+    def close(self) -> None:
+        self.end = torch.cuda.Event(enable_timing=True)
+        self.end.record()
+
+    def ms(self) -> float | None:
+        if self.end is None or not self.end.query():
+            return None
+        return self.start.elapsed_time(self.end)
+
+
+class Payoff:
+    """The timings of one model's forwards per graph key, and the verdict once there is
+    one: None (still timing), True (graphs pay) or the reason they do not."""
+
+    span = GpuSpan  # a class attribute, so that CPU tests can time with a stand-in
+
+    def __init__(self):
+        self.verdict: bool | str | None = None
+        self.figures: dict | None = None  # the compared medians, once judged
+        self._open = None                 # (key, graphed, span) of the running forward
+        self._pending: deque = deque()    # closed spans the GPU has not reached yet
+        self._ms: dict = {}               # key -> {True: replays' ms, False: ungraphed ms}
+
+    def abandon(self) -> None:
+        """A forward begins: a span left open by one that failed midway is not timed."""
+        self._open = None
+
+    def start(self, key, graphed: bool) -> None:
+        """A training forward of `key` begins; `graphed`: it replays."""
+        if self.verdict is None and (key[1].type == "cuda" or self.span is not GpuSpan):
+            self._open = (key, graphed, self.span(key[1], graphed), compiled())
+
+    def stop(self) -> None:
+        if self._open is not None:
+            key, graphed, span, before = self._open
+            span.close()
+            if compiled() == before:
+                self._pending.append((key, graphed, span))
+            self._open = None
+
+    def judge(self) -> bool | str | None:
+        """Reads the spans the GPU has reached; returns the verdict (see the class)."""
+        while self._pending and self.verdict is None:
+            key, graphed, span = self._pending[0]
+            ms = span.ms()
+            if ms is None:
+                break
+            self._pending.popleft()
+            times = self._ms.setdefault(key, {True: deque(maxlen=8), False: deque(maxlen=8)})
+            times[graphed].append(ms)
+            if len(times[True]) >= TIMED and times[False]:
+                self._decide(statistics.median(times[True]), min(times[False]))
+        return self.verdict
+
+    def forget(self, key) -> None:
+        """`key`'s graphs were evicted: its replays so far no longer decide anything."""
+        self._ms.get(key, {}).get(True, []).clear()
+
+    def _decide(self, replayed: float, ungraphed: float) -> None:
+        self.figures = {"replayed_ms": round(replayed, 2), "ungraphed_ms": round(ungraphed, 2)}
+        if replayed < PAYOFF * ungraphed:
+            self.verdict = True
+        else:
+            self.verdict = (f"a replayed forward took {replayed:.1f} ms of GPU time against "
+                            f"{ungraphed:.1f} ms ungraphed: the GPU, not the host, sets the pace")
+        self._pending.clear()
+        self._ms.clear()
+
+
+def compiled() -> int:
+    """Graphs Dynamo has compiled in this process."""
+    return counters["stats"]["unique_graphs"]
