@@ -33,7 +33,7 @@ varying lengths. At most MAX_SETS sets are kept, and a model captures at most
 MAX_CAPTURES times; with MAX_SETS kept, a key is captured only if it came more often in
 the window than the rarest kept one, which it replaces (else two common keys and a rare
 one would evict each other, a capture costing a step or more each time). Graphs that do
-not pay (replays no faster than ungraphed forwards: the GPU sets the pace, see
+not pay (replayed steps no faster than ungraphed ones: the GPU sets the pace, see
 graph_payoff.py) are dropped and turned off, with a warning. A failing
 capture (a layer that syncs with the host, say) turns graphs off with a warning; training
 goes on ungraphed.
@@ -204,7 +204,7 @@ class LayerGraphs:
         self.graphed_forwards = 0
         self.capture_s = 0.0       # wall time spent capturing
         self.pool = None           # the memory pool every set's graphs share
-        self.payoff = Payoff()     # whether replays are faster than ungraphed forwards
+        self.payoff = Payoff()     # whether replayed steps are faster than ungraphed ones
 
     def stats(self) -> dict:
         """Training forwards that replayed graphs, captures made and their wall time, graph
@@ -242,7 +242,7 @@ class LayerGraphs:
         this forward must not use graphs."""
         self.active, self.recording = None, None
         self.last_key = key
-        self.payoff.abandon()
+        self.payoff.boundary()
         if key is None or self.disabled or self.needs_cuda and key[1].type != "cuda":
             return
         verdict = self.payoff.judge()
@@ -277,7 +277,6 @@ class LayerGraphs:
     def end(self) -> None:
         """After a forward: keep the layer arguments and the token split it recorded (for a
         capture of its key)."""
-        self.payoff.stop()
         if self.recording:
             rows = self.run.shared_rows[1]
             self.recorded = (self.last_key, self.recording, rows.clone(),

@@ -2,12 +2,12 @@
 
 A replay saves the host the time to queue a layer's kernels; it saves nothing when the
 GPU, not the host, sets the step's pace (long packed rows on a fast host, say), and then
-the graph sets only cost captures and memory. So a forward's GPU span (an event at its
-start, another at its end) is timed for the keys that have graphs: ungraphed before the
-capture, replayed after. The span of an ungraphed forward is the longer of its host
-queueing and its kernels; a replay's is its kernels. A forward during which Dynamo
+the graph sets only cost captures and memory. So each training step is timed on the GPU,
+from an event at its forward's start to one at the next training forward's start
+(forward, backward, optimizer and the host's time in between: what a user waits for),
+ungraphed before its key's capture and replayed after. A step during which Dynamo
 compiled is not timed (its host time would flatter the graphs). Once a key has TIMED
-replays and an ungraphed forward, the median replay is compared with the fastest
+replayed steps and an ungraphed one, their median is compared with the fastest
 ungraphed one: under PAYOFF of it (a margin above the noise of first-seen shapes), the
 graphs pay and timing stops; else `LayerGraphs` turns graphs off and drops their sets.
 """
@@ -19,12 +19,12 @@ from collections import deque
 import torch
 from torch._dynamo.utils import counters
 
-PAYOFF = 0.9   # a replayed forward must take less than this share of an ungraphed one
-TIMED = 3      # replays of a key timed before the verdict
+PAYOFF = 0.9   # a replayed step must take less than this share of an ungraphed one
+TIMED = 3      # replayed steps of a key timed before the verdict
 
 
 class GpuSpan:
-    """The GPU time from a forward's start to its end, readable once the GPU got there."""
+    """The GPU time between two events, readable once the GPU got to the second."""
 
     def __init__(self, device: torch.device, graphed: bool):
         self.start = torch.cuda.Event(enable_timing=True)
@@ -42,34 +42,31 @@ class GpuSpan:
 
 
 class Payoff:
-    """The timings of one model's forwards per graph key, and the verdict once there is
-    one: None (still timing), True (graphs pay) or the reason they do not."""
+    """The timings of one model's training steps per graph key, and the verdict once there
+    is one: None (still timing), True (graphs pay) or the reason they do not."""
 
     span = GpuSpan  # a class attribute, so that CPU tests can time with a stand-in
 
     def __init__(self):
         self.verdict: bool | str | None = None
-        self.figures: dict | None = None  # the compared medians, once judged
-        self._open = None                 # (key, graphed, span) of the running forward
+        self.figures: dict | None = None  # the compared times, once judged
+        self._open = None                 # (key, graphed, span, compiles) of the running step
         self._pending: deque = deque()    # closed spans the GPU has not reached yet
         self._ms: dict = {}               # key -> {True: replays' ms, False: ungraphed ms}
 
-    def abandon(self) -> None:
-        """A forward begins: a span left open by one that failed midway is not timed."""
-        self._open = None
-
-    def start(self, key, graphed: bool) -> None:
-        """A training forward of `key` begins; `graphed`: it replays."""
-        if self.verdict is None and (key[1].type == "cuda" or self.span is not GpuSpan):
-            self._open = (key, graphed, self.span(key[1], graphed), compiled())
-
-    def stop(self) -> None:
+    def boundary(self) -> None:
+        """A training forward begins: the previous one's step, if timed, ends here."""
         if self._open is not None:
             key, graphed, span, before = self._open
             span.close()
             if compiled() == before:
                 self._pending.append((key, graphed, span))
             self._open = None
+
+    def start(self, key, graphed: bool) -> None:
+        """The step of a training forward of `key` begins; `graphed`: it replays."""
+        if self.verdict is None and (key[1].type == "cuda" or self.span is not GpuSpan):
+            self._open = (key, graphed, self.span(key[1], graphed), compiled())
 
     def judge(self) -> bool | str | None:
         """Reads the spans the GPU has reached; returns the verdict (see the class)."""
@@ -94,7 +91,7 @@ class Payoff:
         if replayed < PAYOFF * ungraphed:
             self.verdict = True
         else:
-            self.verdict = (f"a replayed forward took {replayed:.1f} ms of GPU time against "
+            self.verdict = (f"a replayed step took {replayed:.1f} ms on the GPU against "
                             f"{ungraphed:.1f} ms ungraphed: the GPU, not the host, sets the pace")
         self._pending.clear()
         self._ms.clear()

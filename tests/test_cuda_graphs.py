@@ -171,13 +171,13 @@ class FakeSpan:
 
 @pytest.mark.parametrize("replayed_ms", [8.0, 9.5])
 def test_graphs_whose_replays_are_not_faster_are_dropped(monkeypatch, caplog, replayed_ms):
-    """Replays that take 95% of an ungraphed forward's GPU span (the GPU sets the pace)
-    turn graphs off and drop their sets; replays at 80% keep them, and timing stops."""
+    """Replayed steps that take 95% of an ungraphed step's GPU time (the GPU sets the
+    pace) turn graphs off and drop their sets; at 80% they keep them, and timing stops."""
     monkeypatch.setattr(Payoff, "span", FakeSpan)
     monkeypatch.setattr(FakeSpan, "ms_of", {True: replayed_ms, False: 10.0})
-    # forwards that compile are not timed: forward 1, and here the first replay (the
-    # stand-in runs the layers). Key 5 is timed ungraphed at forward 2, captured at 3,
-    # timed replaying at 4-6, and judged at 7
+    # steps that compile are not timed: step 1, and here the first replay (the stand-in
+    # runs the layers). Key 5 is timed ungraphed at step 2, captured at 3, timed
+    # replaying at 4-6, and judged when step 7 begins
     sizes = (3, 5, 5, 5, 5, 5, 5)
     batches = [batch(t=12, n_out=n, seed=60 + i) for i, n in enumerate(sizes)]
     plain = _train(False, batches)
@@ -190,7 +190,7 @@ def test_graphs_whose_replays_are_not_faster_are_dropped(monkeypatch, caplog, re
         assert g.graphed_forwards == 5 and len(g.sets) == 1 and g.disabled is None
         assert "did not pay" not in caplog.text
     else:
-        assert g.graphed_forwards == 4 and not g.sets and "9.5 ms of GPU time against 10.0" in g.disabled
+        assert g.graphed_forwards == 4 and not g.sets and "9.5 ms on the GPU against 10.0" in g.disabled
         assert caplog.text.count("graph sets are dropped") == 1
 
 
