@@ -1,0 +1,108 @@
+"""How many training steps CUDA graph sets would serve on a batch stream, without a GPU.
+
+A set of graphs serves one key (the filled row's shape, its token-split capacities and
+sequence count), so what share of a stream replays depends on the stream's lengths and
+on the keeping policy (`graph_bucket`, MAX_SETS, MAX_CAPTURES), not on the GPU. This runs
+the real policy (`slc.compile(..., cuda_graphs=True, graph_bucket=...)`) on a tiny Llama
+on CPU, with the capture replaced by a stand-in that returns the layers as they are, over
+the benches' batch streams (bench/batches.py, the seeds of train_step.py), and reports
+per mode: steps that replayed, captures, distinct keys and how often each came.
+
+    python bench/graph_keys.py --batches padded long packed --steps 60 200 \\
+        --sets 3 4 6 --out bench/results/graph_keys_cpu.json
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import batches as user_batches  # noqa: E402
+
+import sparselora_compile as slc  # noqa: E402
+from sparselora_compile import cuda_graphs  # noqa: E402
+from sparselora_compile.cuda_graphs import LayerGraphs  # noqa: E402
+
+SEED = 7      # train_step.py's batch seed
+WARMUP = 2    # train_step.py's warm-up steps per mode, before the timed ones
+VOCAB = 256
+
+
+def tiny_model():
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=8192,
+                      use_cache=False)
+    return get_peft_model(LlamaForCausalLM(cfg), LoraConfig(r=4, target_modules=["q_proj", "k_proj",
+                                                                                 "v_proj", "o_proj"]))
+
+
+def stand_in(fns, samples, **kwargs):
+    """make_graphed_callables without a GPU: the layer functions, unchanged."""
+    return fns
+
+
+def run(mode: str, steps: int, bucket: int, sets: int) -> dict:
+    torch._dynamo.reset()
+    cuda_graphs.MAX_SETS = sets
+    model = tiny_model()
+    wrapped = slc.compile(model, slc.Policy(mlp=0.5, attention=0.5), inner="aot_eager",
+                          cuda_graphs=True, graph_bucket=bucket)
+    graphs = wrapped.graphs
+    keys, graphed = collections.Counter(), []
+    t0 = time.perf_counter()
+    for i, b in enumerate(user_batches.make_batches(mode, VOCAB, WARMUP + steps, seed=SEED)):
+        before = graphs.graphed_forwards
+        wrapped(**b).loss.backward()
+        if i >= WARMUP:
+            keys[repr(graphs.last_key[0]) + " " + repr(graphs.last_key[2:])] += 1
+            graphed.append(graphs.graphed_forwards > before)
+    stats = graphs.stats()
+    return {"mode": mode, "steps": steps, "graph_bucket": bucket, "max_sets": sets,
+            "max_captures": cuda_graphs.MAX_CAPTURES, "graphed_steps": sum(graphed),
+            "graphed_share": round(sum(graphed) / steps, 3), "captures": stats["captures"],
+            "distinct_keys": len(keys), "keys": dict(keys.most_common()),
+            "steps_graphed": graphed, "wall_s": round(time.perf_counter() - t0, 1)}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--batches", nargs="+", default=["padded", "long", "packed"],
+                    choices=[m for m in user_batches.MODES if m != "fixed"])
+    ap.add_argument("--steps", nargs="+", type=int, default=[60])
+    ap.add_argument("--bucket", nargs="+", type=int, default=[1024], help="graph_bucket values")
+    ap.add_argument("--sets", nargs="+", type=int, default=[cuda_graphs.MAX_SETS], help="MAX_SETS values")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    logging.getLogger("sparselora_compile").setLevel(logging.ERROR)
+    LayerGraphs.needs_cuda, LayerGraphs.make_graphed = False, staticmethod(stand_in)
+    results = []
+    for steps in args.steps:
+        for mode in args.batches:
+            for bucket in args.bucket:
+                for sets in args.sets:
+                    r = run(mode, steps, bucket, sets)
+                    results.append(r)
+                    print(f"{mode:7s} steps {steps:4d} bucket {bucket:5d} sets {sets}: "
+                          f"{r['graphed_steps']:4d} graphed ({r['graphed_share']:.0%}), "
+                          f"{r['captures']} captures, {r['distinct_keys']} keys  [{r['wall_s']} s]",
+                          flush=True)
+    if args.out:
+        out = {"command": "python " + " ".join(sys.argv), "torch": torch.__version__,
+               "what": "CPU stand-in for the capture: which steps a kept graph set serves, not speed",
+               "seed": SEED, "warmup_steps": WARMUP, "results": results}
+        Path(args.out).write_text(json.dumps(out, indent=1))
+        print("wrote", args.out)
+
+
+if __name__ == "__main__":
+    main()
