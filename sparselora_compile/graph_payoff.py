@@ -8,7 +8,7 @@ from an event at its forward's start to one at the next training forward's start
 ungraphed before its key's capture and replayed after. A step during which Dynamo
 compiled is not timed (its host time would flatter the graphs). Once a key has TIMED
 replayed steps and an ungraphed one, their median is compared with the fastest
-ungraphed one: under PAYOFF of it (a margin above the noise of first-seen shapes), the
+ungraphed one: under PAYOFF of it (a gain above noise), the
 graphs pay and timing stops; else `LayerGraphs` turns graphs off and drops their sets.
 """
 from __future__ import annotations
@@ -19,7 +19,7 @@ from collections import deque
 import torch
 from torch._dynamo.utils import counters
 
-PAYOFF = 0.9   # a replayed step must take less than this share of an ungraphed one
+PAYOFF = 0.95  # a replayed step must take less than this share of an ungraphed one
 TIMED = 3      # replayed steps of a key timed before the verdict
 
 
