@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import json
 import logging
 import sys
@@ -51,27 +52,43 @@ def stand_in(fns, samples, **kwargs):
     return fns
 
 
-def run(mode: str, steps: int, bucket: int, sets: int) -> dict:
-    torch._dynamo.reset()
+@contextlib.contextmanager
+def stand_in_capture(sets: int):
+    """LayerGraphs on CPU with the stand-in and `sets` kept sets, restored afterwards."""
+    saved = LayerGraphs.needs_cuda, LayerGraphs.__dict__["make_graphed"], cuda_graphs.MAX_SETS
+    LayerGraphs.needs_cuda, LayerGraphs.make_graphed = False, staticmethod(stand_in)
     cuda_graphs.MAX_SETS = sets
-    model = tiny_model()
-    wrapped = slc.compile(model, slc.Policy(mlp=0.5, attention=0.5), inner="aot_eager",
-                          cuda_graphs=True, graph_bucket=bucket)
-    graphs = wrapped.graphs
-    keys, graphed = collections.Counter(), []
-    t0 = time.perf_counter()
-    for i, b in enumerate(user_batches.make_batches(mode, VOCAB, WARMUP + steps, seed=SEED)):
-        before = graphs.graphed_forwards
-        wrapped(**b).loss.backward()
-        if i >= WARMUP:
-            keys[repr(graphs.last_key[0]) + " " + repr(graphs.last_key[2:])] += 1
+    try:
+        yield
+    finally:
+        LayerGraphs.needs_cuda, LayerGraphs.make_graphed, cuda_graphs.MAX_SETS = saved
+
+
+def run(mode: str, steps: int, bucket: int, sets: int) -> dict:
+    """`steps` training steps of the `mode` stream after WARMUP; the counts are of those,
+    `step_keys` (each step's key, numbered by first appearance) and `steps_graphed` hold
+    every step, the warm-up first."""
+    torch._dynamo.reset()
+    with stand_in_capture(sets):
+        wrapped = slc.compile(tiny_model(), slc.Policy(mlp=0.5, attention=0.5), inner="aot_eager",
+                              cuda_graphs=True, graph_bucket=bucket)
+        graphs = wrapped.graphs
+        numbers, step_keys, graphed = {}, [], []
+        t0 = time.perf_counter()
+        for b in user_batches.make_batches(mode, VOCAB, WARMUP + steps, seed=SEED):
+            before = graphs.graphed_forwards
+            wrapped(**b).loss.backward()
+            key = repr(graphs.last_key[0]) + " " + repr(graphs.last_key[2:])
+            step_keys.append(numbers.setdefault(key, len(numbers)))
             graphed.append(graphs.graphed_forwards > before)
-    stats = graphs.stats()
+    names = {n: k for k, n in numbers.items()}
+    counts = collections.Counter(step_keys[WARMUP:])
     return {"mode": mode, "steps": steps, "graph_bucket": bucket, "max_sets": sets,
-            "max_captures": cuda_graphs.MAX_CAPTURES, "graphed_steps": sum(graphed),
-            "graphed_share": round(sum(graphed) / steps, 3), "captures": stats["captures"],
-            "distinct_keys": len(keys), "keys": dict(keys.most_common()),
-            "steps_graphed": graphed, "wall_s": round(time.perf_counter() - t0, 1)}
+            "max_captures": cuda_graphs.MAX_CAPTURES, "graphed_steps": sum(graphed[WARMUP:]),
+            "graphed_share": round(sum(graphed[WARMUP:]) / steps, 3), "captures": graphs.captures,
+            "distinct_keys": len(counts), "keys": {names[n]: c for n, c in counts.most_common()},
+            "step_keys": step_keys, "steps_graphed": graphed,
+            "wall_s": round(time.perf_counter() - t0, 1)}
 
 
 def main(argv=None):
@@ -84,7 +101,6 @@ def main(argv=None):
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     logging.getLogger("sparselora_compile").setLevel(logging.ERROR)
-    LayerGraphs.needs_cuda, LayerGraphs.make_graphed = False, staticmethod(stand_in)
     results = []
     for steps in args.steps:
         for mode in args.batches:
