@@ -27,13 +27,14 @@ class GpuSpan:
     """The GPU time between two events, readable once the GPU got to the second."""
 
     def __init__(self, device: torch.device, graphed: bool):
+        self.stream = torch.cuda.current_stream(device)  # the model's device, not the current one
         self.start = torch.cuda.Event(enable_timing=True)
-        self.start.record()
+        self.start.record(self.stream)
         self.end = None
 
     def close(self) -> None:
         self.end = torch.cuda.Event(enable_timing=True)
-        self.end.record()
+        self.end.record(self.stream)
 
     def ms(self) -> float | None:
         if self.end is None or not self.end.query():
