@@ -434,8 +434,9 @@ def compile(model: torch.nn.Module, policy: Policy | None = None, *, regional: b
             padding_free: bool = True, **options) -> SparseLoRAModel:
     """`regional`: compile one decoder layer per distinct plan and reuse it, in place (the
     model itself then trains sparse, see above); `cuda_graphs`: replay those layers as CUDA
-    graphs in training (see above); `graph_bucket` (with cuda_graphs, opt-in; tokens): fill
-    packed rows (padding-free ones, and the caller's) up to multiples of it (pad other
+    graphs in training (see above; they turn themselves off, with a warning, where their
+    replays are not faster than ungraphed steps); `graph_bucket` (with cuda_graphs, opt-in;
+    tokens): fill packed rows (padding-free ones, and the caller's) up to multiples of it (pad other
     batches' lengths to multiples of their share of it per row) and round the token split's dense rows up to multiples of a
     quarter of it, so that graphs captured for one batch serve batches of nearby lengths
     (0, the default: exact shapes; README "CUDA graphs" has what bucketing measured);
