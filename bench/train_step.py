@@ -31,6 +31,8 @@ passed as inductor_config (sl_*) or torch.compile options (inductor*):
     _combo    combo_kernels=True: independent small kernels share one launch
     _noassert size_asserts=False: no stride checks of graph inputs on every call
 Runtime suffixes (sl_* variants), after any Inductor suffix:
+    _attn     min_attention_sparsity_cuda=0: the policy's attention sparsity runs on CUDA
+              too (by default a block below 0.8 stays dense there), for an A/B
     _ctxrows  the sparse MLP's context part over the context rows only
               (`mlp_all_rows_max_k=0`, runtime/sparse_mlp.py), for an A/B in one run
     _graphs   slc.compile(..., cuda_graphs=True): the decoder layers replayed as CUDA graphs
@@ -182,7 +184,7 @@ def split_variant(name: str) -> tuple[str, dict]:
 
 
 GRAPH_BUCKETS = {"_bucket512": 512, "_bucket1024": 1024}
-RUNTIME_SUFFIXES = ("_ctxrows", "_graphs", "_pad8", "_masked", "_novarlen", "_padded", "_unmasked",
+RUNTIME_SUFFIXES = ("_attn", "_ctxrows", "_graphs", "_pad8", "_masked", "_novarlen", "_padded", "_unmasked",
                     "_varlen", *GRAPH_BUCKETS)
 DENSE_FLAGS = {"_unmasked", "_varlen"}  # the runtime flags a dense Inductor baseline takes
 
@@ -727,6 +729,8 @@ def run_variant(name, peft, init_state, streams, args, device, layers, log, res=
                     policy, sparsity={k: v for k, v in policy.sparsity.items() if k.endswith(".mlp")})
         if "_ctxrows" in flags:
             extra["mlp_all_rows_max_k"] = 0
+        if "_attn" in flags:
+            extra["min_attention_sparsity_cuda"] = 0.0
         fn = slc_compile(peft, policy, inner=args.inner, regional=regional,
                          cuda_graphs="_graphs" in flags, pad_to_multiple_of=8 if "_pad8" in flags else 0,
                          graph_bucket=next((GRAPH_BUCKETS[f] for f in flags if f in GRAPH_BUCKETS), 0),
