@@ -72,12 +72,17 @@ def swiglu_grad(dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor) -> tuple[tor
 
 
 # ---- plain-PyTorch references ----
+# They compute in fp32 at least, as the kernels do (fp64 stays fp64).
+
+def _wide(t):
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
 
 def swiglu_reference(g, u):
-    return (torch.nn.functional.silu(g.float()) * u.float()).to(g.dtype)
+    return (torch.nn.functional.silu(_wide(g)) * _wide(u)).to(g.dtype)
 
 
 def swiglu_grad_reference(dh, g, u):
-    dh, gf, uf = dh.float(), g.float(), u.float()
+    dh, gf, uf = _wide(dh), _wide(g), _wide(u)
     s = torch.sigmoid(gf)
     return (dh * uf * s * (1 + gf * (1 - s))).to(g.dtype), (dh * gf * s).to(u.dtype)
