@@ -289,6 +289,12 @@ def env(device) -> dict:
     return info
 
 
+def _tokens_per_s_at_median(timed: dict) -> float:
+    """A step's tokens over the median step time: one slow step (a capture, a stall) moves
+    the mean, not this."""
+    return timed["tokens_per_s"] * timed["mean_ms"] / timed["median_ms"]
+
+
 def merge(paths, out):
     """One file from the 1-GPU and N-GPU launches, with the ratios the issue asks for:
     tokens/s against one GPU, and sparse against dense, per engine and batch stream."""
@@ -317,11 +323,13 @@ def merge(paths, out):
         return f"{r['engine']}{unit}/{r['variant']} [{r['batches']}{notes}]"
 
     by = {key(r): r for r in timed_all}
-    ratios = {}
+    ratios, medians = {}, {}
     for r in by.values():
         one = by.get(key(r, engine="single"))
         if r["engine"] != "single" and one:
             ratios[f"{label(r)}: tokens/s vs one GPU"] = round(r["tokens_per_s"] / one["tokens_per_s"], 3)
+            medians[f"{label(r)}: tokens/s vs one GPU"] = round(
+                _tokens_per_s_at_median(r) / _tokens_per_s_at_median(one), 3)
         if r["variant"].startswith("dense"):
             continue
         for dense in ("dense", "dense_unmasked"):
@@ -332,10 +340,13 @@ def merge(paths, out):
         if r["variant"] != "sparse" and base:
             ratios[f"{label(r)} vs sparse"] = round(base["mean_ms"] / r["mean_ms"], 3)
     merged = {"launches": [{k: v for k, v in run.items() if k != "timed"} for run in runs],
-              "timed": [r for run in runs for r in run["timed"]], "ratios": ratios}
+              "timed": [r for run in runs for r in run["timed"]], "ratios": ratios,
+              "ratios_by_median_step": medians}
     Path(out).write_text(json.dumps(merged, indent=1))
     for k, v in ratios.items():
         print(f"{k}: {v}")
+    for k, v in medians.items():
+        print(f"{k}, by median step: {v}")
 
 
 def main(argv=None):
