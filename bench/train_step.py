@@ -50,12 +50,16 @@ Runtime suffixes (sl_* variants), after any Inductor suffix:
               block-diagonal mask (and padded batches keep their padding), for an A/B
     _padded   slc.compile(..., padding_free=False): right-padded batches keep their padding
               (and run causal attention without their mask), for an A/B of padding_free
+    _suphead  slc.compile(..., supervised_head=True): training batches run the LM head on
+              the supervised positions only
 Runtime suffixes of the dense inductor* baselines:
     _unmasked right-padded training batches lose their attention mask before the call, as
               slc.compile's causal_right_padding does (sparselora_compile/padding.py)
     _varlen   packed rows run variable-length attention and right-padded training batches
               run as one packed row of their real tokens, as slc.compile's varlen_attention
               and padding_free do (sparselora_compile/packing.py)
+    _suphead  training batches run the LM head on the supervised positions only, as
+              slc.compile's supervised_head does (sparselora_compile/supervised_head.py)
 
 Batches (--batches, bench/batches.py, one or several modes): `fixed` (the default) times
 every compiled variant on the fixed batch shapes of --shapes (Math10K: 8 x 512 with 128
@@ -184,9 +188,10 @@ def split_variant(name: str) -> tuple[str, dict]:
 
 
 GRAPH_BUCKETS = {"_bucket512": 512, "_bucket1024": 1024}
-RUNTIME_SUFFIXES = ("_attn", "_ctxrows", "_graphs", "_pad8", "_masked", "_novarlen", "_padded", "_unmasked",
-                    "_varlen", *GRAPH_BUCKETS)
-DENSE_FLAGS = {"_unmasked", "_varlen"}  # the runtime flags a dense Inductor baseline takes
+RUNTIME_SUFFIXES = ("_attn", "_ctxrows", "_graphs", "_pad8", "_masked", "_novarlen", "_padded", "_suphead",
+                    "_unmasked", "_varlen", *GRAPH_BUCKETS)
+DENSE_ONLY = {"_unmasked", "_varlen"}  # what slc.compile does anyway, given to a dense baseline
+DENSE_FLAGS = DENSE_ONLY | {"_suphead"}  # the runtime flags a dense Inductor baseline takes
 
 
 def runtime_flags(name: str) -> tuple[str, set]:
@@ -199,13 +204,13 @@ def variant_name(text: str) -> str:
     stem, flags = runtime_flags(text)
     base, config = split_variant(stem)
     sl = base.startswith("sl_") and "_whole" not in base
-    allowed = set(RUNTIME_SUFFIXES) - DENSE_FLAGS if sl else DENSE_FLAGS if base.startswith("inductor") else set()
+    allowed = set(RUNTIME_SUFFIXES) - DENSE_ONLY if sl else DENSE_FLAGS if base.startswith("inductor") else set()
     if flags & set(GRAPH_BUCKETS) and "_graphs" not in flags:
         raise argparse.ArgumentTypeError(f"variant {text!r}: a _bucket suffix needs _graphs")
     if base not in VARIANTS or (config and base == "eager") or flags - allowed:
         raise argparse.ArgumentTypeError(
             f"unknown variant {text!r}: one of {VARIANTS}, plus any of the suffixes "
-            f"{sorted(INDUCTOR_SUFFIXES)} except on eager, then {sorted(set(RUNTIME_SUFFIXES) - DENSE_FLAGS)} "
+            f"{sorted(INDUCTOR_SUFFIXES)} except on eager, then {sorted(set(RUNTIME_SUFFIXES) - DENSE_ONLY)} "
             f"on regional sl_*, {sorted(DENSE_FLAGS)} on inductor*")
     return text
 
@@ -381,9 +386,21 @@ def varlen(fn, model):
         if unpadded is None:
             return fn(**packing.add_sequence_starts(kwargs)[0])
         out = fn(**kwargs)
-        out["logits"] = unpadded.repad(out.logits)
+        if out.logits is not None:  # None under supervised_head
+            out["logits"] = unpadded.repad(out.logits)
         return out
     return call, undo
+
+
+def supervised_head(fn, model):
+    """`fn` with training batches' LM head on the supervised positions only, as
+    slc.compile(supervised_head=True) does (sparselora_compile/supervised_head.py); (fn, undo)."""
+    from sparselora_compile.supervised_head import SupervisedHead
+    head = SupervisedHead(model)
+
+    def call(**batch):
+        return head.end(fn(**head.begin(batch))) if torch.is_grad_enabled() else fn(**batch)
+    return call, head.undo
 
 
 def graph_stats(fn) -> dict:
@@ -736,12 +753,15 @@ def run_variant(name, peft, init_state, streams, args, device, layers, log, res=
                          graph_bucket=next((GRAPH_BUCKETS[f] for f in flags if f in GRAPH_BUCKETS), 0),
                          causal_right_padding="_masked" not in flags,
                          varlen_attention="_novarlen" not in flags,
-                         padding_free="_padded" not in flags, **extra)
+                         padding_free="_padded" not in flags,
+                         supervised_head="_suphead" in flags, **extra)
         if base != "sl_sparsity0":
             fn.set_step(10**6)  # past the dense warm-up
     if "_unmasked" in flags:  # a dense baseline given what causal_right_padding does
         fn = unmasked(fn)
-    undo_varlen = None
+    undo_varlen = undo_head = None
+    if "_suphead" in flags and not name.startswith("sl_"):  # a dense baseline given what supervised_head does
+        fn, undo_head = supervised_head(fn, peft)
     if "_varlen" in flags:  # a dense baseline given what varlen_attention does
         fn, undo_varlen = varlen(fn, peft)
     opt = torch.optim.AdamW(lora_params(peft), lr=1e-5)  # after the bf16 variants' cast
@@ -801,6 +821,8 @@ def run_variant(name, peft, init_state, streams, args, device, layers, log, res=
             fn.uncompile()
         if undo_varlen is not None:
             undo_varlen()
+        if undo_head is not None:
+            undo_head()
         del fn, opt, policy
         free(device)
     return res

@@ -54,7 +54,8 @@ class SparseLoRAModel(torch.nn.Module):
     def __init__(self, model: torch.nn.Module, policy: Policy | None = None, regional: bool = True,
                  cuda_graphs: bool = False, graph_bucket: int = 0, pad_to_multiple_of: int = 0,
                  dynamic: bool | None = None, causal_right_padding: bool = True,
-                 varlen_attention: bool = True, padding_free: bool = True, **options):
+                 varlen_attention: bool = True, padding_free: bool = True,
+                 supervised_head: bool = False, **options):
         super().__init__()
         if cuda_graphs and not regional:
             raise ValueError("sparselora: cuda_graphs=True graphs the regionally compiled "
@@ -70,9 +71,12 @@ class SparseLoRAModel(torch.nn.Module):
         if not isinstance(pad_to_multiple_of, int) or pad_to_multiple_of < 0:
             raise ValueError(f"sparselora: pad_to_multiple_of={pad_to_multiple_of!r} must be an int >= 0")
         for name, flag in (("causal_right_padding", causal_right_padding), ("varlen_attention", varlen_attention),
-                           ("padding_free", padding_free)):
+                           ("padding_free", padding_free), ("supervised_head", supervised_head)):
             if not isinstance(flag, bool):
                 raise ValueError(f"sparselora: {name}={flag!r} must be True or False")
+        if supervised_head and not regional:
+            raise ValueError("sparselora: supervised_head=True needs regional=True (the head and "
+                             "the loss run outside the compiled layers there)")
         if "run" in options or "region" in options:
             raise ValueError("sparselora: 'run' and 'region' are set by compile itself")
         if getattr(model, "_sparselora", None) is not None:
@@ -90,7 +94,7 @@ class SparseLoRAModel(torch.nn.Module):
         self._args = dict(regional=regional, cuda_graphs=cuda_graphs, graph_bucket=graph_bucket,
                           pad_to_multiple_of=pad_to_multiple_of, dynamic=dynamic,
                           causal_right_padding=causal_right_padding, varlen_attention=varlen_attention,
-                          padding_free=padding_free, **{k: v for k, v in options.items() if k not in ("policy", "run")})
+                          padding_free=padding_free, supervised_head=supervised_head, **{k: v for k, v in options.items() if k not in ("policy", "run")})
         self.steps_from_trainer = False  # set by trainer.SparseLoRACallback
         self.graphs = None
         self._graphs_now = None  # the graph set of the running forward
@@ -107,10 +111,16 @@ class SparseLoRAModel(torch.nn.Module):
         self._unpadded = None     # how the running forward's batch became a packed row (packing.Unpadded)
         self.dynamic = dynamic_dims.DEFAULT if dynamic is None else bool(dynamic)
         self._padded = 0         # positions the running forward's batch was padded by
+        self._head = None        # supervised_head.SupervisedHead
         if regional:
             from .regional import compile_layers, compile_loss
             self._layers = compile_layers(model, opts, options, self.dynamic)
             self._undo_loss, self._copy_instead = compile_loss(model, opts.inner, self.dynamic)
+            if supervised_head:
+                from .supervised_head import SupervisedHead
+                self._head = SupervisedHead(model)
+                self._copy_instead[id(self._head.loss)] = self._copy_instead.get(id(self._head.inner),
+                                                                                self._head.inner)
             if cuda_graphs:
                 from sparselora_compile.passes.blocks import decoder_layers
 
@@ -206,6 +216,8 @@ class SparseLoRAModel(torch.nn.Module):
         self._graphs_now = self.graphs if torch.is_grad_enabled() else None
         if self._graphs_now is not None:
             self._graphs_now.begin(self._graph_key(run, model, kwargs.get(packing.SEQ_STARTS)))
+        if self._head is not None and train_batch:
+            kwargs = self._head.begin(kwargs)
         return kwargs
 
     def _pad_step(self, kwargs, bucket: int) -> int:
@@ -232,6 +244,8 @@ class SparseLoRAModel(torch.nn.Module):
     def _end(self, output=None):
         """After a forward; returns its output (logits cut back to the unpadded length)."""
         self.run.labels = self.run.attention_mask = None
+        if self._head is not None:
+            output = self._head.end(output)
         graphs, self._graphs_now = self._graphs_now, None
         if graphs is not None:
             graphs.end()
@@ -319,6 +333,9 @@ class SparseLoRAModel(torch.nn.Module):
     def uncompile(self) -> torch.nn.Module:
         from .regional import uncompile_layers
         uncompile_layers(self._layers)
+        if self._head is not None:
+            self._head.undo()
+            self._head = None
         self._undo_loss()
         for hook in self._hooks:
             hook.remove()
@@ -431,7 +448,7 @@ def _forward_with_signature(wrapper: SparseLoRAModel, model: torch.nn.Module):
 def compile(model: torch.nn.Module, policy: Policy | None = None, *, regional: bool = True,
             cuda_graphs: bool = False, graph_bucket: int = 0, pad_to_multiple_of: int = 0,
             dynamic: bool | None = None, causal_right_padding: bool = True, varlen_attention: bool = True,
-            padding_free: bool = True, **options) -> SparseLoRAModel:
+            padding_free: bool = True, supervised_head: bool = False, **options) -> SparseLoRAModel:
     """`regional`: compile one decoder layer per distinct plan and reuse it, in place (the
     model itself then trains sparse, see above); `cuda_graphs`: replay those layers as CUDA
     graphs in training (see above; they turn themselves off, with a warning, where their
@@ -458,12 +475,16 @@ def compile(model: torch.nn.Module, policy: Policy | None = None, *, regional: b
     True, with varlen_attention, unless pad_to_multiple_of is set): right-padded training
     batches whose labels leave the padding and each row's first token unsupervised run as
     one packed row of their real tokens (no work on padding; loss and gradients unchanged;
-    the logits come back padded, zeros at the padding; packing.unpad).
+    the logits come back padded, zeros at the padding; packing.unpad);
+    `supervised_head` (opt-in): training forwards with labels run the LM head only on the
+    positions whose next token is supervised (the same loss and gradients; such forwards
+    return logits=None; supervised_head.py).
     `options`: the backend's (`backend.BackendOptions`)."""
     return SparseLoRAModel(model, policy, regional=regional, cuda_graphs=cuda_graphs,
                            graph_bucket=graph_bucket, pad_to_multiple_of=pad_to_multiple_of,
                            dynamic=dynamic, causal_right_padding=causal_right_padding,
-                           varlen_attention=varlen_attention, padding_free=padding_free, **options)
+                           varlen_attention=varlen_attention, padding_free=padding_free,
+                           supervised_head=supervised_head, **options)
 
 
 def run_of(model) -> Run:
