@@ -4,6 +4,8 @@ import copy
 
 import pytest
 import torch
+from hypothesis import given, settings, strategies as st
+from transformers.loss.loss_utils import ForCausalLMLoss
 
 import sparselora_compile as slc
 from sparselora_compile.supervised_head import shifted_labels_at, supervised_positions
@@ -58,6 +60,31 @@ def test_positions_and_labels_follow_hf_shift():
     pos = supervised_positions(labels)
     assert pos.tolist() == [0, 1, 2]  # position p predicts labels[p + 1]
     assert shifted_labels_at(labels, pos).tolist() == [[-100, 5, 6], [7, -100, -100]]
+
+
+@given(st.integers(1, 3), st.integers(1, 9), st.integers(0, 2**31 - 1), st.booleans())
+@settings(max_examples=80, deadline=None)
+def test_the_kept_positions_give_hf_loss_and_gradient(rows, t, seed, count_items):
+    """HF's loss over the head at every position equals it over the kept positions with
+    their shifted labels (fp64), gradients included; no label at all gives NaN both ways."""
+    g = torch.Generator().manual_seed(seed)
+    vocab = 11
+    hidden = torch.randn(rows, t, 5, dtype=torch.float64, generator=g, requires_grad=True)
+    head = torch.randn(vocab, 5, dtype=torch.float64, generator=g)
+    labels = torch.randint(0, vocab, (rows, t), generator=g)
+    labels[torch.rand(rows, t, generator=g) < 0.6] = -100
+    items = {"num_items_in_batch": torch.tensor(max(int((labels[:, 1:] != -100).sum()), 1))} if count_items else {}
+    full = ForCausalLMLoss(hidden @ head.T, labels, vocab, **items)
+    (grad_full,) = torch.autograd.grad(full, hidden) if full.isfinite() else (None,)
+    pos = supervised_positions(labels)
+    kept = ForCausalLMLoss(hidden[:, pos] @ head.T, labels, vocab,
+                           shift_labels=shifted_labels_at(labels, pos), **items)
+    if grad_full is None:
+        assert not kept.isfinite()
+        return
+    torch.testing.assert_close(kept, full)
+    (grad_kept,) = torch.autograd.grad(kept, hidden)
+    torch.testing.assert_close(grad_kept, grad_full)
 
 
 @pytest.mark.parametrize("padding_free", [True, False])
