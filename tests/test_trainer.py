@@ -225,3 +225,28 @@ def test_the_model_itself_runs_the_glue_until_uncompiled():
     assert sparse.uncompile() is model and "_sparselora" not in model.__dict__
     model(input_ids=ids, labels=labels).loss.backward()
     assert sparse.stats.steps == 2
+
+
+def test_supervised_head_trains_as_the_full_head(tmp_path):
+    """prepare(..., supervised_head=True): the Trainer's losses (train and eval) and the
+    adapters it trains are those of the full head."""
+    runs = []
+    for head in (False, True):
+        model = tiny_llama()
+        args = TrainingArguments(output_dir=str(tmp_path / str(head)), per_device_train_batch_size=2,
+                                 gradient_accumulation_steps=2, max_steps=3, logging_steps=1,
+                                 eval_strategy="steps", eval_steps=3, save_strategy="no", report_to=[],
+                                 use_cpu=True, seed=0, data_seed=0, disable_tqdm=True)
+        trainer = Trainer(model=model, args=args, train_dataset=_rows(12), eval_dataset=_rows(2, seed=1))
+        prepare(trainer, slc.Policy(**POLICY, warmup_steps=1), inner="aot_eager", supervised_head=head)
+        trainer.train()
+        logged = [(h.get("loss"), h.get("eval_loss")) for h in trainer.state.log_history]
+        runs.append((logged, _adapters(model)))
+    (logged, adapters), (ref_logged, ref_adapters) = runs[1], runs[0]
+    assert len(logged) == len(ref_logged)
+    assert any(t is not None for t, _ in logged) and any(e is not None for _, e in logged)
+    for got, want in zip(logged, ref_logged):
+        for x, y in zip(got, want):  # a log line holds a train loss, an eval loss or neither
+            assert (x is None and y is None) or x == pytest.approx(y, rel=1e-5)
+    for name in ref_adapters:
+        torch.testing.assert_close(adapters[name], ref_adapters[name], rtol=1e-4, atol=1e-6, msg=name)
