@@ -64,7 +64,6 @@ def compile_loss(model: torch.nn.Module, inner: str, dynamic: bool = True):
     prop = getattr(type(base), "loss_function", None)
     if inner == "eager" or not isinstance(prop, property) or prop.fset is None:
         return (lambda: None), {}
-    before = base.__dict__.get("_loss_function")
     plain = base.loss_function
     # Default Inductor settings, not `inductor_config`: the loss runs once per step, so host
     # settings gain nothing here.
@@ -74,14 +73,20 @@ def compile_loss(model: torch.nn.Module, inner: str, dynamic: bool = True):
         if dynamic:
             mark_call_inputs(args, kwargs, "logits")  # one compile for every length (dynamic_dims.py)
         return compiled(*args, **kwargs)
-    base.loss_function = loss
+    return replace_loss_function(base, loss), {id(loss): plain}
+
+
+def replace_loss_function(base: torch.nn.Module, fn):
+    """Set transformers' `loss_function` of `base` to `fn`; returns the undo."""
+    before = base.__dict__.get("_loss_function")
+    base.loss_function = fn
 
     def undo():
         if before is None:
             base.__dict__.pop("_loss_function", None)
         else:
             base._loss_function = before
-    return undo, {id(loss): plain}
+    return undo
 
 
 def _layer_call(compiled, prefix: str, run, dynamic: bool = True):

@@ -17,6 +17,8 @@ import inspect
 import torch
 import torch.nn.functional as F
 
+from .regional import replace_loss_function
+
 IGNORE = -100  # HF's ignore_index
 
 
@@ -57,7 +59,6 @@ class SupervisedHead:
         check(model)
         self.positions: torch.Tensor | None = None
         base = _base(model)
-        before = base.__dict__.get("_loss_function")
         inner = base.loss_function
 
         def loss(*args, **kwargs):
@@ -68,15 +69,8 @@ class SupervisedHead:
                 # the compiled loss reads the kept positions' labels, not these: one graph for every length
                 torch._dynamo.maybe_mark_dynamic(labels, labels.dim() - 1)
             return inner(*args, **kwargs)
-        base.loss_function = loss
+        self.undo = replace_loss_function(base, loss)
         self.loss, self.inner = loss, inner  # a deep copy of the model takes the plain loss (copying.py)
-
-        def undo():
-            if before is None:
-                base.__dict__.pop("_loss_function", None)
-            else:
-                base._loss_function = before
-        self.undo = undo
 
     def begin(self, kwargs: dict) -> dict:
         """A training forward: keep the head to the supervised positions, if it has labels
