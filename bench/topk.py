@@ -1,9 +1,13 @@
-"""Top-k of the estimator's channel scores: `torch.topk` against a full sort (H200).
+"""Top-k of the estimator's channel scores: our one-program Triton top-k against
+`torch.topk` and a full sort (H200).
 
 `selection.top_channels` picks the k largest of a block's d_ff (or kv) scores once per
-block per step; in the 32-layer profile `torch.topk` took 1.5 of the estimator's 5.1 ms.
-Each way is timed with the index sort that follows it (kept indices ascending), on the
-LLaMA-3-8B sizes, and checked to give the same set as `torch.topk` on untied scores.
+block per step. Each way gives the kept indices ascending (the torch ways with the index
+sort that follows them), on the LLaMA-3-8B sizes, and is checked to give the same set as
+`torch.topk` on untied scores. Two timings per way: calls launched one after another
+(`_us`, what an ungraphed step pays, host launch time included when it exceeds the
+kernels') and the same calls replayed from one CUDA graph (`_graph_us`, the GPU time a
+graphed step pays).
 
     python bench/topk.py --out bench/results
 """
@@ -11,8 +15,14 @@ import argparse
 import json
 import os
 import platform
+import sys
 
 import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from sparselora_compile.runtime.kernels.top_k import top_k_indices  # noqa: E402
 
 SIZES = {"mlp": 14336, "kv": 1024}
 SPARSITIES = [0.5, 0.75, 0.9, 0.97, 0.99]
@@ -26,7 +36,7 @@ def by_sort(s, k):
     return torch.sort(s, descending=True).indices[:k].sort().values
 
 
-WAYS = {"topk": by_topk, "sort": by_sort}
+WAYS = {"topk": by_topk, "sort": by_sort, "triton": top_k_indices}
 
 
 def time_ms(fn, reps, device):
@@ -48,6 +58,20 @@ def time_ms(fn, reps, device):
     return start.elapsed_time(end) / reps
 
 
+def graph_ms(fn, reps):
+    """Mean GPU time per call of `reps` calls captured into one CUDA graph."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(reps):
+            fn()
+    return time_ms(graph.replay, 5, torch.device("cuda")) / reps
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
@@ -65,10 +89,15 @@ def main():
             for way, fn in WAYS.items():
                 assert torch.equal(fn(s, k), ref), (way, n, k)
                 row[f"{way}_us"] = 1e3 * time_ms(lambda: fn(s, k), args.reps, device)
+                if device.type == "cuda":
+                    row[f"{way}_graph_us"] = 1e3 * graph_ms(lambda: fn(s, k), args.reps)
             rows.append(row)
             print(row, flush=True)
-    out = {"command": "python bench/topk.py", "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor(),
-           "torch": torch.__version__, "timing": "CUDA events, mean of --reps calls after 10 warm-up calls, one stream",
+    out = {"command": "python bench/topk.py",
+           "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor(),
+           "torch": torch.__version__,
+           "timing": "CUDA events; _us: mean of --reps calls after 10 warm-up calls, one stream; "
+                     "_graph_us: the same calls captured in one CUDA graph, mean of 5 replays",
            "rows": rows}
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "topk.json")

@@ -1,6 +1,7 @@
 """Channel selection: estimator scores, one top-k per block, and the GQA channel maps.
 
-Plain PyTorch; the CUDA path swaps the score computation for the fused Triton estimator.
+Plain PyTorch; the CUDA path swaps the score computation for the fused Triton estimator
+and the top-k for one Triton program.
 Scores use context rows only (output rows are dense and never read the selection).
 """
 from __future__ import annotations
@@ -11,6 +12,7 @@ from collections import OrderedDict
 import torch
 import torch.nn.functional as F
 
+from .gathered import use_triton
 from .row_split import RowSplit, scored_rows
 
 
@@ -66,7 +68,13 @@ class JoinedFactors:
 
 def top_channels(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Indices of the k largest scores, sorted ascending (sorted indices keep the gathers
-    coalesced and make the selection a set, independent of top-k's tie order)."""
+    coalesced and make the selection a set). On CUDA one Triton program (kernels/top_k.py,
+    ties keep the lowest indices) replaces top-k's kernels and the sort; elsewhere
+    torch.topk (ties in any order)."""
+    if scores.is_cuda and use_triton(scores):
+        from .kernels.top_k import MAX_N, top_k_indices
+        if scores.numel() <= MAX_N:
+            return top_k_indices(scores, k)
     return torch.topk(scores, k, sorted=False).indices.msort()
 
 

@@ -27,6 +27,7 @@ from hypothesis import strategies as st  # noqa: E402
 from sparselora_compile.runtime.kernels import fused_estimator as fe  # noqa: E402
 from sparselora_compile.runtime.kernels import gathered_gemm as gg  # noqa: E402
 from sparselora_compile.runtime.kernels import swiglu as sw  # noqa: E402
+from sparselora_compile.runtime.kernels import top_k as tk  # noqa: E402
 from sparselora_compile.runtime.kernels import triton_available  # noqa: E402
 
 TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 2e-2}
@@ -298,6 +299,51 @@ def test_launcher_meta_parameters(monkeypatch):
     assert meta["EVEN_K"] is True
 
 
+# scores with many ties, both zeros, infinities and NaNs: the edge cases of the integer key
+SCORE_VALUES = [0.0, -0.0, 1.0, -1.0, 2.5, -2.5, 1e-30, -1e-30, 3e38, float("inf"),
+                float("-inf"), float("nan")]
+
+
+def scores_case(data, n_max):
+    n = data.draw(st.integers(1, n_max), label="n")
+    k = data.draw(st.integers(0, n), label="k")
+    seed = data.draw(st.integers(0, 2**31 - 1), label="seed")
+    g = torch.Generator().manual_seed(seed)
+    if data.draw(st.booleans(), label="tied"):
+        pool = torch.tensor(SCORE_VALUES)
+        s = pool[torch.randint(len(SCORE_VALUES), (n,), generator=g)]
+    else:
+        s = torch.randn(n, generator=g) * 10 ** torch.randint(-20, 20, (n,), generator=g)
+    return s, k
+
+
+def check_top_k(s, k):
+    got = tk.top_k_indices(s, k)
+    assert got.dtype == torch.int64 and got.shape == (k,)
+    assert torch.equal(got, tk.top_k_reference(s, k))
+
+
+@cpu_only
+@settings(max_examples=40, deadline=None)
+@given(data=st.data())
+def test_top_k_interpreter(data):
+    check_top_k(*scores_case(data, 3000))
+
+
+def test_top_k_reference_is_torch_topk_without_ties():
+    s = torch.randperm(5000, generator=torch.Generator().manual_seed(0)).float() - 2500
+    for k in (0, 1, 17, 2500, 5000):
+        assert torch.equal(tk.top_k_reference(s, k), torch.topk(s, k).indices.sort().values)
+
+
+@cpu_only
+def test_top_k_bad_sizes():
+    with pytest.raises(ValueError, match="k=4 of n=3"):
+        tk.top_k_indices(torch.zeros(3), 4)
+    with pytest.raises(ValueError, match="at most"):
+        tk.top_k_indices(torch.zeros(tk.MAX_N + 1), 1)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
 class TestGPU:
@@ -350,6 +396,21 @@ class TestGPU:
             check_product(product, a, W, idx, None, torch.bfloat16)
         aligned = {k[0][0][1] for k in gg._launch_gemm._compiled}
         assert aligned == {True, False}
+
+    @settings(max_examples=60, deadline=None)
+    @given(data=st.data())
+    def test_top_k(self, data):
+        s, k = scores_case(data, tk.MAX_N)
+        check_top_k(s.cuda(), k)
+
+    @pytest.mark.parametrize("n", [1024, 14336, 28672])
+    def test_top_k_selects_as_torch_on_estimator_sizes(self, n):
+        from sparselora_compile.runtime import selection
+        s = torch.rand(n, device="cuda", generator=torch.Generator("cuda").manual_seed(n))
+        for k in (1, n // 10, n // 4, n // 2, n - 1):
+            got = selection.top_channels(s, k)
+            assert torch.equal(got, torch.topk(s, k).indices.sort().values)
+        assert tk._launch._compiled  # repeated calls took the direct launch
 
     def test_swiglu_and_estimator_fast_launch(self, poisoned_alloc, monkeypatch):
         for n in (1021, 1030, 1021):
