@@ -3,9 +3,11 @@
 `torch.topk(s, k, sorted=False).indices.msort()` on a block's 14,336 MLP scores is a
 radix select over several kernels plus a sort: ~90-140 us per block on an H200
 (bench/results/topk.json), about a third of the estimator's share of the step. Here one
-program holds the whole vector in registers, finds the k-th largest value by a radix
-select over an order-preserving integer key (four 256-bin histograms), and writes the
-kept indices with one prefix sum: they come out ascending without a sort.
+program holds the whole vector in registers, finds the k-th largest value by a bitwise
+binary search over an order-preserving integer key (32 counts), and writes the kept
+indices with one prefix sum: they come out ascending without a sort. On an H200 that
+took 31 us at 14,336 scores with 16 warps (8 warps: 41; four 256-bin histogram passes
+instead of the 32 counts: 45; two prefix sums at 32 warps: 45).
 
 Ties at the k-th value keep the lowest indices (`top_k_reference`: a stable sort);
 -0.0 ties +0.0 and every NaN counts as larger than +inf and ties other NaNs, as in
@@ -27,28 +29,21 @@ def _top_k_kernel(s_ptr, out_ptr, N, K, BLOCK: tl.constexpr):
     x = tl.load(s_ptr + offs, mask=ok, other=0.0)
     bits = tl.where(x == 0.0, 0.0, x).to(tl.int32, bitcast=True)  # -0.0 -> +0.0
     bits = tl.where(x != x, 0x7FC00000, bits)  # any NaN -> the positive quiet NaN
-    # flipping the low 31 bits of negatives makes int32 order the float order; flipping
-    # the sign bit too makes the bit pattern's unsigned order it, digit by digit
+    # flipping the low 31 bits of negatives makes int32 order the float order
     key = bits ^ ((bits >> 31) & 0x7FFFFFFF)
-    ukey = key ^ -2147483648
-    # radix select of the k-th largest, 8 bits a pass: the highest digit whose count from
-    # the top reaches what is still to take, among the keys that share the digits so far
-    bins = tl.arange(0, 256)
-    t = tl.zeros((), tl.int32)
-    rest = K
-    live = ok
-    for p in tl.static_range(4):
-        digit = (ukey >> (24 - 8 * p)) & 255
-        hist = tl.histogram(digit, 256, mask=live)
-        from_top = tl.sum(hist, axis=0) - tl.cumsum(hist, axis=0) + hist
-        d = tl.max(tl.where(from_top >= rest, bins, -1), axis=0)
-        rest -= tl.sum(tl.where(bins > d, hist, 0), axis=0)
-        t = t | (d << (24 - 8 * p))
-        live = live & (digit == d)
-    t = t ^ -2147483648  # the k-th largest key; `rest` of its copies are kept
+    # the k-th largest key: the largest t with count(key >= t) >= K, a bit at a time
+    t = tl.where(tl.sum((ok & (key >= 0)).to(tl.int32), axis=0) >= K, 0, -2147483648)
+    for b in tl.static_range(30, -1, -1):
+        cand = t + (1 << b)
+        t = tl.where(tl.sum((ok & (key >= cand)).to(tl.int32), axis=0) >= K, cand, t)
     above = ok & (key > t)
-    keep = above | (live & (tl.cumsum(live.to(tl.int32), axis=0) <= rest))
-    pos = tl.cumsum(keep.to(tl.int32), axis=0) - 1
+    at = ok & (key == t)
+    room = K - tl.sum(above.to(tl.int32), axis=0)  # how many copies of t are kept
+    # one prefix sum counts both: keys above t in the low word, copies of t in the high
+    c = tl.cumsum(above.to(tl.int64) + (at.to(tl.int64) << 32), axis=0)
+    n_at = c >> 32
+    keep = above | (at & (n_at <= room))
+    pos = (c & 0xFFFFFFFF) + tl.minimum(n_at, room) - 1
     tl.store(out_ptr + pos, offs.to(tl.int64), mask=keep)
 
 
@@ -66,7 +61,7 @@ def top_k_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
         return out
     s = scores.reshape(-1).to(torch.float32).contiguous()
     block = max(16, 1 << (n - 1).bit_length())
-    _launch((1,), s, out, n, k, BLOCK=block, num_warps=min(32, max(4, block // 512)))
+    _launch((1,), s, out, n, k, BLOCK=block, num_warps=min(16, max(4, block // 1024)))
     return out
 
 
