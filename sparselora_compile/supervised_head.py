@@ -74,9 +74,12 @@ class SupervisedHead:
 
     def begin(self, kwargs: dict) -> dict:
         """A training forward: keep the head to the supervised positions, if it has labels
-        and the caller chose no positions itself."""
+        and the caller chose no positions itself (nor asked for TRL's fused LM head, which
+        `SFTTrainer` 1.16+ uses and which already projects the supervised positions only)."""
         labels, chosen = kwargs.get("labels"), kwargs.get("logits_to_keep")
         self.positions = None
+        if kwargs.get("fused_lm_head"):  # TRL's fused head scores the supervised positions itself
+            return kwargs
         if isinstance(labels, torch.Tensor) and labels.dim() == 2 and (chosen is None or
                                                                        isinstance(chosen, int) and chosen == 0):
             self.positions = supervised_positions(labels)

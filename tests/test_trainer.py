@@ -210,6 +210,39 @@ def test_trl_sft_trainer(tmp_path, mode):
     assert sparse.stats.varlen_forwards == 2  # the sequences attend within themselves (packing.py)
 
 
+def test_trl_sft_trainer_with_supervised_head(tmp_path):
+    """SFTTrainer's own fused LM head already projects the supervised positions only: with
+    supervised_head=True its forwards go through untouched (no logits_to_keep reaches the
+    backbone), and the losses, token accuracy and adapters equal those without it."""
+    pytest.importorskip("trl")
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    runs = []
+    for head in (False, True):
+        g = torch.Generator().manual_seed(0)
+        words = lambda n: " ".join(f"t{int(i)}" for i in torch.randint(2, 64, (n,), generator=g))  # noqa: E731
+        data = Dataset.from_list([{"prompt": words(6), "completion": words(3)} for _ in range(8)])
+        args = SFTConfig(output_dir=str(tmp_path / str(head)), per_device_train_batch_size=4, max_steps=2,
+                         logging_steps=1, report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True,
+                         padding_free=True, max_length=None, seed=0, data_seed=0)
+        model = tiny_llama()
+        trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=_word_tokenizer())
+        prepare(trainer, slc.Policy(**POLICY, warmup_steps=1), inner="aot_eager", supervised_head=head)
+        backbone = model.get_base_model().model
+        kept = []
+        backbone.register_forward_pre_hook(lambda m, a, kw: kept.append(kw.get("logits_to_keep")), with_kwargs=True)
+        trainer.train()
+        logged = [(h["loss"], h["mean_token_accuracy"]) for h in trainer.state.log_history if "loss" in h]
+        runs.append((logged, _adapters(model), kept))
+    (ref_logged, ref_adapters, _), (logged, adapters, kept) = runs
+    assert len(logged) == 2 and kept == [None, None]
+    for got, want in zip(logged, ref_logged):
+        assert got == pytest.approx(want, rel=1e-6)
+    for name in ref_adapters:
+        torch.testing.assert_close(adapters[name], ref_adapters[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
 def test_the_model_itself_runs_the_glue_until_uncompiled():
     """After slc.compile the model itself (what a Trainer holds) hands labels over and
     counts steps exactly as the wrapper does; uncompile() removes the glue with the layers."""
