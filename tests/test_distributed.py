@@ -1,6 +1,6 @@
 """Two processes (gloo, CPU) train the tiny PEFT Llama with the sparselora backend under
 DDP (all three orders) and FSDP2 (`fully_shard` per decoder layer or on a list of layers,
-then the root).
+then the root), also with `supervised_head=True` (the same loss and gradients).
 
 Reference: one process, the same steps, each rank's micro-batch run in turn with its
 loss halved (gradient accumulation over the global batch). The rows are right-padded:
@@ -32,9 +32,9 @@ SMALL_BUCKET = 2048  # bytes: a tiny layer's LoRA weights (~8 KiB) fill several
 CHILD_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
              "NVSHMEM_DISABLE_NVLS": "1"}
 SCENARIOS = ("ddp_compile_ddp", "ddp_ddp_compile", "ddp_slc_wrapper", "ddp_slc_model", "fsdp_slc",
-             "fsdp_units_slc", "ddp_split_error", "fsdp_graphs_error")
+             "fsdp_units_slc", "ddp_slc_suphead", "fsdp_slc_suphead", "ddp_split_error", "fsdp_graphs_error")
 
-SMALL = ("ddp_slc_wrapper", "ddp_slc_model", "ddp_split_error")  # DDP with tiny buckets
+SMALL = ("ddp_slc_wrapper", "ddp_slc_model", "ddp_slc_suphead", "ddp_split_error")  # DDP, tiny buckets
 DEFAULT_FIRST_BUCKET = getattr(dist, "_DEFAULT_FIRST_BUCKET_BYTES", 1 << 20)
 
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
@@ -95,12 +95,14 @@ def _scenario(name, rank):
     elif name == "ddp_slc_model":
         slc.compile(model, policy, inner="aot_eager")
         fn = DDP(model, **small)
-    elif name == "fsdp_slc":
+    elif name == "ddp_slc_suphead":  # the LM head on the supervised positions only
+        fn = DDP(slc.compile(model, policy, inner="aot_eager", supervised_head=True), **small)
+    elif name in ("fsdp_slc", "fsdp_slc_suphead"):
         from torch.distributed.fsdp import fully_shard
         for layer in model.base_model.model.model.layers:
             fully_shard(layer)
         fully_shard(model)
-        fn = slc.compile(model, policy, inner="aot_eager")
+        fn = slc.compile(model, policy, inner="aot_eager", supervised_head=name.endswith("suphead"))
     elif name == "fsdp_units_slc":  # several layers per FSDP2 unit: one gather, one set of hooks
         from torch.distributed.fsdp import fully_shard
         fully_shard(list(model.base_model.model.model.layers))
