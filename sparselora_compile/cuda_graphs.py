@@ -29,8 +29,8 @@ Every ungraphed forward records its layers' arguments and token split; once CAPT
 of the last WINDOW forwards had the recorded one's key, that key is captured at the start
 of the next forward (whatever that forward's own key). With bucketing (`graph_bucket`,
 wrapper.py) keys stand for shape buckets, so a handful of sets serves a dataset of
-varying lengths. At most MAX_SETS sets are kept, and a model captures at most
-MAX_CAPTURES times; with MAX_SETS kept, a key is captured only if it came more often in
+varying lengths. At most `graph_sets` sets are kept (compile's option, MAX_SETS by
+default), and a model captures at most MAX_CAPTURES times; with all kept, a key is captured only if it came more often in
 the window than the rarest kept one, which it replaces (else two common keys and a rare
 one would evict each other, a capture costing a step or more each time). Graphs that do
 not pay (replayed steps no faster than ungraphed ones: the GPU sets the pace, see
@@ -54,7 +54,8 @@ from sparselora_compile.graph_payoff import Payoff
 
 log = logging.getLogger("sparselora_compile")
 
-MAX_SETS = 3        # each kept set holds its own static inputs, outputs and gradients
+MAX_SETS = 3        # the default of graph_sets: each kept set holds its own static inputs,
+                    # outputs and gradients
 MAX_CAPTURES = 8
 CAPTURE_AFTER = 2   # forwards with a key in the window before it is captured
 WINDOW = 32         # recent forwards whose keys are counted
@@ -190,8 +191,9 @@ class LayerGraphs:
     make_graphed = staticmethod(torch.cuda.make_graphed_callables)
     needs_cuda = True
 
-    def __init__(self, run):
+    def __init__(self, run, max_sets: int | None = None):
         self.run = run
+        self.max_sets = MAX_SETS if max_sets is None else max_sets  # compile's graph_sets
         self.sets: "OrderedDict[tuple, _GraphSet]" = OrderedDict()
         self.calls: dict = {}      # prefix -> (layer, its compiled call)
         self.active: _GraphSet | None = None
@@ -216,7 +218,7 @@ class LayerGraphs:
         """Training forwards that replayed graphs, captures made and their wall time, graph
         sets kept, and why graphs are off (None while they are on). `window`: of the last
         WINDOW forwards that could use graphs, how many there were, how many distinct keys
-        they had and how many replayed; keys spread over more than MAX_SETS mean that
+        they had and how many replayed; keys spread over more than `graph_sets` mean that
         steps run ungraphed (a larger `graph_bucket` or more uniform lengths help)."""
         return {"graphed_forwards": self.graphed_forwards, "captures": self.captures,
                 "capture_s": round(self.capture_s, 3), "sets": len(self.sets), "disabled": self.disabled,
@@ -293,7 +295,7 @@ class LayerGraphs:
         """Whether `key` (the recorded forward's) is to be captured now."""
         if key in self.sets or self.recent.count(key) < CAPTURE_AFTER:
             return False
-        return len(self.sets) < MAX_SETS or self.recent.count(key) > self.recent.count(self._rarest())
+        return len(self.sets) < self.max_sets or self.recent.count(key) > self.recent.count(self._rarest())
 
     def _rarest(self):
         """The kept set's key that came least often in the window (the least recently
@@ -383,7 +385,7 @@ class LayerGraphs:
                             "and token split sizes) run ungraphed: the last %d forwards had %d "
                             "distinct keys for %d kept sets; a larger graph_bucket, or batches of "
                             "more uniform lengths (length-grouped sampling), let more replay",
-                            MAX_CAPTURES, len(self.recent), len(set(self.recent)), MAX_SETS)
+                            MAX_CAPTURES, len(self.recent), len(set(self.recent)), self.max_sets)
             return None
         _, recorded, rows, split = self.recorded
         order = [p for p in self.calls if p in recorded]  # the layers' order
@@ -428,7 +430,7 @@ class LayerGraphs:
                            rows, split, {p: recorded[p][2] for p in order})
         # the graphs read cached tensors by address: hold them while the graphs exist
         graphs.keep = self.run.joined.tensors()
-        while len(self.sets) >= MAX_SETS:
+        while len(self.sets) >= self.max_sets:
             evicted = self._rarest()
             del self.sets[evicted]
             self.payoff.forget(evicted)

@@ -52,8 +52,8 @@ class SparseLoRAModel(torch.nn.Module):
     `uncompile()` removes them. See the module doc for what the wrapper forwards."""
 
     def __init__(self, model: torch.nn.Module, policy: Policy | None = None, regional: bool = True,
-                 cuda_graphs: bool = False, graph_bucket: int = 0, pad_to_multiple_of: int = 0,
-                 dynamic: bool | None = None, causal_right_padding: bool = True,
+                 cuda_graphs: bool = False, graph_bucket: int = 0, graph_sets: int | None = None,
+                 pad_to_multiple_of: int = 0, dynamic: bool | None = None, causal_right_padding: bool = True,
                  varlen_attention: bool = True, padding_free: bool = True,
                  supervised_head: bool = False, **options):
         super().__init__()
@@ -68,6 +68,12 @@ class SparseLoRAModel(torch.nn.Module):
         if graph_bucket and not cuda_graphs:
             raise ValueError(f"sparselora: graph_bucket={graph_bucket} shapes batches for CUDA graphs; "
                              "it needs cuda_graphs=True")
+        if graph_sets is not None:
+            if isinstance(graph_sets, bool) or not isinstance(graph_sets, int) or graph_sets < 1:
+                raise ValueError(f"sparselora: graph_sets={graph_sets!r} must be an int >= 1")
+            if not cuda_graphs:
+                raise ValueError(f"sparselora: graph_sets={graph_sets} is how many CUDA graph sets "
+                                 "are kept; it needs cuda_graphs=True")
         if not isinstance(pad_to_multiple_of, int) or pad_to_multiple_of < 0:
             raise ValueError(f"sparselora: pad_to_multiple_of={pad_to_multiple_of!r} must be an int >= 0")
         for name, flag in (("causal_right_padding", causal_right_padding), ("varlen_attention", varlen_attention),
@@ -92,7 +98,7 @@ class SparseLoRAModel(torch.nn.Module):
         self._layers, self._undo_loss, self._hooks, self._glue = [], lambda: None, [], ()
         self._copy_instead = {}  # id(compiled object) -> what a deep copy takes (copying.py)
         self._args = dict(regional=regional, cuda_graphs=cuda_graphs, graph_bucket=graph_bucket,
-                          pad_to_multiple_of=pad_to_multiple_of, dynamic=dynamic,
+                          graph_sets=graph_sets, pad_to_multiple_of=pad_to_multiple_of, dynamic=dynamic,
                           causal_right_padding=causal_right_padding, varlen_attention=varlen_attention,
                           padding_free=padding_free, supervised_head=supervised_head, **{k: v for k, v in options.items() if k not in ("policy", "run")})
         self.steps_from_trainer = False  # set by trainer.SparseLoRACallback
@@ -125,7 +131,7 @@ class SparseLoRAModel(torch.nn.Module):
                 from sparselora_compile.passes.blocks import decoder_layers
 
                 from .cuda_graphs import LayerGraphs
-                self.graphs = LayerGraphs(self.run)
+                self.graphs = LayerGraphs(self.run, graph_sets)
                 self.run.splits.bucket = self.graph_bucket
                 for prefix, layer in decoder_layers(model):
                     self.graphs.install(prefix, layer)
@@ -446,7 +452,8 @@ def _forward_with_signature(wrapper: SparseLoRAModel, model: torch.nn.Module):
 
 
 def compile(model: torch.nn.Module, policy: Policy | None = None, *, regional: bool = True,
-            cuda_graphs: bool = False, graph_bucket: int = 0, pad_to_multiple_of: int = 0,
+            cuda_graphs: bool = False, graph_bucket: int = 0, graph_sets: int | None = None,
+            pad_to_multiple_of: int = 0,
             dynamic: bool | None = None, causal_right_padding: bool = True, varlen_attention: bool = True,
             padding_free: bool = True, supervised_head: bool = False, **options) -> SparseLoRAModel:
     """`regional`: compile one decoder layer per distinct plan and reuse it, in place (the
@@ -457,7 +464,9 @@ def compile(model: torch.nn.Module, policy: Policy | None = None, *, regional: b
     batches' lengths to multiples of their share of it per row) and round the token split's dense rows up to multiples of a
     quarter of it, so that graphs captured for one batch serve batches of nearby lengths
     (0, the default: exact shapes; README "CUDA graphs" has what bucketing measured);
-    `pad_to_multiple_of` (opt-in):
+    `graph_sets` (with cuda_graphs; default 3): how many graph sets (keys) are kept, each
+    holding its own static activations and gradients: fewer keep less memory and replay
+    fewer kinds of batches; `pad_to_multiple_of` (opt-in):
     right-pad every training batch's length to a multiple of it, as HF collators'
     option of that name does (8 keeps Inductor's CUDA attention-mask alignment guard
     from recompiling every layer graph at the first aligned length of packed rows);
@@ -481,8 +490,8 @@ def compile(model: torch.nn.Module, policy: Policy | None = None, *, regional: b
     return logits=None; supervised_head.py).
     `options`: the backend's (`backend.BackendOptions`)."""
     return SparseLoRAModel(model, policy, regional=regional, cuda_graphs=cuda_graphs,
-                           graph_bucket=graph_bucket, pad_to_multiple_of=pad_to_multiple_of,
-                           dynamic=dynamic, causal_right_padding=causal_right_padding,
+                           graph_bucket=graph_bucket, graph_sets=graph_sets,
+                           pad_to_multiple_of=pad_to_multiple_of, dynamic=dynamic, causal_right_padding=causal_right_padding,
                            varlen_attention=varlen_attention, padding_free=padding_free,
                            supervised_head=supervised_head, **options)
 

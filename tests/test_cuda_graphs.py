@@ -83,14 +83,15 @@ def _batches(n, n_out=(3,), t=12):
 
 
 def _train(graphs, batches, device="cpu", monkeypatch=None, stand_in=None, inner="aot_eager",
-           dtype=torch.float32, graph_bucket=0, accumulate=1):
+           dtype=torch.float32, graph_bucket=0, accumulate=1, graph_sets=None):
     torch._dynamo.reset()
     model = tiny_llama(ALL, layers=3).to(device, dtype)
     if monkeypatch is not None:
         monkeypatch.setattr(LayerGraphs, "needs_cuda", False)
         monkeypatch.setattr(LayerGraphs, "make_graphed", stand_in)
     policy = slc.Policy(**POLICY)
-    wrapped = slc.compile(model, policy, inner=inner, cuda_graphs=graphs, graph_bucket=graph_bucket)
+    wrapped = slc.compile(model, policy, inner=inner, cuda_graphs=graphs, graph_bucket=graph_bucket,
+                          **({} if graph_sets is None else {"graph_sets": graph_sets}))
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     losses = []
     for i, b in enumerate(batches, 1):
@@ -215,11 +216,24 @@ def test_a_rare_key_does_not_evict_common_ones(monkeypatch):
     sizes = (3, 3, 5, 5, 3, 5, 3, 5, 4, 4, 3, 5)
     batches = [batch(t=12, n_out=n, seed=80 + i) for i, n in enumerate(sizes)]
     plain = _train(False, batches)
-    monkeypatch.setattr(cuda_graphs, "MAX_SETS", 2)
-    graphed = _train(True, batches, monkeypatch=monkeypatch, stand_in=StandIn())
+    graphed = _train(True, batches, monkeypatch=monkeypatch, stand_in=StandIn(), graph_sets=2)
     _assert_same(graphed, plain)
     g = graphed[3]
     assert g.captures == 2 and g.graphed_forwards == 8 and len(g.sets) == 2
+
+
+def test_one_kept_set_serves_the_commonest_key(monkeypatch):
+    """graph_sets=1: split 3 is captured at forward 2; split 5 replaces it at forward 5,
+    once it came more often in the window (at forward 4 both came twice); split 3 then runs
+    ungraphed (forward 7) rather than evicting the commoner one."""
+    sizes = (3, 3, 5, 5, 5, 5, 3, 5)
+    batches = [batch(t=12, n_out=n, seed=60 + i) for i, n in enumerate(sizes)]
+    plain = _train(False, batches)
+    graphed = _train(True, batches, monkeypatch=monkeypatch, stand_in=StandIn(), graph_sets=1)
+    _assert_same(graphed, plain)
+    g = graphed[3]
+    assert g.max_sets == 1 and len(g.sets) == 1
+    assert g.captures == 2 and g.graphed_forwards == 4  # forwards 2, 5, 6 and 8
 
 
 def test_past_the_capture_limit_new_splits_run_ungraphed(monkeypatch, caplog):
@@ -345,11 +359,16 @@ def test_padding_a_batch_keeps_its_loss_and_logits(with_mask, with_positions):
     assert pad_batch({"inputs_embeds": torch.zeros(2, 11, 32), "labels": labels}, 16, 0)[1] == 0
 
 
-def test_cuda_graphs_needs_regional_compilation_and_buckets_need_graphs():
+def test_cuda_graphs_needs_regional_compilation_and_its_settings_need_graphs():
     with pytest.raises(ValueError, match="regional=True"):
         slc.compile(tiny_llama(ALL), slc.Policy(**POLICY), regional=False, cuda_graphs=True)
     with pytest.raises(ValueError, match="needs cuda_graphs=True"):
         slc.compile(tiny_llama(ALL), slc.Policy(**POLICY), graph_bucket=1024)
+    with pytest.raises(ValueError, match="graph_sets=2 is how many .* needs cuda_graphs=True"):
+        slc.compile(tiny_llama(ALL), slc.Policy(**POLICY), graph_sets=2)
+    for bad in (0, -1, 1.5, True, "2"):
+        with pytest.raises(ValueError, match="must be an int >= 1"):
+            slc.compile(tiny_llama(ALL), slc.Policy(**POLICY), cuda_graphs=True, graph_sets=bad)
 
 
 def test_without_cuda_graphs_stay_off():
