@@ -40,6 +40,8 @@ Runtime suffixes (sl_* variants), after any Inductor suffix:
               batches run as packed rows, and packed rows run, filled up to a multiple of it
               (dense rows of the token split to a quarter of it), so that a few graph sets
               serve varying lengths
+    _sets1, _sets2  with _graphs: slc.compile(..., graph_sets=1 or 2): fewer graph sets kept
+              (less memory, fewer kinds of batches replayed) than the default 3
     _pad8     slc.compile(..., pad_to_multiple_of=8): training batches right-padded to a
               multiple of 8 (Inductor's CUDA attention-mask alignment guard then never
               recompiles the layers at the first aligned length of packed rows)
@@ -188,8 +190,9 @@ def split_variant(name: str) -> tuple[str, dict]:
 
 
 GRAPH_BUCKETS = {"_bucket512": 512, "_bucket1024": 1024}
+GRAPH_SETS = {"_sets1": 1, "_sets2": 2}
 RUNTIME_SUFFIXES = ("_attn", "_ctxrows", "_graphs", "_pad8", "_masked", "_novarlen", "_padded", "_suphead",
-                    "_unmasked", "_varlen", *GRAPH_BUCKETS)
+                    "_unmasked", "_varlen", *GRAPH_BUCKETS, *GRAPH_SETS)
 DENSE_ONLY = {"_unmasked", "_varlen"}  # what slc.compile does anyway, given to a dense baseline
 DENSE_FLAGS = DENSE_ONLY | {"_suphead"}  # the runtime flags a dense Inductor baseline takes
 
@@ -205,8 +208,8 @@ def variant_name(text: str) -> str:
     base, config = split_variant(stem)
     sl = base.startswith("sl_") and "_whole" not in base
     allowed = set(RUNTIME_SUFFIXES) - DENSE_ONLY if sl else DENSE_FLAGS if base.startswith("inductor") else set()
-    if flags & set(GRAPH_BUCKETS) and "_graphs" not in flags:
-        raise argparse.ArgumentTypeError(f"variant {text!r}: a _bucket suffix needs _graphs")
+    if flags & (set(GRAPH_BUCKETS) | set(GRAPH_SETS)) and "_graphs" not in flags:
+        raise argparse.ArgumentTypeError(f"variant {text!r}: a _bucket or _sets suffix needs _graphs")
     if base not in VARIANTS or (config and base == "eager") or flags - allowed:
         raise argparse.ArgumentTypeError(
             f"unknown variant {text!r}: one of {VARIANTS}, plus any of the suffixes "
@@ -751,6 +754,7 @@ def run_variant(name, peft, init_state, streams, args, device, layers, log, res=
         fn = slc_compile(peft, policy, inner=args.inner, regional=regional,
                          cuda_graphs="_graphs" in flags, pad_to_multiple_of=8 if "_pad8" in flags else 0,
                          graph_bucket=next((GRAPH_BUCKETS[f] for f in flags if f in GRAPH_BUCKETS), 0),
+                         graph_sets=next((GRAPH_SETS[f] for f in flags if f in GRAPH_SETS), None),
                          causal_right_padding="_masked" not in flags,
                          varlen_attention="_novarlen" not in flags,
                          padding_free="_padded" not in flags,
