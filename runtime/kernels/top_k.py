@@ -6,8 +6,8 @@ radix select over several kernels plus a sort: ~90-140 us per block on an H200
 program holds the whole vector in registers, finds the k-th largest value by a bitwise
 binary search over an order-preserving integer key (32 counts), and writes the kept
 indices with one prefix sum: they come out ascending without a sort. On an H200 that
-took 31 us at 14,336 scores with 16 warps (8 warps: 41; four 256-bin histogram passes
-instead of the 32 counts: 45; two prefix sums at 32 warps: 45).
+took 31-35 us at 14,336 scores with 16 warps (bench/results/topk.json); 8 warps, two
+prefix sums, or four 256-bin histogram passes in place of the 32 counts took 39-59 us.
 
 Ties at the k-th value keep the lowest indices (`top_k_reference`: a stable sort);
 -0.0 ties +0.0 and every NaN counts as larger than +inf and ties other NaNs, as in
@@ -19,7 +19,7 @@ import triton.language as tl
 
 from .launch import Launcher
 
-MAX_N = 1 << 16  # one program's registers; larger vectors take torch.topk (ops' dispatch)
+MAX_N = 1 << 16  # one program's registers; larger vectors take torch.topk (selection.top_channels)
 
 
 @triton.jit(do_not_specialize=["N", "K"])
