@@ -33,9 +33,9 @@ varying lengths. At most `graph_sets` sets are kept (compile's option, MAX_SETS 
 default), and a model captures at most MAX_CAPTURES times; with all kept, a key is
 captured only if it came more often in the window than the rarest kept one, which it
 replaces (else two common keys and a rare one would evict each other, a capture costing
-a step or more each time). Graphs that do
-not pay (replayed steps no faster than ungraphed ones: the GPU sets the pace, see
-graph_payoff.py) are dropped and turned off, with a warning. A failing
+a step or more each time). Graphs that do not pay (replayed steps no faster than
+ungraphed ones: the GPU sets the pace, see graph_payoff.py) are dropped and turned off,
+with a warning. A failing
 capture (a layer that syncs with the host, say) turns graphs off with a warning; training
 goes on ungraphed.
 """

@@ -2,8 +2,8 @@
 
 A replay saves the host the time to queue a layer's kernels; it saves nothing when the
 GPU, not the host, sets the step's pace (packed rows of ~4,096 tokens on an H200), and
-then the graph sets only cost captures and memory. So each training step is timed on the GPU,
-from an event at its forward's start to one at the next training forward's start
+then the graph sets only cost captures and memory. So each training step is timed on the
+GPU, from an event at its forward's start to one at the next training forward's start
 (forward, backward, optimizer and the host's time in between: what a user waits for),
 ungraphed before its key's capture and replayed after. A step during which Dynamo
 compiled is not timed (its host time would flatter the graphs). Once a key has TIMED

@@ -60,7 +60,7 @@ def compile_loss(model: torch.nn.Module, inner: str, dynamic: bool = True):
     cross-entropy) with the inner compiler, so that, as in a whole-model Inductor graph,
     the fp32 logits are not materialised. Returns the undo and {id(compiled): plain}, what
     a deep copy of the model takes instead of the compiled loss (copying.py)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = hf_base(model)
     prop = getattr(type(base), "loss_function", None)
     if inner == "eager" or not isinstance(prop, property) or prop.fset is None:
         return (lambda: None), {}
@@ -74,6 +74,11 @@ def compile_loss(model: torch.nn.Module, inner: str, dynamic: bool = True):
             mark_call_inputs(args, kwargs, "logits")  # one compile for every length (dynamic_dims.py)
         return compiled(*args, **kwargs)
     return replace_loss_function(base, loss), {id(loss): plain}
+
+
+def hf_base(model: torch.nn.Module) -> torch.nn.Module:
+    """The HF model under a PEFT model (the model itself otherwise)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def replace_loss_function(base: torch.nn.Module, fn):

@@ -17,18 +17,12 @@ import inspect
 import torch
 import torch.nn.functional as F
 
-from .regional import replace_loss_function
-
-IGNORE = -100  # HF's ignore_index
-
-
-def _base(model: torch.nn.Module) -> torch.nn.Module:
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
+from .padding import IGNORE
+from .regional import hf_base, replace_loss_function
 
 def check(model: torch.nn.Module) -> None:
     """A clear error where the model cannot take it."""
-    base = _base(model)
+    base = hf_base(model)
     if "logits_to_keep" not in inspect.signature(base.forward).parameters:
         raise ValueError(f"sparselora: supervised_head=True needs a model whose forward takes "
                          f"logits_to_keep (transformers' causal LMs do); {type(base).__name__} does not")
@@ -58,7 +52,7 @@ class SupervisedHead:
     def __init__(self, model: torch.nn.Module):
         check(model)
         self.positions: torch.Tensor | None = None
-        base = _base(model)
+        base = hf_base(model)
         inner = base.loss_function
 
         def loss(*args, **kwargs):

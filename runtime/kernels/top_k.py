@@ -6,8 +6,7 @@ radix select over several kernels plus a sort: ~90-140 us per block on an H200
 program holds the whole vector in registers, finds the k-th largest value by a bitwise
 binary search over an order-preserving integer key (32 counts), and writes the kept
 indices with one prefix sum: they come out ascending without a sort. On an H200 that
-took 31-35 us at 14,336 scores with 16 warps (bench/results/topk.json); 8 warps, two
-prefix sums, or four 256-bin histogram passes in place of the 32 counts took 39-59 us.
+took 35 us at 14,336 scores with 16 warps (bench/results/topk.json).
 
 Ties at the k-th value keep the lowest indices (`top_k_reference`: a stable sort);
 -0.0 ties +0.0 and every NaN counts as larger than +inf and ties other NaNs, as in
