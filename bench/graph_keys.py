@@ -48,7 +48,7 @@ def tiny_model():
 
 
 def stand_in(fns, samples, **kwargs):
-    """make_graphed_callables without a GPU: the layer functions, unchanged."""
+    """The capture without a GPU: the layer functions, unchanged."""
     return fns
 
 

@@ -3,13 +3,16 @@
 A sparse training step of a 32-layer model queues ~4,000 kernels, each through Python
 (Inductor's wrappers, cuBLAS dispatch, our ops). On an H200 the GPU needs ~127 ms for them
 and the host 150-185 ms to queue them, so the step waits on the host. A graph replays one
-layer's forward or backward with one launch. `torch.cuda.make_graphed_callables` captures
-every layer's forward and backward; all sets of graphs share one memory pool, which is
-sound because a set's replays run as a whole (its forwards, then its backwards) before
-another set's begin (a forward waits, ungraphed, while a graphed backward is pending), so
-a set's temporaries are dead when another set reuses their memory. Each kept set still
-holds its own static inputs, outputs and gradients (four hidden states of the batch per
-layer: input, output and their gradients).
+layer's forward or backward with one launch. `chained_graphs.capture_chain` captures
+every layer's forward and backward as `torch.cuda.make_graphed_callables` does, except that
+a layer's static input is its predecessor's static output (and its input gradient the
+predecessor's output-gradient buffer), so replays copy no hidden states between layers; a
+layer handed another tensor than its predecessor's output runs ungraphed. All sets of
+graphs share one memory pool, which is sound because a set's replays run as a whole (its
+forwards, then its backwards) before another set's begin (a forward waits, ungraphed,
+while a graphed backward is pending), so a set's temporaries are dead when another set
+reuses their memory. Each kept set still holds its own static tensors: two hidden states
+of the batch per layer (its output and its input's gradient), plus the first layer's input.
 
 A replay runs no Python, so what the layers read from Python is kept valid this way:
 - the token split (index tensors whose sizes depend on the labels): the capturing forward's
@@ -51,6 +54,7 @@ from collections import OrderedDict, deque
 import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from sparselora_compile.chained_graphs import capture_chain, chain_links
 from sparselora_compile.graph_payoff import Payoff
 
 log = logging.getLogger("sparselora_compile")
@@ -60,7 +64,7 @@ MAX_SETS = 3        # the default of graph_sets: each kept set holds its own sta
 MAX_CAPTURES = 8
 CAPTURE_AFTER = 2   # forwards with a key in the window before it is captured
 WINDOW = 32         # recent forwards whose keys are counted
-# make_graphed_callables runs every layer's forward and backward this many times on a side
+# the capture runs every layer's forward and backward this many times on a side
 # stream before capturing, so that lazy set-up (cuBLAS, the allocator, Triton autotuning at
 # the key's sizes) stays out of the capture. After the first capture the process-wide set-up
 # is done, and one run covers what depends on a key's sizes; each run costs about an
@@ -173,7 +177,12 @@ class _OwnGrads(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
-        return tuple(None if g is None else g.clone() for g in grads)
+        given = [g for g in grads if g is not None]
+        copies = [torch.empty_like(g) for g in given]
+        if copies:
+            torch._foreach_copy_(copies, given)  # one launch for the layer, not one per tensor
+        it = iter(copies)
+        return tuple(None if g is None else next(it) for g in grads)
 
 
 class _GraphSet:
@@ -189,7 +198,7 @@ class LayerGraphs:
     `make_graphed` and `needs_cuda` are attributes so that CPU tests can run the
     bookkeeping with a stand-in for the capture."""
 
-    make_graphed = staticmethod(torch.cuda.make_graphed_callables)
+    make_graphed = staticmethod(capture_chain)
     needs_cuda = True
 
     def __init__(self, run, max_sets: int | None = None):
@@ -329,7 +338,9 @@ class LayerGraphs:
         if graphs is not None and prefix in graphs.layers:
             sig, tensors = call_signature(args, kwargs)
             want, fn, layer_fn = graphs.layers[prefix]
-            if same_signature(sig, want):
+            # a layer whose input is not its predecessor's static output (to which the graphs
+            # chain it) runs ungraphed: chained_graphs.py
+            if same_signature(sig, want) and getattr(fn, "accepts", lambda t: True)(tensors):
                 # the parameters as they are now: one replaced since the capture gets its
                 # values copied into the captured storage, and its gradient
                 params = layer_fn.params()
@@ -346,7 +357,8 @@ class LayerGraphs:
         before = (stats.base_flops_dense, stats.base_flops_executed)
         out = inner(*args, **kwargs)
         flops = (stats.base_flops_dense - before[0], stats.base_flops_executed - before[1])
-        self.recording[prefix] = (sig, [t.detach() for t in tensors], flops)
+        outputs = [x.detach() if isinstance(x, torch.Tensor) else x for x in tree_flatten(out)[0]]
+        self.recording[prefix] = (sig, [t.detach() for t in tensors], flops, outputs)
         return out
 
     def _watched(self, out):
@@ -403,7 +415,7 @@ class LayerGraphs:
         try:
             fns, samples = [], []
             for prefix in order:
-                sig, tensors, _ = recorded[prefix]
+                sig, tensors, _, _ = recorded[prefix]
                 layer, inner = self.calls[prefix]
                 fns.append(_LayerFn(layer, inner, sig))
                 # fresh static inputs, with the recorded call's requires_grad (tensors were
@@ -413,8 +425,10 @@ class LayerGraphs:
             if self.pool is None and self.needs_cuda:
                 self.pool = torch.cuda.graph_pool_handle()
             warmup = WARMUP_ITERS if self.captures == 0 else LATER_WARMUP_ITERS
-            graphed = self.make_graphed(tuple(fns), tuple(samples), num_warmup_iters=warmup,
-                                        allow_unused_input=True, pool=self.pool)
+            # a layer's input that was its predecessor's output shares its static buffer
+            links = chain_links([recorded[p][1] for p in order], [recorded[p][3] for p in order])
+            graphed = self.make_graphed(tuple(fns), tuple(samples), links=links,
+                                        num_warmup_iters=warmup, pool=self.pool)
         except Exception as e:  # noqa: BLE001 - any failure: go on ungraphed, and say why
             self.disabled = f"{type(e).__name__}: {e}"
             self.failure = traceback.format_exc()

@@ -23,7 +23,7 @@ POLICY = dict(mlp=0.5, attention=0.5, sparsity={"layers.1.mlp": 0.75})
 
 
 class StandIn:
-    """make_graphed_callables' contract without a GPU: the functions come back, run without
+    """The capture's contract without a GPU: the functions come back, run without
     the ops' Python side effects (the FLOP counters), as a replay would."""
 
     def __init__(self, fail=False):
@@ -31,7 +31,7 @@ class StandIn:
 
     def __call__(self, fns, samples, **kwargs):
         self.calls.append([[t.requires_grad for t in s] for s in samples])
-        self.samples = samples
+        self.samples, self.links = samples, kwargs.get("links")
         if self.fail:
             raise RuntimeError("operation not permitted when stream is capturing")
         return tuple(self._replaying(fn) for fn in fns)
@@ -64,7 +64,7 @@ class _StaticGrad(torch.autograd.Function):
 
 
 class StaticGrads(StandIn):
-    """The stand-in, with make_graphed_callables' gradients: each argument's gradient
+    """The stand-in, with the capture's gradients: each argument's gradient
     comes back in a static buffer that the next replay's backward overwrites."""
 
     @staticmethod
@@ -134,6 +134,9 @@ def test_capture_on_the_second_forward_of_a_key_then_replay(monkeypatch):
                      "window": {"forwards": 5, "keys": 1, "graphed": 4}, "payoff": None}
     # layer 0's input (the frozen embedding's output) needs no grad, the others do
     assert stand_in.calls[0][0][0] is False and all(s[0] for s in stand_in.calls[0][1:])
+    # each later layer's hidden states (argument 0) are its predecessor's output 0, so the
+    # capture chains their static buffers; nothing else a layer takes was an output
+    assert stand_in.links == [{}, {0: (0, 0)}, {0: (1, 0)}]
     # A captured backward must not reach gradient accumulators made on the default stream
     # by earlier steps: the capture gets new leaves on the parameters' storage, and a
     # replay passes the real parameters (whose .grad filled: the same training as above).

@@ -252,6 +252,66 @@ def test_estimator_token_split(poisoned_alloc, residual):
     check_scores(300, 24, 8, 40, torch.float32, "cpu", 0, residual)
 
 
+def draw_zero_rows(data, M):
+    """Which rows weigh 0, in runs as real batches have them: none, all, random runs (whole
+    16-row interpreter tiles among them) or the tail of each fixed-length sequence."""
+    zero = torch.zeros(M, dtype=torch.bool)
+    mode = data.draw(st.sampled_from(["none", "all", "runs", "tails"]), label="zero_rows")
+    if mode == "all":
+        zero[:] = True
+    elif mode == "runs":
+        for _ in range(data.draw(st.integers(1, 4), label="n_runs")):
+            start = data.draw(st.integers(0, M - 1), label="start")
+            zero[start:start + data.draw(st.integers(1, M), label="length")] = True
+    elif mode == "tails":
+        period = data.draw(st.integers(1, M), label="period")
+        tail = data.draw(st.integers(0, period), label="tail")
+        zero = torch.arange(M) % period >= period - tail
+    return zero
+
+
+def check_weighted_scores(M, H, r, F, dtype, device, seed, zero, residual):
+    """Row-weighted scores, gated and not, against the references, which drop weight-0 rows.
+    Weight-0 rows hold NaN/inf in x: the kernel must not read them, so its result is bit for
+    bit the one with finite values there. Tolerance as in check_scores (sums of M squares):
+    rtol = 2x the dtype's, atol = that times the largest score."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(M, H, generator=g).to(device, dtype)
+    Ag, Au = ((torch.randn(H, r, generator=g) / H**0.5).to(device, dtype) for _ in range(2))
+    Bg, Bu = (torch.randn(r, F, generator=g).to(device) for _ in range(2))  # fp32, as the CUDA path
+    res = [(torch.rand(F, generator=g) * 2 * r / H).to(device) for _ in range(2)] if residual else [None, None]
+    w = torch.where(zero, 0.0, 0.25 + torch.rand(M, generator=g)).to(device)
+    bad = torch.tensor([float("nan"), float("inf"), -float("inf")])
+    poisoned = x.clone()
+    poisoned[zero.to(device)] = bad[torch.randint(3, (int(zero.sum()), H), generator=g)].to(device, dtype)
+    tol = 2 * TOL[dtype]
+
+    def check(got, want, clean):
+        assert torch.equal(got, clean)
+        torch.testing.assert_close(got, want, rtol=tol, atol=tol * float(want.max()) + 1e-6)
+        if zero.all():
+            assert got.eq(0).all()
+
+    check(fe.mlp_channel_scores(poisoned, Ag, Bg, Au, Bu, *res, row_weight=w),
+          fe.mlp_channel_scores_reference(poisoned, Ag, Bg, Au, Bu, *res, row_weight=w),
+          fe.mlp_channel_scores(x, Ag, Bg, Au, Bu, *res, row_weight=w))
+    check(fe.channel_sq_norms(poisoned @ Ag, Bg, row_weight=w),
+          fe.channel_sq_norms_reference(poisoned @ Ag, Bg, row_weight=w),
+          fe.channel_sq_norms(x @ Ag, Bg, row_weight=w))
+
+
+@cpu_only
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_estimator_zero_weight_runs_interpreter(poisoned_alloc, dtype, data):
+    # Up to 300 rows: 16-row tiles, and two programs of 128 or 256 rows each.
+    M = data.draw(st.integers(1, 300), label="M")
+    check_weighted_scores(M, data.draw(st.integers(1, 24), label="H"), data.draw(st.integers(1, 16), label="r"),
+                          data.draw(st.integers(1, 70), label="F"), dtype, "cpu", data.draw(st.integers(0, 999)),
+                          draw_zero_rows(data, M), data.draw(st.booleans(), label="residual"))
+
+
 @cpu_only
 def test_estimator_residual_matches_selection(poisoned_alloc):
     """The kernel's corrected score is `selection.mlp_scores`' (the CPU path) on the same rows."""
@@ -380,6 +440,14 @@ class TestGPU:
     def test_estimator_bf16(self, poisoned_alloc, M, H, r, F):
         check_scores(M, H, r, F, torch.bfloat16, "cuda", seed=M)
         check_scores(M, H, r, F, torch.bfloat16, "cuda", seed=M, residual=True)
+
+    @pytest.mark.parametrize("residual", [False, True])
+    def test_estimator_zero_weight_runs_bf16(self, poisoned_alloc, residual):
+        # Sequences of 512 whose last 128 rows weigh 0 (whole tiles skipped), and ragged runs.
+        M = 4 * 512 + 77
+        rows = torch.arange(M)
+        for seed, zero in enumerate([rows % 512 >= 384, (rows % 97 < 40) | (rows >= 1500)]):
+            check_weighted_scores(M, 512, 16, 1000, torch.bfloat16, "cuda", seed, zero, residual)
 
     @pytest.mark.parametrize("product", PRODUCTS)
     def test_products_fast_launch(self, poisoned_alloc, product):

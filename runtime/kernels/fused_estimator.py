@@ -69,31 +69,42 @@ def _channel_scores_kernel(
     m_stop = tl.minimum(m_start + ROWS_PER_PROG, M)
     for m0 in range(m_start, m_stop, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
-        a_mask = (offs_m < m_stop)[:, None] & r_ok[None, :]
-        # Rows past the end load as zero, so g = u = 0: without residuals they add nothing,
-        # with residuals they would add silu'(0)^2 σ²_g σ²_u and are masked out of the sum.
-        # x A may be bf16: cast to B's dtype (fp32) as the plain path's `.float()` does.
-        xg = tl.load(ag_ptr + offs_m[:, None].to(tl.int64) * stride_am + offs_r[None, :] * stride_ar,
-                     mask=a_mask, other=0.0).to(bg_ptr.dtype.element_ty)
-        g = tl.dot(xg, bg)
-        if GATED:
-            xu = tl.load(au_ptr + offs_m[:, None].to(tl.int64) * stride_um + offs_r[None, :] * stride_ur,
-                         mask=a_mask, other=0.0).to(bu_ptr.dtype.element_ty)
-            u = tl.dot(xu, bu)
-            sig = tl.sigmoid(g)
-            if RESIDUAL:
-                silu = g * sig
-                ds = sig * (1.0 + g * (1.0 - sig))  # silu'(g)
-                p = (silu * silu + ds * ds * rg) * (u * u + ru)
-                p = tl.where((offs_m < m_stop)[:, None], p, 0.0)
+        m_ok = offs_m < m_stop
+        live = True
+        if WEIGHTED:
+            # Weight-0 rows (dense rows, padding, fillers: in runs, often whole tiles) are not
+            # read. A tile of them is skipped; in a mixed tile they load as zero, so they add
+            # exactly 0 even where x holds inf/NaN (not 0 * NaN = NaN). Any other weight, NaN
+            # included, keeps its row, and that row's term does not depend on the skipping.
+            w = tl.load(w_ptr + offs_m, mask=m_ok, other=0.0)
+            m_ok = m_ok & (w != 0)
+            live = tl.max(m_ok.to(tl.int32), axis=0) != 0  # a scalar: scf.if around the tile's work
+        if live:
+            a_mask = m_ok[:, None] & r_ok[None, :]
+            # Rows past the end (and weight-0 rows) load as zero, so g = u = 0: without residuals
+            # they add nothing, with residuals they would add silu'(0)^2 σ²_g σ²_u and are masked out.
+            # x A may be bf16: cast to B's dtype (fp32) as the plain path's `.float()` does.
+            xg = tl.load(ag_ptr + offs_m[:, None].to(tl.int64) * stride_am + offs_r[None, :] * stride_ar,
+                         mask=a_mask, other=0.0).to(bg_ptr.dtype.element_ty)
+            g = tl.dot(xg, bg)
+            if GATED:
+                xu = tl.load(au_ptr + offs_m[:, None].to(tl.int64) * stride_um + offs_r[None, :] * stride_ur,
+                             mask=a_mask, other=0.0).to(bu_ptr.dtype.element_ty)
+                u = tl.dot(xu, bu)
+                sig = tl.sigmoid(g)
+                if RESIDUAL:
+                    silu = g * sig
+                    ds = sig * (1.0 + g * (1.0 - sig))  # silu'(g)
+                    p = (silu * silu + ds * ds * rg) * (u * u + ru)
+                    p = tl.where(m_ok[:, None], p, 0.0)
+                else:
+                    p = g * sig * u
+                    p = p * p
             else:
-                p = g * sig * u
-                p = p * p
-        else:
-            p = g * g
-        if WEIGHTED:  # per-row weight: 0 for the rows the estimator skips (dense rows, padding)
-            p = p * tl.load(w_ptr + offs_m, mask=offs_m < m_stop, other=0.0)[:, None]
-        acc += p
+                p = g * g
+            if WEIGHTED:
+                p = p * w[:, None]
+            acc += p
     tl.store(part_ptr + pid_s * F + offs_f, tl.sum(acc, axis=0), mask=f_ok)
 
 
@@ -167,15 +178,25 @@ def mlp_channel_scores_projected(xa, Bg, Bu, Rg=None, Ru=None, row_weight=None):
     return _scores(xa[:, :r], Bg, xa[:, r:], Bu, Rg, Ru, row_weight)
 
 
-def channel_sq_norms(xa, B):
-    """Squared column norms over rows of xa @ B, [N] fp32, without materialising it. xa [M, r]; B [r, N]."""
-    return _scores(xa, B, None, None)
+def channel_sq_norms(xa, B, row_weight=None):
+    """Squared column norms over rows of xa @ B, [N] fp32, without materialising it. xa [M, r]; B [r, N];
+    each row's square times its `row_weight` [M] fp32 when given."""
+    return _scores(xa, B, None, None, row_weight=row_weight)
 
 
 # ---- plain-PyTorch references (they do materialise [M, F]) ----
 # x@A is rounded to the input dtype, as in the fused path (and any torch estimator); the rest is fp32.
+# Rows of weight 0 are dropped before any math, as the kernel does not read them: inf/NaN there add 0.
+
+def _weighted_rows(x, row_weight):
+    if row_weight is None:
+        return x, None
+    keep = row_weight != 0
+    return x[keep], row_weight[keep]
+
 
 def mlp_channel_scores_reference(x, Ag, Bg, Au, Bu, Rg=None, Ru=None, row_weight=None):
+    x, row_weight = _weighted_rows(x, row_weight)
     g = (x @ Ag).float() @ Bg.float()
     u = (x @ Au).float() @ Bu.float()
     if Rg is None and Ru is None:
@@ -186,5 +207,7 @@ def mlp_channel_scores_reference(x, Ag, Bg, Au, Bu, Rg=None, Ru=None, row_weight
     return (terms if row_weight is None else terms * row_weight[:, None]).sum(0)
 
 
-def channel_sq_norms_reference(xa, B):
-    return (xa.float() @ B.float()).pow(2).sum(0)
+def channel_sq_norms_reference(xa, B, row_weight=None):
+    xa, row_weight = _weighted_rows(xa, row_weight)
+    sq = (xa.float() @ B.float()).pow(2)
+    return (sq if row_weight is None else sq * row_weight[:, None]).sum(0)
