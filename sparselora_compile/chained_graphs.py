@@ -56,8 +56,11 @@ class _Replay:
         class Graphed(torch.autograd.Function):
             @staticmethod
             def forward(ctx, *args):
-                for static, arg in zip(replay.inputs, args):
+                for j, (static, arg) in enumerate(zip(replay.inputs, args)):
                     if static.data_ptr() != arg.data_ptr():
+                        if j in replay.linked:  # the producer's output: not ours to overwrite
+                            raise RuntimeError("a chained graph was handed another tensor than "
+                                               "its producer's output; check accepts() first")
                         static.copy_(arg)
                 replay.fwd.replay()
                 return tuple(o.detach() for o in replay.outputs)

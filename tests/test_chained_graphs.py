@@ -62,4 +62,7 @@ def test_chained_replays_match_eager_and_copy_no_hidden_states_on_cuda():
         for p, q in zip(ws + bs, ref_w + ref_b):
             torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-5)
     assert graphed[1].accepts((graphed[0].outputs[0], ws[1], bs[1]))
-    assert not graphed[1].accepts((graphed[0].outputs[0].clone(), ws[1], bs[1]))
+    foreign = graphed[0].outputs[0].clone()
+    assert not graphed[1].accepts((foreign, ws[1], bs[1]))
+    with pytest.raises(RuntimeError, match="accepts"):
+        graphed[1](foreign, ws[1], bs[1])
