@@ -12,7 +12,8 @@ graphs share one memory pool, which is sound because a set's replays run as a wh
 forwards, then its backwards) before another set's begin (a forward waits, ungraphed,
 while a graphed backward is pending), so a set's temporaries are dead when another set
 reuses their memory. Each kept set still holds its own static tensors: two hidden states
-of the batch per layer (its output and its input's gradient), plus the first layer's input.
+of the batch per layer (its output and its input's gradient), plus the first layer's input
+and the last layer's output gradient.
 
 A replay runs no Python, so what the layers read from Python is kept valid this way:
 - the token split (index tensors whose sizes depend on the labels): the capturing forward's
