@@ -148,6 +148,31 @@ def test_capture_on_the_second_forward_of_a_key_then_replay(monkeypatch):
             assert a is not p and a.is_leaf and a.requires_grad and a.data_ptr() == p.data_ptr()
 
 
+class Refusing(StandIn):
+    """The stand-in whose layer 1 refuses its arguments (`accepts`, as a chained graph
+    handed another tensor than its producer's output does); counts each layer's replays."""
+
+    def __call__(self, fns, samples, **kwargs):
+        graphed = super().__call__(fns, samples, **kwargs)
+        self.replays = [0] * len(graphed)
+
+        def counted(i, fn):
+            def replay(*tensors):
+                self.replays[i] += 1
+                return fn(*tensors)
+            replay.accepts = lambda tensors: i != 1
+            return replay
+        return tuple(counted(i, fn) for i, fn in enumerate(graphed))
+
+
+def test_a_layer_that_refuses_its_arguments_runs_ungraphed(monkeypatch):
+    stand_in = Refusing()
+    graphed = _train(True, _batches(5), monkeypatch=monkeypatch, stand_in=stand_in)
+    _assert_same(graphed, _plain_five_steps())
+    assert graphed[2] == _plain_five_steps()[2]  # layer 1 counted its FLOPs ungraphed
+    assert stand_in.replays == [4, 0, 4] and graphed[3].graphed_forwards == 4
+
+
 def test_accumulated_gradients_survive_the_next_replay(monkeypatch):
     """Gradient accumulation: a replayed backward returns its gradients in static buffers,
     which the first micro-batch's `.grad` must not alias (the next replay would overwrite
