@@ -13,8 +13,10 @@ Inductor per decoder layer with bf16 adapters:
   package, Inductor's generated wrappers, Triton's launcher, torch) and the top functions;
 - the self CPU time of each op (torch.profiler, CPU only);
 - per step of --timeline-steps (CUDA only): the GPU's busy and idle time within the step,
-  kernel time by group (matrix products, attention, ours, Inductor's Triton, ...) and the
-  top kernels, traced without CPU op tracing;
+  kernel time by group (matrix products, attention, ours, Inductor's Triton, ...), the
+  top kernels and the longest waits (offset in the step, the kernels either side),
+  traced without CPU op tracing; variants as bench/train_step.py names them (`_graphs`,
+  `_suphead` apply);
 - per timed step: its length, time and the allocator's cudaMalloc/cudaFree counts
   (`per_step`); with --op-profile-steps, one torch.profiler capture per step, so that a
   slow step shows its op; with --sync-steps, where the host waited for the GPU.
@@ -131,16 +133,18 @@ def gpu_timeline(step, batch, device) -> dict:
         step(batch)
         ts.sync(device)
     ev = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-    spans = sorted((e.time_range.start, e.time_range.end) for e in ev)
-    busy, idle, gaps, end = 0.0, 0.0, 0, None
-    for a, b in spans:
+    spans = sorted((e.time_range.start, e.time_range.end, e.name) for e in ev)
+    busy, idle, gaps, end, last, waits = 0.0, 0.0, 0, None, None, []
+    for a, b, name in spans:
         if end is not None and a > end:
             idle += a - end
             gaps += (a - end) > 20
+            waits.append((a - end, end - spans[0][0], last, name))
         lo = a if end is None else max(a, end)
         if b > lo:
             busy += b - lo
-        end = b if end is None else max(end, b)
+        if end is None or b >= end:
+            end, last = b, name
     groups, names = {}, {}
     for e in ev:
         us = e.time_range.elapsed_us()
@@ -151,6 +155,10 @@ def gpu_timeline(step, batch, device) -> dict:
     return {"gpu_span_ms": round((end - spans[0][0]) / 1e3, 2) if spans else 0.0,
             "gpu_busy_ms": round(busy / 1e3, 2), "gpu_idle_ms": round(idle / 1e3, 2),
             "gpu_gaps_over_20us": gaps, "kernels": len(ev),
+            # where the GPU waited: the longest gaps, at their offset in the step, between
+            # which kernels (the host's work in between is what to look for)
+            "longest_gaps": [{"us": round(w), "at_ms": round(t / 1e3, 2), "after": x[:80], "before": y[:80]}
+                             for w, t, x, y in sorted(waits, reverse=True)[:12]],
             "kernel_ms_by_group": {k: round(v / 1e3, 2) for k, v in sorted(groups.items(), key=lambda kv: -kv[1])},
             "top_kernels_ms": [[n[:100], round(v / 1e3, 3)] for n, v in top]}
 
@@ -210,7 +218,7 @@ def measure(name, peft, init, batches, args, device, log) -> dict:
                                          "triton.cudagraph_unexpected_rerecord_limit": 100000},
                      "pad_to_multiple_of": args.pad}
         fn = ts.slc_compile(peft, policy, inner=args.inner, lora_dtype="model",
-                            cuda_graphs="_graphs" in flags, **extra)
+                            cuda_graphs="_graphs" in flags, supervised_head="_suphead" in flags, **extra)
         fn.set_step(10**6)
     opt = torch.optim.AdamW(ts.lora_params(peft), lr=1e-5)
 
