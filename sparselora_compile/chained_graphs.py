@@ -90,6 +90,11 @@ def capture_chain(fns, samples, *, links=None, num_warmup_iters=2, pool=None):
     `links[i]` maps argument j of call i to (producer call, output index); a linked
     sample is used for the warm-up only. Arguments' gradients the function does not use
     come back None."""
+    if torch.is_autocast_enabled() and torch.is_autocast_cache_enabled():
+        # a cast served from autocast's cache would not be captured: the graph would read a
+        # copy of the weights that goes stale, then is freed (make_graphed_callables refuses too)
+        raise RuntimeError("CUDA graphs cannot be captured under autocast with its cache on; "
+                           "use torch.autocast(..., cache_enabled=False)")
     links = links or [{} for _ in fns]
     pool = torch.cuda.graph_pool_handle() if pool is None else pool
     torch.cuda.synchronize()

@@ -174,6 +174,7 @@ class _OwnGrads(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, *params):
+        ctx.set_materialize_grads(False)  # an unused parameter's .grad stays None, not zeros
         return tuple(p.view_as(p) for p in params)
 
     @staticmethod
@@ -347,8 +348,7 @@ class LayerGraphs:
                 params = layer_fn.params()
                 out = fn(*tensors, *(_OwnGrads.apply(*params) if params else ()))
                 self._count(graphs.flops.get(prefix))
-                if self._unwatched:
-                    self._unwatched = False
+                if self._unwatched:  # until a graphed output that needs a gradient carries it
                     out = self._watched(out)
                 return out
         if self.recording is None:
@@ -369,7 +369,7 @@ class LayerGraphs:
         for i, x in enumerate(leaves):
             if isinstance(x, torch.Tensor) and x.requires_grad:
                 leaves[i] = _Watch.apply(x)
-                self.watch = weakref.ref(leaves[i].grad_fn)
+                self.watch, self._unwatched = weakref.ref(leaves[i].grad_fn), False
                 break
         return tree_unflatten(leaves, spec)
 

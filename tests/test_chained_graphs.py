@@ -66,3 +66,18 @@ def test_chained_replays_match_eager_and_copy_no_hidden_states_on_cuda():
     assert not graphed[1].accepts((foreign, ws[1], bs[1]))
     with pytest.raises(RuntimeError, match="accepts"):
         graphed[1](foreign, ws[1], bs[1])
+
+
+@pytest.mark.skipif(not CUDA, reason="CUDA graphs need a GPU")
+def test_no_capture_under_autocast_with_its_cache_on_cuda():
+    """A cast served from autocast's cache would not be captured (a stale, later freed copy
+    of the weights): refused, as make_graphed_callables does; with the cache off it captures."""
+    w = torch.randn(8, 8, device="cuda", requires_grad=True)
+    sample = [(torch.randn(4, 8, device="cuda"), w.detach().requires_grad_())]
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        with pytest.raises(RuntimeError, match="cache_enabled=False"):
+            capture_chain([torch.matmul], sample)
+    with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
+        (graphed,) = capture_chain([torch.matmul], sample)
+        x = torch.randn(4, 8, device="cuda")
+        torch.testing.assert_close(graphed(x, w), x @ w, rtol=2e-2, atol=2e-2)

@@ -277,11 +277,18 @@ def test_past_the_capture_limit_new_splits_run_ungraphed(monkeypatch, caplog):
     assert g.stats()["window"] == {"forwards": 5, "keys": 2, "graphed": 1}
 
 
-def test_a_forward_whose_predecessor_awaits_its_backward_runs_ungraphed(monkeypatch):
+@pytest.mark.parametrize("frozen_first_layer", [False, True])
+def test_a_forward_whose_predecessor_awaits_its_backward_runs_ungraphed(monkeypatch, frozen_first_layer):
+    """With the first layer's adapters frozen its output needs no gradient, and the
+    watch on the pending backward goes on the next layer's output."""
     monkeypatch.setattr(LayerGraphs, "needs_cuda", False)
     monkeypatch.setattr(LayerGraphs, "make_graphed", StandIn())
     torch._dynamo.reset()
     model = tiny_llama(ALL, layers=3)
+    if frozen_first_layer:
+        for n, p in model.named_parameters():
+            if ".layers.0." in n:
+                p.requires_grad_(False)
     wrapped = slc.compile(model, slc.Policy(**POLICY), inner="aot_eager", cuda_graphs=True)
     (ids, labels), = _batches(1)
     for _ in range(2):
@@ -298,6 +305,15 @@ def test_a_forward_whose_predecessor_awaits_its_backward_runs_ungraphed(monkeypa
     model.eval()
     wrapped(input_ids=ids, labels=labels)
     assert wrapped.graphs.graphed_forwards == 3
+
+
+def test_a_parameter_a_replay_does_not_use_keeps_its_grad_none():
+    """A replayed backward returns None for a parameter the layer did not use; its
+    gradient copy must not turn that into zeros (AdamW would then move it)."""
+    used, unused = (torch.nn.Parameter(torch.ones(3)) for _ in range(2))
+    a, _ = cuda_graphs._OwnGrads.apply(used, unused)
+    (2 * a).sum().backward()
+    assert unused.grad is None and torch.equal(used.grad, torch.full((3,), 2.0))
 
 
 def test_a_failing_capture_turns_graphs_off_and_training_goes_on(monkeypatch, caplog):
