@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from .padding import IGNORE
 from .regional import hf_base, replace_loss_function
 
+
 def check(model: torch.nn.Module) -> None:
     """A clear error where the model cannot take it."""
     base = hf_base(model)
