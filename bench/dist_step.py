@@ -23,6 +23,8 @@ rank's. Variants per engine:
 - sparse_graphs_bucket: `cuda_graphs=True, graph_bucket=1024` on the --batches stream
           (padding-free rows filled to a few shapes)
 Engines: single (no wrapper), ddp (`DistributedDataParallel(model)` after compiling),
+ddp_view (the same with `gradient_as_bucket_view=True`: the gradients live in DDP's
+all-reduce buckets, so no copy into the buckets and back per parameter and step),
 fsdp (`fully_shard` on each decoder layer, then the root, then compile: torchtitan's
 order; --fsdp-unit K shards K layers as one unit), fsdp_keep (the same with
 `reshard_after_forward=False`: one all-gather of the frozen weights per step instead of
@@ -121,8 +123,8 @@ def wrap(engine, variant, peft, args, layers):
                               graph_bucket=1024 if variant == "sparse_graphs_bucket" else 0)
         wrapped.set_step(10**6)  # past the dense warm-up
     fn = peft  # slc.compile compiled its layers in place: the model runs the glue
-    if engine == "ddp":
-        fn = DDP(peft)
+    if engine in ("ddp", "ddp_view"):
+        fn = DDP(peft, gradient_as_bucket_view=engine == "ddp_view")
     if variant == "dense_unmasked":
         fn = unmasked(fn)
     if variant == "dense_varlen":
@@ -202,6 +204,12 @@ def timed(engine, variant, args, device):
         prof = host_profile(lambda b: step(fn, opt, b), extra)
         res["host_profile"] = {k: prof[k] for k in ("total_ms", "by_group_ms", "top_self")}
         log(f"{engine} {variant}: host {prof['total_ms']} ms/step (cProfile): {prof['by_group_ms']}")
+    if args.gpu_timeline and device.type == "cuda":
+        from host_profile import gpu_timeline
+        seen = batches[args.warmup:args.warmup + args.gpu_timeline]  # lengths met already
+        res["gpu_timeline"] = [gpu_timeline(lambda b: step(fn, opt, b), b, device) for b in seen]
+        log(f"{engine} {variant}: GPU busy/idle ms per traced step " + ", ".join(
+            f"{t['gpu_busy_ms']}/{t['gpu_idle_ms']}" for t in res["gpu_timeline"]))
     if wrapped is not None:
         res["policy_stats"] = wrapped.stats.as_dict()
         if variant.startswith("sparse_graphs"):
@@ -351,7 +359,7 @@ def merge(paths, out):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--engines", nargs="+", default=["single"], choices=("single", "ddp", "fsdp", "fsdp_keep"))
+    ap.add_argument("--engines", nargs="+", default=["single"], choices=("single", "ddp", "ddp_view", "fsdp", "fsdp_keep"))
     ap.add_argument("--variants", nargs="*", default=["dense", "sparse"],
                     choices=("dense", "dense_unmasked", "dense_varlen", "sparse", "sparse_graphs",
                              "sparse_graphs_bucket"))
@@ -382,6 +390,9 @@ def main(argv=None):
     ap.add_argument("--smoke", action="store_true", help="tiny widths (CPU, gloo)")
     ap.add_argument("--host-profile", type=int, default=0, metavar="STEPS",
                     help="after timing, this many steps under cProfile (host_profile.py), rank 0's kept")
+    ap.add_argument("--gpu-timeline", type=int, default=0, metavar="STEPS",
+                    help="after timing, this many steps each traced on the GPU (host_profile.gpu_timeline: "
+                         "busy and idle time, longest gaps, kernels by group), rank 0's kept")
     ap.add_argument("--merge", nargs="+", default=None, help="merge launch files into --out")
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)

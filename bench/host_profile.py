@@ -109,7 +109,7 @@ def op_profile(step, batch, device, top=40) -> dict:
 
 KERNEL_GROUPS = (  # kernel-name fragments, first match wins
     ("ours: gathered GEMM", ("_gathered_gemm",)), ("ours: estimator", ("_channel_scores",)),
-    ("attention", ("flash", "fmha", "cudnn", "attention", "sdpa")),
+    ("attention", ("flash", "fmha", "cudnn", "attention", "sdpa")), ("collectives (NCCL)", ("nccl",)),
     ("matrix products (cuBLAS/CUTLASS)", ("gemm", "nvjet", "cutlass", "sm90_xmma", "cublas", "splitk")),
     ("Inductor Triton", ("triton_",)), ("top-k / sort", ("topk", "sort", "radix")),
     ("index gather / scatter", ("index", "gather", "scatter")),

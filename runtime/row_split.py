@@ -98,8 +98,11 @@ def compute_split(rows: torch.Tensor, padding: torch.Tensor | None = None, bucke
     round the index lists to fixed capacities (see RowSplit); `filler`: the row's trailing
     filler rows, which `kept` (capacity pairs of kept graph sets) may take as dense rows."""
     r = rows.reshape(-1)
-    dense, ctx = r.nonzero().squeeze(1), (~r).nonzero().squeeze(1)
-    n_dense, n_ctx = dense.numel(), ctx.numel()
+    # one sync for both lists (nonzero syncs once per call; nonzero_static does not)
+    n_dense = int(r.sum())
+    n_ctx = r.numel() - n_dense
+    dense = torch.nonzero_static(r, size=n_dense).squeeze(1)
+    ctx = torch.nonzero_static(~r, size=n_ctx).squeeze(1)
     step = bucket_step(n_dense, max(1, bucket // DENSE_SHARE)) if bucket > 0 else 0
     n_real_ctx = n_ctx  # context rows that are not copies (the first ones of the list)
     if step and n_dense and n_ctx:
