@@ -20,6 +20,8 @@ tells the caller, who runs that layer ungraphed.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
@@ -89,14 +91,29 @@ def capture_chain(fns, samples, *, links=None, num_warmup_iters=2, pool=None):
     """Graphed versions of `fns` (each takes only tensors), captured with `samples`.
     `links[i]` maps argument j of call i to (producer call, output index); a linked
     sample is used for the warm-up only. Arguments' gradients the function does not use
-    come back None."""
-    if torch.is_autocast_enabled() and torch.is_autocast_cache_enabled():
-        # a cast served from autocast's cache would not be captured: the graph would read a
-        # copy of the weights that goes stale, then is freed (make_graphed_callables refuses too)
-        raise RuntimeError("CUDA graphs cannot be captured under autocast with its cache on; "
-                           "use torch.autocast(..., cache_enabled=False)")
-    links = links or [{} for _ in fns]
-    pool = torch.cuda.graph_pool_handle() if pool is None else pool
+    come back None. Under autocast the casts are captured too: replay under the same
+    autocast state (the caller keys its graphs on it)."""
+    with _uncached_autocast():
+        return _capture(fns, samples, links or [{} for _ in fns], num_warmup_iters,
+                        torch.cuda.graph_pool_handle() if pool is None else pool)
+
+
+def autocast_dtype(device: torch.device):
+    """The dtype autocast casts to on `device`'s kind now (None: off); a capture bakes it in."""
+    return torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
+
+
+def _uncached_autocast():
+    """Under autocast with its cache on, the same autocast with the cache off. A cast served
+    from the cache would not be captured: the graph would read a copy of the weights made
+    before the capture, stale after the next optimizer step and freed with the cache. With
+    the cache off each cast runs inside the graph, from the weights' current values."""
+    if torch.is_autocast_enabled("cuda") and torch.is_autocast_cache_enabled():
+        return torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"), cache_enabled=False)
+    return contextlib.nullcontext()
+
+
+def _capture(fns, samples, links, num_warmup_iters, pool):
     torch.cuda.synchronize()
     with torch.cuda.stream(torch.cuda.Stream()):
         for fn, args in zip(fns, samples):

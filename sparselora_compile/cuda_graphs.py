@@ -238,10 +238,12 @@ class LayerGraphs:
                            "graphed": sum(self.recent_graphed)},
                 "payoff": self.payoff.figures and {**self.payoff.figures, "pays": self.payoff.verdict is True}}
 
-    def capacities_for(self, shape: tuple, device, sequences) -> tuple:
+    def capacities_for(self, shape: tuple, device, sequences, cast) -> tuple:
         """The (dense, context) token-split capacities of the kept sets captured for rows of
-        this shape, device and count of sequences, with estimator weights (filled rows)."""
-        return tuple(k[2] for k in self.sets if k[0] == shape and k[1] == device and k[3] and k[4] == sequences)
+        this shape, device, count of sequences and autocast dtype, with estimator weights
+        (filled rows)."""
+        return tuple(k[2] for k in self.sets
+                     if k[0] == shape and k[1] == device and k[3] and k[4] == sequences and k[5] == cast)
 
     # ---- installing ----------------------------------------------------------------------
 

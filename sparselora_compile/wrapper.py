@@ -40,6 +40,7 @@ from sparselora_compile.runtime.run import Run, RunStats
 
 from . import copying
 from .backend import BackendOptions, new_run
+from .chained_graphs import autocast_dtype
 from . import dynamic_dims
 from . import packing
 from .padding import causal_attention, pad_batch, pad_id, unmask_right_padding
@@ -309,7 +310,8 @@ class SparseLoRAModel(torch.nn.Module):
             return 0, ()
         ids = kwargs["input_ids"]
         sequences = self._sequences(kwargs.get(packing.SEQ_STARTS))
-        return u.filler, self.graphs.capacities_for(tuple(ids.shape), ids.device, sequences)
+        return u.filler, self.graphs.capacities_for(tuple(ids.shape), ids.device, sequences,
+                                                    autocast_dtype(ids.device))
 
     def _sequences(self, starts) -> int | None:
         """The count of sequences of the running forward's packed rows (None: not packed)."""
@@ -318,7 +320,8 @@ class SparseLoRAModel(torch.nn.Module):
     def _graph_key(self, run: Run, model: torch.nn.Module, starts=None):
         """What a CUDA graph set of the layers is valid for (None: no graphs this forward):
         a training forward past the warm-up whose token split was made ahead; its shape, the
-        split's sizes and, for packed rows, their count of sequences (`starts`)."""
+        split's sizes, for packed rows their count of sequences (`starts`), and the autocast
+        dtype (None: no autocast)."""
         if (not model.training or run.force_dense or not run.sparse_now()
                 or run.record is not None or run.shared_rows is None
                 or run.shared_rows[0][0] != run.forward_id):
@@ -326,7 +329,8 @@ class SparseLoRAModel(torch.nn.Module):
         rows = run.shared_rows[1]
         split = run.splits.of(rows)
         sequences = self._sequences(starts)
-        return (tuple(rows.shape), rows.device, split.capacities, split.score_weight is not None, sequences)
+        return (tuple(rows.shape), rows.device, split.capacities, split.score_weight is not None,
+                sequences, autocast_dtype(rows.device))
 
     @staticmethod
     def _token_rows_ahead(run: Run, kwargs) -> None:

@@ -69,15 +69,24 @@ def test_chained_replays_match_eager_and_copy_no_hidden_states_on_cuda():
 
 
 @pytest.mark.skipif(not CUDA, reason="CUDA graphs need a GPU")
-def test_no_capture_under_autocast_with_its_cache_on_cuda():
-    """A cast served from autocast's cache would not be captured (a stale, later freed copy
-    of the weights): refused, as make_graphed_callables does; with the cache off it captures."""
-    w = torch.randn(8, 8, device="cuda", requires_grad=True)
-    sample = [(torch.randn(4, 8, device="cuda"), w.detach().requires_grad_())]
-    with torch.autocast("cuda", dtype=torch.bfloat16):
-        with pytest.raises(RuntimeError, match="cache_enabled=False"):
-            capture_chain([torch.matmul], sample)
-    with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
-        (graphed,) = capture_chain([torch.matmul], sample)
-        x = torch.randn(4, 8, device="cuda")
-        torch.testing.assert_close(graphed(x, w), x @ w, rtol=2e-2, atol=2e-2)
+def test_a_capture_under_autocast_casts_the_current_weights_on_cuda():
+    """Under autocast with its cache on (the default: HF Trainer's bf16=True), the capture
+    runs with the cache off, so each replay casts the fp32 weights as they are then: after
+    an in-place update the replay follows it, as eager autocast does (a cached cast would
+    replay the weights of the capture)."""
+    torch.manual_seed(0)
+    w = torch.randn(16, 16, device="cuda", requires_grad=True)
+    graphed = None
+    for _ in range(3):  # steps: a forward under autocast, the update outside it
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            assert torch.is_autocast_cache_enabled()
+            if graphed is None:
+                (graphed,) = capture_chain([torch.matmul], [(torch.randn(8, 16, device="cuda"),
+                                                             w.detach().requires_grad_())])
+                assert torch.is_autocast_cache_enabled()  # the caller's state is back
+            x = torch.randn(8, 16, device="cuda")
+            got, want = graphed(x, w), x @ w
+        assert got.dtype == want.dtype == torch.bfloat16
+        torch.testing.assert_close(got, want, rtol=0, atol=0)  # the same bf16 product
+        with torch.no_grad():
+            w.add_(1.0)

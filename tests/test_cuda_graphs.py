@@ -83,7 +83,7 @@ def _batches(n, n_out=(3,), t=12):
 
 
 def _train(graphs, batches, device="cpu", monkeypatch=None, stand_in=None, inner="aot_eager",
-           dtype=torch.float32, graph_bucket=0, accumulate=1, graph_sets=None):
+           dtype=torch.float32, graph_bucket=0, accumulate=1, graph_sets=None, casts=(None,)):
     torch._dynamo.reset()
     model = tiny_llama(ALL, layers=3).to(device, dtype)
     if monkeypatch is not None:
@@ -96,7 +96,9 @@ def _train(graphs, batches, device="cpu", monkeypatch=None, stand_in=None, inner
     losses = []
     for i, b in enumerate(batches, 1):
         b = b if isinstance(b, dict) else {"input_ids": b[0], "labels": b[1]}
-        loss = wrapped(**{k: v.to(device) for k, v in b.items()}).loss
+        cast = casts[(i - 1) % len(casts)]  # this step's autocast dtype (None: off)
+        with torch.autocast(torch.device(device).type, dtype=cast, enabled=cast is not None):
+            loss = wrapped(**{k: v.to(device) for k, v in b.items()}).loss
         loss.backward()
         if i % accumulate == 0:  # gradients of `accumulate` micro-batches summed in .grad
             opt.step()
@@ -146,6 +148,17 @@ def test_capture_on_the_second_forward_of_a_key_then_replay(monkeypatch):
         assert params and all(p.requires_grad for p in params)
         for a, p in zip(sample[-len(params):], params):
             assert a is not p and a.is_leaf and a.requires_grad and a.data_ptr() == p.data_ptr()
+
+
+def test_graph_sets_are_keyed_on_the_autocast_dtype(monkeypatch):
+    """A replay repeats the casts autocast made at its capture: forwards under autocast
+    and forwards without it get sets of their own, and one never replays the other's."""
+    g = _train(True, _batches(6), monkeypatch=monkeypatch, stand_in=StandIn(),
+               casts=(torch.bfloat16,) * 3 + (None,) * 3)[3]
+    assert sorted(str(k[-1]) for k in g.sets) == ["None", "torch.bfloat16"]
+    # each half: a record, a capture and two replays (a key blind to autocast: 1 capture
+    # and 5 replays)
+    assert g.captures == 2 and g.graphed_forwards == 4
 
 
 class Refusing(StandIn):
@@ -469,17 +482,20 @@ def test_a_kept_set_serves_fewer_dense_rows_through_the_filler(monkeypatch):
 
 
 @pytest.mark.skipif(not CUDA, reason="CUDA graphs need a GPU")
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_graph_replay_matches_ungraphed_training_on_cuda(dtype):
+@pytest.mark.parametrize("dtype, cast", [(torch.float32, None), (torch.bfloat16, None),
+                                         (torch.float32, torch.bfloat16)])
+def test_graph_replay_matches_ungraphed_training_on_cuda(dtype, cast):
     """Real captures through Inductor: eight optimizer steps on changing tokens, with a
-    split size that appears once (ungraphed) in between; bf16 keeps its own tolerance."""
+    split size that appears once (ungraphed) in between; bf16 keeps its own tolerance. With
+    `cast`, an fp32 model trains under bf16 autocast (its cache on, as HF Trainer's bf16=True
+    runs it): the replays cast the weights each optimizer step has moved."""
     sizes = (3, 3, 3, 5, 3, 3, 3, 3)
     batches = [batch(t=12, n_out=n, seed=30 + i) for i, n in enumerate(sizes)]
-    plain = _train(False, batches, device="cuda", inner="inductor", dtype=dtype)
-    graphed = _train(True, batches, device="cuda", inner="inductor", dtype=dtype)
+    plain = _train(False, batches, device="cuda", inner="inductor", dtype=dtype, casts=(cast,))
+    graphed = _train(True, batches, device="cuda", inner="inductor", dtype=dtype, casts=(cast,))
     g = graphed[3]
     assert g.disabled is None, g.failure
-    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 and cast is None else dict(rtol=2e-2, atol=2e-2)
     _assert_same(graphed, plain, **tol)
     assert graphed[2] == plain[2]
     assert g.captures == 1 and g.graphed_forwards == 6

@@ -283,3 +283,27 @@ def test_supervised_head_trains_as_the_full_head(tmp_path):
             assert (x is None and y is None) or x == pytest.approx(y, rel=1e-5)
     for name in ref_adapters:
         torch.testing.assert_close(adapters[name], ref_adapters[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_trainer_bf16_with_cuda_graphs_trains_as_without_on_cuda(tmp_path):
+    """`bf16=True` runs the forward under autocast with its weight cache on: the layers are
+    still captured (the capture runs with the cache off) and replayed, and the adapters
+    end as an ungraphed run's, within bf16 noise."""
+    def run(graphs):
+        torch.manual_seed(0)
+        model = tiny_llama().cuda()
+        args = TrainingArguments(output_dir=str(tmp_path / f"graphs_{graphs}"), per_device_train_batch_size=2,
+                                 max_steps=6, bf16=True, save_strategy="no", logging_steps=1, report_to=[],
+                                 seed=0, data_seed=0, disable_tqdm=True)
+        trainer = Trainer(model=model, args=args, train_dataset=_rows(12))
+        sparse = prepare(trainer, slc.Policy(**POLICY, warmup_steps=1), inner="inductor", cuda_graphs=graphs)
+        trainer.train()
+        return _adapters(model), sparse.graphs
+
+    plain, _ = run(False)
+    graphed, graphs = run(True)
+    assert graphs.disabled is None, graphs.failure
+    assert graphs.captures == 1 and graphs.graphed_forwards >= 3
+    for name, p in plain.items():
+        torch.testing.assert_close(graphed[name], p, rtol=2e-2, atol=2e-2, msg=name)
