@@ -77,6 +77,7 @@ class Run:
     stats: RunStats = field(default_factory=RunStats)
     record: dict | None = None  # block name -> selections, when recording
     collect_moments: bool = False  # activation-aware estimator fed by the dense warm-up
+    zero_residuals: bool = False  # plain SVD factors: the scores skip their zero residual term
     moments: dict = field(default_factory=dict)  # block name -> SecondMoment of its input
     # Regional compilation (one graph serves many decoder layers): the running layer's
     # module path, set by the eager glue around each layer call, and the token split of

@@ -28,6 +28,8 @@ def select_mlp(x: Tensor, a_gate: Tensor, b_gate: Tensor, a_up: Tensor, b_up: Te
     name = st.block_name(name)
     st.collect_input(name, x)
     if st.sparse_now():
+        if st.zero_residuals:  # the same scores, without a term of zeros
+            res_gate = res_up = None
         s = scores.mlp_scores(x, a_gate, b_gate, a_up, b_up, res_gate, res_up,
                               st.splits.of(dense_rows), st.joined, act=activation)
         idx = selection.top_channels(s, k)
@@ -51,7 +53,8 @@ def select_plain_mlp(x: Tensor, a: Tensor, b: Tensor, res: Tensor, dense_rows: T
     name = st.block_name(name)
     st.collect_input(name, x)
     if st.sparse_now():
-        s = scores.plain_mlp_scores(x, a, b, res, st.splits.of(dense_rows), st.joined, act=activation)
+        s = scores.plain_mlp_scores(x, a, b, None if st.zero_residuals else res, st.splits.of(dense_rows),
+                                    st.joined, act=activation)
         idx = selection.top_channels(s, k)
     else:  # as in select_mlp
         idx = torch.arange(k, device=x.device)

@@ -145,6 +145,7 @@ def new_run(opts: BackendOptions) -> Run:
     run = Run(warmup_steps=policy.warmup(), dense_output_tokens=policy.dense_output_tokens,
               mlp_all_rows_max_k=opts.mlp_all_rows_max_k)
     run.collect_moments = policy.estimator == "activation_aware" and not opts.moments
+    run.zero_residuals = policy.estimator == "svd"
     if run.collect_moments and policy.warmup() == 0:
         log.warning("sparselora: estimator='activation_aware' without moments needs a dense "
                     "warm-up to collect them; using plain SVD factors")

@@ -41,6 +41,21 @@ def test_user_moments_give_activation_aware_factors(monkeypatch):
         torch.testing.assert_close(got, want)
 
 
+def test_plain_svd_scores_without_its_zero_residual_term(monkeypatch):
+    """Plain SVD's residual variances are zeros: the MLP score gets None for them (the
+    fused kernel then skips the term), and selects what the zero-residual score does."""
+    model = tiny_llama(ALL, layers=1)
+    ids, labels = batch()
+    seen = []
+    real = scores.mlp_scores
+    monkeypatch.setattr(scores, "mlp_scores", lambda *a, **kw: seen.append(a) or real(*a, **kw))
+    cmp = assert_rewrite_equivalent(model, {"input_ids": ids, "labels": labels},
+                                    slc.Policy(mlp=0.5, attention=0.5, rank=4), expect_blocks=2)
+    assert cmp.blocks_checked == 2
+    (args,) = seen
+    assert args[5] is None and args[6] is None
+
+
 def test_warmup_moments_refresh_factors_in_place_without_recompiling():
     model = tiny_llama(ALL, layers=1)
     ids, labels = batch()
