@@ -151,6 +151,47 @@ def bench_estimator(H, F_, r, tokens, dtype, dev, records, flush):
         flush()
 
 
+def sweep_estimator_configs(H, F_, r, tokens, dev, records, flush, live=0.75):
+    """The fused estimator's time per launch config (autotune candidates and more), as a
+    training step calls it: xa = x @ [A_g | A_u] in bf16, row weights with `live` of the
+    rows non-zero (the rest dense output rows or padding), residual term on and off."""
+    import triton
+    kernel = fe._channel_scores_kernel
+    saved = kernel.configs
+    grid = [triton.Config({"BLOCK_M": bm, "BLOCK_F": bf}, num_warps=w, num_stages=st)
+            for bm in (32, 64, 128) for bf in (64, 128, 256) for w in (4, 8) for st in (1, 3)]
+    g = torch.Generator(device=dev).manual_seed(0)
+    Bg, Bu = (torch.randn(r, F_, device=dev, generator=g) for _ in range(2))
+    Rg, Ru = (torch.rand(F_, device=dev, generator=g) for _ in range(2))
+    try:
+        for M in tokens:
+            xa = torch.randn(M, 2 * r, device=dev, generator=g).to(torch.bfloat16)
+            w = (torch.rand(M, device=dev, generator=g) < live).float()
+            for residual in (False, True):
+                res = (Rg, Ru) if residual else (None, None)
+                times = []
+                for cfg in grid:
+                    kernel.configs, kernel.cache = [cfg], {}
+                    fe._launch_scores._compiled.clear()
+                    call = lambda: fe.mlp_channel_scores_projected(xa, Bg, Bu, *res, row_weight=w)  # noqa: E731
+                    try:
+                        call()
+                        times.append((timer(call), str(cfg)))
+                    except Exception as e:  # out of resources: not a candidate
+                        times.append((float("inf"), f"{cfg}: {type(e).__name__}"))
+                times.sort()
+                rec = {"estimator_configs": True, "tokens": M, "F": F_, "r": r, "residual": residual,
+                       "live_rows": live, "best": times[:5], "autotune_candidates": [
+                           t for t in times if any(t[1].startswith(str(c)) for c in saved)]}
+                records.append(rec)
+                print(f"estimator configs M={M} residual={residual}: best {times[0]}, "
+                      f"current candidates {rec['autotune_candidates']}", flush=True)
+                flush()
+    finally:
+        kernel.configs, kernel.cache = saved, {}
+        fe._launch_scores._compiled.clear()
+
+
 def plot(records, path):
     import matplotlib
     matplotlib.use("Agg")
@@ -184,6 +225,8 @@ def main():
     p.add_argument("--smoke", action="store_true", help="tiny shapes; runs on CPU under TRITON_INTERPRET")
     p.add_argument("--tokens", default=None, help="comma-separated token counts (default 4096,16384)")
     p.add_argument("--skip-products", action="store_true")
+    p.add_argument("--estimator-configs", action="store_true",
+                   help="time the fused estimator under each of a grid of launch configs")
     args = p.parse_args()
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     if dev == "cpu" and not args.smoke:
@@ -213,10 +256,13 @@ def main():
     torch.manual_seed(0)
     H, F_ = (64, 96) if args.smoke else (4096, 14336)
     bench_estimator(H, F_, 8, tokens, dtype, dev, records, flush)
+    if args.estimator_configs:
+        sweep_estimator_configs(H, F_, 8, tokens, dev, records, flush)
     if not args.skip_products:
         bench_products(layers, tokens, SPARSITIES, dtype, dev, check_tokens=tokens[:1], records=records, flush=flush)
     flush()
-    plot(records, os.path.join(args.out, "kernels.png"))
+    if any("product" in r for r in records):
+        plot(records, os.path.join(args.out, "kernels.png"))
     print("wrote", path)
 
 
