@@ -1,5 +1,5 @@
-"""Top-k of the estimator's channel scores: our one-program Triton top-k against
-`torch.topk` and a full sort (H200).
+"""Top-k of the estimator's channel scores: our one-program Triton top-k, in each of its
+variants, against `torch.topk` and a full sort (H200).
 
 `selection.top_channels` picks the k largest of a block's d_ff (or kv) scores once per
 block per step. Each way gives the kept indices ascending (the torch ways with the index
@@ -9,12 +9,19 @@ sort that follows them), on the LLaMA-3-8B sizes, and is checked to give the sam
 kernels') and the same calls replayed from one CUDA graph (`_graph_us`, the GPU time a
 graphed step pays).
 
+Triton ways: `triton` is `top_k_indices` with its defaults; `triton_{cmp,hist}_d{D}_w{W}`
+count with a comparison or a histogram, settle D bits a round and run W warps
+(runtime/kernels/top_k.py; not timed where that is over 64 scores a thread). `fastest` in
+each row names the quickest Triton way (by `_graph_us` on a GPU). `--ways REGEX` keeps the
+ways it matches; `--smoke` (CPU: the interpreter) runs one sparsity a size, two calls a way.
+
     python bench/topk.py --out bench/results
 """
 import argparse
 import json
 import os
 import platform
+import re
 import sys
 
 import torch
@@ -36,7 +43,21 @@ def by_sort(s, k):
     return torch.sort(s, descending=True).indices[:k].sort().values
 
 
-WAYS = {"topk": by_topk, "sort": by_sort, "triton": top_k_indices}
+def triton_way(hist, d, w):
+    return lambda s, k: top_k_indices(s, k, digit_bits=d, hist=hist, num_warps=w)
+
+
+DIGIT_BITS = {"cmp": (1, 2, 3, 4), "hist": (2, 3, 4, 5, 6, 8)}
+WAYS = {"topk": by_topk, "sort": by_sort, "triton": top_k_indices,
+        **{f"triton_{count}_d{d}_w{w}": triton_way(count == "hist", d, w)
+           for count, ds in DIGIT_BITS.items() for d in ds for w in (4, 8, 16)}}
+
+
+def spills(way, n):
+    """More than 64 keys a thread (4 warps at 14,336 scores) spill registers, and each such
+    kernel takes a minute to compile: not timed."""
+    w = re.search(r"_w(\d+)$", way)
+    return w is not None and n > 64 * 32 * int(w.group(1))
 
 
 def time_ms(fn, reps, device):
@@ -76,24 +97,35 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     ap.add_argument("--reps", type=int, default=200)
+    ap.add_argument("--ways", default="", help="a regex: time only the ways it matches")
+    ap.add_argument("--smoke", action="store_true", help="one sparsity a size, two calls a way")
     args = ap.parse_args()
+    ways = {w: fn for w, fn in WAYS.items() if re.search(args.ways, w)}
+    sparsities = [0.75] if args.smoke else SPARSITIES
+    reps = 2 if args.smoke else args.reps
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     g = torch.Generator(device=device).manual_seed(0)
     rows = []
     for name, n in SIZES.items():
         s = torch.rand(n, device=device, generator=g)  # untied: every way gives one set
-        for sp in SPARSITIES:
+        for sp in sparsities:
             k = max(1, round(n * (1 - sp)))
             ref = by_topk(s, k)
             row = {"scores": name, "n": n, "sparsity": sp, "k": k}
-            for way, fn in WAYS.items():
+            for way, fn in ways.items():
+                if spills(way, n):
+                    continue
                 assert torch.equal(fn(s, k), ref), (way, n, k)
-                row[f"{way}_us"] = 1e3 * time_ms(lambda: fn(s, k), args.reps, device)
+                row[f"{way}_us"] = 1e3 * time_ms(lambda: fn(s, k), reps, device)
                 if device.type == "cuda":
-                    row[f"{way}_graph_us"] = 1e3 * graph_ms(lambda: fn(s, k), args.reps)
+                    row[f"{way}_graph_us"] = 1e3 * graph_ms(lambda: fn(s, k), reps)
+            timed = [w for w in ways if w.startswith("triton") and not spills(w, n)]
+            if timed:
+                unit = "_graph_us" if device.type == "cuda" else "_us"
+                row["fastest"] = min(timed, key=lambda w: row[w + unit])
             rows.append(row)
             print(row, flush=True)
-    out = {"command": "python bench/topk.py",
+    out = {"command": " ".join(["python bench/topk.py", *sys.argv[1:]]),
            "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor(),
            "torch": torch.__version__,
            "timing": "CUDA events; _us: mean of --reps calls after 10 warm-up calls, one stream; "

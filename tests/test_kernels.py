@@ -377,17 +377,45 @@ def scores_case(data, n_max):
     return s, k
 
 
-def check_top_k(s, k):
-    got = tk.top_k_indices(s, k)
+# (hist, digit_bits): every count and digit width of top_k_indices (bench/topk.py's ways)
+TOP_K_VARIANTS = [(False, d) for d in (1, 2, 3, 4)] + [(True, d) for d in (1, 2, 3, 4, 5, 6, 8)]
+top_k_variants = pytest.mark.parametrize(
+    "variant", TOP_K_VARIANTS, ids=[f"{'hist' if h else 'cmp'}-d{d}" for h, d in TOP_K_VARIANTS])
+# the two the kernel runs by default (top_k.defaults): on the GPU, where each compiles slowly
+TOP_K_DEFAULTS = [(False, 1), (True, 5)]
+top_k_defaults = pytest.mark.parametrize("variant", TOP_K_DEFAULTS, ids=["cmp-d1", "hist-d5"])
+
+
+def check_top_k(s, k, variant=(None, None)):
+    got = tk.top_k_indices(s, k, digit_bits=variant[1], hist=variant[0])
     assert got.dtype == torch.int64 and got.shape == (k,)
     assert torch.equal(got, tk.top_k_reference(s, k))
 
 
 @cpu_only
-@settings(max_examples=40, deadline=None)
+@top_k_variants
+@settings(max_examples=25, deadline=None)
 @given(data=st.data())
-def test_top_k_interpreter(data):
-    check_top_k(*scores_case(data, 3000))
+def test_top_k_interpreter(variant, data):
+    check_top_k(*scores_case(data, 3000), variant)
+
+
+@cpu_only
+@top_k_variants
+def test_top_k_edge_cases(variant):
+    """Every k (0 and N included) of tied special values, one value repeated, all NaN and
+    only negatives, at N not a power of two; and the defaults."""
+    g = torch.Generator().manual_seed(1)
+    pool = torch.tensor(SCORE_VALUES)
+    cases = [pool[torch.randint(len(SCORE_VALUES), (777,), generator=g)],
+             torch.full((300,), -0.0), torch.full((33,), float("nan")),
+             -torch.rand(1000, generator=g) * 10 ** torch.randint(-30, 30, (1000,), generator=g),
+             torch.tensor([float("-inf"), -3e38, -1.0, -1e-30, -0.0])]
+    for s in cases:
+        n = s.numel()
+        for k in sorted({0, 1, 2, n // 3, n // 2, n - 1, n}):
+            check_top_k(s, k, variant)
+    check_top_k(cases[0], 100)
 
 
 def test_top_k_reference_is_torch_topk_without_ties():
@@ -465,11 +493,12 @@ class TestGPU:
         aligned = {k[0][0][1] for k in gg._launch_gemm._compiled}
         assert aligned == {True, False}
 
-    @settings(max_examples=60, deadline=None)
+    @top_k_defaults
+    @settings(max_examples=40, deadline=None)
     @given(data=st.data())
-    def test_top_k(self, data):
+    def test_top_k(self, variant, data):
         s, k = scores_case(data, tk.MAX_N)
-        check_top_k(s.cuda(), k)
+        check_top_k(s.cuda(), k, variant)
 
     @pytest.mark.parametrize("n", [1024, 14336, 28672])
     def test_top_k_selects_as_torch_on_estimator_sizes(self, n):
