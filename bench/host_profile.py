@@ -251,9 +251,10 @@ def measure(name, peft, init, batches, args, device, log) -> dict:
         res["steps_ms"] = [round(x, 2) for x in steps]
         res["per_step"] = per_step
         log(f"{name}: step {res['step_ms']} ms, host {res['host_ms']} ms (warm-up {res['warmup_s']} s)")
-        res["cprofile"] = host_profile(step, timed[:args.profile_steps])
-        ts.sync(device)
-        log(f"{name}: cProfile {res['cprofile']['total_ms']} ms/step: {res['cprofile']['by_group_ms']}")
+        if args.profile_steps:
+            res["cprofile"] = host_profile(step, timed[:args.profile_steps])
+            ts.sync(device)
+            log(f"{name}: cProfile {res['cprofile']['total_ms']} ms/step: {res['cprofile']['by_group_ms']}")
         res.update(op_profile(step, timed[0], device))
         log(f"{name}: kernels {res['kernel_ms']} ms of the profiled step")
         if device.type == "cuda":
