@@ -153,12 +153,12 @@ def test_capture_on_the_second_forward_of_a_key_then_replay(monkeypatch):
 def test_graph_sets_are_keyed_on_the_autocast_dtype(monkeypatch):
     """A replay repeats the casts autocast made at its capture: forwards under autocast
     and forwards without it get sets of their own, and one never replays the other's."""
-    g = _train(True, _batches(6), monkeypatch=monkeypatch, stand_in=StandIn(),
-               casts=(torch.bfloat16,) * 3 + (None,) * 3)[3]
+    g = _train(True, _batches(4), monkeypatch=monkeypatch, stand_in=StandIn(),
+               casts=(torch.bfloat16,) * 2 + (None,) * 2)[3]
     assert sorted(str(k[-1]) for k in g.sets) == ["None", "torch.bfloat16"]
-    # each half: a record, a capture and two replays (a key blind to autocast: 1 capture
-    # and 5 replays)
-    assert g.captures == 2 and g.graphed_forwards == 4
+    # each half: a record, then a capture that replays (a key blind to autocast: 1 capture
+    # and 3 replays)
+    assert g.captures == 2 and g.graphed_forwards == 2
 
 
 class Refusing(StandIn):

@@ -31,10 +31,10 @@ POLICY = dict(mlp=0.5, attention=0.5)
 SMALL_BUCKET = 2048  # bytes: a tiny layer's LoRA weights (~8 KiB) fill several
 CHILD_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
              "NVSHMEM_DISABLE_NVLS": "1"}
-SCENARIOS = ("ddp_compile_ddp", "ddp_ddp_compile", "ddp_slc_wrapper", "ddp_slc_model", "ddp_slc_bucket_view",
-             "fsdp_slc", "fsdp_units_slc", "ddp_slc_suphead", "fsdp_slc_suphead", "ddp_split_error", "fsdp_graphs_error")
+SCENARIOS = ("ddp_compile_ddp", "ddp_ddp_compile", "ddp_slc_wrapper", "ddp_slc_model", "fsdp_slc",
+             "fsdp_units_slc", "ddp_slc_suphead", "fsdp_slc_suphead", "ddp_split_error", "fsdp_graphs_error")
 
-SMALL = ("ddp_slc_wrapper", "ddp_slc_model", "ddp_slc_bucket_view", "ddp_slc_suphead", "ddp_split_error")  # DDP, tiny buckets
+SMALL = ("ddp_slc_wrapper", "ddp_slc_model", "ddp_slc_suphead", "ddp_split_error")  # DDP, tiny buckets
 DEFAULT_FIRST_BUCKET = getattr(dist, "_DEFAULT_FIRST_BUCKET_BYTES", 1 << 20)
 
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
@@ -92,10 +92,7 @@ def _scenario(name, rank):
         fn = DDP(torch.compile(model, backend="sparselora", options=options))
     elif name == "ddp_slc_wrapper":
         fn = DDP(slc.compile(model, policy, inner="aot_eager"), **small)
-    elif name == "ddp_slc_model":
-        slc.compile(model, policy, inner="aot_eager")
-        fn = DDP(model, **small)
-    elif name == "ddp_slc_bucket_view":  # the gradients live in DDP's buckets
+    elif name == "ddp_slc_model":  # the gradients live in DDP's buckets
         slc.compile(model, policy, inner="aot_eager")
         fn = DDP(model, gradient_as_bucket_view=True, **small)
     elif name == "ddp_slc_suphead":  # the LM head on the supervised positions only
