@@ -8,9 +8,13 @@ the dense product; the other (context) rows use only the kept channels `idx`:
 - mask        h with channels outside idx zeroed on context rows.
 
 The `*_reference` functions state the semantics the slow way (dense, then mask); the
-others are the fast path: gathers plus dense GEMMs of width k, or the Triton kernels on
-CUDA (see dispatch in `gathered`). The fast path gathers and scatters rows and columns
-with index_select / index_copy_ (same values as advanced indexing, less host time).
+others are the fast path. Elsewhere than CUDA: gathers plus dense GEMMs of width k, rows
+and columns moved with index_select / index_copy_ (same values as advanced indexing, less
+host time). On CUDA (`_fused`): the dense rows run cuBLAS on their rows and are copied in,
+and one Triton kernel (kernels/gathered_gemm.py) reads the context rows of the full-width
+input in place and writes the full-width output in place: no copies of the context rows
+(3/4 of the tokens) in or out, nor zero-padded temporaries. Each product keeps its
+definition: that is what makes the attention blocks' sparsity pay on the GPU.
 """
 from __future__ import annotations
 
@@ -74,10 +78,59 @@ def _stack(like, n_out, split, dense_part, ctx_part):
     return out.index_copy_(0, split.ctx, ctx_part)
 
 
+# ---- fused path (CUDA): context rows read and written in place ----------------------------
+
+def _fused(t, w) -> bool:
+    return gathered.use_triton(t) and t.stride(-1) == 1 and t.dtype == w.dtype
+
+
+def _ctx_rows(split: RowSplit):
+    return None if split.all_context else split.ctx
+
+
+def _dense_rows_into(out, t2, w, split: RowSplit, transposed: bool = False):
+    """Rows `split.dense` of `out` <- those rows of t2 times W^T (W with `transposed`)."""
+    if not split.all_context:
+        t = _rows(t2, split.dense)
+        out.index_copy_(0, split.dense, t @ w if transposed else F.linear(t, w))
+    return out
+
+
+def out_sparse_forward_fused(x2, w, idx, split: RowSplit):
+    from .kernels.gathered_gemm import gather_rows_mm_t
+    out = gather_rows_mm_t(x2, w, idx, rows=_ctx_rows(split), out=x2.new_zeros(x2.shape[0], w.shape[0]),
+                           scatter=True)
+    return _dense_rows_into(out, x2, w, split)
+
+
+def out_sparse_grad_input_fused(g2, w, idx, split: RowSplit):
+    from .kernels.gathered_gemm import gather_rows_mm
+    gx = gather_rows_mm(g2, w, idx, rows=_ctx_rows(split), out=g2.new_empty(g2.shape[0], w.shape[1]),
+                        gather_a=True)
+    return _dense_rows_into(gx, g2, w, split, transposed=True)
+
+
+def in_sparse_forward_fused(h2, w, idx, split: RowSplit):
+    # W's kept columns sliced once: the kernel's column gather of a row-major W is slow
+    from .kernels.gathered_gemm import kept_cols_mm_t
+    y = kept_cols_mm_t(h2, w.index_select(1, idx), idx, rows=_ctx_rows(split),
+                       out=h2.new_empty(h2.shape[0], w.shape[0]))
+    return _dense_rows_into(y, h2, w, split)
+
+
+def in_sparse_grad_input_fused(g2, w, idx, split: RowSplit):
+    from .kernels.gathered_gemm import mm_scatter_cols
+    gh = mm_scatter_cols(g2, w.index_select(1, idx), idx, w.shape[1], rows=_ctx_rows(split),
+                         out=g2.new_zeros(g2.shape[0], w.shape[1]))
+    return _dense_rows_into(gh, g2, w, split, transposed=True)
+
+
 def out_sparse_forward(x, w, b, idx, split: RowSplit):
     if split.all_dense:  # the warm-up, or a batch of output tokens only
         return F.linear(x, w, b)
     lead, x2 = x.shape[:-1], x.reshape(-1, x.shape[-1])
+    if b is None and _fused(x2, w):  # a bias only on the kept columns of context rows: unfused
+        return out_sparse_forward_fused(x2, w, idx, split).view(*lead, w.shape[0])
     dense = None if split.all_context else F.linear(_rows(x2, split.dense), w, b)
     yk = gathered.gather_rows_mm_t(context_rows(x2, split), w, idx)
     if b is not None:
@@ -89,6 +142,8 @@ def out_sparse_grad_input(gy, w, idx, split: RowSplit):
     if split.all_dense:
         return gy @ w
     lead, g2 = gy.shape[:-1], gy.reshape(-1, gy.shape[-1])
+    if _fused(g2, w):
+        return out_sparse_grad_input_fused(g2, w, idx, split).view(*lead, w.shape[1])
     dense = None if split.all_context else _rows(g2, split.dense) @ w
     ctx = gathered.gather_rows_mm(context_rows(g2.index_select(1, idx), split), w, idx)
     return _stack(g2, w.shape[1], split, dense, ctx).view(*lead, w.shape[1])
@@ -98,6 +153,9 @@ def in_sparse_forward(h, w, b, idx, split: RowSplit):
     if split.all_dense:
         return F.linear(h, w, b)
     lead, h2 = h.shape[:-1], h.reshape(-1, h.shape[-1])
+    if _fused(h2, w):
+        y = in_sparse_forward_fused(h2, w, idx, split)
+        return (y if b is None else y.add_(b)).view(*lead, w.shape[0])
     dense = None if split.all_context else F.linear(_rows(h2, split.dense), w, b)
     ctx = gathered.gather_cols_mm_t(context_rows(h2.index_select(1, idx), split), w, idx)
     if b is not None:
@@ -109,6 +167,8 @@ def in_sparse_grad_input(gy, w, idx, split: RowSplit):
     if split.all_dense:
         return gy @ w
     lead, g2 = gy.shape[:-1], gy.reshape(-1, gy.shape[-1])
+    if _fused(g2, w):
+        return in_sparse_grad_input_fused(g2, w, idx, split).view(*lead, w.shape[1])
     dense = None if split.all_context else _rows(g2, split.dense) @ w
     kept = gathered.gather_cols_mm(context_rows(g2, split), w, idx)
     return _assemble(g2, w.shape[1], split, dense, idx, kept).view(*lead, w.shape[1])

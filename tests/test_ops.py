@@ -303,6 +303,42 @@ def test_sparse_mlp_on_cuda_in_bf16_matches_reference(k):
         torch.testing.assert_close(got.float(), ref.detach(), rtol=0, atol=2e-2 * scale)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: the ops' Triton paths in bf16")
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("bucket", [0, 16])
+def test_sparse_linears_on_cuda_in_bf16_match_reference(bias, bucket):
+    """The CUDA path of the attention blocks' products (context rows read and written in
+    place by one Triton kernel; a bias falls back to the unfused path where it must) in bf16
+    against the fp32 reference, forward and input gradient, through the ops and autograd, on
+    a mixed split, bucketed or not. Free pool blocks hold NaN first: an unwritten element fails."""
+    g = torch.Generator().manual_seed(bucket + bias)
+    dev, hidden, n_out, k = torch.device("cuda"), 512, 256, 64
+    r = lambda *s: (torch.randn(*s, generator=g) / s[-1] ** 0.5).to(dev)  # noqa: E731
+    x, w = r(3, 80, hidden), r(n_out, hidden)
+    b = r(n_out) if bias else None
+    rows = (torch.rand(3, 80, generator=g) < 0.25).to(dev)
+    run = Run()
+    run.splits.bucket = bucket
+    bf = lambda t: None if t is None else t.to(torch.bfloat16)  # noqa: E731
+    for op, ref, inp, wt, idx in (
+            (ops.out_sparse_linear, sparse_linear.out_sparse_reference, x, w,
+             torch.randperm(n_out, generator=g)[:k].sort().values.to(dev)),
+            (ops.in_sparse_linear, sparse_linear.in_sparse_reference, r(3, 80, n_out), w.t().contiguous(),
+             torch.randperm(n_out, generator=g)[:k].sort().values.to(dev))):
+        bb = b if op is ops.out_sparse_linear else (r(hidden) if bias else None)
+        ref_x = inp.clone().requires_grad_(True)
+        want = ref(ref_x, wt, bb, idx, rows)
+        gy = torch.randn(want.shape, generator=g).to(dev)
+        want.backward(gy)
+        torch.empty(64 * 2**20, device=dev).fill_(float("nan"))  # freed at once: NaN in the pool
+        xb = bf(inp).requires_grad_(True)
+        y = op(xb, bf(wt), bf(bb), idx, rows, run.handle)
+        y.backward(bf(gy))
+        for got, exp in ((y, want), (xb.grad, ref_x.grad)):
+            assert not got.isnan().any()
+            torch.testing.assert_close(got.float(), exp.detach(), rtol=0, atol=2e-2 * exp.abs().max().item())
+
+
 @settings(max_examples=40, deadline=None)
 @given(op_case(), st.integers(1, 5), st.integers(0, 10**9))
 def test_bucketed_splits_give_the_reference_products(case, bucket, all_rows_max_k):

@@ -11,9 +11,19 @@ products of a sparse linear are the four ways to read W:
 
 W is never copied or sliced on the host. W may be any strided [N, K] view: a column gather
 (in_sparse_*) reads scattered elements of a row-major W, which is slow; pass `Wt.t()` with
-`Wt = W.t().contiguous()` cached once (W is frozen) and the same kernel reads whole rows of Wt. `rows` (int tensor, or a (start, stop) span) picks
-the rows of A that are read and of C that are written, so context tokens need no copy of x;
-rows outside it are zero unless `out` is given, in which case they are left as they were.
+`Wt = W.t().contiguous()` cached once (W is frozen) and the same kernel reads whole rows of Wt.
+`rows` (int tensor, or a (start, stop) span) picks the rows of A that are read and of C
+that are written, so context tokens need no copy of x; rows outside it are zero unless
+`out` is given, in which case they are left as they were.
+
+Two more flags let the context rows of a sparse linear read and write full-width tensors
+in place (runtime/sparse_linear.py's fused path): A's reduction columns may go through
+idx (`gather_a`: dy [M,N] read at its kept columns), and C's columns may be scattered to
+idx (`scatter`: the kept outputs written into an [M,N] tensor). With `w_kept = W[:, idx]`
+sliced once per step, the in-sparse products become
+
+    kept_cols_mm_t    h  [M,K] -> h[:,idx] @ w_kept.T     (A gathered, B plain)
+    mm_scatter_cols   dy [M,N] @ w_kept -> columns idx    (C scattered)
 Every product has a `*_reference` next to it in plain PyTorch: the definition it is tested against.
 """
 import os
@@ -52,7 +62,8 @@ def _configs():
     ]
 
 
-@triton.autotune(configs=_configs(), key=["M_BUCKET", "N", "R", "GATHER_R", "GATHER_N"], do_bench=autotune_bench)
+@triton.autotune(configs=_configs(), key=["M_BUCKET", "N", "R", "GATHER_R", "GATHER_N", "GATHER_AK", "SCATTER_N"],
+                 do_bench=autotune_bench)
 @triton.heuristics({"EVEN_K": lambda a: a["R"] % a["BLOCK_K"] == 0})
 # M changes every step: no recompiles for it. N and R stay specialized: `% N` and `< R` keep their
 # vector width only when N, R % 16 == 0 is known at compile time (unspecialized N cost 8x on H200).
@@ -63,6 +74,7 @@ def _gathered_gemm_kernel(
     stride_am, stride_ar, stride_br, stride_bn, stride_cm, stride_cn,
     M_BUCKET,  # autotune key only: M changes every step, its power-of-two bucket rarely does
     GATHER_R: tl.constexpr, GATHER_N: tl.constexpr, HAS_ROWS: tl.constexpr, PRECISION: tl.constexpr,
+    GATHER_AK: tl.constexpr, SCATTER_N: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     EVEN_K: tl.constexpr,
 ):
@@ -85,8 +97,10 @@ def _gathered_gemm_kernel(
         a_row = tl.load(rows_ptr + m_in).to(tl.int64)
     else:
         a_row = m_in.to(tl.int64)
+    if GATHER_N or SCATTER_N:
+        n_idx = tl.load(nidx_ptr + n_in).to(tl.int64)
     if GATHER_N:
-        b_col = tl.load(nidx_ptr + n_in).to(tl.int64) * stride_bn
+        b_col = n_idx * stride_bn
     else:
         b_col = n_in.to(tl.int64) * stride_bn
     a_base = a_ptr + a_row[:, None] * stride_am
@@ -95,14 +109,19 @@ def _gathered_gemm_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, R, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        if GATHER_R:
+        if GATHER_R or GATHER_AK:
             if EVEN_K:
-                b_row = tl.load(ridx_ptr + offs_k).to(tl.int64) * stride_br
-            else:  # wrap the tail index; its B row is masked to zero below
-                b_row = tl.load(ridx_ptr + offs_k % R).to(tl.int64) * stride_br
+                r_idx = tl.load(ridx_ptr + offs_k).to(tl.int64)
+            else:  # wrap the tail index; its A column and B row are masked to zero below
+                r_idx = tl.load(ridx_ptr + offs_k % R).to(tl.int64)
+        if GATHER_R:
+            b_row = r_idx * stride_br
         else:
             b_row = offs_k * stride_br
-        a_ptrs = a_base + offs_k[None, :] * stride_ar
+        if GATHER_AK:
+            a_ptrs = a_base + r_idx[None, :] * stride_ar
+        else:
+            a_ptrs = a_base + offs_k[None, :] * stride_ar
         b_ptrs = b_base + b_row[:, None]
         if EVEN_K:
             a = tl.load(a_ptrs)
@@ -117,7 +136,11 @@ def _gathered_gemm_kernel(
         c_row = a_row
     else:
         c_row = offs_m.to(tl.int64)
-    c_ptrs = c_ptr + c_row[:, None] * stride_cm + offs_n[None, :] * stride_cn
+    if SCATTER_N:
+        c_col = n_idx
+    else:
+        c_col = offs_n.to(tl.int64)
+    c_ptrs = c_ptr + c_row[:, None] * stride_cm + c_col[None, :] * stride_cn
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=(offs_m < M)[:, None] & (offs_n < N)[None, :])
 
 
@@ -134,29 +157,30 @@ def _rows_view(a, out, rows):
     return a, out, rows
 
 
-def _launch(a, w, idx, n_out, gather_r, gather_n, w_r_stride, w_n_stride, rows, out):
-    """C = A @ B with B[r, n] = W[gr(r) * w_r_stride + gn(n) * w_n_stride] (strides in elements)."""
+def _launch(a, w, idx, n_out, gather_r, gather_n, w_r_stride, w_n_stride, rows, out,
+            gather_a=False, scatter=False, out_width=None):
+    """C = A @ B with B[r, n] = W[gr(r) * w_r_stride + gn(n) * w_n_stride] (strides in elements).
+    `gather_a`: A's reduction columns go through idx too (R = idx.numel()); `scatter`: C's
+    column n is idx[n] of an output `out_width` wide (columns outside idx are left as they are)."""
     assert a.dim() == 2 and w.dim() == 2 and a.dtype == w.dtype, "A and W: 2-D, same dtype"
     assert a.stride(-1) == 1, "A must have contiguous rows"
     idx = idx.contiguous()
     if idx.dtype not in (torch.int32, torch.int64):
         idx = idx.to(torch.int64)
-    m_total = a.shape[0]
+    m_total, width = a.shape[0], out_width or n_out
     if out is None:
-        # Zero only when some rows will not be written.
-        alloc = torch.zeros if rows is not None else _empty
-        out = alloc((m_total, n_out), device=a.device, dtype=a.dtype)
-    assert out.shape == (m_total, n_out) and out.dtype == a.dtype
+        # Zero only when some rows or columns will not be written.
+        alloc = torch.zeros if rows is not None or scatter else _empty
+        out = alloc((m_total, width), device=a.device, dtype=a.dtype)
+    assert out.shape == (m_total, width) and out.dtype == a.dtype
     a_v, c_v, row_idx = _rows_view(a, out, rows)
     m = row_idx.numel() if row_idx is not None else a_v.shape[0]
-    r = a_v.shape[1]
+    r = idx.numel() if gather_a else a_v.shape[1]
     if m == 0 or n_out == 0:
         return out
-    if r == 0:
-        if row_idx is None:
-            c_v.zero_()
-        else:
-            c_v.index_fill_(0, row_idx, 0)
+    if r == 0:  # an empty reduction: the written part is zero
+        sel = slice(None) if row_idx is None else row_idx.long()[:, None]
+        c_v[sel, idx.long()[None, :] if scatter else slice(None)] = 0
         return out
     if row_idx is not None:
         row_idx = row_idx.contiguous()
@@ -167,14 +191,16 @@ def _launch(a, w, idx, n_out, gather_r, gather_n, w_r_stride, w_n_stride, rows, 
         a_v.stride(0), a_v.stride(1), w_r_stride, w_n_stride, c_v.stride(0), c_v.stride(1),
         m_bucket(m),
         GATHER_R=gather_r, GATHER_N=gather_n, HAS_ROWS=row_idx is not None,
-        PRECISION=dot_precision(a.dtype),
+        PRECISION=dot_precision(a.dtype), GATHER_AK=gather_a, SCATTER_N=scatter,
     )
     return out
 
 
-def gather_rows_mm_t(x, W, idx, rows=None, out=None):
-    """x [M,K] @ W[idx].T -> [M,k]: only the kept output channels of the linear."""
-    return _launch(x, W, idx, idx.numel(), False, True, W.stride(1), W.stride(0), rows, out)
+def gather_rows_mm_t(x, W, idx, rows=None, out=None, scatter=False):
+    """x [M,K] @ W[idx].T -> [M,k]: only the kept output channels of the linear. `scatter`:
+    into columns idx of an [M,N] output instead (the others zero, or as they were in `out`)."""
+    return _launch(x, W, idx, idx.numel(), False, True, W.stride(1), W.stride(0), rows, out,
+                   scatter=scatter, out_width=W.shape[0] if scatter else None)
 
 
 def gather_cols_mm_t(h_kept, W, idx, rows=None, out=None):
@@ -183,15 +209,34 @@ def gather_cols_mm_t(h_kept, W, idx, rows=None, out=None):
     return _launch(h_kept, W, idx, W.shape[0], True, False, W.stride(1), W.stride(0), rows, out)
 
 
-def gather_rows_mm(dy_kept, W, idx, rows=None, out=None):
-    """dy_kept [M,k] @ W[idx] -> [M,K]: input gradient of gather_rows_mm_t."""
-    assert dy_kept.shape[1] == idx.numel()
-    return _launch(dy_kept, W, idx, W.shape[1], True, False, W.stride(0), W.stride(1), rows, out)
+def gather_rows_mm(dy_kept, W, idx, rows=None, out=None, gather_a=False):
+    """dy_kept [M,k] @ W[idx] -> [M,K]: input gradient of gather_rows_mm_t. `gather_a`: dy
+    is [M,N] and only its columns idx are read (the scattered product's gradient)."""
+    assert dy_kept.shape[1] == (W.shape[0] if gather_a else idx.numel())
+    return _launch(dy_kept, W, idx, W.shape[1], True, False, W.stride(0), W.stride(1), rows, out,
+                   gather_a=gather_a)
 
 
 def gather_cols_mm(dy, W, idx, rows=None, out=None):
     """dy [M,N] @ W[:, idx] -> [M,k]: input gradient of gather_cols_mm_t."""
     return _launch(dy, W, idx, idx.numel(), False, True, W.stride(0), W.stride(1), rows, out)
+
+
+def kept_cols_mm_t(h, w_kept, idx, rows=None, out=None):
+    """h[:, idx] @ w_kept.T -> [M,N], with w_kept = W[:, idx] [N,k] sliced by the caller (a
+    column gather inside the kernel reads a row-major W element by element): the in-sparse
+    product on the full-width input, whose kept columns are read in place."""
+    assert w_kept.shape[1] == idx.numel()
+    return _launch(h, w_kept, idx, w_kept.shape[0], False, False, w_kept.stride(1), w_kept.stride(0),
+                   rows, out, gather_a=True)
+
+
+def mm_scatter_cols(dy, w_kept, idx, width, rows=None, out=None):
+    """dy [M,N] @ w_kept -> columns idx of an [M,width] output (the others zero, or as they
+    were in `out`), with w_kept = W[:, idx]: input gradient of kept_cols_mm_t."""
+    assert w_kept.shape[1] == idx.numel()
+    return _launch(dy, w_kept, idx, idx.numel(), False, False, w_kept.stride(0), w_kept.stride(1),
+                   rows, out, scatter=True, out_width=width)
 
 
 # ---- plain-PyTorch references: the definitions (fp32 math, output in the input dtype) ----
@@ -225,3 +270,33 @@ def gather_rows_mm_reference(dy_kept, W, idx, rows=None, out=None):
 
 def gather_cols_mm_reference(dy, W, idx, rows=None, out=None):
     return _ref(dy, W[:, idx.long()], rows, out, idx.numel())
+
+
+def _scatter_ref(a, b, idx, rows, out, width):
+    full = torch.zeros((a.shape[0], width), device=a.device, dtype=a.dtype)
+    kept = _ref(a, b, rows, None, idx.numel())
+    full[:, idx.long()] = kept
+    written = torch.zeros(a.shape[0], dtype=torch.bool, device=a.device)
+    written[slice(*rows) if isinstance(rows, (tuple, list)) else (slice(None) if rows is None else rows.long())] = True
+    if out is None:
+        return full
+    out = out.clone()
+    cols = torch.zeros(width, dtype=torch.bool, device=a.device)
+    cols[idx.long()] = True
+    return torch.where(written[:, None] & cols[None, :], full, out)
+
+
+def gather_rows_mm_t_scatter_reference(x, W, idx, rows=None, out=None):
+    return _scatter_ref(x, W[idx.long()].T, idx, rows, out, W.shape[0])
+
+
+def gather_rows_mm_gather_a_reference(dy, W, idx, rows=None, out=None):
+    return _ref(dy[:, idx.long()], W[idx.long()], rows, out, W.shape[1])
+
+
+def kept_cols_mm_t_reference(h, w_kept, idx, rows=None, out=None):
+    return _ref(h[:, idx.long()], w_kept.T, rows, out, w_kept.shape[0])
+
+
+def mm_scatter_cols_reference(dy, w_kept, idx, width, rows=None, out=None):
+    return _scatter_ref(dy, w_kept, idx, rows, out, width)
