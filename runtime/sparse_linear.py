@@ -10,11 +10,12 @@ the dense product; the other (context) rows use only the kept channels `idx`:
 The `*_reference` functions state the semantics the slow way (dense, then mask); the
 others are the fast path. Elsewhere than CUDA: gathers plus dense GEMMs of width k, rows
 and columns moved with index_select / index_copy_ (same values as advanced indexing, less
-host time). On CUDA (`_fused`): the dense rows run cuBLAS on their rows and are copied in,
-and one Triton kernel (kernels/gathered_gemm.py) reads the context rows of the full-width
-input in place and writes the full-width output in place: no copies of the context rows
-(3/4 of the tokens) in or out, nor zero-padded temporaries. Each product keeps its
-definition: that is what makes the attention blocks' sparsity pay on the GPU.
+host time). On CUDA the out-sparse products (`*_fused`) run the dense rows by cuBLAS,
+copied into their rows, and the context rows by one Triton kernel (kernels/gathered_gemm.py)
+that reads them from the full-width input and writes them into the full-width output in
+place: no copies of the context rows (3/4 of the tokens) in or out. On the H200 that beat
+the row copies on every LLaMA-3-8B shape measured, and lost on the in-sparse products,
+which stay unfused (bench/results/sparse_linear_paths.json).
 """
 from __future__ import annotations
 
@@ -78,7 +79,7 @@ def _stack(like, n_out, split, dense_part, ctx_part):
     return out.index_copy_(0, split.ctx, ctx_part)
 
 
-# ---- fused path (CUDA): context rows read and written in place ----------------------------
+# ---- fused path (CUDA, out-sparse): context rows read and written in place -----------------
 
 def _fused(t, w) -> bool:
     return gathered.use_triton(t) and t.stride(-1) == 1 and t.dtype == w.dtype
@@ -104,25 +105,12 @@ def out_sparse_forward_fused(x2, w, idx, split: RowSplit):
 
 
 def out_sparse_grad_input_fused(g2, w, idx, split: RowSplit):
+    # the kept columns of every row gathered first: [rows, k] is narrow, and gathering them
+    # inside the kernel was slower
     from .kernels.gathered_gemm import gather_rows_mm
-    gx = gather_rows_mm(g2, w, idx, rows=_ctx_rows(split), out=g2.new_empty(g2.shape[0], w.shape[1]),
-                        gather_a=True)
+    gx = gather_rows_mm(g2.index_select(1, idx), w, idx, rows=_ctx_rows(split),
+                        out=g2.new_empty(g2.shape[0], w.shape[1]))
     return _dense_rows_into(gx, g2, w, split, transposed=True)
-
-
-def in_sparse_forward_fused(h2, w, idx, split: RowSplit):
-    # W's kept columns sliced once: the kernel's column gather of a row-major W is slow
-    from .kernels.gathered_gemm import kept_cols_mm_t
-    y = kept_cols_mm_t(h2, w.index_select(1, idx), idx, rows=_ctx_rows(split),
-                       out=h2.new_empty(h2.shape[0], w.shape[0]))
-    return _dense_rows_into(y, h2, w, split)
-
-
-def in_sparse_grad_input_fused(g2, w, idx, split: RowSplit):
-    from .kernels.gathered_gemm import mm_scatter_cols
-    gh = mm_scatter_cols(g2, w.index_select(1, idx), idx, w.shape[1], rows=_ctx_rows(split),
-                         out=g2.new_zeros(g2.shape[0], w.shape[1]))
-    return _dense_rows_into(gh, g2, w, split, transposed=True)
 
 
 def out_sparse_forward(x, w, b, idx, split: RowSplit):
@@ -153,9 +141,6 @@ def in_sparse_forward(h, w, b, idx, split: RowSplit):
     if split.all_dense:
         return F.linear(h, w, b)
     lead, h2 = h.shape[:-1], h.reshape(-1, h.shape[-1])
-    if _fused(h2, w):
-        y = in_sparse_forward_fused(h2, w, idx, split)
-        return (y if b is None else y.add_(b)).view(*lead, w.shape[0])
     dense = None if split.all_context else F.linear(_rows(h2, split.dense), w, b)
     ctx = gathered.gather_cols_mm_t(context_rows(h2.index_select(1, idx), split), w, idx)
     if b is not None:
@@ -167,8 +152,6 @@ def in_sparse_grad_input(gy, w, idx, split: RowSplit):
     if split.all_dense:
         return gy @ w
     lead, g2 = gy.shape[:-1], gy.reshape(-1, gy.shape[-1])
-    if _fused(g2, w):
-        return in_sparse_grad_input_fused(g2, w, idx, split).view(*lead, w.shape[1])
     dense = None if split.all_context else _rows(g2, split.dense) @ w
     kept = gathered.gather_cols_mm(context_rows(g2, split), w, idx)
     return _assemble(g2, w.shape[1], split, dense, idx, kept).view(*lead, w.shape[1])

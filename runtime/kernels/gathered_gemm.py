@@ -16,14 +16,11 @@ W is never copied or sliced on the host. W may be any strided [N, K] view: a col
 that are written, so context tokens need no copy of x; rows outside it are zero unless
 `out` is given, in which case they are left as they were.
 
-Two more flags let the context rows of a sparse linear read and write full-width tensors
-in place (runtime/sparse_linear.py's fused path): A's reduction columns may go through
-idx (`gather_a`: dy [M,N] read at its kept columns), and C's columns may be scattered to
-idx (`scatter`: the kept outputs written into an [M,N] tensor). With `w_kept = W[:, idx]`
-sliced once per step, the in-sparse products become
-
-    kept_cols_mm_t    h  [M,K] -> h[:,idx] @ w_kept.T     (A gathered, B plain)
-    mm_scatter_cols   dy [M,N] @ w_kept -> columns idx    (C scattered)
+`gather_rows_mm_t(..., scatter=True)` writes the kept outputs into columns idx of a
+full-width [M,N] output instead, so the context rows of an out-sparse linear need no
+zero-padded temporary and copy (runtime/sparse_linear.py's fused path). A gather of A's
+reduction columns inside the kernel was 2-6x slower than gathering them first
+(bench/results/sparse_linear_paths_gather_in_kernel.json), so there is none.
 Every product has a `*_reference` next to it in plain PyTorch: the definition it is tested against.
 """
 import os
@@ -62,7 +59,7 @@ def _configs():
     ]
 
 
-@triton.autotune(configs=_configs(), key=["M_BUCKET", "N", "R", "GATHER_R", "GATHER_N", "GATHER_AK", "SCATTER_N"],
+@triton.autotune(configs=_configs(), key=["M_BUCKET", "N", "R", "GATHER_R", "GATHER_N", "SCATTER_N"],
                  do_bench=autotune_bench)
 @triton.heuristics({"EVEN_K": lambda a: a["R"] % a["BLOCK_K"] == 0})
 # M changes every step: no recompiles for it. N and R stay specialized: `% N` and `< R` keep their
@@ -74,7 +71,7 @@ def _gathered_gemm_kernel(
     stride_am, stride_ar, stride_br, stride_bn, stride_cm, stride_cn,
     M_BUCKET,  # autotune key only: M changes every step, its power-of-two bucket rarely does
     GATHER_R: tl.constexpr, GATHER_N: tl.constexpr, HAS_ROWS: tl.constexpr, PRECISION: tl.constexpr,
-    GATHER_AK: tl.constexpr, SCATTER_N: tl.constexpr,
+    SCATTER_N: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     EVEN_K: tl.constexpr,
 ):
@@ -109,19 +106,14 @@ def _gathered_gemm_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, R, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        if GATHER_R or GATHER_AK:
-            if EVEN_K:
-                r_idx = tl.load(ridx_ptr + offs_k).to(tl.int64)
-            else:  # wrap the tail index; its A column and B row are masked to zero below
-                r_idx = tl.load(ridx_ptr + offs_k % R).to(tl.int64)
         if GATHER_R:
-            b_row = r_idx * stride_br
+            if EVEN_K:
+                b_row = tl.load(ridx_ptr + offs_k).to(tl.int64) * stride_br
+            else:  # wrap the tail index; its B row is masked to zero below
+                b_row = tl.load(ridx_ptr + offs_k % R).to(tl.int64) * stride_br
         else:
             b_row = offs_k * stride_br
-        if GATHER_AK:
-            a_ptrs = a_base + r_idx[None, :] * stride_ar
-        else:
-            a_ptrs = a_base + offs_k[None, :] * stride_ar
+        a_ptrs = a_base + offs_k[None, :] * stride_ar
         b_ptrs = b_base + b_row[:, None]
         if EVEN_K:
             a = tl.load(a_ptrs)
@@ -158,10 +150,10 @@ def _rows_view(a, out, rows):
 
 
 def _launch(a, w, idx, n_out, gather_r, gather_n, w_r_stride, w_n_stride, rows, out,
-            gather_a=False, scatter=False, out_width=None):
+            scatter=False, out_width=None):
     """C = A @ B with B[r, n] = W[gr(r) * w_r_stride + gn(n) * w_n_stride] (strides in elements).
-    `gather_a`: A's reduction columns go through idx too (R = idx.numel()); `scatter`: C's
-    column n is idx[n] of an output `out_width` wide (columns outside idx are left as they are)."""
+    `scatter`: C's column n is idx[n] of an output `out_width` wide (columns outside idx are
+    left as they are)."""
     assert a.dim() == 2 and w.dim() == 2 and a.dtype == w.dtype, "A and W: 2-D, same dtype"
     assert a.stride(-1) == 1, "A must have contiguous rows"
     idx = idx.contiguous()
@@ -175,7 +167,7 @@ def _launch(a, w, idx, n_out, gather_r, gather_n, w_r_stride, w_n_stride, rows, 
     assert out.shape == (m_total, width) and out.dtype == a.dtype
     a_v, c_v, row_idx = _rows_view(a, out, rows)
     m = row_idx.numel() if row_idx is not None else a_v.shape[0]
-    r = idx.numel() if gather_a else a_v.shape[1]
+    r = a_v.shape[1]
     if m == 0 or n_out == 0:
         return out
     if r == 0:  # an empty reduction: the written part is zero
@@ -191,7 +183,7 @@ def _launch(a, w, idx, n_out, gather_r, gather_n, w_r_stride, w_n_stride, rows, 
         a_v.stride(0), a_v.stride(1), w_r_stride, w_n_stride, c_v.stride(0), c_v.stride(1),
         m_bucket(m),
         GATHER_R=gather_r, GATHER_N=gather_n, HAS_ROWS=row_idx is not None,
-        PRECISION=dot_precision(a.dtype), GATHER_AK=gather_a, SCATTER_N=scatter,
+        PRECISION=dot_precision(a.dtype), SCATTER_N=scatter,
     )
     return out
 
@@ -209,34 +201,15 @@ def gather_cols_mm_t(h_kept, W, idx, rows=None, out=None):
     return _launch(h_kept, W, idx, W.shape[0], True, False, W.stride(1), W.stride(0), rows, out)
 
 
-def gather_rows_mm(dy_kept, W, idx, rows=None, out=None, gather_a=False):
-    """dy_kept [M,k] @ W[idx] -> [M,K]: input gradient of gather_rows_mm_t. `gather_a`: dy
-    is [M,N] and only its columns idx are read (the scattered product's gradient)."""
-    assert dy_kept.shape[1] == (W.shape[0] if gather_a else idx.numel())
-    return _launch(dy_kept, W, idx, W.shape[1], True, False, W.stride(0), W.stride(1), rows, out,
-                   gather_a=gather_a)
+def gather_rows_mm(dy_kept, W, idx, rows=None, out=None):
+    """dy_kept [M,k] @ W[idx] -> [M,K]: input gradient of gather_rows_mm_t."""
+    assert dy_kept.shape[1] == idx.numel()
+    return _launch(dy_kept, W, idx, W.shape[1], True, False, W.stride(0), W.stride(1), rows, out)
 
 
 def gather_cols_mm(dy, W, idx, rows=None, out=None):
     """dy [M,N] @ W[:, idx] -> [M,k]: input gradient of gather_cols_mm_t."""
     return _launch(dy, W, idx, idx.numel(), False, True, W.stride(0), W.stride(1), rows, out)
-
-
-def kept_cols_mm_t(h, w_kept, idx, rows=None, out=None):
-    """h[:, idx] @ w_kept.T -> [M,N], with w_kept = W[:, idx] [N,k] sliced by the caller (a
-    column gather inside the kernel reads a row-major W element by element): the in-sparse
-    product on the full-width input, whose kept columns are read in place."""
-    assert w_kept.shape[1] == idx.numel()
-    return _launch(h, w_kept, idx, w_kept.shape[0], False, False, w_kept.stride(1), w_kept.stride(0),
-                   rows, out, gather_a=True)
-
-
-def mm_scatter_cols(dy, w_kept, idx, width, rows=None, out=None):
-    """dy [M,N] @ w_kept -> columns idx of an [M,width] output (the others zero, or as they
-    were in `out`), with w_kept = W[:, idx]: input gradient of kept_cols_mm_t."""
-    assert w_kept.shape[1] == idx.numel()
-    return _launch(dy, w_kept, idx, idx.numel(), False, False, w_kept.stride(0), w_kept.stride(1),
-                   rows, out, scatter=True, out_width=width)
 
 
 # ---- plain-PyTorch references: the definitions (fp32 math, output in the input dtype) ----
@@ -288,15 +261,3 @@ def _scatter_ref(a, b, idx, rows, out, width):
 
 def gather_rows_mm_t_scatter_reference(x, W, idx, rows=None, out=None):
     return _scatter_ref(x, W[idx.long()].T, idx, rows, out, W.shape[0])
-
-
-def gather_rows_mm_gather_a_reference(dy, W, idx, rows=None, out=None):
-    return _ref(dy[:, idx.long()], W[idx.long()], rows, out, W.shape[1])
-
-
-def kept_cols_mm_t_reference(h, w_kept, idx, rows=None, out=None):
-    return _ref(h[:, idx.long()], w_kept.T, rows, out, w_kept.shape[0])
-
-
-def mm_scatter_cols_reference(dy, w_kept, idx, width, rows=None, out=None):
-    return _scatter_ref(dy, w_kept, idx, rows, out, width)
