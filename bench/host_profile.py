@@ -104,7 +104,32 @@ def op_profile(step, batch, device, top=40) -> dict:
                     if e.device_type == torch.autograd.DeviceType.CUDA) if cuda else None
     return {"wall_ms": round(wall, 2), "kernel_ms": kernel_us / 1e3 if cuda else None,
             "ops_self_cpu_ms": [[e.key[:90], round(e.self_cpu_time_total / 1e3, 3),
-                                 round(e.cpu_time_total / 1e3, 3), e.count] for e in ka]}
+                                 round(e.cpu_time_total / 1e3, 3), e.count] for e in ka],
+            "kernels_by_op": kernels_by_op(prof) if cuda else None}
+
+
+def _op_path(e) -> str:
+    """The op that launched a kernel, under the nearest of our ops (sparselora::) or
+    autograd function above it: 'sparselora::sparse_mlp > aten::mm'."""
+    outer, p = None, e.cpu_parent
+    while p is not None and outer is None:
+        if p.name.startswith("sparselora::") or "Backward" in p.name or p.name.startswith("autograd::"):
+            outer = p.name
+        p = p.cpu_parent
+    return f"{outer} > {e.name}" if outer else e.name
+
+
+def kernels_by_op(prof, top=60) -> list:
+    """[kernel, launching op path, ms, calls] for the kernels that took the most time: which
+    op (and which of ours around it) each one belongs to."""
+    acc: dict = {}
+    for e in prof.events():
+        for k in getattr(e, "kernels", ()):
+            key = (k.name[:100], _op_path(e))
+            ms, n = acc.get(key, (0.0, 0))
+            acc[key] = (ms + k.duration / 1e3, n + 1)
+    rows = sorted(acc.items(), key=lambda kv: -kv[1][0])[:top]
+    return [[name, path[:160], round(ms, 3), n] for (name, path), (ms, n) in rows]
 
 
 KERNEL_GROUPS = (  # kernel-name fragments, first match wins
