@@ -4,11 +4,13 @@ Plain PyTorch slices the frozen weight (`W[idx]`) and calls the dense GEMM; the 
 kernels read the kept rows/columns inside the kernel and copy nothing. The slices use
 `index_select` (same values and layout as `W[idx]`; advanced indexing costs more host time).
 
-Rule: the row-gathering kernels (out-sparse forward and its input gradient) run from
-k = 512 kept channels; below that, on narrow weights (q, k, v), too few output tiles fill
-the GPU and slicing plus cuBLAS wins (bench/README.md, "Kernels", has the measurements and
-what they leave open). Column gathers on a row-major W (in-sparse) read scattered 2-byte
-words and lose 5-15x, so they slice + cuBLAS.
+Rule: the row-gathering kernels run from k = 512 kept channels; below that, on narrow
+weights (q, k, v), too few output tiles fill the GPU and slicing plus cuBLAS wins
+(bench/README.md, "Kernels", has the measurements and what they leave open). This serves
+the frozen MLP (sparse_mlp.py) and the out-sparse linears with a bias; without a bias
+those take sparse_linear.py's fused path, which calls the kernel at any k (it saves the
+row copies). Column gathers on a row-major W (in-sparse) read scattered 2-byte words and
+lose 5-15x, so they slice + cuBLAS.
 """
 from __future__ import annotations
 
