@@ -19,8 +19,9 @@ that are written, so context tokens need no copy of x; rows outside it are zero 
 `gather_rows_mm_t(..., scatter=True)` writes the kept outputs into columns idx of a
 full-width [M,N] output instead, so the context rows of an out-sparse linear need no
 zero-padded temporary and copy (runtime/sparse_linear.py's fused path). A gather of A's
-reduction columns inside the kernel was 2-6x slower than gathering them first
-(bench/results/sparse_linear_paths_gather_in_kernel.json), so there is none.
+reduction columns inside the kernel was 2.2-6.2x slower than gathering them first from
+144 kept channels up (bench/results/sparse_linear_paths_gather_in_kernel.json), so there
+is none.
 Every product has a `*_reference` next to it in plain PyTorch: the definition it is tested against.
 """
 import os
