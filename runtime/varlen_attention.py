@@ -68,9 +68,9 @@ def packed_causal_attention(q, k, v, cu_seqlens, scale: float | None = None) -> 
     """q [N, Hq, D], k and v [N, Hkv, D], `cu_seqlens` [S + 1] int32 from 0 to N; [N, Hq, D]."""
     if not flash_usable(q):
         return reference_packed_attention(q, k, v, cu_seqlens, scale)
-    groups = q.shape[1] // k.shape[1]
-    if groups > 1:  # the layout of HF's repeat_kv
-        k, v = (t.repeat_interleave(groups, dim=1) for t in (k, v))
+    # Grouped-query k and v go in with their own head count: the kernel maps query head h to
+    # kv head h // (Hq // Hkv) itself (HF's repeat_kv layout), so no [N, Hq, D] copies are
+    # made in the forward, saved for the backward, or summed back per group after it.
     q, k, v = (t.contiguous() for t in (q, k, v))
     # The longest sequence is at most N: an upper bound the kernel sizes its grid by (tiles
     # past a sequence's end exit at once), which spares a device sync and keeps the

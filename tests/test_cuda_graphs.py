@@ -19,6 +19,12 @@ from graphed_training import (CUDA, PACKED_LENGTHS, PADDED_LENGTHS, POLICY, Stan
                               packed_row, padded_sft_batch, plain_run, split_batches, train)
 from llama import ALL, tiny_llama
 
+# fp32 replays against ungraphed training on the GPU: the two may round differently in the
+# last bit (the loss agrees to 5e-7); AdamW divides by the gradients' own size, so after
+# eight steps that leaves up to ~6e-6 in the LoRA weights (measured on the H200), where one
+# update moves them by ~1e-2: a stale split or weight shows far above this
+FP32_REPLAY = dict(rtol=1e-4, atol=1e-5)
+
 
 class _StaticGrad(torch.autograd.Function):
     """Identity whose backward hands its gradient back in one buffer that every later
@@ -210,7 +216,7 @@ def test_graph_replay_matches_ungraphed_training_on_cuda(dtype, cast):
     graphed = train(True, batches, device="cuda", inner="inductor", dtype=dtype, casts=(cast,))
     g = graphed[3]
     assert g.disabled is None, g.failure
-    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 and cast is None else dict(rtol=2e-2, atol=2e-2)
+    tol = FP32_REPLAY if dtype == torch.float32 and cast is None else dict(rtol=2e-2, atol=2e-2)
     assert_same(graphed, plain, **tol)
     assert graphed[2] == plain[2]
     assert g.captures == 1 and g.graphed_forwards == 6
@@ -244,7 +250,7 @@ def test_sets_sharing_one_pool_replay_in_turn_with_accumulation_on_cuda():
     g = graphed[3]
     assert g.disabled is None, g.failure
     assert g.captures == 2 and len(g.sets) == 2 and g.graphed_forwards == 10
-    assert_same(graphed, plain, rtol=1e-5, atol=1e-6)
+    assert_same(graphed, plain, **FP32_REPLAY)
 
 
 @pytest.mark.skipif(not CUDA, reason="CUDA graphs need a GPU")
