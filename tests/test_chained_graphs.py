@@ -25,6 +25,7 @@ def _layer(x, w, b):
     return torch.tanh(x @ w) + x * b  # a residual-like use of the input
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="CUDA graphs need a GPU")
 def test_chained_replays_match_eager_and_copy_no_hidden_states_on_cuda():
     """Three calls chained, replayed over three steps with new inputs: the same loss and
@@ -68,6 +69,7 @@ def test_chained_replays_match_eager_and_copy_no_hidden_states_on_cuda():
         graphed[1](foreign, ws[1], bs[1])
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="CUDA graphs need a GPU")
 def test_a_capture_under_autocast_casts_the_current_weights_on_cuda():
     """Under autocast with its cache on (the default: HF Trainer's bf16=True), the capture

@@ -202,6 +202,7 @@ def test_without_cuda_graphs_stay_off():
     assert g.captures == 0 and g.graphed_forwards == 0 and g.disabled is None
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="CUDA graphs need a GPU")
 @pytest.mark.parametrize("dtype, cast", [(torch.float32, None), (torch.bfloat16, None),
                                          (torch.float32, torch.bfloat16)])
@@ -222,6 +223,7 @@ def test_graph_replay_matches_ungraphed_training_on_cuda(dtype, cast):
     assert g.captures == 1 and g.graphed_forwards == 6
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="CUDA events need a GPU")
 def test_a_gpu_span_times_the_kernels_queued_inside_it():
     x = torch.randn(2048, 2048, device="cuda")
@@ -238,6 +240,7 @@ def test_a_gpu_span_times_the_kernels_queued_inside_it():
     assert 0 < short.ms() < long.ms()
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="CUDA graphs need a GPU")
 def test_sets_sharing_one_pool_replay_in_turn_with_accumulation_on_cuda():
     """Two sets of graphs in one memory pool, replayed in turn, with gradients of two
@@ -253,6 +256,7 @@ def test_sets_sharing_one_pool_replay_in_turn_with_accumulation_on_cuda():
     assert_same(graphed, plain, **FP32_REPLAY)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="CUDA graphs need a GPU")
 @pytest.mark.parametrize("rows", ["padding_free", "caller_packed", "fewer_dense"])
 def test_filled_rows_graph_replay_matches_ungraphed_training_on_cuda(rows):

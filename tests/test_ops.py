@@ -273,6 +273,7 @@ def test_gram_column_norms_equal_explicit_products(tokens, hidden, shapes):
         torch.testing.assert_close(norms, want, rtol=1e-4, atol=1e-4 * float(want.max()) + 1e-6)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: the ops' Triton paths in bf16")
 @pytest.mark.parametrize("k", [64, 640])  # all-rows layout + slice/cuBLAS; context rows + Triton
 def test_sparse_mlp_on_cuda_in_bf16_matches_reference(k):
@@ -303,6 +304,7 @@ def test_sparse_mlp_on_cuda_in_bf16_matches_reference(k):
         torch.testing.assert_close(got.float(), ref.detach(), rtol=0, atol=2e-2 * scale)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: the ops' Triton paths in bf16")
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("bucket", [0, 16])

@@ -75,6 +75,7 @@ def test_reference_is_causal_attention_per_sequence(lengths, heads, dim, dtype, 
     torch.testing.assert_close(packed_causal_attention(q, k, v, cu, scale), want, **tol)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the flash varlen kernel runs on CUDA")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("heads", [(4, 4), (8, 2)])

@@ -285,6 +285,7 @@ def test_supervised_head_trains_as_the_full_head(tmp_path):
         torch.testing.assert_close(adapters[name], ref_adapters[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 def test_trainer_bf16_with_cuda_graphs_trains_as_without_on_cuda(tmp_path):
     """`bf16=True` runs the forward under autocast with its weight cache on: the layers are
