@@ -90,6 +90,7 @@ class SparseLoRAModel(torch.nn.Module):
             raise ValueError("sparselora: this model is already compiled with slc.compile; use that "
                              "wrapper (model._sparselora), or call its uncompile() first")
         opts = BackendOptions.parse({**options, "policy": policy})  # a bad option fails here
+        _refuse_without_lora(model)
         _refuse_dora(model)
         opts.run = new_run(opts)
         options = {**options, "policy": opts.policy, "run": opts.run}
@@ -406,6 +407,17 @@ DORA_MESSAGE = (
     "channel of a layer by magnitude / ||W + scale * B A|| over the whole base weight, which a "
     "sparse base product does not preserve, and PEFT's DoRA forward breaks the compiled graph. "
     "Use LoraConfig(use_dora=False) (found on: {where})")
+
+
+def _refuse_without_lora(model: torch.nn.Module) -> None:
+    """The rewrite finds its blocks by PEFT's LoRA adapters (`<layer>.lora_A[<adapter>]`):
+    without any, nothing would be sparse and the model would train dense, in silence."""
+    if not any(name.rsplit(".", 1)[-1] == "lora_A" and len(mod) for name, mod in model.named_modules()):
+        raise ValueError(
+            f"sparselora: the model ({type(model).__name__}) has no LoRA adapters, so there is "
+            "nothing to make sparse: SparseLoRA computes the frozen base products of a LoRA "
+            "fine-tune sparsely, and finds them by PEFT's adapters. Add them first: "
+            "peft.get_peft_model(model, LoraConfig(target_modules=[...]))")
 
 
 def _refuse_dora(model: torch.nn.Module) -> None:

@@ -1,6 +1,7 @@
 """Regional compilation: one compiled decoder layer serves every layer with the same plan."""
 import pytest
 import torch
+from peft import LoraConfig, inject_adapter_in_model
 from torch._dynamo.utils import counters
 
 import sparselora_compile as slc
@@ -103,8 +104,11 @@ def test_layer_signature_groups_layers_by_plan():
 
 
 def test_regional_errors_and_uncompile():
+    with pytest.raises(ValueError, match="has no LoRA adapters"):
+        slc.compile(tiny_llama(ALL, layers=2).unload(), PER_LAYER)  # the base model alone
+    lone = inject_adapter_in_model(LoraConfig(r=2, target_modules=["0"]), torch.nn.Sequential(torch.nn.Linear(4, 4)))
     with pytest.raises(ValueError, match="no stack of identical decoder layers"):
-        slc.compile(torch.nn.Sequential(torch.nn.Linear(4, 4)), PER_LAYER)
+        slc.compile(lone, PER_LAYER)
     model = tiny_llama(ALL, layers=2)
     with pytest.raises(ValueError, match="unknown option"):
         slc.compile(model, slc.Policy(mlp=0.5), polcy="x")
