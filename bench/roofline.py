@@ -99,7 +99,7 @@ def model_of(peft, policy, cuda: bool = False, limits: Limits = Limits()) -> Mod
     """`Model` of a PEFT model (any device): its blocks planned by `policy`."""
     cfg = peft.get_base_model().config
     blocks = tuple((b.info, decide(b.info, policy, cuda=cuda, limits=limits)[1]) for b in model_blocks(peft))
-    lora = tuple((m.in_features, m.out_features) for n, m in peft.named_modules()
+    lora = tuple((m.in_features, m.out_features) for m in peft.modules()
                  if hasattr(m, "lora_A") and len(m.lora_A) and hasattr(m, "in_features"))
     rank = next((m.r[a] for m in peft.modules() if hasattr(m, "lora_A") and len(m.lora_A) for a in m.r), 0)
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
