@@ -143,7 +143,10 @@ def batch_shape(b: dict, bucket: int = 0) -> Batch:
     """A bench batch as slc.compile runs it: padded rows become one packed row of their
     real tokens (packing.unpad, as padding_free does), packed rows get their boundaries,
     and under `bucket` both are filled up to it (as graph_bucket does); the row's labels
-    give the token split (token_rows.dense_token_rows, row_split.compute_split)."""
+    give the token split (token_rows.dense_token_rows, row_split.compute_split, with its
+    own rounding: a kept graph set's larger capacities, which a split may take, are not
+    modelled). Unpadded, unpacked rows are left as they are (the benches' fixed batch
+    already fits any bucket's rows)."""
     ids, labels = b["input_ids"], b["labels"]
     rows, t = ids.shape
     if b.get("attention_mask") is not None:
