@@ -34,9 +34,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import batches as user_batches  # noqa: E402
+from train_step import llama_config  # noqa: E402  (the benches' LLaMA-3-8B shape)
 
 import sparselora_compile as slc  # noqa: E402
 from sparselora_compile import packing  # noqa: E402
@@ -46,8 +48,6 @@ from sparselora_compile.runtime.row_split import compute_split  # noqa: E402
 from sparselora_compile.runtime.token_rows import dense_token_rows  # noqa: E402
 
 SEED, WARMUP = 7, 2  # train_step.py's batch seed and warm-up steps per mode
-LLAMA3_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                 num_attention_heads=32, num_key_value_heads=8)
 QKVO = ["q_proj", "k_proj", "v_proj", "o_proj"]
 FLASH_BACKWARD = 2.5  # the backward's matrix work over the forward's (5 products against 2)
 STEPS = ("dense", "dense_varlen", "sparse")
@@ -82,14 +82,13 @@ class Model:
     estimator_rank: int
 
 
-def build_model(config: dict, policy, targets=QKVO, rank: int = 32, cuda: bool = True,
+def build_model(cfg, policy, targets=QKVO, rank: int = 32, cuda: bool = True,
                 limits: Limits = Limits()) -> Model:
     """The model's blocks as the planner decides them (`cuda`: with its CUDA-only rules),
-    from a PEFT model built on the meta device (no weights)."""
+    from a PEFT model of config `cfg` built on the meta device (no weights)."""
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, LlamaConfig
+    from transformers import AutoModelForCausalLM
 
-    cfg = LlamaConfig(**config)
     with torch.device("meta"):
         peft = get_peft_model(AutoModelForCausalLM.from_config(cfg), LoraConfig(r=rank, target_modules=list(targets)))
     return model_of(peft, policy, cuda, limits)
@@ -126,12 +125,8 @@ class Batch:
 
 
 def _sequences(row: dict) -> list[int]:
-    """Sequence lengths of a packed row, from `cu_seq_lens_q` or restarting `position_ids`."""
-    starts = row.get(packing.SEQ_STARTS)
-    if starts is None:
-        pos = row["position_ids"][0]
-        starts = torch.cat([(pos == 0).nonzero().flatten(), torch.tensor([pos.numel()])])
-    starts = starts.tolist()
+    """Sequence lengths of a packed row, from its `cu_seq_lens_q`."""
+    starts = row[packing.SEQ_STARTS].tolist()
     return [e - s for s, e in zip(starts, starts[1:])]
 
 
@@ -260,17 +255,21 @@ def main(argv=None):
 
     rates = Rates(args.matmul_tflops * 1e12, args.attention_tflops * 1e12, args.masked_attention_tflops * 1e12,
                   args.other_ns * 1e-9)
-    model = build_model(LLAMA3_8B, slc.presets.PRESETS[args.preset](), cuda=not args.no_cuda_limits)
+    cfg = llama_config(32, smoke=False)
+    model = build_model(cfg, slc.presets.PRESETS[args.preset](), cuda=not args.no_cuda_limits)
     sparse_blocks = {kind: sum(1 for i, k in model.blocks if k is not None and i.kind == kind)
                      for kind in ("mlp", "attention")}
     print(f"LLaMA-3-8B shape, preset {args.preset}: sparse blocks {sparse_blocks}; rates: matrix "
           f"{rates.matmul / 1e12:g} TFLOP/s, attention {rates.attention / 1e12:g} (masked "
           f"{rates.masked_attention / 1e12:g}), other {rates.other_per_token_layer * 1e9:g} ns per token and layer")
     result = {"command": "python " + " ".join(sys.argv), "args": vars(args),
+              "what": "a prediction on CPU from FLOPs at the H200's rates (args); measured_ms are copied "
+                      "from the --measured files",
+              "env": {"torch": torch.__version__, "transformers": transformers.__version__},
               "sparse_blocks": sparse_blocks, "modes": {}}
     for mode in args.batches:
         steps = 1 if mode == "fixed" else WARMUP + args.steps
-        stream = list(user_batches.make_batches(mode, LLAMA3_8B["vocab_size"], steps, seed=SEED))[
+        stream = list(user_batches.make_batches(mode, cfg.vocab_size, steps, seed=SEED))[
             0 if mode == "fixed" else WARMUP:]
         p = predict(model, stream, rates, args.supervised_head, args.graph_bucket)
         m = measured(args.measured, mode)
