@@ -13,16 +13,8 @@ from graphed_training import padded_sft_batch  # noqa: E402
 from llama import ALL, tiny_llama  # noqa: E402
 
 
-def _padded(lengths, t, n_out=3, seed=0):
-    """padded_sft_batch with each row's first label -100, as SFT collators give them (the
-    condition for padding_free)."""
-    b = padded_sft_batch(lengths, t, n_out, seed)
-    b["labels"][:, 0] = -100
-    return b
-
-
 def test_a_padded_batch_has_the_shapes_counted_by_hand():
-    s = roofline.batch_shape(_padded([3, 5], t=5, n_out=2))
+    s = roofline.batch_shape(padded_sft_batch([3, 5], t=5, n_out=2))
     assert (s.positions, s.tokens, s.supervised) == (10, 8, 4)
     assert s.pairs_masked == 2 * 5 * 5 and s.pairs_causal == 3 * 4 // 2 + 5 * 6 // 2
     # each supervised token and the one before it: positions 0-2 of the first sequence, 2-4 of the second
@@ -31,7 +23,7 @@ def test_a_padded_batch_has_the_shapes_counted_by_hand():
 
 
 def test_a_bucket_fills_the_row_and_rounds_the_split_as_the_wrapper_does():
-    s = roofline.batch_shape(_padded([9, 12, 7, 11], t=12), bucket=64)
+    s = roofline.batch_shape(padded_sft_batch([9, 12, 7, 11], t=12), bucket=64)
     assert s.tokens == 39 and s.sparse_rows == 64 and s.sparse_pairs > s.pairs_causal
     dense_cap, ctx_cap = s.capacities
     assert dense_cap >= s.dense_rows and dense_cap + ctx_cap >= s.sparse_rows
@@ -44,7 +36,7 @@ def test_the_forward_flops_are_those_the_run_counts():
     model = tiny_llama(ALL, layers=2)
     policy = slc.Policy(mlp=0.5, attention=0.5)
     wrapped = slc.compile(model, policy, inner="aot_eager")
-    b = _padded([9, 12, 7, 11], t=12, n_out=4)
+    b = padded_sft_batch([9, 12, 7, 11], t=12, n_out=4)
     wrapped(**b).loss.backward()
     stats = wrapped.stats.as_dict()
     m = roofline.model_of(model, policy)
