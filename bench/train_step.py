@@ -42,6 +42,8 @@ Runtime suffixes (sl_* variants), after any Inductor suffix:
               serve varying lengths
     _sets1, _sets2  with _graphs: slc.compile(..., graph_sets=1 or 2): fewer graph sets kept
               (less memory, fewer kinds of batches replayed) than the default 3
+    _warm1    with _graphs: captures after the first run the layers once before capturing
+              (cuda_graphs.LATER_WARMUP_ITERS = 1 instead of the code's 0), for an A/B
     _pad8     slc.compile(..., pad_to_multiple_of=8): training batches right-padded to a
               multiple of 8 (Inductor's CUDA attention-mask alignment guard then never
               recompiles the layers at the first aligned length of packed rows)
@@ -129,7 +131,9 @@ import sparselora_compile as slc  # noqa: E402
 # `slc.compile` resolves to the submodule after its first use (package __getattr__ +
 # submodule import): take the function itself.
 from sparselora_compile import compile as slc_compile  # noqa: E402
+from sparselora_compile import cuda_graphs  # noqa: E402
 
+LATER_WARMUP_ITERS = cuda_graphs.LATER_WARMUP_ITERS  # the code's own, which _warm1 sets to 1
 
 
 def _process_start() -> float:
@@ -191,7 +195,7 @@ def split_variant(name: str) -> tuple[str, dict]:
 
 GRAPH_BUCKETS = {"_bucket512": 512, "_bucket1024": 1024}
 GRAPH_SETS = {"_sets1": 1, "_sets2": 2}
-RUNTIME_SUFFIXES = ("_attn", "_ctxrows", "_graphs", "_pad8", "_masked", "_novarlen", "_padded", "_suphead",
+RUNTIME_SUFFIXES = ("_attn", "_ctxrows", "_graphs", "_warm1", "_pad8", "_masked", "_novarlen", "_padded", "_suphead",
                     "_unmasked", "_varlen", *GRAPH_BUCKETS, *GRAPH_SETS)
 DENSE_ONLY = {"_unmasked", "_varlen"}  # what slc.compile does anyway, given to a dense baseline
 DENSE_FLAGS = DENSE_ONLY | {"_suphead"}  # the runtime flags a dense Inductor baseline takes
@@ -208,8 +212,8 @@ def variant_name(text: str) -> str:
     base, config = split_variant(stem)
     sl = base.startswith("sl_") and "_whole" not in base
     allowed = set(RUNTIME_SUFFIXES) - DENSE_ONLY if sl else DENSE_FLAGS if base.startswith("inductor") else set()
-    if flags & (set(GRAPH_BUCKETS) | set(GRAPH_SETS)) and "_graphs" not in flags:
-        raise argparse.ArgumentTypeError(f"variant {text!r}: a _bucket or _sets suffix needs _graphs")
+    if flags & (set(GRAPH_BUCKETS) | set(GRAPH_SETS) | {"_warm1"}) and "_graphs" not in flags:
+        raise argparse.ArgumentTypeError(f"variant {text!r}: a _bucket, _sets or _warm1 suffix needs _graphs")
     if base not in VARIANTS or (config and base == "eager") or flags - allowed:
         raise argparse.ArgumentTypeError(
             f"unknown variant {text!r}: one of {VARIANTS}, plus any of the suffixes "
@@ -751,6 +755,7 @@ def run_variant(name, peft, init_state, streams, args, device, layers, log, res=
             extra["mlp_all_rows_max_k"] = 0
         if "_attn" in flags:
             extra["min_attention_sparsity_cuda"] = 0.0
+        cuda_graphs.LATER_WARMUP_ITERS = 1 if "_warm1" in flags else LATER_WARMUP_ITERS
         fn = slc_compile(peft, policy, inner=args.inner, regional=regional,
                          cuda_graphs="_graphs" in flags, pad_to_multiple_of=8 if "_pad8" in flags else 0,
                          graph_bucket=next((GRAPH_BUCKETS[f] for f in flags if f in GRAPH_BUCKETS), 0),

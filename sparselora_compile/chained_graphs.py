@@ -21,6 +21,7 @@ tells the caller, who runs that layer ungraphed.
 from __future__ import annotations
 
 import contextlib
+import time
 
 import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
@@ -87,15 +88,18 @@ class _Replay:
         return tree_unflatten(list(self._graphed.apply(*args)), self.spec)
 
 
-def capture_chain(fns, samples, *, links=None, num_warmup_iters=2, pool=None):
+def capture_chain(fns, samples, *, links=None, num_warmup_iters=2, pool=None, phases=None):
     """Graphed versions of `fns` (each takes only tensors), captured with `samples`.
     `links[i]` maps argument j of call i to (producer call, output index); a linked
     sample is used for the warm-up only. Arguments' gradients the function does not use
     come back None. Under autocast the casts are captured too: replay under the same
-    autocast state (the caller keys its graphs on it)."""
+    autocast state (the caller keys its graphs on it). `phases`, a dict, gains the wall
+    seconds of the warm-up, the forwards' and the backwards' captures (instantiation
+    included)."""
     with _uncached_autocast():
         return _capture(fns, samples, links or [{} for _ in fns], num_warmup_iters,
-                        torch.cuda.graph_pool_handle() if pool is None else pool)
+                        torch.cuda.graph_pool_handle() if pool is None else pool,
+                        {} if phases is None else phases)
 
 
 def autocast_dtype(device: torch.device):
@@ -113,7 +117,14 @@ def _uncached_autocast():
     return contextlib.nullcontext()
 
 
-def _capture(fns, samples, links, num_warmup_iters, pool):
+def _lap(phases, name, since):
+    now = time.perf_counter()
+    phases[name] = phases.get(name, 0.0) + now - since
+    return now
+
+
+def _capture(fns, samples, links, num_warmup_iters, pool, phases):
+    t = time.perf_counter()
     torch.cuda.synchronize()
     with torch.cuda.stream(torch.cuda.Stream()):
         for fn, args in zip(fns, samples):
@@ -124,6 +135,7 @@ def _capture(fns, samples, links, num_warmup_iters, pool):
                                         [torch.empty_like(o) for o in outs], allow_unused=True)
                 del outs
     torch.cuda.synchronize()
+    t = _lap(phases, "warmup_s", t)
 
     replays = []
     for fn, args, link in zip(fns, samples, links):
@@ -135,6 +147,7 @@ def _capture(fns, samples, links, num_warmup_iters, pool):
         flat, replay.spec = tree_flatten(outputs)
         replay.outputs = tuple(flat)
         replays.append(replay)
+    t = _lap(phases, "forward_s", t)
 
     # the consumer's static input gradient serves as its producer's output-gradient buffer
     # when it is the output's only consumer among the calls
@@ -162,4 +175,5 @@ def _capture(fns, samples, links, num_warmup_iters, pool):
                                                  allow_unused=True))
             replay.captured_bwd = True
         replay.grad_inputs = tuple(next(grads, None) if a.requires_grad else None for a in replay.inputs)
+    _lap(phases, "backward_s", t)
     return tuple(replays)

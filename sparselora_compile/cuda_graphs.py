@@ -65,13 +65,14 @@ MAX_SETS = 3        # the default of graph_sets: each kept set holds its own sta
 MAX_CAPTURES = 8
 CAPTURE_AFTER = 2   # forwards with a key in the window before it is captured
 WINDOW = 32         # recent forwards whose keys are counted
-# the capture runs every layer's forward and backward this many times on a side
+# the first capture runs every layer's forward and backward this many times on a side
 # stream before capturing, so that lazy set-up (cuBLAS, the allocator, Triton autotuning at
-# the key's sizes) stays out of the capture. After the first capture the process-wide set-up
-# is done, and one run covers what depends on a key's sizes; each run costs about an
-# ungraphed step (~140 ms at 32 layers on an H200).
+# the key's sizes) stays out of the capture. After it the process-wide set-up is done, and a
+# later key ran ungraphed CAPTURE_AFTER times before its capture (its sizes' autotuning
+# is done), so later captures run none: a warm-up run cost ~0.17 s of a ~0.47 s capture at
+# 32 layers on an H200 (bench/README.md, "Capture cost").
 WARMUP_ITERS = 2
-LATER_WARMUP_ITERS = 1
+LATER_WARMUP_ITERS = 0
 _TENSOR = object()  # where a tensor goes among a call's leaves
 
 
@@ -223,6 +224,7 @@ class LayerGraphs:
         self._said: set = set()    # blockers already logged
         self.graphed_forwards = 0
         self.capture_s = 0.0       # wall time spent capturing
+        self.capture_phases: dict = {}  # of it: warm-up, forwards' and backwards' captures
         self.pool = None           # the memory pool every set's graphs share
         self.payoff = Payoff()     # whether replayed steps are faster than ungraphed ones
 
@@ -233,7 +235,8 @@ class LayerGraphs:
         they had and how many replayed; keys spread over more than `graph_sets` mean that
         steps run ungraphed (a larger `graph_bucket` or more uniform lengths help)."""
         return {"graphed_forwards": self.graphed_forwards, "captures": self.captures,
-                "capture_s": round(self.capture_s, 3), "sets": len(self.sets), "disabled": self.disabled,
+                "capture_s": round(self.capture_s, 3),
+                "capture_phases_s": {k: round(v, 3) for k, v in self.capture_phases.items()}, "sets": len(self.sets), "disabled": self.disabled,
                 "window": {"forwards": len(self.recent), "keys": len(set(self.recent)),
                            "graphed": sum(self.recent_graphed)},
                 "payoff": self.payoff.figures and {**self.payoff.figures, "pays": self.payoff.verdict is True}}
@@ -431,7 +434,8 @@ class LayerGraphs:
             # a layer's input that was its predecessor's output shares its static buffer
             links = chain_links([recorded[p][1] for p in order], [recorded[p][3] for p in order])
             graphed = self.make_graphed(tuple(fns), tuple(samples), links=links,
-                                        num_warmup_iters=warmup, pool=self.pool)
+                                        num_warmup_iters=warmup, pool=self.pool,
+                                        phases=self.capture_phases)
         except Exception as e:  # noqa: BLE001 - any failure: go on ungraphed, and say why
             self.disabled = f"{type(e).__name__}: {e}"
             self.failure = traceback.format_exc()

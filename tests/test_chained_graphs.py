@@ -41,7 +41,9 @@ def test_chained_replays_match_eager_and_copy_no_hidden_states_on_cuda():
                 w.detach().requires_grad_(), b.detach().requires_grad_())
                for i, (w, b) in enumerate(zip(ws, bs))]
     links = [{}, {0: (0, 0)}, {0: (1, 0)}]
-    graphed = capture_chain([_layer] * 3, samples, links=links, num_warmup_iters=2)
+    phases = {}
+    graphed = capture_chain([_layer] * 3, samples, links=links, num_warmup_iters=2, phases=phases)
+    assert set(phases) == {"warmup_s", "forward_s", "backward_s"} and min(phases.values()) > 0
     assert graphed[1].inputs[0].data_ptr() == graphed[0].outputs[0].data_ptr()
     assert graphed[0].grad_outputs[0].data_ptr() == graphed[1].grad_inputs[0].data_ptr()
     assert graphed[2].grad_outputs[0] is not None and graphed[0].grad_inputs[0] is None
