@@ -44,6 +44,8 @@ Runtime suffixes (sl_* variants), after any Inductor suffix:
               (less memory, fewer kinds of batches replayed) than the default 3
     _warm1    with _graphs: captures after the first run the layers once before capturing
               (cuda_graphs.LATER_WARMUP_ITERS = 1 instead of the code's 0), for an A/B
+    _ownfill  with _bucket*: padded rows fill to their own bucket only, never to a longer
+              kept graph set's length (wrapper._fill_to off), for an A/B
     _pad8     slc.compile(..., pad_to_multiple_of=8): training batches right-padded to a
               multiple of 8 (Inductor's CUDA attention-mask alignment guard then never
               recompiles the layers at the first aligned length of packed rows)
@@ -195,7 +197,7 @@ def split_variant(name: str) -> tuple[str, dict]:
 
 GRAPH_BUCKETS = {"_bucket512": 512, "_bucket1024": 1024}
 GRAPH_SETS = {"_sets1": 1, "_sets2": 2}
-RUNTIME_SUFFIXES = ("_attn", "_ctxrows", "_graphs", "_warm1", "_pad8", "_masked", "_novarlen", "_padded", "_suphead",
+RUNTIME_SUFFIXES = ("_attn", "_ctxrows", "_graphs", "_warm1", "_ownfill", "_pad8", "_masked", "_novarlen", "_padded", "_suphead",
                     "_unmasked", "_varlen", *GRAPH_BUCKETS, *GRAPH_SETS)
 DENSE_ONLY = {"_unmasked", "_varlen"}  # what slc.compile does anyway, given to a dense baseline
 DENSE_FLAGS = DENSE_ONLY | {"_suphead"}  # the runtime flags a dense Inductor baseline takes
@@ -212,8 +214,8 @@ def variant_name(text: str) -> str:
     base, config = split_variant(stem)
     sl = base.startswith("sl_") and "_whole" not in base
     allowed = set(RUNTIME_SUFFIXES) - DENSE_ONLY if sl else DENSE_FLAGS if base.startswith("inductor") else set()
-    if flags & (set(GRAPH_BUCKETS) | set(GRAPH_SETS) | {"_warm1"}) and "_graphs" not in flags:
-        raise argparse.ArgumentTypeError(f"variant {text!r}: a _bucket, _sets or _warm1 suffix needs _graphs")
+    if flags & (set(GRAPH_BUCKETS) | set(GRAPH_SETS) | {"_warm1", "_ownfill"}) and "_graphs" not in flags:
+        raise argparse.ArgumentTypeError(f"variant {text!r}: a _bucket, _sets, _warm1 or _ownfill suffix needs _graphs")
     if base not in VARIANTS or (config and base == "eager") or flags - allowed:
         raise argparse.ArgumentTypeError(
             f"unknown variant {text!r}: one of {VARIANTS}, plus any of the suffixes "
@@ -764,6 +766,8 @@ def run_variant(name, peft, init_state, streams, args, device, layers, log, res=
                          varlen_attention="_novarlen" not in flags,
                          padding_free="_padded" not in flags,
                          supervised_head="_suphead" in flags, **extra)
+        if "_ownfill" in flags:
+            fn._fill_to = lambda kwargs: None
         if base != "sl_sparsity0":
             fn.set_step(10**6)  # past the dense warm-up
     if "_unmasked" in flags:  # a dense baseline given what causal_right_padding does

@@ -77,18 +77,28 @@ def _pad_to(idx: torch.Tensor, n: int) -> torch.Tensor:
     return torch.cat([idx, idx[:1].expand(n - idx.numel())])
 
 
-def _fit_kept(dense: torch.Tensor, ctx: torch.Tensor, filler: int, kept) -> tuple | None:
-    """(dense, context, real context rows): the index lists in the (dense, context)
-    capacities of a kept graph set, the one with the fewest dense rows that fits: up to
-    `filler` trailing context rows move to the dense list, copies of a row fill the rest;
-    None when none fits."""
-    n_dense, n_ctx = dense.numel(), ctx.numel()
+def kept_fit(n_dense: int, n_ctx: int, filler: int, kept) -> tuple | None:
+    """(dense capacity, context capacity, rows moved) of the kept graph set with the fewest
+    dense rows that a split of `n_dense` dense and `n_ctx` context rows fits, up to
+    `filler` trailing context rows moving to the dense list; None when none fits."""
     for d_cap, c_cap in sorted(kept):
         moved = min(filler, max(d_cap - n_dense, 0))
         if d_cap >= n_dense and 0 < n_ctx - moved <= c_cap:
-            return (_pad_to(torch.cat([dense, ctx[n_ctx - moved:]]), d_cap),
-                    _pad_to(ctx[:n_ctx - moved], c_cap), n_ctx - moved)
+            return d_cap, c_cap, moved
     return None
+
+
+def _fit_kept(dense: torch.Tensor, ctx: torch.Tensor, filler: int, kept) -> tuple | None:
+    """(dense, context, real context rows): the index lists in the (dense, context)
+    capacities of a kept graph set (`kept_fit`): the moved filler rows join the dense
+    list, copies of a row fill the rest; None when none fits."""
+    n_ctx = ctx.numel()
+    fit = kept_fit(dense.numel(), n_ctx, filler, kept)
+    if fit is None:
+        return None
+    d_cap, c_cap, moved = fit
+    return (_pad_to(torch.cat([dense, ctx[n_ctx - moved:]]), d_cap),
+            _pad_to(ctx[:n_ctx - moved], c_cap), n_ctx - moved)
 
 
 def compute_split(rows: torch.Tensor, padding: torch.Tensor | None = None, bucket: int = 0,

@@ -248,6 +248,12 @@ class LayerGraphs:
         return tuple(k[2] for k in self.sets
                      if k[0] == shape and k[1] == device and k[3] and k[4] == sequences and k[5] == cast)
 
+    def filled_lengths(self, device, sequences, cast) -> list[int]:
+        """The lengths of the filled one-row shapes of the kept sets (capacities_for's other
+        conditions), shortest first."""
+        return sorted({k[0][1] for k in self.sets if len(k[0]) == 2 and k[0][0] == 1
+                       and k[1] == device and k[3] and k[4] == sequences and k[5] == cast})
+
     # ---- installing ----------------------------------------------------------------------
 
     def install(self, prefix: str, layer: torch.nn.Module) -> None:

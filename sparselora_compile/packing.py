@@ -27,10 +27,12 @@ that rows of nearby lengths share one shape and one count of sequences.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
 from sparselora_compile.runtime.row_split import bucket_step
+from sparselora_compile.runtime.token_rows import dense_token_rows
 from sparselora_compile.runtime.varlen_attention import packed_causal_attention
 
 from .padding import IGNORE, not_right_padded
@@ -113,7 +115,8 @@ UNPADDABLE = {"input_ids", "attention_mask", "labels", "num_items_in_batch", "re
               "use_cache", "logits_to_keep"}
 
 
-def unpad(kwargs: dict, bucket: int = 0, filler_id: int = 0) -> tuple[dict, Unpadded | None]:
+def unpad(kwargs: dict, bucket: int = 0, filler_id: int = 0,
+          fill_to: Callable[[int, int, int], int] | None = None) -> tuple[dict, Unpadded | None]:
     """A right-padded training batch as one packed row (`padding_free`): the real tokens
     back to back, `position_ids` restarting per row, `cu_seq_lens_q` the rows' boundaries,
     each row's first label -100. The loss reads the same (logit, label) pairs: a row's
@@ -131,7 +134,9 @@ def unpad(kwargs: dict, bucket: int = 0, filler_id: int = 0) -> tuple[dict, Unpa
     lengths have one shape and one count of sequences (a graph serves them all). The
     filler is FILLER_SEQUENCES sequences of `filler_id` tokens labelled -100, after every
     real token: no real token attends to it, the loss skips it, and `Unpadded.real` tells
-    the estimator to leave it out of its scores."""
+    the estimator to leave it out of its scores. `fill_to(n, dense rows, length)` may
+    choose a longer filled length than the bucket's (a kept graph set's: see
+    wrapper._fill_to); the dense rows are counted in the same read of the device."""
     ids, mask, labels = kwargs.get("input_ids"), kwargs.get("attention_mask"), kwargs.get("labels")
     if (not isinstance(ids, torch.Tensor) or ids.dim() != 2 or not isinstance(mask, torch.Tensor)
             or mask.shape != ids.shape or not isinstance(labels, torch.Tensor) or labels.shape != ids.shape
@@ -141,14 +146,17 @@ def unpad(kwargs: dict, bucket: int = 0, filler_id: int = 0) -> tuple[dict, Unpa
     b, t = ids.shape
     real = mask.bool()
     bad = not_right_padded(real, labels) | (labels[:, 0] != IGNORE).any()
-    facts = torch.cat([bad.long()[None], real.sum(1)]).tolist()  # the one sync
+    dense = (dense_token_rows(labels) & real).sum()
+    facts = torch.cat([bad.long()[None], dense[None], real.sum(1)]).tolist()  # the one sync
     if facts[0]:
         return kwargs, None
-    lengths = facts[1:]
+    lengths = facts[2:]
     if all(n == t for n in lengths):  # no padding: a mask of ones, as HF drops itself
         return {k: v for k, v in kwargs.items() if k != "attention_mask"}, None
     n = sum(lengths)
     filler = _filler(n, bucket)
+    if filler and fill_to is not None:
+        filler = _filler(n, bucket, length=fill_to(n, facts[1], n + sum(filler)))
     seqs = lengths + filler
     host = torch.cat([torch.arange(i * t, i * t + k) for i, k in enumerate(lengths)]  # flat index
                      + [torch.arange(k) for k in seqs]                               # positions
@@ -179,14 +187,14 @@ def _real_tokens(n: int, fill: int, device) -> torch.Tensor | None:
     return (torch.arange(n + fill, device=device) < n).long()[None] if fill else None
 
 
-def _filler(n: int, bucket: int, pieces: int = FILLER_SEQUENCES) -> list[int]:
-    """The filler sequences' lengths that take `n` real tokens up to their bucket (none
-    without one): `pieces` of them, each at least one token, so that the count of
-    sequences does not change with n."""
+def _filler(n: int, bucket: int, pieces: int = FILLER_SEQUENCES, length: int = 0) -> list[int]:
+    """The filler sequences' lengths that take `n` real tokens up to their bucket, or up to
+    `length` when that is longer (none without a bucket): `pieces` of them, each at least
+    one token, so that the count of sequences does not change with n."""
     if bucket <= 0:
         return []
     step = bucket_step(n + pieces, bucket)
-    total = -(-(n + pieces) // step) * step - n
+    total = max(-(-(n + pieces) // step) * step, length) - n
     each, extra = divmod(total, pieces)
     return [each + (i < extra) for i in range(pieces)]
 

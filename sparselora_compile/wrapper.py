@@ -35,7 +35,7 @@ import weakref
 import torch
 
 from sparselora_compile.runtime.ops import shared_token_rows
-from sparselora_compile.runtime.row_split import bucket_step
+from sparselora_compile.runtime.row_split import bucket_step, kept_fit
 from sparselora_compile.runtime.run import Run, RunStats
 
 from . import copying
@@ -191,7 +191,8 @@ class SparseLoRAModel(torch.nn.Module):
         train_batch = torch.is_grad_enabled() and model.training
         bucket = self._graph_bucket_now(run, kwargs) if train_batch else 0
         if self.padding_free and train_batch and not self.pad_to_multiple_of:
-            kwargs, self._unpadded = packing.unpad(kwargs, bucket, pad_id(model))
+            kwargs, self._unpadded = packing.unpad(kwargs, bucket, pad_id(model),
+                                                   self._fill_to(kwargs) if bucket else None)
             if self._unpadded is not None:
                 run.stats.padding_free_forwards += 1
                 score_mask = self._unpadded.real
@@ -301,6 +302,27 @@ class SparseLoRAModel(torch.nn.Module):
         self._glue = (before, after)
         model.__dict__["_sparselora"] = self  # not a submodule of the model
         copying.install(model, self)
+
+    def _fill_to(self, kwargs):
+        """For `packing.unpad` under graph buckets: the length to fill a row of n real tokens
+        and d dense rows to. Its bucket's own length when a kept set of that length fits its
+        token split (or none is kept); else the shortest kept set's length, at most one bucket
+        longer, that fits it. That replay computes up to a bucket of extra filler rows
+        (~20 ms at 1,024 rows on LLaMA-3-8B, bench/roofline.py), where an ungraphed step
+        costs ~60 ms more than a replay and a capture of its own key ~300 ms."""
+        graphs, ids = self.graphs, kwargs.get("input_ids")
+        if graphs is None or not graphs.sets or not isinstance(ids, torch.Tensor):
+            return None
+        sequences = ids.shape[0] + packing.FILLER_SEQUENCES
+        lengths = graphs.filled_lengths(ids.device, sequences, autocast_dtype(ids.device))
+
+        def choose(n: int, dense: int, own: int) -> int:
+            for length in [own] + [k for k in lengths if own < k <= own + self.graph_bucket]:
+                kept = graphs.capacities_for((1, length), ids.device, sequences, autocast_dtype(ids.device))
+                if kept and kept_fit(dense, length - dense, length - n, kept) is not None:
+                    return length
+            return own
+        return choose
 
     def _split_fit(self, kwargs) -> tuple:
         """(filler rows, capacities) for the token split of a row filled for graph buckets:

@@ -93,3 +93,25 @@ def test_a_kept_set_serves_fewer_dense_rows_through_the_filler(monkeypatch):
     outputs = (4, 4, 2, 4, 2, 2)
     batches = [padded_sft_batch(n, 12, n_out=k, seed=110 + i) for i, (n, k) in enumerate(zip(PADDED_LENGTHS, outputs))]
     assert _one_set_serves_all(monkeypatch, batches, 16)[2][2] == (12, 23)
+
+
+def test_a_shorter_row_takes_a_longer_kept_set(monkeypatch):
+    """Rows of 16-24 real tokens fill to 32 (bucket 16); rows of 11 real tokens would fill
+    to 16, a key of their own. Once the 32 set is kept they fill to 32 instead and replay
+    it (its 8 dense rows fit theirs), so one capture serves every batch; training equals
+    ungraphed training on the exact rows."""
+    lengths = [(9, 12), (11, 7), (6, 5), (12, 10), (5, 6), (10, 12)]
+    batches = [padded_sft_batch(n, 12, seed=130 + i) for i, n in enumerate(lengths)]
+    key = _one_set_serves_all(monkeypatch, batches, 16)[2]
+    assert key[0] == (1, 32)
+
+
+def test_a_longer_kept_set_is_taken_only_within_one_bucket(monkeypatch):
+    """With bucket 8, rows of 23-24 real tokens fill to 32 and rows of 11 to 16: two buckets
+    below the kept 32, so they run ungraphed on their own key rather than on 16 rows of
+    filler."""
+    lengths = [(12, 11), (11, 12), (12, 11), (6, 5)]
+    batches = [padded_sft_batch(n, 12, seed=150 + i) for i, n in enumerate(lengths)]
+    g = train(True, batches, monkeypatch=monkeypatch, stand_in=StandIn(), graph_bucket=8,
+              layers=LAYERS)[3]
+    assert [k[0] for k in g.sets] == [(1, 32)] and g.graphed_forwards == 2
