@@ -69,7 +69,7 @@ WINDOW = 32         # recent forwards whose keys are counted
 # stream before capturing, so that lazy set-up (cuBLAS, the allocator, Triton autotuning at
 # the key's sizes) stays out of the capture. After it the process-wide set-up is done, and a
 # later key ran ungraphed CAPTURE_AFTER times before its capture (its sizes' autotuning
-# is done), so later captures run none: a warm-up run cost ~0.17 s of a ~0.47 s capture at
+# is done), so later captures run none: a warm-up run cost ~0.16 s of a ~0.4 s capture at
 # 32 layers on an H200 (bench/README.md, "Capture cost").
 WARMUP_ITERS = 2
 LATER_WARMUP_ITERS = 0
@@ -229,14 +229,16 @@ class LayerGraphs:
         self.payoff = Payoff()     # whether replayed steps are faster than ungraphed ones
 
     def stats(self) -> dict:
-        """Training forwards that replayed graphs, captures made and their wall time, graph
+        """Training forwards that replayed graphs, captures made and their wall time (with
+        its phases: warm-up runs, the forwards' and the backwards' captures), graph
         sets kept, and why graphs are off (None while they are on). `window`: of the last
         WINDOW forwards that could use graphs, how many there were, how many distinct keys
         they had and how many replayed; keys spread over more than `graph_sets` mean that
         steps run ungraphed (a larger `graph_bucket` or more uniform lengths help)."""
         return {"graphed_forwards": self.graphed_forwards, "captures": self.captures,
                 "capture_s": round(self.capture_s, 3),
-                "capture_phases_s": {k: round(v, 3) for k, v in self.capture_phases.items()}, "sets": len(self.sets), "disabled": self.disabled,
+                "capture_phases_s": {k: round(v, 3) for k, v in self.capture_phases.items()},
+                "sets": len(self.sets), "disabled": self.disabled,
                 "window": {"forwards": len(self.recent), "keys": len(set(self.recent)),
                            "graphed": sum(self.recent_graphed)},
                 "payoff": self.payoff.figures and {**self.payoff.figures, "pays": self.payoff.verdict is True}}

@@ -146,17 +146,19 @@ def unpad(kwargs: dict, bucket: int = 0, filler_id: int = 0,
     b, t = ids.shape
     real = mask.bool()
     bad = not_right_padded(real, labels) | (labels[:, 0] != IGNORE).any()
-    dense = (dense_token_rows(labels) & real).sum()
-    facts = torch.cat([bad.long()[None], dense[None], real.sum(1)]).tolist()  # the one sync
+    counts = [bad.long()[None], real.sum(1)]
+    if fill_to is not None:  # the dense rows, for fill_to
+        counts.append((dense_token_rows(labels) & real).sum()[None])
+    facts = torch.cat(counts).tolist()  # the one sync
     if facts[0]:
         return kwargs, None
-    lengths = facts[2:]
+    lengths = facts[1:1 + b]
     if all(n == t for n in lengths):  # no padding: a mask of ones, as HF drops itself
         return {k: v for k, v in kwargs.items() if k != "attention_mask"}, None
     n = sum(lengths)
     filler = _filler(n, bucket)
     if filler and fill_to is not None:
-        filler = _filler(n, bucket, length=fill_to(n, facts[1], n + sum(filler)))
+        filler = _filler(n, bucket, length=fill_to(n, facts[-1], n + sum(filler)))
     seqs = lengths + filler
     host = torch.cat([torch.arange(i * t, i * t + k) for i, k in enumerate(lengths)]  # flat index
                      + [torch.arange(k) for k in seqs]                               # positions

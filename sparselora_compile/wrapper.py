@@ -304,12 +304,13 @@ class SparseLoRAModel(torch.nn.Module):
         copying.install(model, self)
 
     def _fill_to(self, kwargs):
-        """For `packing.unpad` under graph buckets: the length to fill a row of n real tokens
-        and d dense rows to. Its bucket's own length when a kept set of that length fits its
-        token split (or none is kept); else the shortest kept set's length, at most one bucket
-        longer, that fits it. That replay computes up to a bucket of extra filler rows
+        """For `packing.unpad` under graph buckets (None while no set is kept): the length to
+        fill a row of n real tokens and d dense rows to. Its bucket's own length, unless no
+        kept set of that length fits its token split and one at most a bucket longer does:
+        then the shortest such. That replay computes up to a bucket of extra filler rows
         (~20 ms at 1,024 rows on LLaMA-3-8B, bench/roofline.py), where an ungraphed step
-        costs ~60 ms more than a replay and a capture of its own key ~300 ms."""
+        took 1.6-2x a replay on the H200 and a capture of its own key ~0.4 s. A length that
+        keeps taking a longer set never gets one of its own (README, "CUDA graphs")."""
         graphs, ids = self.graphs, kwargs.get("input_ids")
         if graphs is None or not graphs.sets or not isinstance(ids, torch.Tensor):
             return None
