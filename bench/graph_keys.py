@@ -86,6 +86,7 @@ def run(mode: str, steps: int, bucket: int, sets: int) -> dict:
     return {"mode": mode, "steps": steps, "graph_bucket": bucket, "max_sets": sets,
             "max_captures": cuda_graphs.MAX_CAPTURES, "graphed_steps": sum(graphed[WARMUP:]),
             "graphed_share": round(sum(graphed[WARMUP:]) / steps, 3), "captures": graphs.captures,
+            "longer_fills": graphs.longer_fills,
             "distinct_keys": len(counts), "keys": {names[n]: c for n, c in counts.most_common()},
             "step_keys": step_keys, "steps_graphed": graphed,
             "wall_s": round(time.perf_counter() - t0, 1)}
@@ -110,7 +111,8 @@ def main(argv=None):
                     results.append(r)
                     print(f"{mode:7s} steps {steps:4d} bucket {bucket:5d} sets {sets}: "
                           f"{r['graphed_steps']:4d} graphed ({r['graphed_share']:.0%}), "
-                          f"{r['captures']} captures, {r['distinct_keys']} keys  [{r['wall_s']} s]",
+                          f"{r['captures']} captures, {r['distinct_keys']} keys, {r['longer_fills']} "
+                          f"filled to a longer set  [{r['wall_s']} s]",
                           flush=True)
     if args.out:
         out = {"command": "python " + " ".join(sys.argv), "torch": torch.__version__,

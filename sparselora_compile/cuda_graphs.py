@@ -223,19 +223,22 @@ class LayerGraphs:
         self._dropout = False      # a layer holds a Dropout with p > 0
         self._said: set = set()    # blockers already logged
         self.graphed_forwards = 0
+        self.longer_fills = 0      # padded batches filled to a longer kept set's length
         self.capture_s = 0.0       # wall time spent capturing
         self.capture_phases: dict = {}  # of it: warm-up, forwards' and backwards' captures
         self.pool = None           # the memory pool every set's graphs share
         self.payoff = Payoff()     # whether replayed steps are faster than ungraphed ones
 
     def stats(self) -> dict:
-        """Training forwards that replayed graphs, captures made and their wall time (with
-        its phases: warm-up runs, the forwards' and the backwards' captures), graph
+        """Training forwards that replayed graphs, padded batches filled to a longer kept
+        set's length (wrapper._fill_to), captures made and their wall time
+        (with its phases: warm-up runs, the forwards' and the backwards' captures), graph
         sets kept, and why graphs are off (None while they are on). `window`: of the last
         WINDOW forwards that could use graphs, how many there were, how many distinct keys
         they had and how many replayed; keys spread over more than `graph_sets` mean that
         steps run ungraphed (a larger `graph_bucket` or more uniform lengths help)."""
-        return {"graphed_forwards": self.graphed_forwards, "captures": self.captures,
+        return {"graphed_forwards": self.graphed_forwards, "longer_fills": self.longer_fills,
+                "captures": self.captures,
                 "capture_s": round(self.capture_s, 3),
                 "capture_phases_s": {k: round(v, 3) for k, v in self.capture_phases.items()},
                 "sets": len(self.sets), "disabled": self.disabled,

@@ -321,6 +321,7 @@ class SparseLoRAModel(torch.nn.Module):
             for length in [own] + [k for k in lengths if own < k <= own + self.graph_bucket]:
                 kept = graphs.capacities_for((1, length), ids.device, sequences, autocast_dtype(ids.device))
                 if kept and kept_fit(dense, length - dense, length - n, kept) is not None:
+                    graphs.longer_fills += length > own
                     return length
             return own
         return choose

@@ -67,7 +67,7 @@ def test_capture_on_the_second_forward_of_a_key_then_replay(monkeypatch):
     stats = g.stats()
     assert stats.pop("capture_s") >= 0
     assert stats.pop("capture_phases_s") == {}  # the stand-in times no phases
-    assert stats == {"graphed_forwards": 4, "captures": 1, "sets": 1, "disabled": None,
+    assert stats == {"graphed_forwards": 4, "longer_fills": 0, "captures": 1, "sets": 1, "disabled": None,
                      "window": {"forwards": 5, "keys": 1, "graphed": 4}, "payoff": None}
     # layer 0's input (the frozen embedding's output) needs no grad, the others do
     assert stand_in.calls[0][0][0] is False and all(s[0] for s in stand_in.calls[0][1:])

@@ -102,8 +102,8 @@ def test_a_shorter_row_takes_a_longer_kept_set(monkeypatch):
     ungraphed training on the exact rows."""
     lengths = [(9, 12), (11, 7), (6, 5), (12, 10), (5, 6), (10, 12)]
     batches = [padded_sft_batch(n, 12, seed=130 + i) for i, n in enumerate(lengths)]
-    key = _one_set_serves_all(monkeypatch, batches, 16)[2]
-    assert key[0] == (1, 32)
+    graphed, _, key = _one_set_serves_all(monkeypatch, batches, 16)
+    assert key[0] == (1, 32) and graphed[3].stats()["longer_fills"] == 2
 
 
 def test_a_longer_kept_set_is_taken_only_within_one_bucket(monkeypatch):
@@ -114,4 +114,4 @@ def test_a_longer_kept_set_is_taken_only_within_one_bucket(monkeypatch):
     batches = [padded_sft_batch(n, 12, seed=150 + i) for i, n in enumerate(lengths)]
     g = train(True, batches, monkeypatch=monkeypatch, stand_in=StandIn(), graph_bucket=8,
               layers=LAYERS)[3]
-    assert [k[0] for k in g.sets] == [(1, 32)] and g.graphed_forwards == 2
+    assert [k[0] for k in g.sets] == [(1, 32)] and g.graphed_forwards == 2 and g.longer_fills == 0
