@@ -503,7 +503,9 @@ def compile(model: torch.nn.Module, policy: Policy | None = None, *, regional: b
     tokens): fill packed rows (padding-free ones, and the caller's) up to multiples of it (pad other
     batches' lengths to multiples of their share of it per row) and round the token split's dense rows up to multiples of a
     quarter of it, so that graphs captured for one batch serve batches of nearby lengths
-    (0, the default: exact shapes; README "CUDA graphs" has what bucketing measured);
+    (a padded batch no kept set of its own length fits may be filled up to one bucket
+    further, to a kept set's length; 0, the default: exact shapes; README "CUDA graphs"
+    has what bucketing measured);
     `graph_sets` (with cuda_graphs; default 3): how many graph sets (keys) are kept, each
     holding its own static activations and gradients: fewer keep less memory and replay
     fewer kinds of batches; `pad_to_multiple_of` (opt-in):
