@@ -246,18 +246,23 @@ class LayerGraphs:
                            "graphed": sum(self.recent_graphed)},
                 "payoff": self.payoff.figures and {**self.payoff.figures, "pays": self.payoff.verdict is True}}
 
-    def capacities_for(self, shape: tuple, device, sequences, cast) -> tuple:
-        """The (dense, context) token-split capacities of the kept sets captured for rows of
-        this shape, device, count of sequences and autocast dtype, with estimator weights
-        (filled rows)."""
-        return tuple(k[2] for k in self.sets
-                     if k[0] == shape and k[1] == device and k[3] and k[4] == sequences and k[5] == cast)
+    def _filled_keys(self, device, sequences, cast):
+        """The kept sets' keys for filled rows (with estimator weights) on this device, with
+        this count of sequences and autocast dtype."""
+        return [k for k in self.sets if k[1] == device and k[3] and k[4] == sequences and k[5] == cast]
 
-    def filled_lengths(self, device, sequences, cast) -> list[int]:
-        """The lengths of the filled one-row shapes of the kept sets (capacities_for's other
-        conditions), shortest first."""
-        return sorted({k[0][1] for k in self.sets if len(k[0]) == 2 and k[0][0] == 1
-                       and k[1] == device and k[3] and k[4] == sequences and k[5] == cast})
+    def capacities_for(self, shape: tuple, device, sequences, cast) -> tuple:
+        """The (dense, context) token-split capacities of the kept sets captured for filled
+        rows of this shape (and `_filled_keys`' conditions)."""
+        return tuple(k[2] for k in self._filled_keys(device, sequences, cast) if k[0] == shape)
+
+    def filled_row_capacities(self, device, sequences, cast) -> dict:
+        """{length: capacities} of the kept sets captured for one filled row, shortest first."""
+        found: dict = {}
+        for k in self._filled_keys(device, sequences, cast):
+            if len(k[0]) == 2 and k[0][0] == 1:
+                found.setdefault(k[0][1], []).append(k[2])
+        return dict(sorted(found.items()))
 
     # ---- installing ----------------------------------------------------------------------
 

@@ -308,19 +308,18 @@ class SparseLoRAModel(torch.nn.Module):
         fill a row of n real tokens and d dense rows to. Its bucket's own length, unless no
         kept set of that length fits its token split and one at most a bucket longer does:
         then the shortest such. That replay computes up to a bucket of extra filler rows
-        (~20 ms at 1,024 rows on LLaMA-3-8B, bench/roofline.py), where an ungraphed step
+        (~20 ms at 1,024 rows on LLaMA-3-8B by bench/roofline.py's rates), where an ungraphed step
         took 1.6-2x a replay on the H200 and a capture of its own key ~0.4 s. A length that
         keeps taking a longer set never gets one of its own (README, "CUDA graphs")."""
         graphs, ids = self.graphs, kwargs.get("input_ids")
         if graphs is None or not graphs.sets or not isinstance(ids, torch.Tensor):
             return None
-        sequences = ids.shape[0] + packing.FILLER_SEQUENCES
-        lengths = graphs.filled_lengths(ids.device, sequences, autocast_dtype(ids.device))
+        kept = graphs.filled_row_capacities(ids.device, ids.shape[0] + packing.FILLER_SEQUENCES,
+                                            autocast_dtype(ids.device))
 
         def choose(n: int, dense: int, own: int) -> int:
-            for length in [own] + [k for k in lengths if own < k <= own + self.graph_bucket]:
-                kept = graphs.capacities_for((1, length), ids.device, sequences, autocast_dtype(ids.device))
-                if kept and kept_fit(dense, length - dense, length - n, kept) is not None:
+            for length in [own] + [k for k in kept if own < k <= own + self.graph_bucket]:
+                if length in kept and kept_fit(dense, length - dense, length - n, kept[length]) is not None:
                     graphs.longer_fills += length > own
                     return length
             return own
