@@ -176,7 +176,7 @@ def gpu_timeline(step, batch, device) -> dict:
         g = kernel_group(e.name)
         groups[g] = groups.get(g, 0.0) + us
         names[e.name] = names.get(e.name, 0.0) + us
-    top = sorted(names.items(), key=lambda kv: -kv[1])[:20]
+    top = sorted(names.items(), key=lambda kv: -kv[1])[:40]
     return {"gpu_span_ms": round((end - spans[0][0]) / 1e3, 2) if spans else 0.0,
             "gpu_busy_ms": round(busy / 1e3, 2), "gpu_idle_ms": round(idle / 1e3, 2),
             "gpu_gaps_over_20us": gaps, "kernels": len(ev),
@@ -186,6 +186,16 @@ def gpu_timeline(step, batch, device) -> dict:
                              for w, t, x, y in sorted(waits, reverse=True)[:12]],
             "kernel_ms_by_group": {k: round(v / 1e3, 2) for k, v in sorted(groups.items(), key=lambda kv: -kv[1])},
             "top_kernels_ms": [[n[:100], round(v / 1e3, 3)] for n, v in top]}
+
+
+def traced_timeline(fn, step, batch, device) -> dict:
+    """gpu_timeline of one step, and for a graphed variant whether that step replayed."""
+    graphs = getattr(fn, "graphs", None)
+    before = graphs.graphed_forwards if graphs is not None else None
+    res = gpu_timeline(step, batch, device)
+    if graphs is not None:
+        res["replayed"] = graphs.graphed_forwards > before
+    return res
 
 
 ALLOC_COUNTERS = ("num_device_alloc", "num_device_free", "num_alloc_retries", "num_sync_all_streams")
@@ -243,7 +253,9 @@ def measure(name, peft, init, batches, args, device, log) -> dict:
                                          "triton.cudagraph_unexpected_rerecord_limit": 100000},
                      "pad_to_multiple_of": args.pad}
         fn = ts.slc_compile(peft, policy, inner=args.inner, lora_dtype="model",
-                            cuda_graphs="_graphs" in flags, supervised_head="_suphead" in flags, **extra)
+                            cuda_graphs="_graphs" in flags, supervised_head="_suphead" in flags,
+                            graph_bucket=next((ts.GRAPH_BUCKETS[f] for f in flags if f in ts.GRAPH_BUCKETS), 0),
+                            **extra)
         fn.set_step(10**6)
     opt = torch.optim.AdamW(ts.lora_params(peft), lr=1e-5)
 
@@ -283,7 +295,8 @@ def measure(name, peft, init, batches, args, device, log) -> dict:
         res.update(op_profile(step, timed[0], device))
         log(f"{name}: kernels {res['kernel_ms']} ms of the profiled step")
         if device.type == "cuda":
-            res["gpu_timeline"] = [gpu_timeline(step, b, device) for b in timed[:args.timeline_steps]]
+            res["gpu_timeline"] = [traced_timeline(fn, step, b, device)
+                                   for b in timed[:args.timeline_steps]]
             for t in res["gpu_timeline"]:
                 log(f"{name}: GPU busy {t['gpu_busy_ms']} ms, idle {t['gpu_idle_ms']} ms of a "
                     f"{t['gpu_span_ms']} ms span; {t['kernel_ms_by_group']}")
@@ -294,6 +307,8 @@ def measure(name, peft, init, batches, args, device, log) -> dict:
         if args.sync_steps and device.type == "cuda":
             res["sync_sites_per_step"] = sync_sites(step, timed[:args.sync_steps])
             log(f"{name}: synchronising calls per step {res['sync_sites_per_step']}")
+        if getattr(fn, "graphs", None) is not None:
+            res["graph_stats"] = fn.graphs.stats()
     finally:
         for m in compiled:
             m._compiled_call_impl = None
