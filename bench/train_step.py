@@ -46,8 +46,6 @@ Runtime suffixes (sl_* variants), after any Inductor suffix:
               (cuda_graphs.LATER_WARMUP_ITERS = 1 instead of the code's 0), for an A/B
     _ownfill  with _bucket*: padded rows fill to their own bucket only, never to a longer
               kept graph set's length (wrapper._fill_to off), for an A/B
-    _rowbound packed rows launch flash attention bounded by the row's length, not by a
-              bound on their longest sequence (packing.LONGEST_BOUND off), for an A/B
     _pad8     slc.compile(..., pad_to_multiple_of=8): training batches right-padded to a
               multiple of 8 (Inductor's CUDA attention-mask alignment guard then never
               recompiles the layers at the first aligned length of packed rows)
@@ -135,7 +133,7 @@ import sparselora_compile as slc  # noqa: E402
 # `slc.compile` resolves to the submodule after its first use (package __getattr__ +
 # submodule import): take the function itself.
 from sparselora_compile import compile as slc_compile  # noqa: E402
-from sparselora_compile import cuda_graphs, packing  # noqa: E402
+from sparselora_compile import cuda_graphs  # noqa: E402
 
 LATER_WARMUP_ITERS = cuda_graphs.LATER_WARMUP_ITERS  # the code's own, which _warm1 sets to 1
 
@@ -199,7 +197,7 @@ def split_variant(name: str) -> tuple[str, dict]:
 
 GRAPH_BUCKETS = {"_bucket512": 512, "_bucket1024": 1024}
 GRAPH_SETS = {"_sets1": 1, "_sets2": 2}
-RUNTIME_SUFFIXES = ("_attn", "_ctxrows", "_graphs", "_warm1", "_ownfill", "_rowbound", "_pad8", "_masked", "_novarlen", "_padded", "_suphead",
+RUNTIME_SUFFIXES = ("_attn", "_ctxrows", "_graphs", "_warm1", "_ownfill", "_pad8", "_masked", "_novarlen", "_padded", "_suphead",
                     "_unmasked", "_varlen", *GRAPH_BUCKETS, *GRAPH_SETS)
 DENSE_ONLY = {"_unmasked", "_varlen"}  # what slc.compile does anyway, given to a dense baseline
 DENSE_FLAGS = DENSE_ONLY | {"_suphead"}  # the runtime flags a dense Inductor baseline takes
@@ -387,6 +385,7 @@ def varlen(fn, model):
     """`fn` with packed rows running variable-length attention and right-padded training
     batches padding-free, as slc.compile(varlen_attention=True, padding_free=True) does
     (sparselora_compile/packing.py); (fn, undo)."""
+    from sparselora_compile import packing
     undo = packing.install(model)
     if undo is None:
         raise RuntimeError("varlen: the model's attention is not HF's sdpa")
@@ -394,11 +393,7 @@ def varlen(fn, model):
     def call(**batch):
         kwargs, unpadded = packing.unpad(batch) if torch.is_grad_enabled() else (batch, None)
         if unpadded is None:
-            kwargs = packing.add_sequence_starts(kwargs)[0]
-        if packing.SEQ_LONGEST in kwargs:  # a size, as the wrapper marks it: no recompiles
-            torch._dynamo.maybe_mark_dynamic(kwargs[packing.SEQ_LONGEST], 0)
-        if unpadded is None:
-            return fn(**kwargs)
+            return fn(**packing.add_sequence_starts(kwargs)[0])
         out = fn(**kwargs)
         if out.logits is not None:  # None under supervised_head
             out["logits"] = unpadded.repad(out.logits)
@@ -733,7 +728,6 @@ def run_variant(name, peft, init_state, streams, args, device, layers, log, res=
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     policy, layer_map, compiled_layers = None, None, []
-    packing.LONGEST_BOUND = "_rowbound" not in flags  # the dense baselines' varlen too
     if name == "eager":
         fn = peft
     elif name in ("inductor", "inductor_bf16"):

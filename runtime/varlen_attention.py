@@ -64,18 +64,16 @@ class _FlashVarlenCausal(torch.autograd.Function):
         return dq, dk, dv, None, None, None
 
 
-def packed_causal_attention(q, k, v, cu_seqlens, scale: float | None = None,
-                            longest: int | None = None) -> torch.Tensor:
-    """q [N, Hq, D], k and v [N, Hkv, D], `cu_seqlens` [S + 1] int32 from 0 to N; [N, Hq, D].
-    `longest`: at least the longest sequence's length (N when None). A smaller value than
-    that length computes wrong attention, silently: callers derive it from the lengths."""
+def packed_causal_attention(q, k, v, cu_seqlens, scale: float | None = None) -> torch.Tensor:
+    """q [N, Hq, D], k and v [N, Hkv, D], `cu_seqlens` [S + 1] int32 from 0 to N; [N, Hq, D]."""
     if not flash_usable(q):
         return reference_packed_attention(q, k, v, cu_seqlens, scale)
     # Grouped-query k and v go in with their own head count: the kernel maps query head h to
     # kv head h // (Hq // Hkv) itself (HF's repeat_kv layout), so no [N, Hq, D] copies are
     # made in the forward, saved for the backward, or summed back per group after it.
     q, k, v = (t.contiguous() for t in (q, k, v))
-    # The kernel sizes its grid by the longest sequence (tiles past a sequence's end exit at
-    # once); N bounds it without a device sync, the caller's bound more tightly.
-    n = q.shape[0] if longest is None else longest
+    # The longest sequence is at most N: an upper bound the kernel sizes its grid by (tiles
+    # past a sequence's end exit at once), which spares a device sync and keeps the
+    # compiled graph free of a data-dependent int.
+    n = q.shape[0]
     return _FlashVarlenCausal.apply(q, k, v, cu_seqlens, n, q.shape[-1] ** -0.5 if scale is None else scale)

@@ -76,7 +76,6 @@ LATER_WARMUP_ITERS = 0
 _TENSOR = object()  # where a tensor goes among a call's leaves
 
 
-BOUND = 5  # where a graph key (wrapper._graph_key) holds the bound on the longest sequence
 SPLIT_TENSORS = ("dense", "ctx", "score_weight", "n_unscored", "row_weight")
 
 
@@ -250,7 +249,7 @@ class LayerGraphs:
     def _filled_keys(self, device, sequences, cast):
         """The kept sets' keys for filled rows (with estimator weights) on this device, with
         this count of sequences and autocast dtype."""
-        return [k for k in self.sets if k[1] == device and k[3] and k[4] == sequences and k[-1] == cast]
+        return [k for k in self.sets if k[1] == device and k[3] and k[4] == sequences and k[5] == cast]
 
     def capacities_for(self, shape: tuple, device, sequences, cast) -> tuple:
         """The (dense, context) token-split capacities of the kept sets captured for filled
@@ -264,17 +263,6 @@ class LayerGraphs:
             if len(k[0]) == 2 and k[0][0] == 1:
                 found.setdefault(k[0][1], []).append(k[2])
         return dict(sorted(found.items()))
-
-    def wider_bound(self, key) -> int | None:
-        """The smallest longest-sequence bound (`key[BOUND]`, packing.with_longest) above
-        `key`'s of the kept sets whose keys equal `key` but for it: a forward can launch
-        attention with that bound instead of its own (a larger bound is as correct) and
-        replay that set. None when `key` is kept or no such set is."""
-        if key is None or key[BOUND] is None or key in self.sets:
-            return None
-        rest = lambda k: k[:BOUND] + k[BOUND + 1:]  # noqa: E731
-        return min((k[BOUND] for k in self.sets if rest(k) == rest(key) and k[BOUND] is not None
-                    and k[BOUND] > key[BOUND]), default=None)
 
     # ---- installing ----------------------------------------------------------------------
 

@@ -23,9 +23,6 @@ their boundaries, so that no work runs on padding; `Unpadded.repad` gives the lo
 in the batch's shape. For CUDA graph buckets (`graph_bucket`), `unpad` and `fill_packed`
 (a caller's packed row) fill the row up to its bucket with short filler sequences, so
 that rows of nearby lengths share one shape and one count of sequences.
-
-Each packed forward also carries `SEQ_LONGEST`, a bound on its longest sequence: the flash
-kernel sizes its grid by it, and by the row's length without it (`with_longest`).
 """
 from __future__ import annotations
 
@@ -43,10 +40,6 @@ from .padding import IGNORE, not_right_padded
 IMPLEMENTATION = "sparselora_sdpa"
 _hf_sdpa = None  # HF's SDPA attention function, bound by register() (transformers loads lazily)
 SEQ_STARTS = "cu_seq_lens_q"  # HF's FlashAttentionKwargs name, passed down to the attention
-SEQ_LONGEST = "sparselora_longest_sequence"  # see with_longest; passed down beside it
-LONGEST_STEP = 128  # the bound's rounding without graph buckets: flash's row tile
-BOUND_BUCKETS = 2   # with graph buckets, the bound's rounding in buckets (see with_longest)
-LONGEST_BOUND = True  # False: attention is launched with the row's length (see with_bound)
 
 
 def packed_sequences(position_ids: torch.Tensor) -> torch.Tensor | None:
@@ -71,55 +64,20 @@ def add_sequence_starts(kwargs: dict) -> tuple[dict, bool]:
     """`kwargs` with `cu_seq_lens_q` when its rows are packed ([B, T] `position_ids`, no
     `attention_mask`, no cache); (kwargs, whether the forward runs varlen attention). A
     caller's own `cu_seq_lens_q` (TRL's padding-free collator passes HF's flash-attention
-    keywords) is kept, and counts. With the bound on the longest sequence (with_longest)
-    where it is known: computed, or the caller's `max_length_q`."""
-    out, packed, longest = _sequence_starts(kwargs)
-    return (with_longest(out, longest) if longest else out), packed
-
-
-def _sequence_starts(kwargs: dict) -> tuple[dict, bool, int | None]:
-    """add_sequence_starts without the bound, and the longest sequence's length (None:
-    not known)."""
+    keywords) is kept, and counts."""
     if isinstance(kwargs.get(SEQ_STARTS), torch.Tensor):
-        longest = kwargs.get("max_length_q")  # HF's name; TRL's collator passes it
-        return (kwargs, kwargs.get("past_key_values") is None,
-                longest if isinstance(longest, int) and longest > 0 and SEQ_LONGEST not in kwargs else None)
+        return kwargs, kwargs.get("past_key_values") is None
     pos = kwargs.get("position_ids")
     if (not isinstance(pos, torch.Tensor) or pos.dim() != 2 or pos.shape[1] < 2
             or kwargs.get("attention_mask") is not None or kwargs.get("past_key_values") is not None):
-        return kwargs, False, None
+        return kwargs, False
     ids = kwargs.get("input_ids", kwargs.get("inputs_embeds"))
     if isinstance(ids, torch.Tensor) and ids.shape[0] != pos.shape[0]:
         pos = pos.expand(ids.shape[0], -1)  # position ids given once for every row
     starts = packed_sequences(pos)
     if starts is None:
-        return kwargs, False, None
-    longest = int((starts[1:] - starts[:-1]).max())  # right after nonzero's sync: a short wait
-    return {**kwargs, SEQ_STARTS: starts}, True, longest
-
-
-def with_longest(kwargs: dict, longest: int, bucket: int = 0) -> dict:
-    """`kwargs` with SEQ_LONGEST: an empty [L, 0] tensor whose length L bounds the longest
-    of the row's sequences (`longest` tokens). Flash varlen launches ceil(L / 128) row
-    tiles per sequence and head; bounded by the row's length instead, most of them exit at
-    once, which cost one layer's forward and backward 0.61 against 0.55 ms on the padded
-    stream's rows (`bench/varlen_grid.py`). A shape, not an int, so that Dynamo traces it
-    as a size (the wrapper marks it dynamic) and a new bound compiles nothing. L is
-    `longest` rounded up to a multiple of BOUND_BUCKETS x `bucket` with CUDA graph buckets:
-    a graph bakes it in and its key holds it, and at 2 buckets the benches' padded, long
-    and packed streams each keep one value (at 1 the long stream's keys split, and
-    `bench/graph_keys.py` graphed 35 of its 50 steps against 43). Without buckets, a
-    multiple of LONGEST_STEP (never 0 or 1, sizes Dynamo would specialize)."""
-    step = BOUND_BUCKETS * bucket if bucket > 0 else LONGEST_STEP
-    return with_bound(kwargs, -(-max(longest, 1) // step) * step)
-
-
-def with_bound(kwargs: dict, bound: int) -> dict:
-    """`kwargs` with SEQ_LONGEST of length `bound` (see with_longest); unchanged while
-    LONGEST_BOUND is off (the bench's A/B of the row-length bound)."""
-    if not LONGEST_BOUND:
-        return kwargs
-    return {**kwargs, SEQ_LONGEST: torch.empty((bound, 0), device=kwargs[SEQ_STARTS].device)}
+        return kwargs, False
+    return {**kwargs, SEQ_STARTS: starts}, True
 
 
 @dataclass(frozen=True)
@@ -213,7 +171,7 @@ def unpad(kwargs: dict, bucket: int = 0, filler_id: int = 0,
     out = {k: v for k, v in kwargs.items() if k != "attention_mask"}
     out.update(input_ids=flat(ids, filler_id), labels=flat(labels, IGNORE), position_ids=positions[None],
                **{SEQ_STARTS: starts})
-    return with_longest(out, max(seqs), bucket), Unpadded(index, b, t, _real_tokens(n, fill, ids.device))
+    return out, Unpadded(index, b, t, _real_tokens(n, fill, ids.device))
 
 
 def _to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -262,7 +220,7 @@ def fill_packed(kwargs: dict, bucket: int, filler_id: int = 0) -> tuple[dict, Un
             or kwargs.get("logits_to_keep", 0) != 0
             or any(k not in FILLABLE and v is not None and v is not False for k, v in kwargs.items())):
         return kwargs, None
-    out, packed, longest = _sequence_starts(kwargs)
+    out, packed = add_sequence_starts(kwargs)
     if not packed:
         return kwargs, None
     n, s = ids.shape[1], out[SEQ_STARTS].numel() - 1
@@ -275,8 +233,6 @@ def fill_packed(kwargs: dict, bucket: int, filler_id: int = 0) -> tuple[dict, Un
                position_ids=torch.cat([pos, positions[None]], 1),
                **{SEQ_STARTS: torch.cat([out[SEQ_STARTS], ends])})
     out.pop("attention_mask", None)
-    if longest:  # a bound below the caller's sequences would drop tokens: none unless known
-        out = with_longest(out, max(longest, *filler), bucket)
     return out, Unpadded(None, 1, n, _real_tokens(n, fill, ids.device))
 
 
@@ -290,9 +246,7 @@ def attention(module, query, key, value, attention_mask, dropout: float = 0.0, s
                         scaling=scaling, is_causal=is_causal, **kwargs)
     b, hq, t, d = query.shape
     flat = lambda x: x.transpose(1, 2).reshape(b * t, x.shape[1], d)  # noqa: E731
-    bound = kwargs.get(SEQ_LONGEST)
-    out = packed_causal_attention(flat(query), flat(key), flat(value), starts.to(torch.int32), scaling,
-                                  longest=bound.shape[0] if isinstance(bound, torch.Tensor) else None)
+    out = packed_causal_attention(flat(query), flat(key), flat(value), starts.to(torch.int32), scaling)
     return out.view(b, t, hq, d), None
 
 

@@ -213,10 +213,8 @@ class SparseLoRAModel(torch.nn.Module):
             self._packed_now = packed
             if packed:
                 run.stats.varlen_forwards += 1
-                if self.dynamic:  # one compile for every count of sequences and bound
+                if self.dynamic:  # one compile for every count of sequences
                     torch._dynamo.maybe_mark_dynamic(kwargs[packing.SEQ_STARTS], 0)
-                    if packing.SEQ_LONGEST in kwargs:
-                        torch._dynamo.maybe_mark_dynamic(kwargs[packing.SEQ_LONGEST], 0)
         run.labels, run.attention_mask = kwargs.get("labels"), score_mask
         if training:
             run.splits.fit = self._split_fit(kwargs)
@@ -226,15 +224,7 @@ class SparseLoRAModel(torch.nn.Module):
                 run.splits.fit = (0, ())
         self._graphs_now = self.graphs if torch.is_grad_enabled() else None
         if self._graphs_now is not None:
-            key = self._graph_key(run, model, kwargs.get(packing.SEQ_STARTS), kwargs.get(packing.SEQ_LONGEST))
-            wider = self._graphs_now.wider_bound(key)
-            if wider is not None:  # a kept set launched attention with a larger bound: take it
-                kwargs = packing.with_bound(kwargs, wider)
-                if self.dynamic:
-                    torch._dynamo.maybe_mark_dynamic(kwargs[packing.SEQ_LONGEST], 0)
-                from .cuda_graphs import BOUND
-                key = (*key[:BOUND], wider, *key[BOUND + 1:])
-            self._graphs_now.begin(key)
+            self._graphs_now.begin(self._graph_key(run, model, kwargs.get(packing.SEQ_STARTS)))
         if self._head is not None and train_batch:
             kwargs = self._head.begin(kwargs)
         return kwargs
@@ -351,12 +341,11 @@ class SparseLoRAModel(torch.nn.Module):
         """The count of sequences of the running forward's packed rows (None: not packed)."""
         return starts.numel() - 1 if self._packed_now and isinstance(starts, torch.Tensor) else None
 
-    def _graph_key(self, run: Run, model: torch.nn.Module, starts=None, longest=None):
+    def _graph_key(self, run: Run, model: torch.nn.Module, starts=None):
         """What a CUDA graph set of the layers is valid for (None: no graphs this forward):
         a training forward past the warm-up whose token split was made ahead; its shape, the
-        split's sizes, for packed rows their count of sequences (`starts`) and the bound on
-        their longest one that flash attention is launched with (`longest`, packing.py),
-        and the autocast dtype (None: no autocast)."""
+        split's sizes, for packed rows their count of sequences (`starts`), and the autocast
+        dtype (None: no autocast)."""
         if (not model.training or run.force_dense or not run.sparse_now()
                 or run.record is not None or run.shared_rows is None
                 or run.shared_rows[0][0] != run.forward_id):
@@ -364,9 +353,8 @@ class SparseLoRAModel(torch.nn.Module):
         rows = run.shared_rows[1]
         split = run.splits.of(rows)
         sequences = self._sequences(starts)
-        bound = longest.shape[0] if sequences is not None and isinstance(longest, torch.Tensor) else None
         return (tuple(rows.shape), rows.device, split.capacities, split.score_weight is not None,
-                sequences, bound, autocast_dtype(rows.device))
+                sequences, autocast_dtype(rows.device))
 
     @staticmethod
     def _token_rows_ahead(run: Run, kwargs) -> None:

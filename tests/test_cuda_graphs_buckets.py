@@ -11,8 +11,6 @@ import torch
 from graphed_training import (PACKED_LENGTHS, PADDED_LENGTHS, StandIn, assert_same, packed_row,
                               padded_sft_batch, train)
 from llama import ALL, batch, tiny_llama
-from sparselora_compile.cuda_graphs import BOUND, LayerGraphs
-from sparselora_compile.packing import FILLER_SEQUENCES
 
 LAYERS = 2
 
@@ -117,26 +115,3 @@ def test_a_longer_kept_set_is_taken_only_within_one_bucket(monkeypatch):
     g = train(True, batches, monkeypatch=monkeypatch, stand_in=StandIn(), graph_bucket=8,
               layers=LAYERS)[3]
     assert [k[0] for k in g.sets] == [(1, 32)] and g.graphed_forwards == 2 and g.longer_fills == 0
-
-
-def test_a_forward_takes_a_kept_sets_larger_attention_bound(monkeypatch):
-    """Packed rows launch flash attention with a bound on their longest sequence, rounded
-    up to two buckets (16 here), and graph keys hold it: rows whose longest sequence has
-    17-18 tokens get 32, rows of 11-13 get 16, the rest of their keys equal. Once the 32
-    set is kept the others launch with 32 (as correct, a larger grid) and replay it, so
-    one capture serves every batch; training equals ungraphed training."""
-    lengths = [(18, 6), (17, 7), (12, 12), (18, 6), (11, 13), (12, 12)]
-    batches = [padded_sft_batch(n, 18, seed=170 + i) for i, n in enumerate(lengths)]
-    key = _one_set_serves_all(monkeypatch, batches, 8)[2]
-    assert key[BOUND] == 32 and key[4] == 2 + FILLER_SEQUENCES
-
-
-def test_wider_bound_takes_the_smallest_larger_kept_bound():
-    g = LayerGraphs(run=None)
-    key = lambda bound, caps=(8, 24): ((1, 32), "cpu", caps, True, 6, bound, None)  # noqa: E731
-    g.sets[key(2048)] = g.sets[key(4096)] = None
-    assert g.wider_bound(key(1024)) == 2048
-    assert g.wider_bound(key(2048)) is None       # kept: its own
-    assert g.wider_bound(key(8192)) is None       # a smaller bound would drop tokens
-    assert g.wider_bound(key(None)) is None       # not packed: no bound
-    assert g.wider_bound(key(1024, (16, 16))) is None and g.wider_bound(None) is None

@@ -105,14 +105,6 @@ def test_flash_varlen_matches_reference_with_gradients(dtype, heads):
     torch.testing.assert_close(out_c, out, rtol=0, atol=0)
     for a, b in zip(torch.autograd.grad(out_c, (q, k, v), gout), grads):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
-    # launched with a bound on the longest sequence (200) instead of the row's length: a
-    # smaller grid, the same numbers, compiled or not
-    for fn in (packed_causal_attention, compiled):
-        for longest in (200, 256):
-            out_b = fn(q, k, v, cu, longest=longest)
-            torch.testing.assert_close(out_b, out, rtol=0, atol=0)
-            for a, b in zip(torch.autograd.grad(out_b, (q, k, v), gout), grads):
-                torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 @functools.lru_cache(maxsize=None)
@@ -299,44 +291,6 @@ def test_filler_changes_no_real_token(packed, lengths, bucket):
     torch.testing.assert_close(f_logits, logits, rtol=1e-5, atol=1e-5)
     for n in grads:
         torch.testing.assert_close(f_grads[n], grads[n], rtol=1e-4, atol=1e-6, msg=n)
-
-
-def _longest(kw) -> int:
-    return int(kw[packing.SEQ_STARTS].diff().max())
-
-
-@given(st.lists(st.integers(2, 40), min_size=1, max_size=5), st.sampled_from([0, 8, 16, 64]))
-@settings(max_examples=40, deadline=None)
-def test_the_longest_sequence_bound_covers_every_sequence(lengths, bucket):
-    """Flash attention is launched with SEQ_LONGEST's length: never below a sequence's
-    length (below it the kernel would drop tokens silently), rounded as with_longest says."""
-    step = packing.BOUND_BUCKETS * bucket if bucket else packing.LONGEST_STEP
-    padded = packing.unpad(_padded_batch(lengths, max(lengths) + 1, seed=len(lengths)), bucket=bucket)[0]
-    caller = _packed_batch([[max(n, 3) for n in lengths] + [3]], seed=len(lengths))
-    rows = [padded, packing.add_sequence_starts(caller)[0]]
-    if bucket:
-        rows.append(packing.fill_packed(caller, bucket)[0])
-    for kw in rows:
-        bound = kw[packing.SEQ_LONGEST].shape[0]
-        assert bound >= _longest(kw) and bound % (step if kw is not rows[1] else packing.LONGEST_STEP) == 0
-        assert bound < _longest(kw) + (step if kw is not rows[1] else packing.LONGEST_STEP)
-    # a caller's own boundaries come with HF's max_length_q, or with no bound
-    own = {**caller, packing.SEQ_STARTS: rows[1][packing.SEQ_STARTS]}
-    assert packing.SEQ_LONGEST not in packing.add_sequence_starts(own)[0]
-    assert packing.add_sequence_starts({**own, "max_length_q": 300})[0][packing.SEQ_LONGEST].shape[0] == 384
-
-
-def test_attention_is_launched_with_the_bound(monkeypatch):
-    seen = []
-    monkeypatch.setattr(packing, "packed_causal_attention",
-                        lambda q, k, v, cu, scale, longest: seen.append(longest) or q)
-    q = torch.zeros(1, 2, 6, 4)
-    kw = {packing.SEQ_STARTS: torch.tensor([0, 2, 6], dtype=torch.int32)}
-    packing.attention(torch.nn.Module(), q, q, q, None, **kw)
-    packing.attention(torch.nn.Module(), q, q, q, None, **packing.with_bound(kw, 256))
-    assert seen == [None, 256]
-    monkeypatch.setattr(packing, "LONGEST_BOUND", False)  # the bench's A/B switch
-    assert packing.with_bound(kw, 256) == kw
 
 
 @functools.lru_cache(maxsize=None)
