@@ -393,8 +393,9 @@ def varlen(fn, model):
     def call(**batch):
         kwargs, unpadded = packing.unpad(batch) if torch.is_grad_enabled() else (batch, None)
         if unpadded is None:
-            return fn(**packing.add_sequence_starts(kwargs)[0])
-        out = fn(**kwargs)
+            kwargs, packed = packing.add_sequence_starts(kwargs)
+            return fn(**(packing.without_hf_mask(kwargs) if packed else kwargs))
+        out = fn(**packing.without_hf_mask(kwargs))
         if out.logits is not None:  # None under supervised_head
             out["logits"] = unpadded.repad(out.logits)
         return out

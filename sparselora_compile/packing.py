@@ -23,6 +23,12 @@ their boundaries, so that no work runs on padding; `Unpadded.repad` gives the lo
 in the batch's shape. For CUDA graph buckets (`graph_bucket`), `unpad` and `fill_packed`
 (a caller's packed row) fill the row up to its bucket with short filler sequences, so
 that rows of nearby lengths share one shape and one count of sequences.
+
+A forward that runs varlen attention hands HF a prepared 4D mask (`without_hf_mask`), which
+HF passes through as it is: HF would otherwise check the position ids for packed sequences
+(a device sync) and build the [1, 1, N, N] block-diagonal mask that the varlen path never
+reads (16 MiB at N = 4,096, and under CUDA graphs copied into every layer's static input
+on each replay).
 """
 from __future__ import annotations
 
@@ -33,7 +39,7 @@ import torch
 
 from sparselora_compile.runtime.row_split import bucket_step
 from sparselora_compile.runtime.token_rows import dense_token_rows
-from sparselora_compile.runtime.varlen_attention import packed_causal_attention
+from sparselora_compile.runtime.varlen_attention import packed_causal_attention, segment_ids
 
 from .padding import IGNORE, not_right_padded
 
@@ -236,12 +242,38 @@ def fill_packed(kwargs: dict, bucket: int, filler_id: int = 0) -> tuple[dict, Un
     return out, Unpadded(None, 1, n, _real_tokens(n, fill, ids.device))
 
 
+_PREPARED: dict = {}  # device -> the stand-in mask of varlen forwards
+
+
+def without_hf_mask(kwargs: dict) -> dict:
+    """`kwargs` of a forward that runs varlen attention, with a stand-in 4D attention mask
+    (one [1, 1, 1, 1] tensor per device, so that graph replays copy nothing): HF returns a
+    prepared 4D mask as it is, skipping its packed-sequence check and mask. `attention`
+    builds the real mask from the boundaries where a layer falls back to HF's SDPA."""
+    device = kwargs[SEQ_STARTS].device
+    mask = _PREPARED.get(device)
+    if mask is None:
+        mask = _PREPARED[device] = torch.ones((1, 1, 1, 1), dtype=torch.bool, device=device)
+    return {**kwargs, "attention_mask": mask}
+
+
+def _block_causal_mask(starts: torch.Tensor, b: int, t: int) -> torch.Tensor:
+    """[b, 1, t, t] bool, HF's mask of packed rows: each token sees the tokens of its own
+    sequence at or before it."""
+    seg = segment_ids(starts, b * t).view(b, t)
+    pos = torch.arange(t, device=starts.device)
+    return ((seg[:, :, None] == seg[:, None, :]) & (pos[:, None] >= pos[None, :]))[:, None]
+
+
 def attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
               is_causal=None, **kwargs):
     """HF attention function: q [B, Hq, T, D], k and v [B, Hkv, T, D]; returns
     ([B, T, Hq, D], None) as HF's SDPA function does."""
     starts = kwargs.get(SEQ_STARTS)
     if starts is None or dropout > 0.0 or is_causal is False or not getattr(module, "is_causal", True):
+        if starts is not None and attention_mask is not None and attention_mask.shape[-1] < query.shape[2]:
+            # the stand-in (without_hf_mask): HF's mask, made here
+            attention_mask = _block_causal_mask(starts, query.shape[0], query.shape[2])
         return _hf_sdpa(module, query, key, value, attention_mask, dropout=dropout,
                         scaling=scaling, is_causal=is_causal, **kwargs)
     b, hq, t, d = query.shape

@@ -212,6 +212,7 @@ class SparseLoRAModel(torch.nn.Module):
                 kwargs, packed = packing.add_sequence_starts(kwargs)
             self._packed_now = packed
             if packed:
+                kwargs = packing.without_hf_mask(kwargs)
                 run.stats.varlen_forwards += 1
                 if self.dynamic:  # one compile for every count of sequences
                     torch._dynamo.maybe_mark_dynamic(kwargs[packing.SEQ_STARTS], 0)

@@ -159,6 +159,35 @@ def test_the_packing_must_matter():
     assert not torch.allclose(out[:, 4:], causal[:, 4:], rtol=1e-3, atol=1e-4)
 
 
+def test_a_varlen_forward_hands_hf_a_prepared_mask():
+    """Without HF's mask (its packed-sequence check syncs, and the varlen path never reads
+    the [1, 1, N, N] mask): the same logits; a layer that falls back to HF's SDPA (here:
+    attention treated as not causal) gets HF's own block-diagonal mask rebuilt."""
+    from transformers.masking_utils import create_causal_mask
+    model = tiny_llama()
+    packing.install(model)
+    b = _packed_batch([[4, 5], [2, 7]])
+    kw = packing.add_sequence_starts(b)[0]
+    prepared = packing.without_hf_mask(kw)
+    assert prepared["attention_mask"].shape == (1, 1, 1, 1)
+    assert packing.without_hf_mask(kw)["attention_mask"] is prepared["attention_mask"]  # one per device
+    with torch.no_grad():
+        torch.testing.assert_close(model(**prepared).logits, model(**kw).logits, rtol=0, atol=0)
+    cfg = model.get_base_model().config
+    hf = create_causal_mask(config=cfg, inputs_embeds=torch.zeros(2, 9, cfg.hidden_size),
+                            attention_mask=None, cache=None, position_ids=b["position_ids"])
+    assert torch.equal(packing._block_causal_mask(kw[packing.SEQ_STARTS], 2, 9), hf)
+    attn = model.get_base_model().model.layers[0].self_attn
+    q, k, v = (torch.randn(2, h, 9, 8) for h in (4, 2, 2))
+    attn.is_causal = False  # falls back to HF's SDPA, which then reads the mask
+    try:
+        out = packing.attention(attn, q, k, v, prepared["attention_mask"], **{packing.SEQ_STARTS: kw[packing.SEQ_STARTS]})[0]
+        ref = packing._hf_sdpa(attn, q, k, v, hf)[0]
+    finally:
+        attn.is_causal = True
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+
+
 def test_what_keeps_hf_attention():
     kw = _packed_batch([[3, 4]])
     out, added = packing.add_sequence_starts(kw)
