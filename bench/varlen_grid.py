@@ -19,7 +19,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 from sparselora_compile.runtime.varlen_attention import _FlashVarlenCausal  # noqa: E402
+from topk import time_ms  # noqa: E402  (bench/topk.py: CUDA events over `reps` calls)
 
 
 def rows(mode: str, pieces: int, seed: int = 0) -> list[int]:
@@ -32,19 +34,6 @@ def rows(mode: str, pieces: int, seed: int = 0) -> list[int]:
     total = -(-(n + pieces) // 1024) * 1024
     each, extra = divmod(total - n, pieces)
     return real + [each + (i < extra) for i in range(pieces)]
-
-
-def time_ms(fn, reps: int) -> float:
-    for _ in range(3):
-        fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize()
-    start.record()
-    for _ in range(reps):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / reps
 
 
 def main(argv=None):
@@ -77,7 +66,7 @@ def main(argv=None):
                         return o
                     outs[name] = step().detach().clone()
                     q.grad = k.grad = v.grad = None
-                    row[name + "_ms"] = round(time_ms(step, args.reps), 4)
+                    row[name + "_ms"] = round(time_ms(step, args.reps, dev), 4)
                     q.grad = k.grad = v.grad = None
                 row["same_output"] = all(torch.equal(outs["max_len_n"], o) for o in outs.values())
                 results.append(row)
