@@ -198,12 +198,13 @@ def test_trl_sft_trainer(tmp_path, mode):
     sparse = prepare(trainer, slc.Policy(**POLICY, warmup_steps=1), inner="aot_eager")
     shapes = []
     model.register_forward_pre_hook(lambda m, a, kw: shapes.append(
-        (sparse.run.step, kw["input_ids"].shape[0], "attention_mask" in kw, int((kw["labels"] != -100).sum()),
+        (sparse.run.step, kw["input_ids"].shape[0], kw.get("attention_mask"), int((kw["labels"] != -100).sum()),
          int((kw["position_ids"] == 0).sum()))), with_kwargs=True)
     trainer.train()
     assert [s[0] for s in shapes] == [0, 1]
-    for step, rows, has_mask, supervised, sequences in shapes:
-        assert rows == 1 and not has_mask and sequences >= 4
+    for step, rows, mask, supervised, sequences in shapes:
+        # no mask of TRL's; the model gets the varlen stand-in (packing.without_hf_mask)
+        assert rows == 1 and mask.shape == (1, 1, 1, 1) and sequences >= 4
         assert 0 < supervised < 10 * sequences  # completion tokens only
     assert "no labels" not in sparse.run.said
     assert sparse.stats.steps == 2 and sparse.stats.saved_fraction > 0
