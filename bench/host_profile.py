@@ -15,8 +15,8 @@ Inductor per decoder layer with bf16 adapters:
 - per step of --timeline-steps (CUDA only): the GPU's busy and idle time within the step,
   kernel time by group (matrix products, attention, ours, Inductor's Triton, ...), the
   top kernels and the longest waits (offset in the step, the kernels either side),
-  traced without CPU op tracing; variants as bench/train_step.py names them (`_graphs`,
-  `_suphead` apply);
+  traced without CPU op tracing, with whether each traced step replayed graphs; variants
+  as bench/train_step.py names them (`_graphs`, `_bucket*`, `_suphead` apply);
 - per timed step: its length, time and the allocator's cudaMalloc/cudaFree counts
   (`per_step`); with --op-profile-steps, one torch.profiler capture per step, so that a
   slow step shows its op; with --sync-steps, where the host waited for the GPU.

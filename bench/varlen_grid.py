@@ -25,8 +25,9 @@ from topk import time_ms  # noqa: E402  (bench/topk.py: CUDA events over `reps` 
 
 
 def rows(mode: str, pieces: int, seed: int = 0) -> list[int]:
-    """Sequence lengths of one filled row: real rows as bench/batches.py draws them (padded:
-    8 rows of 240-608 tokens; long: 4 rows of 500-1300), then the filler up to the bucket."""
+    """Sequence lengths of one filled row: real rows drawn uniformly near the lengths of
+    bench/batches.py's streams (padded: 8 rows of 240-608 tokens; long: 4 rows of
+    500-1300), then `pieces` filler sequences up to the next multiple of 1,024."""
     g = torch.Generator().manual_seed(seed)
     lo, hi, b = (240, 608, 8) if mode == "padded" else (500, 1300, 4)
     real = torch.randint(lo, hi + 1, (b,), generator=g).tolist()
