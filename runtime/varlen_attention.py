@@ -30,14 +30,20 @@ def segment_ids(cu_seqlens: torch.Tensor, n: int) -> torch.Tensor:
     return torch.searchsorted(cu_seqlens, tokens, right=True) - 1
 
 
+def block_causal_mask(cu_seqlens: torch.Tensor, b: int, t: int) -> torch.Tensor:
+    """[b, t, t] bool for b rows of t packed tokens (`cu_seqlens` over the b * t tokens):
+    each token sees the tokens of its own sequence at or before it."""
+    seg = segment_ids(cu_seqlens, b * t).view(b, t)
+    pos = torch.arange(t, device=cu_seqlens.device)
+    return (seg[:, :, None] == seg[:, None, :]) & (pos[:, None] >= pos[None, :])
+
+
 def reference_packed_attention(q, k, v, cu_seqlens, scale: float | None = None) -> torch.Tensor:
     """The definition, slowly: SDPA over all N tokens with the block-diagonal causal mask.
     q [N, Hq, D], k and v [N, Hkv, D] (query head h reads kv head h // (Hq // Hkv), as HF's
     `repeat_kv`); returns [N, Hq, D]."""
     n, groups = q.shape[0], q.shape[1] // k.shape[1]
-    seg = segment_ids(cu_seqlens, n)
-    pos = torch.arange(n, device=q.device)
-    mask = (seg[:, None] == seg[None, :]) & (pos[:, None] >= pos[None, :])
+    mask = block_causal_mask(cu_seqlens, 1, n)[0]
     k, v = (t.repeat_interleave(groups, dim=1) for t in (k, v))
     out = torch.nn.functional.scaled_dot_product_attention(
         q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask, scale=scale)

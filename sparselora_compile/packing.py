@@ -39,7 +39,7 @@ import torch
 
 from sparselora_compile.runtime.row_split import bucket_step
 from sparselora_compile.runtime.token_rows import dense_token_rows
-from sparselora_compile.runtime.varlen_attention import packed_causal_attention, segment_ids
+from sparselora_compile.runtime.varlen_attention import block_causal_mask, packed_causal_attention
 
 from .padding import IGNORE, not_right_padded
 
@@ -257,14 +257,6 @@ def without_hf_mask(kwargs: dict) -> dict:
     return {**kwargs, "attention_mask": mask}
 
 
-def _block_causal_mask(starts: torch.Tensor, b: int, t: int) -> torch.Tensor:
-    """[b, 1, t, t] bool, HF's mask of packed rows: each token sees the tokens of its own
-    sequence at or before it."""
-    seg = segment_ids(starts, b * t).view(b, t)
-    pos = torch.arange(t, device=starts.device)
-    return ((seg[:, :, None] == seg[:, None, :]) & (pos[:, None] >= pos[None, :]))[:, None]
-
-
 def attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
               is_causal=None, **kwargs):
     """HF attention function: q [B, Hq, T, D], k and v [B, Hkv, T, D]; returns
@@ -273,7 +265,7 @@ def attention(module, query, key, value, attention_mask, dropout: float = 0.0, s
     if starts is None or dropout > 0.0 or is_causal is False or not getattr(module, "is_causal", True):
         if starts is not None and attention_mask is not None and attention_mask.shape[-1] < query.shape[2]:
             # the stand-in (without_hf_mask): HF's mask, made here
-            attention_mask = _block_causal_mask(starts, query.shape[0], query.shape[2])
+            attention_mask = block_causal_mask(starts, query.shape[0], query.shape[2])[:, None]
         return _hf_sdpa(module, query, key, value, attention_mask, dropout=dropout,
                         scaling=scaling, is_causal=is_causal, **kwargs)
     b, hq, t, d = query.shape
