@@ -16,7 +16,7 @@ Inductor per decoder layer with bf16 adapters:
   kernel time by group (matrix products, attention, ours, Inductor's Triton, ...), the
   top kernels and the longest waits (offset in the step, the kernels either side),
   traced without CPU op tracing, with whether each traced step replayed graphs; variants
-  as bench/train_step.py names them (`_graphs`, `_bucket*`, `_suphead`, `_inline` apply);
+  as bench/train_step.py names them (`_graphs`, `_bucket*`, `_suphead` apply);
 - per timed step: its length, time and the allocator's cudaMalloc/cudaFree counts
   (`per_step`); with --op-profile-steps, one torch.profiler capture per step, so that a
   slow step shows its op; with --sync-steps, where the host waited for the GPU.
@@ -252,7 +252,6 @@ def measure(name, peft, init, batches, args, device, log) -> dict:
             extra = {"inductor_config": {"triton.cudagraphs": True, "graph_partition": True,
                                          "triton.cudagraph_unexpected_rerecord_limit": 100000},
                      "pad_to_multiple_of": args.pad}
-        ts.side_stream.ENABLED = "_inline" not in flags
         fn = ts.slc_compile(peft, policy, inner=args.inner, lora_dtype="model",
                             cuda_graphs="_graphs" in flags, supervised_head="_suphead" in flags,
                             graph_bucket=next((ts.GRAPH_BUCKETS[f] for f in flags if f in ts.GRAPH_BUCKETS), 0),

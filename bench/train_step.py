@@ -58,8 +58,6 @@ Runtime suffixes (sl_* variants), after any Inductor suffix:
               (and run causal attention without their mask), for an A/B of padding_free
     _suphead  slc.compile(..., supervised_head=True): training batches run the LM head on
               the supervised positions only
-    _inline   a frozen MLP's channel selection runs on the current stream, not on a side
-              stream beside its dense rows (runtime/side_stream.ENABLED off), for an A/B
 Runtime suffixes of the dense inductor* baselines:
     _unmasked right-padded training batches lose their attention mask before the call, as
               slc.compile's causal_right_padding does (sparselora_compile/padding.py)
@@ -136,7 +134,6 @@ import sparselora_compile as slc  # noqa: E402
 # submodule import): take the function itself.
 from sparselora_compile import compile as slc_compile  # noqa: E402
 from sparselora_compile import cuda_graphs  # noqa: E402
-from sparselora_compile.runtime import side_stream  # noqa: E402
 
 LATER_WARMUP_ITERS = cuda_graphs.LATER_WARMUP_ITERS  # the code's own, which _warm1 sets to 1
 
@@ -200,7 +197,7 @@ def split_variant(name: str) -> tuple[str, dict]:
 
 GRAPH_BUCKETS = {"_bucket512": 512, "_bucket1024": 1024}
 GRAPH_SETS = {"_sets1": 1, "_sets2": 2}
-RUNTIME_SUFFIXES = ("_attn", "_ctxrows", "_graphs", "_warm1", "_ownfill", "_pad8", "_masked", "_novarlen", "_padded", "_suphead", "_inline",
+RUNTIME_SUFFIXES = ("_attn", "_ctxrows", "_graphs", "_warm1", "_ownfill", "_pad8", "_masked", "_novarlen", "_padded", "_suphead",
                     "_unmasked", "_varlen", *GRAPH_BUCKETS, *GRAPH_SETS)
 DENSE_ONLY = {"_unmasked", "_varlen"}  # what slc.compile does anyway, given to a dense baseline
 DENSE_FLAGS = DENSE_ONLY | {"_suphead"}  # the runtime flags a dense Inductor baseline takes
@@ -762,7 +759,6 @@ def run_variant(name, peft, init_state, streams, args, device, layers, log, res=
         if "_attn" in flags:
             extra["min_attention_sparsity_cuda"] = 0.0
         cuda_graphs.LATER_WARMUP_ITERS = 1 if "_warm1" in flags else LATER_WARMUP_ITERS
-        side_stream.ENABLED = "_inline" not in flags
         fn = slc_compile(peft, policy, inner=args.inner, regional=regional,
                          cuda_graphs="_graphs" in flags, pad_to_multiple_of=8 if "_pad8" in flags else 0,
                          graph_bucket=next((GRAPH_BUCKETS[f] for f in flags if f in GRAPH_BUCKETS), 0),

@@ -3,8 +3,7 @@
 MLP:       idx = select_mlp(x); gate/up base -> out_sparse_linear(x, W, b, idx);
            h = mask_channels(act(gate) * up, idx) when down's LoRA also reads h;
            down base -> in_sparse_linear(h, W, b, idx).
-           Without LoRA on any of the three (silu gate): the block -> sparse_mlp(x, Wg, Wu, Wd, idx),
-           whose dense rows run while select_mlp(..., overlap=True) runs on a side stream.
+           Without LoRA on any of the three (silu gate): the block -> sparse_mlp(x, Wg, Wu, Wd, idx)
            Fused gate_up (Phi-3): its rows idx and idx + d_ff, scored from its two halves.
            Non-gated fc -> act -> proj: idx = select_plain_mlp(x); fc as gate, proj as down.
            Conv1D (GPT-2) products read their [in, out] weight through a transposed view.
@@ -212,8 +211,6 @@ class Rewriter:
                 s["gate"].x, s["gate"].weight, s["up"].weight, s["down"].weight,
                 s["gate"].bias, s["up"].bias, s["down"].bias, idx, rows, self.sid))
             new = graph.call_function(operator.getitem, (new, 0))  # [1]: (g, u) for backward
-        if list(idx.users) == [new.args[0]]:  # its only reader joins a side-stream selection
-            idx.args = (*idx.args, True)  # select_mlp's overlap (runtime/side_stream.py)
         new.meta.update(down.meta)
         down.replace_all_uses_with(new)
         dead, erased = [down, pb.block.h], set()

@@ -88,7 +88,6 @@ class Run:
     splits: SplitCache = field(default_factory=SplitCache)
     joined: JoinedFactors = field(default_factory=JoinedFactors)
     said: set = field(default_factory=set)  # one-time messages already given
-    side_work: tuple | None = None  # a selection queued on a side stream, not joined yet (side_stream.py)
 
     def __post_init__(self):
         self.handle = next(_handles)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import scores, selection, side_stream
+from . import scores, selection
 from .library import fake, op_no_grad
 from .run import run_of
 
@@ -20,25 +20,19 @@ def _record(st, name, **tensors):
 @op_no_grad
 def select_mlp(x: Tensor, a_gate: Tensor, b_gate: Tensor, a_up: Tensor, b_up: Tensor,
                res_gate: Tensor, res_up: Tensor, dense_rows: Tensor, k: int, run: int,
-               name: str, activation: str = "silu", overlap: bool = False) -> Tensor:
+               name: str, activation: str = "silu") -> Tensor:
     """Top-k intermediate channels by the estimator score; `res_gate`/`res_up` [d_ff] are
     the residual variances (`estimator.residual_variance`, zeros for plain SVD);
-    `activation`: the gate's (selection.ACTIVATIONS). `overlap`: the only reader is a
-    `sparse_mlp`, which joins a selection queued on a side stream (side_stream.py)."""
+    `activation`: the gate's (selection.ACTIVATIONS)."""
     st = run_of(run)
     name = st.block_name(name)
     st.collect_input(name, x)
     if st.sparse_now():
         if st.zero_residuals:  # the same scores, without a term of zeros
             res_gate = res_up = None
-        split = st.splits.of(dense_rows)
-
-        def select():
-            return selection.top_channels(scores.mlp_scores(x, a_gate, b_gate, a_up, b_up, res_gate, res_up,
-                                                            split, st.joined, act=activation), k)
-        if overlap and side_stream.ENABLED and x.is_cuda and st.record is None:
-            return side_stream.fork(st, select, (x, a_gate, b_gate, a_up, b_up, res_gate, res_up, split))
-        idx = select()
+        s = scores.mlp_scores(x, a_gate, b_gate, a_up, b_up, res_gate, res_up,
+                              st.splits.of(dense_rows), st.joined, act=activation)
+        idx = selection.top_channels(s, k)
     else:  # every row is dense (token_rows): no op reads the selection, skip the estimator
         idx = torch.arange(k, device=x.device)
     _record(st, name, idx=idx, dense_rows=dense_rows)
@@ -46,8 +40,7 @@ def select_mlp(x: Tensor, a_gate: Tensor, b_gate: Tensor, a_up: Tensor, b_up: Te
 
 
 @fake(select_mlp)
-def _(x, a_gate, b_gate, a_up, b_up, res_gate, res_up, dense_rows, k, run, name, activation="silu",
-      overlap=False):
+def _(x, a_gate, b_gate, a_up, b_up, res_gate, res_up, dense_rows, k, run, name, activation="silu"):
     return x.new_empty((k,), dtype=torch.int64)
 
 

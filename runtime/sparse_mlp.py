@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import gathered, side_stream
+from . import gathered
 from .library import data_dependent_size, fake, op, op_no_grad, register_autocast, register_autograd
 from .row_split import RowSplit
 from .run import run_of
@@ -60,10 +60,10 @@ ALL_ROWS_MAX_K = 512  # the default of the `mlp_all_rows_max_k` option
 
 
 def _layout(n_rows, split, idx, d_ff, all_rows_max_k):
-    """Per part: (row indices or None for all rows, kept channels or None for dense, offset
-    of g in the flat buffer, rows, width); and the buffer's length. g and u of a part lie
-    back to back. A part over all rows writes the output directly; the parts over some rows
-    are copied into it after every part ran (over what the part over all rows wrote)."""
+    """Per part, in the order they run: (row indices or None for all rows, kept channels or
+    None for dense, offset of g in the flat buffer, rows, width); and the buffer's length.
+    g and u of a part lie back to back. A part over all rows writes the output directly; a
+    part over some rows is copied into it afterwards (over whatever an earlier part wrote)."""
     if split.all_dense or split.all_context:
         sel = None if split.all_dense else idx
         width = d_ff if sel is None else sel.numel()
@@ -90,21 +90,14 @@ def _kept(b, sel):
     return b if sel is None else b.index_select(0, sel)
 
 
-def sparse_mlp_forward(x, wg, wu, wd, bg, bu, bd, idx, split: RowSplit, all_rows_max_k: int = 512,
-                       ready=None):
-    """(y, saved): the MLP output and the flat (g, u) buffer the backward reads. `ready()`,
-    if given, is called once, after the dense parts and before any product reads `idx`
-    (the selection may still be computing on a side stream: side_stream.py)."""
+def sparse_mlp_forward(x, wg, wu, wd, bg, bu, bd, idx, split: RowSplit, all_rows_max_k: int = 512):
+    """(y, saved): the MLP output and the flat (g, u) buffer the backward reads."""
     lead, n_out = x.shape[:-1], wd.shape[0]
     x2 = x.reshape(-1, x.shape[-1])
     y = x2.new_empty(x2.shape[0], n_out)
     parts, total = _layout(x2.shape[0], split, idx, wg.shape[0], all_rows_max_k)
     saved = x2.new_empty(total)
-    copies = []  # into y after every part: a part over all rows may run after the dense one
-    for rows, sel, off, n, width in sorted(parts, key=lambda p: p[1] is not None):  # stable
-        if sel is not None and ready is not None:
-            ready()
-            ready = None
+    for rows, sel, off, n, width in parts:
         g, u = _views(saved, off, n, width)
         xr = x2 if rows is None else x2.index_select(0, rows)
         if sel is None:
@@ -126,11 +119,7 @@ def sparse_mlp_forward(x, wg, wu, wd, bg, bu, bd, idx, split: RowSplit, all_rows
         if bd is not None:
             yr += bd
         if rows is not None:
-            copies.append((rows, yr))
-    if ready is not None:
-        ready()
-    for rows, yr in copies:
-        y.index_copy_(0, rows, yr)
+            y.index_copy_(0, rows, yr)
     return y.view(*lead, n_out), saved
 
 
@@ -166,7 +155,7 @@ def sparse_mlp(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down: Tensor, b_gate: 
     st = run_of(run)
     split = split_and_count(st, dense_rows, h, 3 * f, 3 * idx.numel())
     return sparse_mlp_forward(x, w_gate, w_up, w_down, b_gate, b_up, b_down, idx,
-                              split, st.mlp_all_rows_max_k, ready=lambda: side_stream.join(st))
+                                       split, st.mlp_all_rows_max_k)
 
 
 @fake(sparse_mlp)
