@@ -20,8 +20,7 @@ rounding).
 
 `unpad` turns a right-padded training batch into one packed row of its real tokens with
 their boundaries, so that no work runs on padding; `Unpadded.repad` gives the logits back
-in the batch's shape. A batch without padding becomes one packed row of its rows as well
-(outside graph buckets), for the varlen kernel's grouped-query heads (see `unpad`). For CUDA graph buckets (`graph_bucket`), `unpad` and `fill_packed`
+in the batch's shape. For CUDA graph buckets (`graph_bucket`), `unpad` and `fill_packed`
 (a caller's packed row) fill the row up to its bucket with short filler sequences, so
 that rows of nearby lengths share one shape and one count of sequences.
 
@@ -131,13 +130,9 @@ def unpad(kwargs: dict, bucket: int = 0, filler_id: int = 0,
     first token, whose label must then be -100 too, which is why this applies only when
     every row's first label already is (HF's shifted loss never reads it, but the token
     split would count a supervised first token as an output token). Applies to [B, T]
-    `input_ids` and `labels`, with or without an `attention_mask`, nothing else of shape
-    (no `position_ids`, cache, embeddings, hidden-state outputs); else (kwargs, None). A
-    batch without padding is packed too when `bucket` is 0: its rows then run varlen
-    attention, whose flash kernel takes grouped-query k and v heads as they are, where
-    HF's SDPA call expands them to every query head and sums their gradients back (two
-    [tokens x heads x head_dim] reductions a layer); under graph buckets such a batch keeps
-    its shape (packed, it would fill a bucket more), without its mask. Reads the device once.
+    `input_ids`, `attention_mask` and `labels`, nothing else of shape (no `position_ids`,
+    cache, embeddings, hidden-state outputs); else (kwargs, None), without the mask when it
+    has no padding. Reads the device once.
 
     `bucket` > 0 (CUDA graph buckets): the row is filled up to a capacity, the multiple of
     `row_split.bucket_step` that leaves room for the filler after the N real tokens (see
@@ -149,17 +144,14 @@ def unpad(kwargs: dict, bucket: int = 0, filler_id: int = 0,
     choose a longer filled length than the bucket's (a kept graph set's: see
     wrapper._fill_to); the dense rows are counted in the same read of the device."""
     ids, mask, labels = kwargs.get("input_ids"), kwargs.get("attention_mask"), kwargs.get("labels")
-    if (not isinstance(ids, torch.Tensor) or ids.dim() != 2
-            or mask is not None and (not isinstance(mask, torch.Tensor) or mask.shape != ids.shape)
-            or not isinstance(labels, torch.Tensor) or labels.shape != ids.shape
+    if (not isinstance(ids, torch.Tensor) or ids.dim() != 2 or not isinstance(mask, torch.Tensor)
+            or mask.shape != ids.shape or not isinstance(labels, torch.Tensor) or labels.shape != ids.shape
             or any(k not in UNPADDABLE and v is not None and v is not False for k, v in kwargs.items())
             or kwargs.get("use_cache") or kwargs.get("logits_to_keep", 0) != 0):
         return kwargs, None
     b, t = ids.shape
-    real = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
-    bad = (labels[:, 0] != IGNORE).any()
-    if mask is not None:
-        bad = bad | not_right_padded(real, labels)
+    real = mask.bool()
+    bad = not_right_padded(real, labels) | (labels[:, 0] != IGNORE).any()
     counts = [bad.long()[None], real.sum(1)]
     if fill_to is not None:  # the dense rows, for fill_to
         counts.append((dense_token_rows(labels) & real).sum()[None])
@@ -167,7 +159,7 @@ def unpad(kwargs: dict, bucket: int = 0, filler_id: int = 0,
     if facts[0]:
         return kwargs, None
     lengths = facts[1:1 + b]
-    if bucket and all(n == t for n in lengths):  # no padding: a mask of ones, as HF drops itself
+    if all(n == t for n in lengths):  # no padding: a mask of ones, as HF drops itself
         return {k: v for k, v in kwargs.items() if k != "attention_mask"}, None
     n = sum(lengths)
     filler = _filler(n, bucket)
