@@ -7,7 +7,10 @@ The forward also returns g and u of every row, packed into one flat tensor whose
 depends on the token split (dense rows at width d_ff, context rows at width k): the
 backward reads them instead of recomputing two GEMMs (on dense rows that recompute was
 as costly as the forward's gate/up). That is what autograd saves for the dense MLP too,
-so memory stays at most the dense step's.
+so memory stays at most the dense step's. Where the kept channels' products slice the
+weights (below gathered.MIN_TRITON_K, and off CUDA), the three slices W_g[S], W_u[S] and
+W_d[:, S] follow in that buffer (3 k x hidden, 3.4 MiB a layer at k = 144 on LLaMA-3-8B):
+the backward reads them instead of gathering them again, W_d's columns the slowest.
 """
 from __future__ import annotations
 
@@ -90,20 +93,47 @@ def _kept(b, sel):
     return b if sel is None else b.index_select(0, sel)
 
 
+def _sliced(x, idx, parts) -> bool:
+    """Whether the kept channels' products slice the weights (see the module doc)."""
+    return any(sel is not None for _, sel, *_ in parts) and not gathered.use_triton(x, idx.numel())
+
+
+def _slices(saved, total, k, n_in, n_out):
+    """The saved W_g[S], W_u[S] [k, n_in] and W_d[:, S] [n_out, k] after the (g, u) parts
+    (None when the forward did not slice)."""
+    if saved.numel() == total:
+        return None
+    base = saved.storage_offset() + total
+    return (saved.as_strided((k, n_in), (n_in, 1), base),
+            saved.as_strided((k, n_in), (n_in, 1), base + k * n_in),
+            saved.as_strided((n_out, k), (k, 1), base + 2 * k * n_in))
+
+
 def sparse_mlp_forward(x, wg, wu, wd, bg, bu, bd, idx, split: RowSplit, all_rows_max_k: int = 512):
-    """(y, saved): the MLP output and the flat (g, u) buffer the backward reads."""
+    """(y, saved): the MLP output and the flat buffer the backward reads ((g, u) of every
+    part, then the weight slices when the products slice)."""
     lead, n_out = x.shape[:-1], wd.shape[0]
     x2 = x.reshape(-1, x.shape[-1])
     y = x2.new_empty(x2.shape[0], n_out)
     parts, total = _layout(x2.shape[0], split, idx, wg.shape[0], all_rows_max_k)
-    saved = x2.new_empty(total)
+    sliced = _sliced(x2, idx, parts)
+    k = idx.numel()
+    saved = x2.new_empty(total + (k * (2 * wg.shape[1] + n_out) if sliced else 0))
+    if sliced:
+        wg_s, wu_s, wd_s = _slices(saved, total, k, wg.shape[1], n_out)
+        torch.index_select(wg, 0, idx, out=wg_s)
+        torch.index_select(wu, 0, idx, out=wu_s)
+        torch.index_select(wd, 1, idx, out=wd_s)
     for rows, sel, off, n, width in parts:
         g, u = _views(saved, off, n, width)
         xr = x2 if rows is None else x2.index_select(0, rows)
         if sel is None:
             torch.mm(xr, wg.t(), out=g)
             torch.mm(xr, wu.t(), out=u)
-        else:  # straight into the saved buffer: no [rows x k] temporaries and copies
+        elif sliced:  # straight into the saved buffer: no [rows x k] temporaries and copies
+            torch.mm(xr, wg_s.t(), out=g)
+            torch.mm(xr, wu_s.t(), out=u)
+        else:
             gathered.gather_rows_mm_t(xr, wg, sel, out=g)
             gathered.gather_rows_mm_t(xr, wu, sel, out=u)
         if bg is not None:
@@ -114,6 +144,8 @@ def sparse_mlp_forward(x, wg, wu, wd, bg, bu, bd, idx, split: RowSplit, all_rows
         out = y if rows is None else None  # one part: straight into y
         if sel is None:
             yr = torch.mm(h, wd.t(), out=out)
+        elif sliced:
+            yr = torch.mm(h, wd_s.t(), out=out)
         else:
             yr = gathered.gather_cols_mm_t(h, wd, sel, out=out)
         if bd is not None:
@@ -127,15 +159,23 @@ def sparse_mlp_grad_input(gy, saved, wg, wu, wd, idx, split: RowSplit, all_rows_
     lead, n_in = gy.shape[:-1], wg.shape[1]
     g2 = gy.reshape(-1, gy.shape[-1])
     gx = g2.new_empty(g2.shape[0], n_in)
-    parts, _ = _layout(g2.shape[0], split, idx, wg.shape[0], all_rows_max_k)
+    parts, total = _layout(g2.shape[0], split, idx, wg.shape[0], all_rows_max_k)
+    if saved.stride(0) != 1:  # the backward's input; always dense in practice
+        saved = saved.contiguous()
+    slices = _slices(saved, total, idx.numel(), n_in, wd.shape[0])
     for rows, sel, off, n, width in parts:
         g, u = _views(saved, off, n, width)
         gyr = g2 if rows is None else g2.index_select(0, rows)
-        dh = gyr @ wd if sel is None else gathered.gather_cols_mm(gyr, wd, sel)
+        if sel is None:
+            dh = gyr @ wd
+        else:
+            dh = gyr @ slices[2] if slices else gathered.gather_cols_mm(gyr, wd, sel)
         dg, du = _swiglu_grad(dh, g, u)
         out = gx if rows is None else None
         if sel is None:
             gxr = torch.mm(dg, wg, out=out).addmm_(du, wu)
+        elif slices:
+            gxr = torch.mm(dg, slices[0], out=out).addmm_(du, slices[1])
         else:
             gxr = gathered.gather_rows_mm_pair(dg, wg, du, wu, sel, out=out)
         if rows is not None:

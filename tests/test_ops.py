@@ -198,6 +198,34 @@ def test_sparse_mlp_matches_reference(case, with_bias, all_rows_max_k):
                sparse_mlp_reference, x, w, wu, wd, *bias, idx, rows, tol=1e-4)
 
 
+def test_sparse_mlp_keeps_its_weight_slices_for_the_backward(monkeypatch):
+    """Off CUDA (and below the Triton kernels' k) the forward slices W_g[S], W_u[S] and
+    W_d[:, S] once, into the tail of the saved buffer; the backward reads them there and
+    gathers nothing again, with the reference's input gradient."""
+    from sparselora_compile.runtime import gathered
+    from sparselora_compile.runtime.sparse_mlp import sparse_mlp_reference
+    g = torch.Generator().manual_seed(4)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
+    x, wg, wu, wd = r(2, 5, 8), r(12, 8), r(12, 8), r(6, 12)
+    rows, idx = torch.tensor(SPLIT_KINDS["mixed"]), torch.tensor([1, 4, 7])
+    xa = x.clone().requires_grad_(True)
+    y, saved = ops.sparse_mlp(xa, wg, wu, wd, None, None, None, idx, rows, RUN.handle)
+    k = idx.numel()
+    tail = saved[-k * (2 * 8 + 6):]
+    assert torch.equal(tail[:k * 8].view(k, 8), wg[idx]) and torch.equal(tail[k * 8:2 * k * 8].view(k, 8), wu[idx])
+    assert torch.equal(tail[2 * k * 8:].view(6, k), wd[:, idx])
+
+    def gathers(*args, **kwargs):
+        raise AssertionError("the backward gathered the weights again")
+    monkeypatch.setattr(gathered, "gather_cols_mm", gathers)
+    monkeypatch.setattr(gathered, "gather_rows_mm_pair", gathers)
+    gy = r(2, 5, 6)
+    y.backward(gy)
+    xb = x.clone().requires_grad_(True)
+    sparse_mlp_reference(xb, wg, wu, wd, None, None, None, idx, rows).backward(gy)
+    torch.testing.assert_close(xa.grad, xb.grad)
+
+
 SPLIT_KINDS = {"dense": [[True] * 5] * 2, "context": [[False] * 5] * 2,
                "mixed": [[False, True, False, False, True]] * 2}
 
