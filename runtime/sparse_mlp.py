@@ -10,7 +10,8 @@ as costly as the forward's gate/up). That is what autograd saves for the dense M
 so memory stays at most the dense step's. Where the kept channels' products slice the
 weights (below gathered.MIN_TRITON_K, and off CUDA), the three slices W_g[S], W_u[S] and
 W_d[:, S] follow in that buffer (3 k x hidden, 3.4 MiB a layer at k = 144 on LLaMA-3-8B):
-the backward reads them instead of gathering them again, W_d's columns the slowest.
+the backward reads them instead of gathering them again (W_d's column gather is the
+slowest of the three: it reads scattered 2-byte words).
 """
 from __future__ import annotations
 
