@@ -39,6 +39,19 @@ def _configs():
                               (64, 64, 4), (32, 256, 4)]]
 
 
+@triton.jit
+def _sigmoid(z, FAST: tl.constexpr):
+    if FAST:
+        # (1 + tanh(z / 2)) / 2 by PTX's tanh.approx (relative error ~2^-11): one special-
+        # function instruction where tl.sigmoid takes an exp and a division. On the H200 at
+        # M = 4096 (3/4 of the rows weighted), F = 14336, r = 8 the kernel took 50-58 us
+        # against 69-73 (the sums' error under 1e-6 of the largest score).
+        t = tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=r,r", [z * 0.5],
+                                      dtype=tl.float32, is_pure=True, pack=1)
+        return 0.5 + 0.5 * t
+    return tl.sigmoid(z)
+
+
 # Keyed on M's power-of-two bucket, not on ROWS_PER_PROG: that follows M in 128-row steps
 # (for the MLP on an H200, a new key every 512 tokens), so real batches re-tuned it nearly
 # every step. Any config is valid for any ROWS_PER_PROG (a multiple of 128, so of BLOCK_M).
@@ -49,7 +62,7 @@ def _channel_scores_kernel(
     M, F, R, ROWS_PER_PROG,
     M_BUCKET,  # autotune key only
     stride_am, stride_ar, stride_bn_r, stride_bn_f, stride_um, stride_ur, stride_bu_r, stride_bu_f,
-    GATED: tl.constexpr, RESIDUAL: tl.constexpr, WEIGHTED: tl.constexpr,
+    GATED: tl.constexpr, RESIDUAL: tl.constexpr, WEIGHTED: tl.constexpr, FAST_SIGMOID: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_F: tl.constexpr,
 ):
     pid_f = tl.program_id(0)
@@ -94,7 +107,7 @@ def _channel_scores_kernel(
                 xu = tl.load(au_ptr + offs_m[:, None].to(tl.int64) * stride_um + offs_r[None, :] * stride_ur,
                              mask=a_mask, other=0.0).to(bu_ptr.dtype.element_ty)
                 u = tl.dot(xu, bu)
-                sig = tl.sigmoid(g)
+                sig = _sigmoid(g, FAST_SIGMOID)
                 if RESIDUAL:
                     silu = g * sig
                     ds = sig * (1.0 + g * (1.0 - sig))  # silu'(g)
@@ -128,6 +141,11 @@ def _rows_per_prog(m, f, device):
     return max(128, cdiv(cdiv(m, splits), 128) * 128)
 
 
+def _fast_sigmoid(device) -> bool:
+    """PTX's tanh.approx: NVIDIA GPUs only (not the CPU interpreter, not ROCm)."""
+    return device.type == "cuda" and torch.version.hip is None and not interpreting()
+
+
 def _fp32(t):
     return t if t.dtype == torch.float32 and t.is_contiguous() else t.float().contiguous()
 
@@ -158,7 +176,8 @@ def _scores(xg, bg, xu, bu, rg=None, ru=None, row_weight=None):
         m, f, r, rpp, m_bucket(m),
         xg.stride(0), xg.stride(1), bg.stride(0), bg.stride(1),
         xu.stride(0), xu.stride(1), bu.stride(0), bu.stride(1),
-        GATED=gated, RESIDUAL=residual, WEIGHTED=row_weight is not None, BLOCK_R=max(16, next_pow2(r)),  # tl.dot needs K >= 16
+        GATED=gated, RESIDUAL=residual, WEIGHTED=row_weight is not None, FAST_SIGMOID=_fast_sigmoid(xg.device),
+        BLOCK_R=max(16, next_pow2(r)),  # tl.dot needs K >= 16
     )
     return part.sum(0) if splits > 1 else part[0]
 
