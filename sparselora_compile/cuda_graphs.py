@@ -180,12 +180,15 @@ class _OwnGrads(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
-        given = [g for g in grads if g is not None]
-        copies = [torch.empty_like(g) for g in given]
-        if copies:
-            torch._foreach_copy_(copies, given)  # one launch for the layer, not one per tensor
-        it = iter(copies)
-        return tuple(None if g is None else next(it) for g in grads)
+        out = list(grads)
+        for dtype in {g.dtype for g in grads if g is not None}:
+            at = [i for i, g in enumerate(grads) if g is not None and g.dtype == dtype]
+            # one cat into one buffer, whose pieces are the copies: a layer's LoRA gradients
+            # (~1 M values) took 16 us by _foreach_copy_'s 14 blocks on the H200
+            flat = torch.cat([grads[i].reshape(-1) for i in at])
+            for i, piece in zip(at, flat.split([grads[i].numel() for i in at])):
+                out[i] = piece.view(grads[i].shape)
+        return tuple(out)
 
 
 class _GraphSet:

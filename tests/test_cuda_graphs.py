@@ -160,6 +160,19 @@ def test_a_parameter_a_replay_does_not_use_keeps_its_grad_none():
     assert unused.grad is None and torch.equal(used.grad, torch.full((3,), 2.0))
 
 
+def test_the_gradient_copies_own_their_storage_per_dtype():
+    """The copies come out of one buffer per dtype: equal values, the given shapes, none
+    sharing storage with a (static) incoming gradient, None left None."""
+    grads = (torch.randn(3, 4), None, torch.randn(5, dtype=torch.bfloat16), torch.randn(2, 1),
+             torch.randn(4, dtype=torch.bfloat16))
+    copies = cuda_graphs._OwnGrads.backward(None, *grads)
+    assert copies[1] is None
+    for g, c in zip(grads, copies):
+        if g is not None:
+            assert c.dtype == g.dtype and c.shape == g.shape and torch.equal(c, g)
+            assert c.untyped_storage().data_ptr() != g.untyped_storage().data_ptr()
+
+
 def test_a_failing_capture_turns_graphs_off_and_training_goes_on(monkeypatch, caplog):
     plain = plain_run((3,) * 5)
     with caplog.at_level(logging.WARNING, logger="sparselora_compile"):
