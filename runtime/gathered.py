@@ -65,15 +65,6 @@ def gather_rows_mm_pair(gy_a, w_a, gy_b, w_b, idx, out=None):
     return torch.mm(gy_a, w_a.index_select(0, idx), out=out).addmm_(gy_b, w_b.index_select(0, idx))
 
 
-def select_cols(w, idx, out=None):
-    """W[:, idx], written into `out` when given: one Triton kernel on CUDA (torch's
-    index_select along dim 1 is a generic per-element gather there)."""
-    if use_triton(w) and w.stride(1) == 1 and (out is None or out.stride(1) == 1):
-        from .kernels.select_cols import select_cols as kernel
-        return kernel(w, idx, out=out)
-    return torch.index_select(w, 1, idx, out=out)
-
-
 def gather_cols_mm_t(h_kept, w, idx, out=None):
     """h_kept @ W[:, idx]^T -> [M, N], written into `out` when given"""
     return torch.mm(h_kept, w.index_select(1, idx).t(), out=out)

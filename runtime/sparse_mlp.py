@@ -124,7 +124,7 @@ def sparse_mlp_forward(x, wg, wu, wd, bg, bu, bd, idx, split: RowSplit, all_rows
         wg_s, wu_s, wd_s = _slices(saved, total, k, wg.shape[1], n_out)
         torch.index_select(wg, 0, idx, out=wg_s)
         torch.index_select(wu, 0, idx, out=wu_s)
-        gathered.select_cols(wd, idx, out=wd_s)
+        torch.index_select(wd, 1, idx, out=wd_s)
     for rows, sel, off, n, width in parts:
         g, u = _views(saved, off, n, width)
         xr = x2 if rows is None else x2.index_select(0, rows)

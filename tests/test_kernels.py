@@ -26,7 +26,6 @@ from hypothesis import strategies as st  # noqa: E402
 
 from sparselora_compile.runtime.kernels import fused_estimator as fe  # noqa: E402
 from sparselora_compile.runtime.kernels import gathered_gemm as gg  # noqa: E402
-from sparselora_compile.runtime.kernels import select_cols as sc  # noqa: E402
 from sparselora_compile.runtime.kernels import swiglu as sw  # noqa: E402
 from sparselora_compile.runtime.kernels import top_k as tk  # noqa: E402
 from sparselora_compile.runtime.kernels import triton_available  # noqa: E402
@@ -493,35 +492,6 @@ def test_top_k_bad_sizes():
         tk.top_k_indices(torch.zeros(tk.MAX_N + 1), 1)
 
 
-def check_select_cols(R, N, k, dtype, device, seed, pad=0):
-    """select_cols against index_select (a copy: equal bits), into a poisoned `out` that may
-    be a column slice of a wider buffer, from a weight that may be one too."""
-    g = torch.Generator().manual_seed(seed)
-    w = torch.randn(R, N + pad, generator=g).to(device, dtype)[:, :N]
-    idx = torch.randint(N, (k,), generator=g).sort().values
-    idx = idx.to(torch.int32 if seed % 2 else torch.int64).to(device)
-    out = nan_empty((R, k + pad), dtype=dtype, device=device)[:, :k]
-    assert sc.select_cols(w, idx, out=out) is out
-    assert torch.equal(out, torch.index_select(w, 1, idx))
-    assert torch.equal(sc.select_cols(w, idx), torch.index_select(w, 1, idx))
-
-
-@cpu_only
-@settings(max_examples=15, deadline=None)
-@given(R=st.integers(1, 70), N=st.integers(1, 150), k=st.integers(0, 140), pad=st.integers(0, 3),
-       dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]), seed=st.integers(0, 99))
-def test_select_cols_interpreter(R, N, k, pad, dtype, seed):
-    check_select_cols(R, N, k, dtype, "cpu", seed, pad)
-
-
-def test_select_cols_refuses_what_it_cannot_write():
-    w = torch.zeros(4, 6)
-    with pytest.raises(ValueError, match="unit column stride"):
-        sc.select_cols(w.t(), torch.tensor([0]))
-    with pytest.raises(ValueError, match=r"out must be \[4, 2\]"):
-        sc.select_cols(w, torch.tensor([0, 1]), out=torch.zeros(4, 3))
-
-
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
 class TestGPU:
@@ -593,10 +563,6 @@ class TestGPU:
             check_product(product, a, W, idx, None, torch.bfloat16)
         aligned = {k[0][0][1] for k in gg._launch_gemm._compiled}
         assert aligned == {True, False}
-
-    @pytest.mark.parametrize("R,N,k", [(1, 64, 7), (4096, 14336, 144), (4096, 14336, 511), (333, 1001, 77)])
-    def test_select_cols_bf16(self, R, N, k):
-        check_select_cols(R, N, k, torch.bfloat16, "cuda", seed=k, pad=R % 2)
 
     @top_k_defaults
     @settings(max_examples=40, deadline=None)
