@@ -19,7 +19,8 @@ Inductor per decoder layer with bf16 adapters:
   as bench/train_step.py names them (`_graphs`, `_bucket*`, `_suphead` apply);
 - per timed step: its length, time and the allocator's cudaMalloc/cudaFree counts
   (`per_step`); with --op-profile-steps, one torch.profiler capture per step, so that a
-  slow step shows its op; with --sync-steps, where the host waited for the GPU.
+  slow step shows its op; with --sync-steps, where the host waited for the GPU; with
+  --trace DIR, one step's CPU ops and kernels as a Chrome trace (DIR/<variant>.json.gz).
 
 A length new to the process is slower for whichever variant meets it first (cuDNN
 attention builds a graph per length): --no-cudnn-attention turns that backend off.
@@ -198,6 +199,20 @@ def traced_timeline(fn, step, batch, device) -> dict:
     return res
 
 
+def chrome_trace(step, batch, device, path: Path) -> str:
+    """One step's CPU ops and kernels, for chrome://tracing or Perfetto: what the host
+    does while the GPU waits (the gaps gpu_timeline lists)."""
+    from torch.profiler import ProfilerActivity, profile
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    ts.sync(device)
+    with profile(activities=acts) as prof:
+        step(batch)
+        ts.sync(device)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    prof.export_chrome_trace(str(path))
+    return str(path)
+
+
 ALLOC_COUNTERS = ("num_device_alloc", "num_device_free", "num_alloc_retries", "num_sync_all_streams")
 
 
@@ -307,6 +322,8 @@ def measure(name, peft, init, batches, args, device, log) -> dict:
         if args.sync_steps and device.type == "cuda":
             res["sync_sites_per_step"] = sync_sites(step, timed[:args.sync_steps])
             log(f"{name}: synchronising calls per step {res['sync_sites_per_step']}")
+        if args.trace:
+            res["trace"] = chrome_trace(step, timed[0], device, Path(args.trace) / f"{name}.json.gz")
         if getattr(fn, "graphs", None) is not None:
             res["graph_stats"] = fn.graphs.stats()
     finally:
@@ -341,6 +358,8 @@ def main(argv=None):
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--smoke", action="store_true", help="tiny widths (a CPU check of the script)")
     ap.add_argument("--pad", type=int, default=64, help="pad_to_multiple_of of the _cgt variants")
+    ap.add_argument("--trace", default=None, metavar="DIR",
+                    help="write one step's CPU ops and kernels as a Chrome trace under DIR")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     args.batch, args.seq = (8, 64) if args.smoke else (8, 512)
