@@ -10,7 +10,7 @@ the dense product; the other (context) rows use only the kept channels `idx`:
 The `*_reference` functions state the semantics the slow way (dense, then mask); the
 others are the fast path. Elsewhere than CUDA: gathers plus dense GEMMs of width k, rows
 and columns moved with index_select / index_copy_ (same values as advanced indexing, less
-host time). On CUDA the out-sparse products (`*_fused`) run the dense rows by cuBLAS,
+host time); on CUDA whole rows move by kernels/rows.py. On CUDA the out-sparse products (`*_fused`) run the dense rows by cuBLAS,
 copied into their rows, and the context rows by one Triton kernel (kernels/gathered_gemm.py)
 that reads them from the full-width input and writes them into the full-width output in
 place: no copies of the context rows (3/4 of the tokens) in or out. On the H200 that was
@@ -58,7 +58,7 @@ def mask_reference(h, idx, dense_rows):
 # ---- fast path ----------------------------------------------------------------------
 
 def _rows(t, rows):
-    return t.index_select(0, rows)
+    return gathered.take_rows(t, rows)
 
 
 def _assemble(like, n_out, split, dense_part, idx, kept):
@@ -68,16 +68,16 @@ def _assemble(like, n_out, split, dense_part, idx, kept):
     if split.all_context:
         return like.new_zeros(like.shape[0], n_out).index_copy_(1, idx, kept)
     ctx = like.new_zeros(kept.shape[0], n_out).index_copy_(1, idx, kept)
-    out = like.new_empty(like.shape[0], n_out).index_copy_(0, split.dense, dense_part)
-    return out.index_copy_(0, split.ctx, ctx)
+    out = gathered.put_rows_(like.new_empty(like.shape[0], n_out), split.dense, dense_part)
+    return gathered.put_rows_(out, split.ctx, ctx)
 
 
 def _stack(like, n_out, split, dense_part, ctx_part):
     """[rows, n_out]: `dense_part` on the dense rows, `ctx_part` on the context rows."""
     if split.all_context:
         return ctx_part
-    out = like.new_empty(like.shape[0], n_out).index_copy_(0, split.dense, dense_part)
-    return out.index_copy_(0, split.ctx, ctx_part)
+    out = gathered.put_rows_(like.new_empty(like.shape[0], n_out), split.dense, dense_part)
+    return gathered.put_rows_(out, split.ctx, ctx_part)
 
 
 # ---- fused path (CUDA, out-sparse): context rows read and written in place -----------------
@@ -94,7 +94,7 @@ def _dense_rows_into(out, t2, w, split: RowSplit, transposed: bool = False):
     """Rows `split.dense` of `out` <- those rows of t2 times W^T (W with `transposed`)."""
     if not split.all_context:
         t = _rows(t2, split.dense)
-        out.index_copy_(0, split.dense, t @ w if transposed else F.linear(t, w))
+        gathered.put_rows_(out, split.dense, t @ w if transposed else F.linear(t, w))
     return out
 
 

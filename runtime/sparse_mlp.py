@@ -127,7 +127,7 @@ def sparse_mlp_forward(x, wg, wu, wd, bg, bu, bd, idx, split: RowSplit, all_rows
         torch.index_select(wd, 1, idx, out=wd_s)
     for rows, sel, off, n, width in parts:
         g, u = _views(saved, off, n, width)
-        xr = x2 if rows is None else x2.index_select(0, rows)
+        xr = x2 if rows is None else gathered.take_rows(x2, rows)
         if sel is None:
             torch.mm(xr, wg.t(), out=g)
             torch.mm(xr, wu.t(), out=u)
@@ -152,7 +152,7 @@ def sparse_mlp_forward(x, wg, wu, wd, bg, bu, bd, idx, split: RowSplit, all_rows
         if bd is not None:
             yr += bd
         if rows is not None:
-            y.index_copy_(0, rows, yr)
+            gathered.put_rows_(y, rows, yr)
     return y.view(*lead, n_out), saved
 
 
@@ -166,7 +166,7 @@ def sparse_mlp_grad_input(gy, saved, wg, wu, wd, idx, split: RowSplit, all_rows_
     slices = _slices(saved, total, idx.numel(), n_in, wd.shape[0])
     for rows, sel, off, n, width in parts:
         g, u = _views(saved, off, n, width)
-        gyr = g2 if rows is None else g2.index_select(0, rows)
+        gyr = g2 if rows is None else gathered.take_rows(g2, rows)
         if sel is None:
             dh = gyr @ wd
         else:
@@ -180,7 +180,7 @@ def sparse_mlp_grad_input(gy, saved, wg, wu, wd, idx, split: RowSplit, all_rows_
         else:
             gxr = gathered.gather_rows_mm_pair(dg, wg, du, wu, sel, out=out)
         if rows is not None:
-            gx.index_copy_(0, rows, gxr)
+            gathered.put_rows_(gx, rows, gxr)
     return gx.view(*lead, n_in)
 
 

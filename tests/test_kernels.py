@@ -26,6 +26,7 @@ from hypothesis import strategies as st  # noqa: E402
 
 from sparselora_compile.runtime.kernels import fused_estimator as fe  # noqa: E402
 from sparselora_compile.runtime.kernels import gathered_gemm as gg  # noqa: E402
+from sparselora_compile.runtime.kernels import rows as rk  # noqa: E402
 from sparselora_compile.runtime.kernels import swiglu as sw  # noqa: E402
 from sparselora_compile.runtime.kernels import top_k as tk  # noqa: E402
 from sparselora_compile.runtime.kernels import triton_available  # noqa: E402
@@ -492,6 +493,39 @@ def test_top_k_bad_sizes():
         tk.top_k_indices(torch.zeros(tk.MAX_N + 1), 1)
 
 
+def check_rows(R, C, n, dtype, device, seed, pad=0):
+    """take_rows / put_rows_ against index_select / index_copy_ (copies: equal bits), on
+    tensors that may be column slices of wider buffers (row stride != width); put_rows_
+    into a poisoned tensor writes exactly the indexed rows (distinct indices)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(R, C + pad, generator=g).to(device, dtype)[:, :C]
+    idx = torch.randint(R, (n,), generator=g)
+    idx = idx.to(torch.int32 if seed % 2 else torch.int64).to(device)
+    assert torch.equal(rk.take_rows(x, idx), x.index_select(0, idx))
+    dst = torch.randperm(R, generator=g)[:min(n, R)].to(idx.dtype).to(device)
+    src = torch.randn(dst.numel(), C + pad, generator=g).to(device, dtype)[:, :C]
+    y = nan_empty((R, C + pad), dtype=dtype, device=device)[:, :C]
+    want = y.clone().index_copy_(0, dst.long(), src)
+    assert rk.put_rows_(y, dst, src) is y
+    assert torch.equal(y.isnan(), want.isnan()) and torch.equal(y.nan_to_num(), want.nan_to_num())
+
+
+@cpu_only
+@settings(max_examples=15, deadline=None)
+@given(R=st.integers(1, 60), C=st.integers(1, 2500), n=st.integers(0, 70), pad=st.integers(0, 3),
+       dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]), seed=st.integers(0, 99))
+def test_rows_interpreter(R, C, n, pad, dtype, seed):
+    check_rows(R, C, n, dtype, "cpu", seed, pad)
+
+
+def test_rows_refuse_what_they_cannot_copy():
+    y = torch.zeros(4, 6)
+    with pytest.raises(ValueError, match="unit column stride"):
+        rk.take_rows(y.t(), torch.tensor([0]))
+    with pytest.raises(ValueError, match=r"src must be \[2, 6\]"):
+        rk.put_rows_(y, torch.tensor([0, 1]), torch.zeros(2, 5))
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
 class TestGPU:
@@ -563,6 +597,10 @@ class TestGPU:
             check_product(product, a, W, idx, None, torch.bfloat16)
         aligned = {k[0][0][1] for k in gg._launch_gemm._compiled}
         assert aligned == {True, False}
+
+    @pytest.mark.parametrize("R,C,n", [(1, 64, 1), (4096, 4096, 1032), (4096, 4096, 3064), (333, 1001, 77)])
+    def test_rows_bf16(self, R, C, n):
+        check_rows(R, C, n, torch.bfloat16, "cuda", seed=n, pad=R % 2)
 
     @top_k_defaults
     @settings(max_examples=40, deadline=None)
