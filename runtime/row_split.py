@@ -112,8 +112,9 @@ def compute_split(rows: torch.Tensor, padding: torch.Tensor | None = None, bucke
     # one sync for both lists (nonzero syncs once per call; nonzero_static does not)
     n_dense = int(r.sum())
     n_ctx = r.numel() - n_dense
+    not_r = ~r
     dense = torch.nonzero_static(r, size=n_dense).squeeze(1)
-    ctx = torch.nonzero_static(~r, size=n_ctx).squeeze(1)
+    ctx = torch.nonzero_static(not_r, size=n_ctx).squeeze(1)
     step = bucket_step(n_dense, max(1, bucket // DENSE_SHARE)) if bucket > 0 else 0
     n_real_ctx = n_ctx  # context rows that are not copies (the first ones of the list)
     if step and n_dense and n_ctx:
@@ -126,7 +127,7 @@ def compute_split(rows: torch.Tensor, padding: torch.Tensor | None = None, bucke
             dense, ctx = _pad_to(dense, cap), _pad_to(ctx, r.numel() - cap + step - 1)
     split = RowSplit(dense, ctx, r.numel(), n_dense)
     if n_dense or padding is not None:
-        scored = ~r if padding is None else ~(r | padding.reshape(-1))
+        scored = not_r if padding is None else ~(r | padding.reshape(-1))
         split.row_weight = scored.float()
     if padding is not None or ctx.numel() > n_real_ctx:
         weight = torch.zeros(ctx.numel(), dtype=torch.float32, device=r.device)

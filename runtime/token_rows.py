@@ -19,10 +19,9 @@ from .run import Run, run_of
 def dense_token_rows(labels: Tensor) -> Tensor:
     """Output tokens: supervised positions (labels != -100) and the position before each
     of them, which predicts it (HF shifts labels inside the loss)."""
-    sup = labels != -100
-    nxt = torch.zeros_like(sup)
-    nxt[..., :-1] = sup[..., 1:]
-    return sup | nxt
+    rows = labels != -100
+    rows[..., :-1] |= (labels[..., 1:] != -100)  # a fresh mask: written in place
+    return rows
 
 
 def _from_state(t, shape, device):
@@ -51,7 +50,7 @@ def shared_token_rows(st: Run, labels, attention_mask, shape, device) -> Tensor:
                           "the forward", stacklevel=2)
         rows = torch.zeros(shape, dtype=torch.bool, device=device)
     else:
-        rows = dense_token_rows(labels).reshape(shape).clone()
+        rows = dense_token_rows(labels).reshape(shape)  # fresh: nothing else holds it
     padding = None if attention_mask is None else attention_mask.reshape(shape) == 0
     st.splits.compute(rows, padding)
     if st.forward_id:

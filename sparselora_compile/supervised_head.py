@@ -35,8 +35,7 @@ def check(model: torch.nn.Module) -> None:
 
 def supervised_positions(labels: torch.Tensor, ignore_index: int = IGNORE) -> torch.Tensor:
     """Positions (of the sequence dim) whose next token some row supervises, ascending."""
-    shifted = F.pad(labels[..., 1:], (0, 1), value=ignore_index)
-    keep = shifted != ignore_index
+    keep = labels[..., 1:] != ignore_index  # the last position predicts nothing
     return (keep.any(0) if keep.dim() > 1 else keep).nonzero().squeeze(-1)
 
 
