@@ -11,8 +11,8 @@ histogram of the keys' digits under the prefix settled so far and a suffix sum o
 bins (`hist`: shared-memory atomics, a few instructions a key whatever the width), or from
 one block-wide sum of a [2**DIGIT_BITS, BLOCK] comparison (work a key grows with the
 width). Each round ends in cross-warp exchanges (barrier round trips) that the next round
-waits on, so wider digits trade work for fewer rounds: ceil(32 / DIGIT_BITS) of them. The
-kept indices are then written with one prefix sum: they come out ascending without a sort.
+waits on, so wider digits trade work for fewer rounds: ceil(32 / DIGIT_BITS) of them; the
+bisection stops at the first threshold that exactly k keys reach. The kept indices are then written with one prefix sum: they come out ascending without a sort.
 bench/topk.py times the widths, both counts and the warp counts; `defaults` runs the
 fastest on the H200: one-bit compared rounds (a bisection) above 2,048 scores (an MLP's
 d_ff), 5-bit histogram rounds up to it (attention's kv channels).
@@ -33,9 +33,9 @@ SMALL_N = 2048  # up to here histogram rounds, above it the bisection (the H200'
 
 def defaults(n: int) -> tuple[bool, int, int]:
     """(hist, digit_bits, num_warps) for n scores, the fastest of bench/topk.py's ways on the
-    H200 (bench/results/topk.json): at 14,336 the bisection with 16 warps, 31 us against
-    35-92 for every histogram or wider comparison round; at 1,024 5-bit histogram rounds
-    with 8 warps, 4.9 us against 6.7 for the bisection."""
+    H200 (bench/results/topk.json): at 14,336 the bisection with 16 warps, 25-26 us (it
+    stops early) against 35-92 for every histogram or wider comparison round; at 1,024
+    5-bit histogram rounds with 8 warps, 4.9 us, the bisection 4.5-5.4."""
     if n > SMALL_N:
         block = 1 << (n - 1).bit_length()
         return False, 1, min(16, max(4, block // 1024))
@@ -69,7 +69,8 @@ def _top_k_kernel(s_ptr, out_ptr, N, K, BLOCK: tl.constexpr, DIGIT_BITS: tl.cons
     j = tl.arange(0, CANDS)[:, None] + 1
     if DIGIT_BITS == 1 and not HIST:
         # the bisection stops once exactly K keys reach t: those are the k largest, whatever
-        # the lower bits (about 2 rounds in 3 of the 32 on untied scores at d_ff)
+        # the lower bits. Untied scores rarely need the low bits: 37.5 -> 25.6 us at 14,336
+        # on the H200 (bench/results/topk.json)
         shift = 31
         exact = 0
         while (shift >= 0) & (exact == 0):
