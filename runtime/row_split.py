@@ -24,13 +24,12 @@ class RowSplit:
     padded with copies of its first row up to a multiple of `bucket_step(count, bucket //
     DENSE_SHARE)` (a finer step than the sequence lengths': a dense row costs several
     context rows), the context list with copies of its first row to the complement. A
-    copy computes the same row again
-    and every sparse op writes rows by index (a repeated index writes that same row), so
-    the result is unchanged. A split
-    may instead take the capacities of a kept graph set (`kept`) whose dense list is
-    longer than its own rounding: a filled row's filler rows (its last context rows, which
-    no real token reads and the loss skips) then fill the dense list before copies do, so
-    that one set serves more counts of dense rows.
+    copy computes the same row again and every sparse op writes rows by index (a repeated
+    index writes that same row), so the result is unchanged. A split may instead take the
+    capacities of a kept graph set (`kept`) whose dense list is longer than its own
+    rounding: a filled row's filler rows (its last context rows, which no real token reads
+    and the loss skips) then fill the dense list before copies do, so that one set serves
+    more counts of dense rows.
 
     The estimator scores the context rows with weight 1 and skips padding positions and
     copies (weight 0: `score_weight`, None when every context row counts); `n_unscored`

@@ -12,7 +12,8 @@ bins (`hist`: shared-memory atomics, a few instructions a key whatever the width
 one block-wide sum of a [2**DIGIT_BITS, BLOCK] comparison (work a key grows with the
 width). Each round ends in cross-warp exchanges (barrier round trips) that the next round
 waits on, so wider digits trade work for fewer rounds: ceil(32 / DIGIT_BITS) of them; the
-bisection stops at the first threshold that exactly k keys reach. The kept indices are then written with one prefix sum: they come out ascending without a sort.
+bisection stops at the first threshold that exactly k keys reach. The kept indices are
+then written with one prefix sum: they come out ascending without a sort.
 bench/topk.py times the widths, both counts and the warp counts; `defaults` runs the
 fastest on the H200: one-bit compared rounds (a bisection) above 2,048 scores (an MLP's
 d_ff), 5-bit histogram rounds up to it (attention's kv channels).
