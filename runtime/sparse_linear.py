@@ -13,9 +13,10 @@ and columns moved with index_select / index_copy_ (same values as advanced index
 host time). On CUDA whole rows move by one Triton kernel (kernels/rows.py), and the
 out-sparse products (`*_fused`) run the dense rows by cuBLAS, copied into their rows,
 and the context rows by one Triton kernel (kernels/gathered_gemm.py) that reads them
-from the full-width input and writes them into the full-width output in place: no copies of the context rows (3/4 of the tokens) in or out. On the H200 that was
-0.96-1.76x the speed of moving the rows on the LLaMA-3-8B shapes measured (1.1x or more on
-12 of 18), and slower on the in-sparse products, which stay unfused
+from the full-width input and writes them into the full-width output in place: no
+copies of the context rows (3/4 of the tokens) in or out. On the H200 that was 0.96-1.76x
+the speed of moving the rows on the LLaMA-3-8B shapes measured (1.1x or more on 12 of
+18), and slower on the in-sparse products, which stay unfused
 (bench/results/sparse_linear_paths*.json).
 """
 from __future__ import annotations
