@@ -13,6 +13,7 @@ DDP runs with tiny buckets where the graph is regional, so that Dynamo's DDP opt
 would cut each layer graph into pieces (as LLaMA-8B layers are cut on GPUs): regional
 compilation must keep a layer whole, and a whole-model compile must say what to do.
 """
+import gc
 import os
 import socket
 import sys
@@ -132,6 +133,7 @@ def _scenario(name, rank):
 
 
 def _worker(rank, port, out):
+    gc.set_threshold(700, 10, 1000)  # conftest.py's (why: there), which a spawned rank does not load
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=WORLD)
     try:
@@ -167,9 +169,13 @@ def _free_port():
 def results(tmp_path_factory):
     import torch.multiprocessing as mp
     out = str(tmp_path_factory.mktemp("dist"))
+    from sparselora_compile import dynamic_dims
     mp_env = pytest.MonkeyPatch()
     for k, v in CHILD_ENV.items():
         mp_env.setenv(k, v)
+    # the reference compiles static, as conftest.py has each test do (this module fixture
+    # runs before that autouse fixture); the spawned ranks keep the default
+    mp_env.setattr(dynamic_dims, "DEFAULT", False)
     try:
         ctx = mp.start_processes(_worker, args=(_free_port(), out), nprocs=WORLD, join=False,
                                  start_method="spawn")
