@@ -65,13 +65,13 @@ def gather_rows_mm_pair(gy_a, w_a, gy_b, w_b, idx, out=None):
     return torch.mm(gy_a, w_a.index_select(0, idx), out=out).addmm_(gy_b, w_b.index_select(0, idx))
 
 
-def _rows_kernel(*ts) -> bool:
+def _rows_by_kernel(*ts) -> bool:
     return use_triton(ts[0]) and all(t.dim() == 2 and t.stride(1) == 1 for t in ts)
 
 
 def take_rows(x, rows):
     """x[rows] of a 2-D x: one Triton kernel on CUDA (kernels/rows.py), index_select elsewhere."""
-    if _rows_kernel(x):
+    if _rows_by_kernel(x):
         from .kernels.rows import take_rows as kernel
         return kernel(x, rows)
     return x.index_select(0, rows)
@@ -80,7 +80,7 @@ def take_rows(x, rows):
 def put_rows_(y, rows, src):
     """y[rows] = src in place, returns y: one Triton kernel on CUDA (kernels/rows.py),
     index_copy_ elsewhere."""
-    if _rows_kernel(y, src) and src.dtype == y.dtype:
+    if _rows_by_kernel(y, src) and src.dtype == y.dtype:
         from .kernels.rows import put_rows_ as kernel
         return kernel(y, rows, src)
     return y.index_copy_(0, rows, src)
