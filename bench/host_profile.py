@@ -20,7 +20,8 @@ Inductor per decoder layer with bf16 adapters:
 - per timed step: its length, time and the allocator's cudaMalloc/cudaFree counts
   (`per_step`); with --op-profile-steps, one torch.profiler capture per step, so that a
   slow step shows its op; with --sync-steps, where the host waited for the GPU; with
-  --trace DIR, one step's CPU ops and kernels as a Chrome trace (DIR/<variant>.json.gz).
+  --trace DIR, one step's CPU ops and kernels as a Chrome trace (DIR/<variant>.json.gz)
+  and each kernel's calls and time in it (`trace_kernels`).
 
 A length new to the process is slower for whichever variant meets it first (cuDNN
 attention builds a graph per length): --no-cudnn-attention turns that backend off.
@@ -213,6 +214,23 @@ def chrome_trace(step, batch, device, path: Path) -> str:
     return str(path)
 
 
+def trace_kernels(path: Path, top=80) -> list:
+    """[name, calls, total us, us a call] of each GPU kernel, copy and memset of a
+    `chrome_trace` file, the largest totals first: per-kernel figures the result keeps
+    (the trace itself is too large to commit)."""
+    import gzip
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "rt") as f:
+        events = json.load(f)["traceEvents"]
+    sums: dict = {}
+    for e in events:
+        if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset"):
+            calls, us = sums.get(e["name"], (0, 0.0))
+            sums[e["name"]] = (calls + 1, us + e["dur"])
+    rows = sorted(sums.items(), key=lambda kv: -kv[1][1])[:top]
+    return [[n[:100], c, round(us, 1), round(us / c, 2)] for n, (c, us) in rows]
+
+
 ALLOC_COUNTERS = ("num_device_alloc", "num_device_free", "num_alloc_retries", "num_sync_all_streams")
 
 
@@ -324,6 +342,7 @@ def measure(name, peft, init, batches, args, device, log) -> dict:
             log(f"{name}: synchronising calls per step {res['sync_sites_per_step']}")
         if args.trace:
             res["trace"] = chrome_trace(step, timed[0], device, Path(args.trace) / f"{name}.json.gz")
+            res["trace_kernels"] = trace_kernels(Path(res["trace"]))
         if getattr(fn, "graphs", None) is not None:
             res["graph_stats"] = fn.graphs.stats()
     finally:
