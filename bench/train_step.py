@@ -591,7 +591,8 @@ def time_stream(fn, opt, shape, st, res, args, device, layers, log, name):
     from torch._dynamo.utils import counters
     stream = st.batches
     times, launch, cpu, tokens, first_seen, compiles, graphed, lens = [], [], [], [], [], [], [], []
-    warm_ms, seen = [], set()
+    warm_ms, warm_new, seen = [], [], set()
+    compile_step = "first_step_s" not in res  # this stream's first step is the variant's compile
     gc_watch, limit_watch = GcWatch(), RecompileLimitWatch()
     logging.getLogger(_DYNAMO_LOG).addHandler(limit_watch)
     if device.type == "cuda":
@@ -632,6 +633,7 @@ def time_stream(fn, opt, shape, st, res, args, device, layers, log, name):
                     f"{res['graph_breaks']} graph breaks, {res['graphs_compiled']} graphs compiled")
             if i < st.warmup:
                 warm_ms.append(round(dt * 1e3, 2))
+                warm_new.append(new and not (compile_step and i == 0))
                 if i == st.warmup - 1:
                     log(f"  {name} [{shape}] warm-up steps {warm_ms} ms, "
                         f"{counters['stats']['unique_graphs'] - graphs_start} graphs compiled")
@@ -653,6 +655,11 @@ def time_stream(fn, opt, shape, st, res, args, device, layers, log, name):
     ntok = tokens[0]
     new_ms = [t * 1e3 for t, n in zip(times, first_seen) if n]
     old_ms = [t * 1e3 for t, n in zip(times, first_seen) if not n]
+    # what first-seen shapes cost: each such step's time beyond the median step at a seen
+    # shape, warm-up steps included (recompiles, captures, ungraphed runs), the variant's
+    # cold first compile not
+    new_all = new_ms + [t for t, n in zip(warm_ms, warm_new) if n]
+    base_ms = statistics.median(old_ms) if old_ms else None
     r = {
         "batches": st.mode,
         "median_ms": med * 1e3, "mean_ms": mean * 1e3, "p90_ms": quantile(times, 0.9) * 1e3,
@@ -671,6 +678,8 @@ def time_stream(fn, opt, shape, st, res, args, device, layers, log, name):
         "first_seen_steps": len(new_ms),
         "first_seen_mean_ms": statistics.fmean(new_ms) if new_ms else None,
         "seen_mean_ms": statistics.fmean(old_ms) if old_ms else None,
+        "new_shape_steps": len(new_all),
+        "new_shape_cost_s": sum(t - base_ms for t in new_all) / 1e3 if base_ms else None,
         # Dynamo graphs compiled during the timed steps (0 once automatic dynamic has settled)
         "graphs_compiled_timed": sum(compiles),
         # ... and during the whole mode, warm-up included (its recompiles at the mode's shapes)
@@ -1058,7 +1067,7 @@ def print_table(run, log):
                     f"{'' if share is None else f'{100 * share:.2f}%'}")
     log(f"\nper mode, timed steps incl. first-seen shapes (ratios: mean step time with varying batches)\n"
         f"layers {'variant':<{w}} {'shape':<8}    mean   median      p90      max  tok/s      {ab32}  {ab16} shapes "
-        "new: n  mean_ms seen_ms compiles graphed captures peak_GiB breaks lim_hits")
+        "new: n  mean_ms seen_ms cost_s compiles graphed captures peak_GiB breaks lim_hits")
     for shape in shapes:
         for lay_n, lay in run["layers"].items():
             for v in lay["variants"]:
@@ -1070,7 +1079,7 @@ def print_table(run, log):
                     f"{s['p90_ms']:8.2f} {s['max_ms']:8.2f} {s['tokens_per_s']:10,.0f} "
                     f"{s.get('speedup_vs_inductor', nan):6.3f} {s.get('speedup_vs_inductor_bf16', nan):7.3f} "
                     f"{s['distinct_shapes']:6d} {s['first_seen_steps']:6d} {fs or nan:8.2f} {sm or nan:7.2f} "
-                    f"{s['graphs_compiled_timed']:8d} {str(s.get('graphed_steps', '-')):>7} "
+                    f"{s.get('new_shape_cost_s') or nan:6.2f} {s['graphs_compiled_timed']:8d} {str(s.get('graphed_steps', '-')):>7} "
                     f"{str(s.get('cuda_graphs', {}).get('captures', '-')):>8} "
                     f"{s.get('peak_mem_gib', nan):8.2f} {v.get('graph_breaks', 0):6d} "
                     f"{s.get('recompile_limit_hits', 0):8d}")
