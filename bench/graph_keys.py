@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import itertools
 import json
 import logging
 import sys
@@ -53,23 +54,26 @@ def stand_in(fns, samples, **kwargs):
 
 
 @contextlib.contextmanager
-def stand_in_capture(sets: int):
-    """LayerGraphs on CPU with the stand-in and `sets` kept sets, restored afterwards."""
-    saved = LayerGraphs.needs_cuda, LayerGraphs.__dict__["make_graphed"], cuda_graphs.MAX_SETS
+def stand_in_capture(sets: int, capture_after: int):
+    """LayerGraphs on CPU with the stand-in, `sets` kept sets and a key captured once it
+    came `capture_after` times, restored afterwards."""
+    saved = (LayerGraphs.needs_cuda, LayerGraphs.__dict__["make_graphed"], cuda_graphs.MAX_SETS,
+             cuda_graphs.CAPTURE_AFTER)
     LayerGraphs.needs_cuda, LayerGraphs.make_graphed = False, staticmethod(stand_in)
-    cuda_graphs.MAX_SETS = sets
+    cuda_graphs.MAX_SETS, cuda_graphs.CAPTURE_AFTER = sets, capture_after
     try:
         yield
     finally:
-        LayerGraphs.needs_cuda, LayerGraphs.make_graphed, cuda_graphs.MAX_SETS = saved
+        (LayerGraphs.needs_cuda, LayerGraphs.make_graphed, cuda_graphs.MAX_SETS,
+         cuda_graphs.CAPTURE_AFTER) = saved
 
 
-def run(mode: str, steps: int, bucket: int, sets: int) -> dict:
+def run(mode: str, steps: int, bucket: int, sets: int, capture_after: int) -> dict:
     """`steps` training steps of the `mode` stream after WARMUP; the counts are of those,
     `step_keys` (each step's key, numbered by first appearance) and `steps_graphed` hold
     every step, the warm-up first."""
     torch._dynamo.reset()
-    with stand_in_capture(sets):
+    with stand_in_capture(sets, capture_after):
         wrapped = slc.compile(tiny_model(), slc.Policy(mlp=0.5, attention=0.5), inner="aot_eager",
                               cuda_graphs=True, graph_bucket=bucket)
         graphs = wrapped.graphs
@@ -84,7 +88,7 @@ def run(mode: str, steps: int, bucket: int, sets: int) -> dict:
     names = {n: k for k, n in numbers.items()}
     counts = collections.Counter(step_keys[WARMUP:])
     return {"mode": mode, "steps": steps, "graph_bucket": bucket, "max_sets": sets,
-            "max_captures": cuda_graphs.MAX_CAPTURES, "graphed_steps": sum(graphed[WARMUP:]),
+            "capture_after": capture_after, "max_captures": cuda_graphs.MAX_CAPTURES, "graphed_steps": sum(graphed[WARMUP:]),
             "graphed_share": round(sum(graphed[WARMUP:]) / steps, 3), "captures": graphs.captures,
             "longer_fills": graphs.longer_fills,
             "distinct_keys": len(counts), "keys": {names[n]: c for n, c in counts.most_common()},
@@ -99,6 +103,8 @@ def main(argv=None):
     ap.add_argument("--steps", nargs="+", type=int, default=[60])
     ap.add_argument("--bucket", nargs="+", type=int, default=[1024], help="graph_bucket values")
     ap.add_argument("--sets", nargs="+", type=int, default=[cuda_graphs.MAX_SETS], help="MAX_SETS values")
+    ap.add_argument("--capture-after", nargs="+", type=int, default=[cuda_graphs.CAPTURE_AFTER],
+                    help="CAPTURE_AFTER values: sightings of a key before its capture")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     logging.getLogger("sparselora_compile").setLevel(logging.ERROR)
@@ -106,10 +112,10 @@ def main(argv=None):
     for steps in args.steps:
         for mode in args.batches:
             for bucket in args.bucket:
-                for sets in args.sets:
-                    r = run(mode, steps, bucket, sets)
+                for sets, after in itertools.product(args.sets, args.capture_after):
+                    r = run(mode, steps, bucket, sets, after)
                     results.append(r)
-                    print(f"{mode:7s} steps {steps:4d} bucket {bucket:5d} sets {sets}: "
+                    print(f"{mode:7s} steps {steps:4d} bucket {bucket:5d} sets {sets} after {after}: "
                           f"{r['graphed_steps']:4d} graphed ({r['graphed_share']:.0%}), "
                           f"{r['captures']} captures, {r['distinct_keys']} keys, {r['longer_fills']} "
                           f"filled to a longer set  [{r['wall_s']} s]",

@@ -30,6 +30,9 @@ passed as inductor_config (sl_*) or torch.compile options (inductor*):
               store_cubin: fails on the backward)
     _combo    combo_kernels=True: independent small kernels share one launch
     _noassert size_asserts=False: no stride checks of graph inputs on every call
+    _mk       triton.multi_kernel=1: a row reduction of up to 16,384 elements (the norms over
+              the hidden size) compiles both persistent (one pass over the row) and looped,
+              and the first call's timing picks one
 Runtime suffixes (sl_* variants), after any Inductor suffix:
     _attn     min_attention_sparsity_cuda=0: the policy's attention sparsity runs on CUDA
               too (by default a block below 0.8 stays dense there), for an A/B
@@ -170,7 +173,7 @@ BF16_CAST = ("inductor_bf16", "inductor_regional_bf16")  # variants that cast th
 
 INDUCTOR_SUFFIXES = {"_cpp": {"cpp_wrapper": True, **CPP_WRAPPER_SETTINGS}, "_combo": {"combo_kernels": True},
                      "_cppat": {"cpp_wrapper": True, "triton.autotune_at_compile_time": True},
-                     "_noassert": {"size_asserts": False}}
+                     "_noassert": {"size_asserts": False}, "_mk": {"triton.multi_kernel": 1}}
 
 
 def strip_suffixes(name: str, suffixes) -> tuple[str, list]:
