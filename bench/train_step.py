@@ -32,7 +32,8 @@ passed as inductor_config (sl_*) or torch.compile options (inductor*):
     _noassert size_asserts=False: no stride checks of graph inputs on every call
     _mk       triton.multi_kernel=1: a row reduction of up to 16,384 elements (the norms over
               the hidden size) compiles both persistent (one pass over the row) and looped,
-              and the first call's timing picks one
+              and the first call's timing picks one; on torch 2.11 a graph with one fails to
+              load from Inductor's FX graph cache (a second run, bench/README.md)
 Runtime suffixes (sl_* variants), after any Inductor suffix:
     _attn     min_attention_sparsity_cuda=0: the policy's attention sparsity runs on CUDA
               too (by default a block below 0.8 stays dense there), for an A/B
