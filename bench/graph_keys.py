@@ -54,7 +54,7 @@ def stand_in(fns, samples, **kwargs):
 
 
 @contextlib.contextmanager
-def stand_in_capture(sets: int, capture_after: int):
+def stand_in_capture(sets: int, capture_after: int = cuda_graphs.CAPTURE_AFTER):
     """LayerGraphs on CPU with the stand-in, `sets` kept sets and a key captured once it
     came `capture_after` times, restored afterwards."""
     saved = (LayerGraphs.needs_cuda, LayerGraphs.__dict__["make_graphed"], cuda_graphs.MAX_SETS,
@@ -68,7 +68,8 @@ def stand_in_capture(sets: int, capture_after: int):
          cuda_graphs.CAPTURE_AFTER) = saved
 
 
-def run(mode: str, steps: int, bucket: int, sets: int, capture_after: int) -> dict:
+def run(mode: str, steps: int, bucket: int, sets: int,
+        capture_after: int = cuda_graphs.CAPTURE_AFTER) -> dict:
     """`steps` training steps of the `mode` stream after WARMUP; the counts are of those,
     `step_keys` (each step's key, numbered by first appearance) and `steps_graphed` hold
     every step, the warm-up first."""
