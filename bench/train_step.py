@@ -590,6 +590,18 @@ class RecompileLimitWatch(logging.Handler):
 _DYNAMO_LOG = "torch._dynamo.convert_frame"
 
 
+def new_shape_cost_s(timed_ms, timed_new, warm_ms, warm_new) -> float | None:
+    """What first-seen shapes cost, in seconds: each such step's time beyond the median
+    timed step at a seen shape, summed; warm-up steps count (recompiles, captures), the
+    caller marks the variant's cold first compile as not new. None without a seen step."""
+    seen = [t for t, new in zip(timed_ms, timed_new) if not new]
+    if not seen:
+        return None
+    base = statistics.median(seen)
+    steps = zip([*timed_ms, *warm_ms], [*timed_new, *warm_new])
+    return sum(t - base for t, new in steps if new) / 1e3
+
+
 def time_stream(fn, opt, shape, st, res, args, device, layers, log, name):
     """Warm-up, then the timed steps of one stream; returns its figures (res["shapes"][shape])."""
     from torch._dynamo.utils import counters
@@ -659,11 +671,6 @@ def time_stream(fn, opt, shape, st, res, args, device, layers, log, name):
     ntok = tokens[0]
     new_ms = [t * 1e3 for t, n in zip(times, first_seen) if n]
     old_ms = [t * 1e3 for t, n in zip(times, first_seen) if not n]
-    # what first-seen shapes cost: each such step's time beyond the median step at a seen
-    # shape, warm-up steps included (recompiles, captures, ungraphed runs), the variant's
-    # cold first compile not
-    new_all = new_ms + [t for t, n in zip(warm_ms, warm_new) if n]
-    base_ms = statistics.median(old_ms) if old_ms else None
     r = {
         "batches": st.mode,
         "median_ms": med * 1e3, "mean_ms": mean * 1e3, "p90_ms": quantile(times, 0.9) * 1e3,
@@ -682,8 +689,8 @@ def time_stream(fn, opt, shape, st, res, args, device, layers, log, name):
         "first_seen_steps": len(new_ms),
         "first_seen_mean_ms": statistics.fmean(new_ms) if new_ms else None,
         "seen_mean_ms": statistics.fmean(old_ms) if old_ms else None,
-        "new_shape_steps": len(new_all),
-        "new_shape_cost_s": sum(t - base_ms for t in new_all) / 1e3 if base_ms else None,
+        "new_shape_steps": len(new_ms) + sum(warm_new),
+        "new_shape_cost_s": new_shape_cost_s([t * 1e3 for t in times], first_seen, warm_ms, warm_new),
         # Dynamo graphs compiled during the timed steps (0 once automatic dynamic has settled)
         "graphs_compiled_timed": sum(compiles),
         # ... and during the whole mode, warm-up included (its recompiles at the mode's shapes)
