@@ -58,10 +58,6 @@ def mask_reference(h, idx, dense_rows):
 
 # ---- fast path ----------------------------------------------------------------------
 
-def _rows(t, rows):
-    return gathered.take_rows(t, rows)
-
-
 def _assemble(like, n_out, split, dense_part, idx, kept):
     """[rows, n_out]: `dense_part` on the dense rows; on context rows `kept` in columns idx
     and zeros elsewhere. Not all context: context rows are built apart and copied in, two
@@ -94,7 +90,7 @@ def _ctx_rows(split: RowSplit):
 def _dense_rows_into(out, t2, w, split: RowSplit, transposed: bool = False):
     """Rows `split.dense` of `out` <- those rows of t2 times W^T (W with `transposed`)."""
     if not split.all_context:
-        t = _rows(t2, split.dense)
+        t = gathered.take_rows(t2, split.dense)
         gathered.put_rows_(out, split.dense, t @ w if transposed else F.linear(t, w))
     return out
 
@@ -121,7 +117,7 @@ def out_sparse_forward(x, w, b, idx, split: RowSplit):
     lead, x2 = x.shape[:-1], x.reshape(-1, x.shape[-1])
     if b is None and _fused(x2, w):  # a bias only on the kept columns of context rows: unfused
         return out_sparse_forward_fused(x2, w, idx, split).view(*lead, w.shape[0])
-    dense = None if split.all_context else F.linear(_rows(x2, split.dense), w, b)
+    dense = None if split.all_context else F.linear(gathered.take_rows(x2, split.dense), w, b)
     yk = gathered.gather_rows_mm_t(context_rows(x2, split), w, idx)
     if b is not None:
         yk = yk + b.index_select(0, idx)
@@ -134,7 +130,7 @@ def out_sparse_grad_input(gy, w, idx, split: RowSplit):
     lead, g2 = gy.shape[:-1], gy.reshape(-1, gy.shape[-1])
     if _fused(g2, w):
         return out_sparse_grad_input_fused(g2, w, idx, split).view(*lead, w.shape[1])
-    dense = None if split.all_context else _rows(g2, split.dense) @ w
+    dense = None if split.all_context else gathered.take_rows(g2, split.dense) @ w
     ctx = gathered.gather_rows_mm(context_rows(g2.index_select(1, idx), split), w, idx)
     return _stack(g2, w.shape[1], split, dense, ctx).view(*lead, w.shape[1])
 
@@ -143,7 +139,7 @@ def in_sparse_forward(h, w, b, idx, split: RowSplit):
     if split.all_dense:
         return F.linear(h, w, b)
     lead, h2 = h.shape[:-1], h.reshape(-1, h.shape[-1])
-    dense = None if split.all_context else F.linear(_rows(h2, split.dense), w, b)
+    dense = None if split.all_context else F.linear(gathered.take_rows(h2, split.dense), w, b)
     ctx = gathered.gather_cols_mm_t(context_rows(h2.index_select(1, idx), split), w, idx)
     if b is not None:
         ctx = ctx + b
@@ -154,7 +150,7 @@ def in_sparse_grad_input(gy, w, idx, split: RowSplit):
     if split.all_dense:
         return gy @ w
     lead, g2 = gy.shape[:-1], gy.reshape(-1, gy.shape[-1])
-    dense = None if split.all_context else _rows(g2, split.dense) @ w
+    dense = None if split.all_context else gathered.take_rows(g2, split.dense) @ w
     kept = gathered.gather_cols_mm(context_rows(g2, split), w, idx)
     return _assemble(g2, w.shape[1], split, dense, idx, kept).view(*lead, w.shape[1])
 
