@@ -46,6 +46,8 @@ Runtime suffixes (sl_* variants), after any Inductor suffix:
               serve varying lengths
     _sets1, _sets2  with _graphs: slc.compile(..., graph_sets=1 or 2): fewer graph sets kept
               (less memory, fewer kinds of batches replayed) than the default 3
+    _prow     persistent row reductions of up to 4,096 elements (the norms over the hidden
+              size; sparselora_compile/inductor_choices.py); on inductor_regional* too, for an A/B
     _warm1    with _graphs: captures after the first run the layers once before capturing
               (cuda_graphs.LATER_WARMUP_ITERS = 1 instead of the code's 0), for an A/B
     _ownfill  with _bucket*: padded rows fill to their own bucket only, never to a longer
@@ -117,6 +119,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import gc
 import json
 import logging
@@ -137,9 +140,11 @@ import sparselora_compile as slc  # noqa: E402
 # `slc.compile` resolves to the submodule after its first use (package __getattr__ +
 # submodule import): take the function itself.
 from sparselora_compile import compile as slc_compile  # noqa: E402
-from sparselora_compile import cuda_graphs  # noqa: E402
+from sparselora_compile import cuda_graphs, inductor_choices  # noqa: E402
 
 LATER_WARMUP_ITERS = cuda_graphs.LATER_WARMUP_ITERS  # the code's own, which _warm1 sets to 1
+ROW_PERSISTENT_MAX = inductor_choices.ROW_PERSISTENT_MAX  # the code's own; _prow sets ROW_PERSISTENT
+ROW_PERSISTENT = 4096
 
 
 def _process_start() -> float:
@@ -177,6 +182,13 @@ INDUCTOR_SUFFIXES = {"_cpp": {"cpp_wrapper": True, **CPP_WRAPPER_SETTINGS}, "_co
                      "_noassert": {"size_asserts": False}, "_mk": {"triton.multi_kernel": 1}}
 
 
+def _row_persistent_inductor(inductor_config):
+    """Inductor as a backend, compiling with our heuristics (what our backend hands it)."""
+    from torch._inductor.compile_fx import compile_fx
+    return functools.partial(compile_fx, inner_compile=inductor_choices.compile_inner,
+                             config_patches=inductor_choices.config_patches(inductor_config or None))
+
+
 def strip_suffixes(name: str, suffixes) -> tuple[str, list]:
     """Peel any of `suffixes` off the end of `name`, repeatedly; returns the stem and the
     suffixes found, outermost first."""
@@ -201,10 +213,10 @@ def split_variant(name: str) -> tuple[str, dict]:
 
 GRAPH_BUCKETS = {"_bucket512": 512, "_bucket1024": 1024}
 GRAPH_SETS = {"_sets1": 1, "_sets2": 2}
-RUNTIME_SUFFIXES = ("_attn", "_ctxrows", "_graphs", "_warm1", "_ownfill", "_pad8", "_masked", "_novarlen", "_padded", "_suphead",
+RUNTIME_SUFFIXES = ("_attn", "_ctxrows", "_graphs", "_prow", "_warm1", "_ownfill", "_pad8", "_masked", "_novarlen", "_padded", "_suphead",
                     "_unmasked", "_varlen", *GRAPH_BUCKETS, *GRAPH_SETS)
 DENSE_ONLY = {"_unmasked", "_varlen"}  # what slc.compile does anyway, given to a dense baseline
-DENSE_FLAGS = DENSE_ONLY | {"_suphead"}  # the runtime flags a dense Inductor baseline takes
+DENSE_FLAGS = DENSE_ONLY | {"_suphead", "_prow"}  # the runtime flags a dense Inductor baseline takes
 
 
 def runtime_flags(name: str) -> tuple[str, set]:
@@ -749,16 +761,21 @@ def run_variant(name, peft, init_state, streams, args, device, layers, log, res=
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     policy, layer_map, compiled_layers = None, None, []
+    inductor_choices.ROW_PERSISTENT_MAX = ROW_PERSISTENT if "_prow" in flags else ROW_PERSISTENT_MAX
     if name == "eager":
         fn = peft
     elif name in ("inductor", "inductor_bf16"):
-        fn = (torch.compile(peft, options=inductor_config or None) if args.inner == "inductor"
+        fn = (torch.compile(peft, backend=_row_persistent_inductor(inductor_config)) if "_prow" in flags
+              else torch.compile(peft, options=inductor_config or None) if args.inner == "inductor"
               else torch.compile(peft, backend=args.inner))
     elif name in ("inductor_regional", "inductor_regional_bf16"):
         from sparselora_compile.passes.blocks import decoder_layers
         fn, compiled_layers = peft, [m for _, m in decoder_layers(peft)]
         for m in compiled_layers:
-            m.compile(backend=args.inner, options=inductor_config or None)
+            if "_prow" in flags:
+                m.compile(backend=_row_persistent_inductor(inductor_config))
+            else:
+                m.compile(backend=args.inner, options=inductor_config or None)
     else:
         stem = name.removesuffix("_lora_model")
         # the compiled graph computes the LoRA products in the model's dtype (bf16)

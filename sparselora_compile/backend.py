@@ -197,8 +197,11 @@ def _inner_compile(name, gm, example_inputs, inductor_config=None):
     # a backward op, a warm cache would replay the old one. Inductor's own FX graph cache
     # still applies to both graphs.
     import torch._functorch.config as functorch_config
+    from . import inductor_choices
+    patches = inductor_choices.config_patches(_with_cpp_wrapper_settings(inductor_config))
     with functorch_config.patch(enable_autograd_cache=False):
-        return compile_fx(gm, example_inputs, config_patches=_with_cpp_wrapper_settings(inductor_config))
+        return compile_fx(gm, example_inputs, inner_compile=inductor_choices.compile_inner,
+                          config_patches=patches)
 
 
 # What Inductor itself patches in while it compiles with cpp_wrapper (compile_fx's

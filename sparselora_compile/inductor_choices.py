@@ -1,0 +1,59 @@
+"""Inductor heuristics for the graphs this backend compiles.
+
+Inductor makes a row reduction persistent (one pass with the whole row in registers)
+only up to 1,024 elements; above that it loops over the row in blocks. The decoder's
+RMSNorms reduce over the hidden size (4,096 at 8B), forward and backward, so they run
+looped. ROW_PERSISTENT_MAX raises that bound for the graphs we hand to Inductor, forward
+and backward (which compiles lazily, through the same inner compile), and leaves every
+other Inductor compile in the process alone.
+"""
+from __future__ import annotations
+
+import contextlib
+
+ROW_PERSISTENT_MAX = 1024  # Inductor's own bound: nothing changes
+
+
+def _row_choices(max_numel: int):
+    from torch._inductor import config
+    from torch._inductor.choices import InductorChoices
+    from torch._inductor.runtime.hints import ReductionHint
+    from torch._inductor.virtualized import V
+
+    class RowPersistentChoices(InductorChoices):
+        @staticmethod
+        def should_use_persistent_reduction(features, cooperative_reduction):
+            if (config.triton.persistent_reductions and not cooperative_reduction
+                    and features.get_reduction_hint() == ReductionHint.INNER):
+                return V.graph.sizevars.statically_known_leq(features.reduction_numel, max_numel)
+            return InductorChoices.should_use_persistent_reduction(features, cooperative_reduction)
+
+        def uuid(self):
+            return f"sparselora_row_persistent_{max_numel}"
+
+    return RowPersistentChoices()
+
+
+def choices_scope():
+    """A context in which Inductor compiles with this module's heuristics (nothing when
+    they are Inductor's own)."""
+    if ROW_PERSISTENT_MAX <= 1024:
+        return contextlib.nullcontext()
+    from torch._inductor.virtualized import V
+    return V.set_choices_handler(_row_choices(ROW_PERSISTENT_MAX))
+
+
+def config_patches(patches):
+    """Inductor's config patches for a compile under choices_scope: Inductor's FX graph
+    cache does not key on a choices handler, so a graph compiled with other heuristics
+    must not come from it."""
+    if ROW_PERSISTENT_MAX <= 1024:
+        return patches
+    return {**(patches or {}), "fx_graph_cache": False}
+
+
+def compile_inner(gm, example_inputs, **kwargs):
+    """compile_fx's inner compile (forward and backward graphs) within choices_scope."""
+    from torch._inductor.compile_fx import compile_fx_inner
+    with choices_scope():
+        return compile_fx_inner(gm, example_inputs, **kwargs)
