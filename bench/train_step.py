@@ -771,9 +771,11 @@ def run_variant(name, peft, init_state, streams, args, device, layers, log, res=
     elif name in ("inductor_regional", "inductor_regional_bf16"):
         from sparselora_compile.passes.blocks import decoder_layers
         fn, compiled_layers = peft, [m for _, m in decoder_layers(peft)]
+        # one backend object for every layer: Dynamo recompiles for a different one
+        prow = _row_persistent_inductor(inductor_config) if "_prow" in flags else None
         for m in compiled_layers:
-            if "_prow" in flags:
-                m.compile(backend=_row_persistent_inductor(inductor_config))
+            if prow is not None:
+                m.compile(backend=prow)
             else:
                 m.compile(backend=args.inner, options=inductor_config or None)
     else:
