@@ -46,8 +46,9 @@ Runtime suffixes (sl_* variants), after any Inductor suffix:
               serve varying lengths
     _sets1, _sets2  with _graphs: slc.compile(..., graph_sets=1 or 2): fewer graph sets kept
               (less memory, fewer kinds of batches replayed) than the default 3
-    _prow     persistent row reductions of up to 4,096 elements (the norms over the hidden
-              size; sparselora_compile/inductor_choices.py); on inductor_regional* too, for an A/B
+    _rowloop  row reductions over more than 1,024 elements looped, as Inductor makes them
+              (inductor_choices.ROW_PERSISTENT_MAX = 1024), not persistent (the norms over the
+              hidden size; sparselora_compile/inductor_choices.py), for an A/B
     _warm1    with _graphs: captures after the first run the layers once before capturing
               (cuda_graphs.LATER_WARMUP_ITERS = 1 instead of the code's 0), for an A/B
     _ownfill  with _bucket*: padded rows fill to their own bucket only, never to a longer
@@ -72,6 +73,8 @@ Runtime suffixes of the dense inductor* baselines:
               and padding_free do (sparselora_compile/packing.py)
     _suphead  training batches run the LM head on the supervised positions only, as
               slc.compile's supervised_head does (sparselora_compile/supervised_head.py)
+    _prow     Inductor compiles with our heuristics (row reductions of up to 4,096 elements
+              persistent: sparselora_compile/inductor_choices.py)
 
 Batches (--batches, bench/batches.py, one or several modes): `fixed` (the default) times
 every compiled variant on the fixed batch shapes of --shapes (Math10K: 8 x 512 with 128
@@ -143,8 +146,7 @@ from sparselora_compile import compile as slc_compile  # noqa: E402
 from sparselora_compile import cuda_graphs, inductor_choices  # noqa: E402
 
 LATER_WARMUP_ITERS = cuda_graphs.LATER_WARMUP_ITERS  # the code's own, which _warm1 sets to 1
-ROW_PERSISTENT_MAX = inductor_choices.ROW_PERSISTENT_MAX  # the code's own; _prow sets ROW_PERSISTENT
-ROW_PERSISTENT = 4096
+ROW_PERSISTENT_MAX = inductor_choices.ROW_PERSISTENT_MAX  # the code's own; _rowloop sets Inductor's
 
 
 def _process_start() -> float:
@@ -213,10 +215,10 @@ def split_variant(name: str) -> tuple[str, dict]:
 
 GRAPH_BUCKETS = {"_bucket512": 512, "_bucket1024": 1024}
 GRAPH_SETS = {"_sets1": 1, "_sets2": 2}
-RUNTIME_SUFFIXES = ("_attn", "_ctxrows", "_graphs", "_prow", "_warm1", "_ownfill", "_pad8", "_masked", "_novarlen", "_padded", "_suphead",
+RUNTIME_SUFFIXES = ("_attn", "_ctxrows", "_graphs", "_rowloop", "_prow", "_warm1", "_ownfill", "_pad8", "_masked", "_novarlen", "_padded", "_suphead",
                     "_unmasked", "_varlen", *GRAPH_BUCKETS, *GRAPH_SETS)
-DENSE_ONLY = {"_unmasked", "_varlen"}  # what slc.compile does anyway, given to a dense baseline
-DENSE_FLAGS = DENSE_ONLY | {"_suphead", "_prow"}  # the runtime flags a dense Inductor baseline takes
+DENSE_ONLY = {"_unmasked", "_varlen", "_prow"}  # what slc.compile does anyway, given to a dense baseline
+DENSE_FLAGS = DENSE_ONLY | {"_suphead"}  # the runtime flags a dense Inductor baseline takes
 
 
 def runtime_flags(name: str) -> tuple[str, set]:
@@ -761,7 +763,8 @@ def run_variant(name, peft, init_state, streams, args, device, layers, log, res=
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     policy, layer_map, compiled_layers = None, None, []
-    inductor_choices.ROW_PERSISTENT_MAX = ROW_PERSISTENT if "_prow" in flags else ROW_PERSISTENT_MAX
+    inductor_choices.ROW_PERSISTENT_MAX = (inductor_choices.INDUCTOR_ROW_PERSISTENT_MAX
+                                           if "_rowloop" in flags else ROW_PERSISTENT_MAX)
     if name == "eager":
         fn = peft
     elif name in ("inductor", "inductor_bf16"):

@@ -43,7 +43,7 @@ def test_row_choices_reach_forward_and_backward_only(monkeypatch):
 
 
 def test_inductors_own_bound_changes_nothing(monkeypatch):
-    monkeypatch.setattr(inductor_choices, "ROW_PERSISTENT_MAX", 1024)
+    monkeypatch.setattr(inductor_choices, "ROW_PERSISTENT_MAX", inductor_choices.INDUCTOR_ROW_PERSISTENT_MAX)
     seen = []
     _compile_and_step(torch.randn(4, 32, requires_grad=True), torch.randn(32, requires_grad=True),
                       seen, monkeypatch)
