@@ -11,6 +11,7 @@ step (bench/README.md, "Persistent norms").
 from __future__ import annotations
 
 import contextlib
+import functools
 
 INDUCTOR_ROW_PERSISTENT_MAX = 1024  # Inductor's own bound
 ROW_PERSISTENT_MAX = 4096
@@ -45,14 +46,32 @@ def choices_scope():
     return V.set_choices_handler(_row_choices(ROW_PERSISTENT_MAX))
 
 
+@functools.cache  # one object: equal patches for equal settings
+def _cache_key_pass():
+    from torch._inductor.custom_graph_pass import CustomGraphPass
+
+    class HeuristicsCacheKey(CustomGraphPass):
+        """A post-grad pass that changes nothing: its uuid puts our heuristics into
+        Inductor's FX graph cache key, which does not see a choices handler."""
+        def __call__(self, graph):
+            pass
+
+        def uuid(self):
+            return ("sparselora_row_persistent", ROW_PERSISTENT_MAX)
+
+    return HeuristicsCacheKey()
+
+
 def config_patches(patches):
-    """Inductor's config patches for a compile under choices_scope: Inductor's FX graph
-    cache does not key on a choices handler, so a graph compiled with other heuristics
-    must not come from it (torch 2.13 keys on inductor_choices_class, but Inductor reads
-    that once per thread, so it cannot be scoped to our compiles)."""
+    """Inductor's config patches for a compile under choices_scope: a graph compiled with
+    other heuristics must not come from Inductor's FX graph cache. Where the caller has a
+    post-grad pass of its own, the cache is off for our graphs instead."""
+    from torch._inductor import config
     if ROW_PERSISTENT_MAX <= INDUCTOR_ROW_PERSISTENT_MAX:
         return patches
-    return {**(patches or {}), "fx_graph_cache": False}
+    if (patches or {}).get("post_grad_custom_post_pass", config.post_grad_custom_post_pass) is not None:
+        return {**(patches or {}), "fx_graph_cache": False}
+    return {**(patches or {}), "post_grad_custom_post_pass": _cache_key_pass()}
 
 
 def compile_inner(gm, example_inputs, **kwargs):

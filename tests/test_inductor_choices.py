@@ -38,8 +38,30 @@ def test_row_choices_reach_forward_and_backward_only(monkeypatch):
                       seen, monkeypatch)
     assert seen == [(False, "RowPersistentChoices"), (None, "RowPersistentChoices")]
     assert type(V.choices).__name__ == "InductorChoices"  # the process's own, untouched
-    assert inductor_choices.config_patches({"size_asserts": False}) == {
-        "size_asserts": False, "fx_graph_cache": False}
+
+
+def test_fx_graph_cache_keys_on_the_heuristics(monkeypatch):
+    """A graph compiled under one bound is served again under it, never under another."""
+    from torch._dynamo.utils import counters
+    from torch._inductor.utils import fresh_cache
+    got = []
+    with fresh_cache():
+        for bound in (4096, 4096, 1024, 1024, 8192):
+            monkeypatch.setattr(inductor_choices, "ROW_PERSISTENT_MAX", bound)
+            counters.clear()
+            _compile_and_step(torch.randn(4, 32, requires_grad=True),
+                              torch.randn(32, requires_grad=True), [], monkeypatch)
+            got.append((counters["inductor"]["fxgraph_cache_hit"], counters["inductor"]["fxgraph_cache_miss"]))
+    assert got == [(0, 2), (2, 0), (0, 2), (2, 0), (0, 2)]
+
+
+def test_a_post_grad_pass_of_the_callers_turns_the_cache_off(monkeypatch):
+    monkeypatch.setattr(inductor_choices, "ROW_PERSISTENT_MAX", 4096)
+    theirs = object()
+    assert inductor_choices.config_patches({"post_grad_custom_post_pass": theirs}) == {
+        "post_grad_custom_post_pass": theirs, "fx_graph_cache": False}
+    assert inductor_choices.config_patches({"size_asserts": False})["post_grad_custom_post_pass"].uuid() == (
+        "sparselora_row_persistent", 4096)
 
 
 def test_inductors_own_bound_changes_nothing(monkeypatch):
