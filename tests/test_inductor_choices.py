@@ -17,8 +17,11 @@ def _rms_loss(x, w):
     return _rms(x, w).float().sum()
 
 
+_COMPILE_FX_INNER = compile_fx_module.compile_fx_inner
+
+
 def _compile_and_step(x, w, seen, monkeypatch):
-    real = compile_fx_module.compile_fx_inner
+    real = _COMPILE_FX_INNER
 
     def spy(gm, example_inputs, **kwargs):
         seen.append((kwargs.get("is_inference"), type(V.choices).__name__))
@@ -31,46 +34,36 @@ def _compile_and_step(x, w, seen, monkeypatch):
     torch._dynamo.reset()
 
 
-def test_row_choices_reach_forward_and_backward_only(monkeypatch):
-    monkeypatch.setattr(inductor_choices, "ROW_PERSISTENT_MAX", 4096)
-    seen = []
-    _compile_and_step(torch.randn(4, 32, requires_grad=True), torch.randn(32, requires_grad=True),
-                      seen, monkeypatch)
-    assert seen == [(False, "RowPersistentChoices"), (None, "RowPersistentChoices")]
-    assert type(V.choices).__name__ == "InductorChoices"  # the process's own, untouched
-
-
-def test_fx_graph_cache_keys_on_the_heuristics(monkeypatch):
-    """A graph compiled under one bound is served again under it, never under another."""
+def test_row_choices_reach_forward_and_backward_and_the_cache_key(monkeypatch):
+    """Under the raised bound both graphs compile with our choices, the process keeps its
+    own, and Inductor's FX graph cache serves a graph again under the same bound only."""
     from torch._dynamo.utils import counters
     from torch._inductor.utils import fresh_cache
     got = []
     with fresh_cache():
-        for bound in (4096, 4096, 1024, 1024, 8192):
+        for bound in (4096, 4096, inductor_choices.INDUCTOR_ROW_PERSISTENT_MAX):
             monkeypatch.setattr(inductor_choices, "ROW_PERSISTENT_MAX", bound)
             counters.clear()
+            seen = []
             _compile_and_step(torch.randn(4, 32, requires_grad=True),
-                              torch.randn(32, requires_grad=True), [], monkeypatch)
-            got.append((counters["inductor"]["fxgraph_cache_hit"], counters["inductor"]["fxgraph_cache_miss"]))
-    assert got == [(0, 2), (2, 0), (0, 2), (2, 0), (0, 2)]
+                              torch.randn(32, requires_grad=True), seen, monkeypatch)
+            got.append((seen, counters["inductor"]["fxgraph_cache_hit"],
+                        counters["inductor"]["fxgraph_cache_miss"]))
+    ours = [(False, "RowPersistentChoices"), (None, "RowPersistentChoices")]
+    assert got == [(ours, 0, 2), (ours, 2, 0),
+                   ([(False, "InductorChoices"), (None, "InductorChoices")], 0, 2)]
+    assert type(V.choices).__name__ == "InductorChoices"  # the process's own, untouched
 
 
-def test_a_post_grad_pass_of_the_callers_turns_the_cache_off(monkeypatch):
+def test_config_patches(monkeypatch):
+    monkeypatch.setattr(inductor_choices, "ROW_PERSISTENT_MAX", inductor_choices.INDUCTOR_ROW_PERSISTENT_MAX)
+    assert inductor_choices.config_patches(None) is None
     monkeypatch.setattr(inductor_choices, "ROW_PERSISTENT_MAX", 4096)
-    theirs = object()
-    assert inductor_choices.config_patches({"post_grad_custom_post_pass": theirs}) == {
-        "post_grad_custom_post_pass": theirs, "fx_graph_cache": False}
     assert inductor_choices.config_patches({"size_asserts": False})["post_grad_custom_post_pass"].uuid() == (
         "sparselora_row_persistent", 4096)
-
-
-def test_inductors_own_bound_changes_nothing(monkeypatch):
-    monkeypatch.setattr(inductor_choices, "ROW_PERSISTENT_MAX", inductor_choices.INDUCTOR_ROW_PERSISTENT_MAX)
-    seen = []
-    _compile_and_step(torch.randn(4, 32, requires_grad=True), torch.randn(32, requires_grad=True),
-                      seen, monkeypatch)
-    assert [name for _, name in seen] == ["InductorChoices", "InductorChoices"]
-    assert inductor_choices.config_patches(None) is None
+    theirs = object()  # a caller's own post-grad pass: kept, and the cache off instead
+    assert inductor_choices.config_patches({"post_grad_custom_post_pass": theirs}) == {
+        "post_grad_custom_post_pass": theirs, "fx_graph_cache": False}
 
 
 @pytest.mark.gpu
