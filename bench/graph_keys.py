@@ -69,13 +69,14 @@ def stand_in_capture(sets: int, capture_after: int = cuda_graphs.CAPTURE_AFTER):
 
 
 def run(mode: str, steps: int, bucket: int, sets: int,
-        capture_after: int = cuda_graphs.CAPTURE_AFTER) -> dict:
+        capture_after: int = cuda_graphs.CAPTURE_AFTER, inner: str = "aot_eager") -> dict:
     """`steps` training steps of the `mode` stream after WARMUP; the counts are of those,
     `step_keys` (each step's key, numbered by first appearance) and `steps_graphed` hold
-    every step, the warm-up first."""
+    every step, the warm-up first. The keys do not depend on `inner` (the backend's inner
+    compiler); "eager" compiles faster."""
     torch._dynamo.reset()
     with stand_in_capture(sets, capture_after):
-        wrapped = slc.compile(tiny_model(), slc.Policy(mlp=0.5, attention=0.5), inner="aot_eager",
+        wrapped = slc.compile(tiny_model(), slc.Policy(mlp=0.5, attention=0.5), inner=inner,
                               cuda_graphs=True, graph_bucket=bucket)
         graphs = wrapped.graphs
         numbers, step_keys, graphed = {}, [], []

@@ -19,12 +19,12 @@ def _patched():
 def padded():
     """One run for the tests below: (result, patched before, patched after). Several tests,
     not one: xdist's loadfile queues the files with the fewest tests last, and this run
-    (~25 s) would then end the suite on one core. Static shapes, as conftest.py sets them
+    (~10 s) would then end the suite on one core. Static shapes, as conftest.py sets them
     for each test."""
     before = _patched()
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(dynamic_dims, "DEFAULT", False)
-        r = graph_keys.run("padded", steps=4, bucket=1024, sets=2)
+        r = graph_keys.run("padded", steps=4, bucket=1024, sets=2, inner="eager")
     return r, before, _patched()
 
 
