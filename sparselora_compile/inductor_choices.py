@@ -12,9 +12,38 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
+import logging
+
+log = logging.getLogger("sparselora_compile")
 
 INDUCTOR_ROW_PERSISTENT_MAX = 1024  # Inductor's own bound
 ROW_PERSISTENT_MAX = 4096
+# the hook we override, as torch 2.11-2.13 define it
+_HOOK_PARAMETERS = ("features", "cooperative_reduction")
+
+
+def _active() -> bool:
+    """Whether our heuristics differ from Inductor's and this torch has the hook they use
+    (another torch compiles with Inductor's own, and says so once)."""
+    if ROW_PERSISTENT_MAX <= INDUCTOR_ROW_PERSISTENT_MAX:
+        return False
+    return _hook_matches()
+
+
+@functools.cache
+def _hook_matches() -> bool:
+    from torch._inductor.choices import InductorChoices
+    hook = getattr(InductorChoices, "should_use_persistent_reduction", None)
+    try:
+        matches = tuple(inspect.signature(hook).parameters) == _HOOK_PARAMETERS
+    except (TypeError, ValueError):
+        matches = False
+    if not matches:
+        log.warning("sparselora: this torch's InductorChoices.should_use_persistent_reduction "
+                    "is not the one inductor_choices.py overrides; our graphs compile with "
+                    "Inductor's own reduction heuristics")
+    return matches
 
 
 @functools.cache
@@ -38,7 +67,7 @@ def _row_choices(max_numel: int):
 def choices_scope():
     """A context in which Inductor compiles with this module's heuristics (nothing when
     they are Inductor's own)."""
-    if ROW_PERSISTENT_MAX <= INDUCTOR_ROW_PERSISTENT_MAX:
+    if not _active():
         return contextlib.nullcontext()
     from torch._inductor.virtualized import V
     return V.set_choices_handler(_row_choices(ROW_PERSISTENT_MAX))
@@ -65,7 +94,7 @@ def config_patches(patches):
     other heuristics must not come from Inductor's FX graph cache. Where the caller has a
     post-grad pass of its own, the cache is off for our graphs instead."""
     from torch._inductor import config
-    if ROW_PERSISTENT_MAX <= INDUCTOR_ROW_PERSISTENT_MAX:
+    if not _active():
         return patches
     if (patches or {}).get("post_grad_custom_post_pass", config.post_grad_custom_post_pass) is not None:
         return {**(patches or {}), "fx_graph_cache": False}

@@ -1,5 +1,7 @@
 """inductor_choices: our Inductor heuristics reach the forward and the (lazily compiled)
 backward graphs of our compiles, and no other compile in the process."""
+import contextlib
+
 import pytest
 import torch
 import torch._inductor.compile_fx as compile_fx_module
@@ -64,6 +66,22 @@ def test_config_patches(monkeypatch):
     theirs = object()  # a caller's own post-grad pass: kept, and the cache off instead
     assert inductor_choices.config_patches({"post_grad_custom_post_pass": theirs}) == {
         "post_grad_custom_post_pass": theirs, "fx_graph_cache": False}
+
+
+def test_a_torch_without_the_hook_compiles_with_inductors_own(monkeypatch, caplog):
+    from torch._inductor.choices import InductorChoices
+    monkeypatch.setattr(inductor_choices, "ROW_PERSISTENT_MAX", 4096)
+    monkeypatch.setattr(InductorChoices, "should_use_persistent_reduction",
+                        staticmethod(lambda features: False))
+    inductor_choices._hook_matches.cache_clear()
+    try:
+        assert inductor_choices.config_patches({"size_asserts": False}) == {"size_asserts": False}
+        assert isinstance(inductor_choices.choices_scope(), type(contextlib.nullcontext()))
+        assert "Inductor's own reduction heuristics" in caplog.text
+    finally:
+        monkeypatch.undo()
+        inductor_choices._hook_matches.cache_clear()
+    assert inductor_choices._active()
 
 
 @pytest.mark.gpu
