@@ -310,6 +310,23 @@ def uninstall(model: torch.nn.Module) -> None:
         base.set_attn_implementation("sdpa")
 
 
+def sliding_window(model: torch.nn.Module) -> int | None:
+    """The sliding window (in tokens) that some of an HF model's attention layers keep, None
+    when every layer attends the whole sequence. The varlen kernel attends whole
+    sequences, so it is exact only for sequences no longer than the window (HF's rule: a
+    query sees keys less than `sliding_window` positions back)."""
+    config = getattr(_base(model), "config", None)
+    if config is not None and hasattr(config, "get_text_config"):
+        config = config.get_text_config()
+    window = getattr(config, "sliding_window", None)
+    if not isinstance(window, int) or window <= 0 or getattr(config, "use_sliding_window", True) is False:
+        return None
+    types = getattr(config, "layer_types", None)
+    if types is not None and not any("sliding" in str(t) for t in types):
+        return None
+    return window
+
+
 def _base(model: torch.nn.Module) -> torch.nn.Module:
     """The HF model under a PEFT model (the model itself otherwise)."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
