@@ -13,13 +13,20 @@ def tiny_llama(targets=QKVO, dropout=0.0, layers=2, checkpointing=False, seed=0,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
                       tie_word_embeddings=tied)
     model = LlamaForCausalLM(cfg)
+    peft = with_lora(model, LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=dropout, target_modules=targets))
+    if checkpointing:
+        peft.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return peft
+
+
+def with_lora(model, lora_config):
+    """A PEFT model in training mode, without a cache, its lora_B drawn N(0, 0.1) (PEFT's
+    zeros would make every LoRA product vanish)."""
     model.config.use_cache = False
-    peft = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=dropout, target_modules=targets))
+    peft = get_peft_model(model, lora_config)
     for name, p in peft.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.1)
-    if checkpointing:
-        peft.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     peft.train()
     return peft
 

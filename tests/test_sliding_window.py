@@ -7,10 +7,12 @@ import warnings
 import pytest
 import torch
 import transformers as T
-from peft import LoraConfig, get_peft_model
+from peft import LoraConfig
 
 import sparselora_compile as slc
 from sparselora_compile import packing
+
+from llama import with_lora
 
 DENSE = slc.Policy(mlp=0.0, attention=0.0)  # rewritten, nothing dropped: HF's numbers
 
@@ -24,13 +26,7 @@ def _tiny(kind, window):
     else:
         model = T.Gemma3ForCausalLM(T.Gemma3TextConfig(
             **common, sliding_window=window, layer_types=["sliding_attention", "full_attention"]))
-    model.config.use_cache = False
-    peft = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
-    for name, p in peft.named_parameters():
-        if "lora_B" in name:
-            torch.nn.init.normal_(p, std=0.1)
-    peft.train()
-    return peft
+    return with_lora(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
 
 
 def _padded():
