@@ -53,9 +53,6 @@ Runtime suffixes (sl_* variants), after any Inductor suffix:
               (cuda_graphs.LATER_WARMUP_ITERS = 1 instead of the code's 0), for an A/B
     _firstwarm1  with _graphs: the first capture runs the layers once before capturing
               (cuda_graphs.WARMUP_ITERS = 1 instead of the code's 2), for an A/B
-    _graphctx  with _graphs: each graph captured inside torch.cuda.graph, which synchronises
-              and empties the allocator's caches on entering each graph (chained_graphs
-              does that once per chain), for an A/B
     _ownfill  with _bucket*: padded rows fill to their own bucket only, never to a longer
               kept graph set's length (wrapper._fill_to off), for an A/B
     _pad8     slc.compile(..., pad_to_multiple_of=8): training batches right-padded to a
@@ -148,15 +145,10 @@ import sparselora_compile as slc  # noqa: E402
 # `slc.compile` resolves to the submodule after its first use (package __getattr__ +
 # submodule import): take the function itself.
 from sparselora_compile import compile as slc_compile  # noqa: E402
-from sparselora_compile import chained_graphs, cuda_graphs, inductor_choices  # noqa: E402
+from sparselora_compile import cuda_graphs, inductor_choices  # noqa: E402
 
 LATER_WARMUP_ITERS = cuda_graphs.LATER_WARMUP_ITERS  # the code's own, which _warm1 sets to 1
 WARMUP_ITERS = cuda_graphs.WARMUP_ITERS  # the code's own, which _firstwarm1 sets to 1
-CAPTURING = chained_graphs._capturing  # the code's own, which _graphctx replaces
-
-
-def _graph_context(graph, pool, stream):
-    return torch.cuda.graph(graph, pool=pool, stream=stream)
 ROW_PERSISTENT_MAX = inductor_choices.ROW_PERSISTENT_MAX  # the code's own; _rowloop sets Inductor's
 
 
@@ -226,7 +218,7 @@ def split_variant(name: str) -> tuple[str, dict]:
 
 GRAPH_BUCKETS = {"_bucket512": 512, "_bucket1024": 1024}
 GRAPH_SETS = {"_sets1": 1, "_sets2": 2}
-RUNTIME_SUFFIXES = ("_attn", "_ctxrows", "_graphs", "_rowloop", "_prow", "_warm1", "_firstwarm1", "_graphctx", "_ownfill", "_pad8", "_masked", "_novarlen", "_padded", "_suphead",
+RUNTIME_SUFFIXES = ("_attn", "_ctxrows", "_graphs", "_rowloop", "_prow", "_warm1", "_firstwarm1", "_ownfill", "_pad8", "_masked", "_novarlen", "_padded", "_suphead",
                     "_unmasked", "_varlen", *GRAPH_BUCKETS, *GRAPH_SETS)
 DENSE_ONLY = {"_unmasked", "_varlen", "_prow"}  # what slc.compile does anyway, given to a dense baseline
 DENSE_FLAGS = DENSE_ONLY | {"_suphead"}  # the runtime flags a dense Inductor baseline takes
@@ -243,9 +235,9 @@ def variant_name(text: str) -> str:
     base, config = split_variant(stem)
     sl = base.startswith("sl_") and "_whole" not in base
     allowed = set(RUNTIME_SUFFIXES) - DENSE_ONLY if sl else DENSE_FLAGS if base.startswith("inductor") else set()
-    if flags & (set(GRAPH_BUCKETS) | set(GRAPH_SETS) | {"_warm1", "_firstwarm1", "_graphctx", "_ownfill"}) and "_graphs" not in flags:
+    if flags & (set(GRAPH_BUCKETS) | set(GRAPH_SETS) | {"_warm1", "_firstwarm1", "_ownfill"}) and "_graphs" not in flags:
         raise argparse.ArgumentTypeError(
-            f"variant {text!r}: a _bucket, _sets, _warm1, _firstwarm1, _graphctx or _ownfill suffix needs _graphs")
+            f"variant {text!r}: a _bucket, _sets, _warm1, _firstwarm1 or _ownfill suffix needs _graphs")
     if base not in VARIANTS or (config and base == "eager") or flags - allowed:
         raise argparse.ArgumentTypeError(
             f"unknown variant {text!r}: one of {VARIANTS}, plus any of the suffixes "
@@ -814,7 +806,6 @@ def run_variant(name, peft, init_state, streams, args, device, layers, log, res=
             extra["min_attention_sparsity_cuda"] = 0.0
         cuda_graphs.LATER_WARMUP_ITERS = 1 if "_warm1" in flags else LATER_WARMUP_ITERS
         cuda_graphs.WARMUP_ITERS = 1 if "_firstwarm1" in flags else WARMUP_ITERS
-        chained_graphs._capturing = _graph_context if "_graphctx" in flags else CAPTURING
         fn = slc_compile(peft, policy, inner=args.inner, regional=regional,
                          cuda_graphs="_graphs" in flags, pad_to_multiple_of=8 if "_pad8" in flags else 0,
                          graph_bucket=next((GRAPH_BUCKETS[f] for f in flags if f in GRAPH_BUCKETS), 0),

@@ -12,9 +12,7 @@ i + 1's static gradient of input j, so a replay that is handed those very tensor
 nothing. Otherwise the capture follows make_graphed_callables: warm-up runs on a side
 stream, the forwards captured in order and the backwards in reverse order into one memory
 pool (so they must replay in that order, as a training step does), replays that copy
-unlinked arguments whose address differs. Unlike `torch.cuda.graph`, which synchronises
-the device and empties the allocator's caches (device and pinned host) on entering each
-graph, a chain does that once, before its first graph (`_capturing`).
+unlinked arguments whose address differs.
 
 A linked input handed some other tensor cannot be copied into: its static buffer is the
 producer's output, which whoever made the argument may still need. `accepts(tensors)`
@@ -125,20 +123,6 @@ def _lap(phases, name, since):
     return now
 
 
-@contextlib.contextmanager
-def _capturing(graph, pool, stream):
-    """`torch.cuda.graph(graph, pool=pool, stream=stream)` without its synchronize and
-    cache emptying, which `_capture` does once for the chain's 2 graphs per call (64 at 32
-    layers): emptied before each graph, the cache hands the driver back the blocks the
-    previous graph's capture freed, which the next step then allocates again."""
-    with torch.cuda.stream(stream):
-        graph.capture_begin(pool=pool)
-        try:
-            yield
-        finally:
-            graph.capture_end()
-
-
 def _capture(fns, samples, links, num_warmup_iters, pool, phases):
     t = time.perf_counter()
     torch.cuda.synchronize()
@@ -152,16 +136,13 @@ def _capture(fns, samples, links, num_warmup_iters, pool, phases):
                 del outs
     torch.cuda.synchronize()
     t = _lap(phases, "warmup_s", t)
-    torch.cuda.empty_cache()  # what torch.cuda.graph frees for each graph, once
-    stream = torch.cuda.Stream()  # every capture on one side stream: the backwards' ops
-                                  # run on the stream of their forwards'
 
     replays = []
     for fn, args, link in zip(fns, samples, links):
         inputs = [replays[link[j][0]].outputs[link[j][1]].detach().requires_grad_(a.requires_grad)
                   if j in link else a for j, a in enumerate(args)]
         replay = _Replay(inputs, tuple(link))
-        with _capturing(replay.fwd, pool, stream):
+        with torch.cuda.graph(replay.fwd, pool=pool):
             outputs = fn(*inputs)
         flat, replay.spec = tree_flatten(outputs)
         replay.outputs = tuple(flat)
@@ -189,7 +170,7 @@ def _capture(fns, samples, links, num_warmup_iters, pool, phases):
         outs = [(o, g) for o, g in zip(replay.outputs, replay.grad_outputs) if g is not None]
         grads = iter(())
         if outs and wanted:
-            with _capturing(replay.bwd, pool, stream):
+            with torch.cuda.graph(replay.bwd, pool=pool):
                 grads = iter(torch.autograd.grad([o for o, _ in outs], wanted, [g for _, g in outs],
                                                  allow_unused=True))
             replay.captured_bwd = True
