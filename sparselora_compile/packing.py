@@ -265,13 +265,26 @@ def attention(module, query, key, value, attention_mask, dropout: float = 0.0, s
     if starts is None or dropout > 0.0 or is_causal is False or not getattr(module, "is_causal", True):
         if starts is not None and attention_mask is not None and attention_mask.shape[-1] < query.shape[2]:
             # the stand-in (without_hf_mask): HF's mask, made here
-            attention_mask = block_causal_mask(starts, query.shape[0], query.shape[2])[:, None]
+            attention_mask = block_causal_mask(starts, query.shape[0], query.shape[2],
+                                               layer_window(module, kwargs))[:, None]
         return _hf_sdpa(module, query, key, value, attention_mask, dropout=dropout,
                         scaling=scaling, is_causal=is_causal, **kwargs)
     b, hq, t, d = query.shape
     flat = lambda x: x.transpose(1, 2).reshape(b * t, x.shape[1], d)  # noqa: E731
-    out = packed_causal_attention(flat(query), flat(key), flat(value), starts.to(torch.int32), scaling)
+    out = packed_causal_attention(flat(query), flat(key), flat(value), starts.to(torch.int32), scaling,
+                                  layer_window(module, kwargs))
     return out.view(b, t, hq, d), None
+
+
+def layer_window(module, kwargs: dict) -> int | None:
+    """The sliding window (tokens) of the attention layer HF is calling, None for one that
+    attends whole sequences: what HF passes it as `sliding_window` (models that support
+    flash attention pass their layer's, None on full layers), else its config's
+    (`config_window`, by the layer's type)."""
+    if "sliding_window" in kwargs:
+        window = kwargs["sliding_window"]
+        return window if isinstance(window, int) and window > 0 else None
+    return config_window(getattr(module, "config", None), getattr(module, "layer_idx", None))
 
 
 def register() -> None:
@@ -310,21 +323,19 @@ def uninstall(model: torch.nn.Module) -> None:
         base.set_attn_implementation("sdpa")
 
 
-def sliding_window(model: torch.nn.Module) -> int | None:
-    """The sliding window (in tokens) that some of an HF model's attention layers keep, None
-    when every layer attends the whole sequence. The varlen kernel attends whole
-    sequences, so it is exact only for sequences no longer than the window (HF's rule: a
-    query sees keys less than `sliding_window` positions back)."""
-    config = getattr(_base(model), "config", None)
-    if config is not None and hasattr(config, "get_text_config"):
-        config = config.get_text_config()
+def config_window(config, layer: int | None = None) -> int | None:
+    """The sliding window (in tokens) an HF config gives its attention layers (layer number
+    `layer`; None: any of them), None for whole sequences: `sliding_window`, unless
+    `use_sliding_window` is False, on the layers whose `layer_types` entry is a sliding one
+    (every layer without `layer_types`)."""
     window = getattr(config, "sliding_window", None)
     if not isinstance(window, int) or window <= 0 or getattr(config, "use_sliding_window", True) is False:
         return None
     types = getattr(config, "layer_types", None)
-    if types is not None and not any("sliding" in str(t) for t in types):
-        return None
-    return window
+    if types is None:
+        return window
+    kinds = types if layer is None or not 0 <= layer < len(types) else [types[layer]]
+    return window if any("sliding" in str(t) for t in kinds) else None
 
 
 def _base(model: torch.nn.Module) -> torch.nn.Module:

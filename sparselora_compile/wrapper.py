@@ -113,9 +113,6 @@ class SparseLoRAModel(torch.nn.Module):
         self.unmask = causal_right_padding and causal
         # packing.py: packed rows run variable-length attention
         self._undo_varlen = packing.install(model) if varlen_attention and causal else None
-        # rows longer than a sliding window run HF's attention (its mask keeps the window)
-        self._window = packing.sliding_window(model) if self._undo_varlen is not None else None
-        self._window_warned = False
         self._packed_now = False  # whether the running forward's rows run varlen attention
         # under CUDA graphs with graph_bucket, the packed row is filled up to its bucket
         self.padding_free = padding_free and self._undo_varlen is not None
@@ -180,22 +177,6 @@ class SparseLoRAModel(torch.nn.Module):
             out = self._end(out)
         return out
 
-    def _within_window(self, kwargs) -> bool:
-        """Whether the forward's rows are no longer than the model's sliding window (always,
-        without one): then no sequence is, and varlen attention is exact."""
-        ids = kwargs.get("input_ids", kwargs.get("inputs_embeds"))
-        if self._window is None or not isinstance(ids, torch.Tensor) or ids.dim() < 2:
-            return True
-        if ids.shape[1] <= self._window:
-            return True
-        if not self._window_warned:
-            self._window_warned = True
-            warnings.warn(f"sparselora: rows of {ids.shape[1]} tokens are longer than the model's "
-                          f"sliding window ({self._window}): such batches run HF's attention and keep "
-                          "their padding (the variable-length kernel attends whole sequences)",
-                          stacklevel=4)
-        return False
-
     def _begin(self, model: torch.nn.Module, kwargs) -> dict:
         """Before a forward; returns its keyword arguments (padded when graph buckets apply)."""
         run = self.run
@@ -209,14 +190,13 @@ class SparseLoRAModel(torch.nn.Module):
         self._padded, score_mask = 0, kwargs.get("attention_mask")
         train_batch = torch.is_grad_enabled() and model.training
         bucket = self._graph_bucket_now(run, kwargs) if train_batch else 0
-        varlen = self._undo_varlen is not None and self._within_window(kwargs)
-        if self.padding_free and varlen and train_batch and not self.pad_to_multiple_of:
+        if self.padding_free and train_batch and not self.pad_to_multiple_of:
             kwargs, self._unpadded = packing.unpad(kwargs, bucket, pad_id(model),
                                                    self._fill_to(kwargs) if bucket else None)
             if self._unpadded is not None:
                 run.stats.padding_free_forwards += 1
                 score_mask = self._unpadded.real
-        if bucket and self._unpadded is None and varlen and not self.pad_to_multiple_of:
+        if bucket and self._unpadded is None and self._undo_varlen is not None and not self.pad_to_multiple_of:
             kwargs, self._unpadded = packing.fill_packed(kwargs, bucket, pad_id(model))
             if self._unpadded is not None:
                 score_mask = self._unpadded.real
@@ -226,10 +206,7 @@ class SparseLoRAModel(torch.nn.Module):
         if self.unmask and train_batch:
             kwargs, unmasked = unmask_right_padding(kwargs)
             run.stats.unmasked_forwards += unmasked
-        if self._undo_varlen is not None and not varlen:
-            self._packed_now = False
-            kwargs = {k: v for k, v in kwargs.items() if k != packing.SEQ_STARTS}
-        elif self._undo_varlen is not None:
+        if self._undo_varlen is not None:
             packed = self._unpadded is not None
             if not packed:
                 kwargs, packed = packing.add_sequence_starts(kwargs)
