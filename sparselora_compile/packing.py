@@ -13,7 +13,7 @@ attention work the sequences need.
 that carry HF's varlen keyword `cu_seq_lens_q` (the sequence boundaries, as HF's flash
 attention integration takes them): those run `runtime.varlen_attention` on the row's
 tokens, which computes the same block-diagonal causal attention by PyTorch's flash varlen
-kernel. The wrapper adds the boundaries to a forward whose position ids restart within a
+kernel (with the layer's sliding window, where it keeps one: `layer_window`). The wrapper adds the boundaries to a forward whose position ids restart within a
 row and that has no attention mask and no cache (`packed_sequences`); `uncompile()` puts
 "sdpa" back. Outputs, loss and gradients are those of the masked SDPA (to the kernels'
 rounding).
