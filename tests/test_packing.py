@@ -10,10 +10,10 @@ from hypothesis import given, settings, strategies as st
 
 import sparselora_compile as slc
 from sparselora_compile import packing
-from sparselora_compile.runtime.varlen_attention import (block_causal_mask, flash_usable,
-                                                         packed_causal_attention,
+from sparselora_compile.runtime.varlen_attention import (block_causal_mask, packed_causal_attention,
                                                          reference_packed_attention)
 
+from flash_checks import assert_flash_matches_reference
 from llama import ALL, assert_same_step, one_step, tiny_llama
 
 POLICY = slc.Policy(mlp=0.5, attention=0.5, warmup_steps=0)
@@ -88,24 +88,7 @@ def test_flash_varlen_matches_reference_with_gradients(dtype, heads):
     k, v = (torch.randn(n, heads[1], d, device="cuda", dtype=dtype, generator=g, requires_grad=True)
             for _ in range(2))
     cu = torch.tensor([0] + lengths, device="cuda").cumsum(0).to(torch.int32)
-    assert flash_usable(q)
-    out = packed_causal_attention(q, k, v, cu)
-    gout = torch.randn_like(out)
-    grads = torch.autograd.grad(out, (q, k, v), gout)
-    ref_in = [t.detach().double().requires_grad_() for t in (q, k, v)]
-    ref = reference_packed_attention(*ref_in, cu)
-    ref_grads = torch.autograd.grad(ref, ref_in, gout.double())
-    # bf16: 8 bits of mantissa; the kernels round q, k, v and p to the input dtype
-    tol = dict(rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 else dict(rtol=5e-3, atol=5e-3)
-    torch.testing.assert_close(out.double(), ref, **tol)
-    for a, b in zip(grads, ref_grads):
-        torch.testing.assert_close(a.double(), b, **tol)
-    # compiled, as in a layer graph (Inductor calls the flash ops itself): the same numbers
-    compiled = torch.compile(packed_causal_attention, dynamic=True, fullgraph=True)
-    out_c = compiled(q, k, v, cu)
-    torch.testing.assert_close(out_c, out, rtol=0, atol=0)
-    for a, b in zip(torch.autograd.grad(out_c, (q, k, v), gout), grads):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert_flash_matches_reference(q, k, v, cu)
 
 
 @functools.lru_cache(maxsize=None)

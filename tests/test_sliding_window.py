@@ -12,9 +12,9 @@ from peft import LoraConfig
 
 import sparselora_compile as slc
 from sparselora_compile import packing
-from sparselora_compile.runtime.varlen_attention import (flash_usable, packed_causal_attention,
-                                                         reference_packed_attention)
+from sparselora_compile.runtime.varlen_attention import packed_causal_attention, reference_packed_attention
 
+from flash_checks import assert_flash_matches_reference
 from llama import with_lora
 
 DENSE = slc.Policy(mlp=0.0, attention=0.0)  # rewritten, nothing dropped: HF's numbers
@@ -142,22 +142,4 @@ def test_flash_varlen_keeps_the_window_with_gradients(dtype, window):
     k, v = (torch.randn(n, 2, d, device="cuda", dtype=dtype, generator=g, requires_grad=True)
             for _ in range(2))
     cu = torch.tensor([0] + lengths, device="cuda").cumsum(0).to(torch.int32)
-    assert flash_usable(q)
-    out = packed_causal_attention(q, k, v, cu, window=window)
-    gout = torch.randn_like(out)
-    grads = torch.autograd.grad(out, (q, k, v), gout)
-    ref_in = [t.detach().double().requires_grad_() for t in (q, k, v)]
-    ref = reference_packed_attention(*ref_in, cu, window=window)
-    ref_grads = torch.autograd.grad(ref, ref_in, gout.double())
-    # bf16: 8 bits of mantissa; the kernels round q, k, v and p to the input dtype
-    tol = dict(rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 else dict(rtol=5e-3, atol=5e-3)
-    torch.testing.assert_close(out.double(), ref, **tol)
-    for a, b in zip(grads, ref_grads):
-        torch.testing.assert_close(a.double(), b, **tol)
-    # compiled, as in a layer graph: the same forward bit for bit; flash's backward sums
-    # dq over key blocks with atomic adds, whose order varies between runs
-    compiled = torch.compile(packed_causal_attention, dynamic=True, fullgraph=True)
-    out_c = compiled(q, k, v, cu, None, window)
-    torch.testing.assert_close(out_c, out, rtol=0, atol=0)
-    for a, b in zip(torch.autograd.grad(out_c, (q, k, v), gout), grads):
-        torch.testing.assert_close(a, b, **tol)
+    assert_flash_matches_reference(q, k, v, cu, window)
