@@ -2,7 +2,15 @@ import gc
 import logging
 import os
 
-import torch
+# pytest-xdist's workers share the cores: an op split over OpenMP threads waits at its
+# barrier for a thread the other worker's process holds descheduled (the tiny models' ops
+# are just past ATen's grain size). One worker's share of the cores each; set before
+# torch loads, and inherited by the processes the tests start (test_distributed.py).
+_workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _workers > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _workers)))
+
+import torch  # noqa: E402
 
 # Triton reads TRITON_INTERPRET once, at import, and importing torch._dynamo (any test
 # here) imports triton: without a GPU the kernel tests need the interpreter from the start.
