@@ -723,6 +723,9 @@ def time_stream(fn, opt, shape, st, res, args, device, layers, log, name):
         "host_cpu_ms": statistics.median(cpu) * 1e3,
         "host_cpu_steps_ms": [round(t * 1e3, 2) for t in cpu], "gc": gc_stats,
         "cpu_steal_share": steal}
+    collector = getattr(fn, "_collect", None)  # slc.compile's collection after compiles
+    if collector is not None:
+        r["collections_after_compile"] = collector.collections
     g = graph_stats(fn)
     if g:
         r["graphed_steps"] = sum(graphed)

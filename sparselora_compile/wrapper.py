@@ -39,6 +39,7 @@ from sparselora_compile.runtime.row_split import bucket_step, kept_fit
 from sparselora_compile.runtime.run import Run, RunStats
 
 from . import copying
+from .collect_after_compile import CollectAfterCompile
 from .backend import BackendOptions, new_run
 from .chained_graphs import autocast_dtype
 from . import dynamic_dims
@@ -120,6 +121,7 @@ class SparseLoRAModel(torch.nn.Module):
         self.dynamic = dynamic_dims.DEFAULT if dynamic is None else bool(dynamic)
         self._padded = 0         # positions the running forward's batch was padded by
         self._head = None        # supervised_head.SupervisedHead
+        self._collect = CollectAfterCompile()
         if regional:
             from .regional import compile_layers, compile_loss
             self._layers = compile_layers(model, opts, options, self.dynamic)
@@ -185,6 +187,8 @@ class SparseLoRAModel(torch.nn.Module):
         training = self.regional and torch.is_grad_enabled()
         if training:
             run.begin_forward()  # whole-model graphs count their own steps
+        if torch.is_grad_enabled() and model.training:
+            self._collect.step()
         if torch.is_grad_enabled():
             self._warn_without_trainer_steps(kwargs)
         self._padded, score_mask = 0, kwargs.get("attention_mask")
