@@ -46,6 +46,7 @@ from .padding import IGNORE, not_right_padded
 IMPLEMENTATION = "sparselora_sdpa"
 _hf_sdpa = None  # HF's SDPA attention function, bound by register() (transformers loads lazily)
 SEQ_STARTS = "cu_seq_lens_q"  # HF's FlashAttentionKwargs name, passed down to the attention
+WINDOW_ATTR = "sparselora_window"  # an attention layer's sliding window, noted by install()
 
 
 def packed_sequences(position_ids: torch.Tensor) -> torch.Tensor | None:
@@ -279,12 +280,26 @@ def attention(module, query, key, value, attention_mask, dropout: float = 0.0, s
 def layer_window(module, kwargs: dict) -> int | None:
     """The sliding window (tokens) of the attention layer HF is calling, None for one that
     attends whole sequences: what HF passes it as `sliding_window` (models that support
-    flash attention pass their layer's, None on full layers), else its config's
-    (`config_window`, by the layer's type)."""
+    flash attention pass their layer's, None on full layers), else what `install` noted on
+    the layer (`config_window` by its type), else the config's for its `layer_idx`."""
     if "sliding_window" in kwargs:
         window = kwargs["sliding_window"]
         return window if isinstance(window, int) and window > 0 else None
+    if hasattr(module, WINDOW_ATTR):
+        return getattr(module, WINDOW_ATTR)
     return config_window(getattr(module, "config", None), getattr(module, "layer_idx", None))
+
+
+def _note_windows(base: torch.nn.Module, note: bool = True) -> None:
+    """Note (or remove) each attention layer's sliding window as `WINDOW_ATTR`, read once
+    here: Dynamo specializes a compiled layer on the int attributes it reads (torch 2.11
+    even on unused ones), so reading `layer_idx` in every call would compile each decoder
+    layer apart, up to the recompile limit, where layers with one window share a graph."""
+    for m in base.modules():
+        if not note:
+            m.__dict__.pop(WINDOW_ATTR, None)
+        elif isinstance(getattr(m, "layer_idx", None), int) and hasattr(m, "config"):
+            setattr(m, WINDOW_ATTR, config_window(m.config, m.layer_idx))
 
 
 def register() -> None:
@@ -313,6 +328,7 @@ def install(model: torch.nn.Module):
         base.set_attn_implementation(IMPLEMENTATION)
     if config._attn_implementation != IMPLEMENTATION:  # a model HF cannot switch
         return None
+    _note_windows(base)
     return lambda: uninstall(model)
 
 
@@ -321,6 +337,7 @@ def uninstall(model: torch.nn.Module) -> None:
     base = _base(model)
     if getattr(getattr(base, "config", None), "_attn_implementation", None) == IMPLEMENTATION:
         base.set_attn_implementation("sdpa")
+        _note_windows(base, note=False)
 
 
 def config_window(config, layer: int | None = None) -> int | None:

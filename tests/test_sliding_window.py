@@ -95,6 +95,20 @@ def test_which_layers_keep_a_window():
     assert packing.layer_window(None, {"sliding_window": None}) is None
 
 
+def test_install_notes_each_layers_window_once():
+    """The compiled attention never reads `layer_idx` (Dynamo on torch 2.11 specializes a
+    layer's graph on it, compiling each layer apart): install() notes the windows."""
+    model = _tiny("gemma3", 16)
+    undo = packing.install(model)
+    attn = [layer.self_attn for layer in model.base_model.model.model.layers]
+    assert [a.sparselora_window for a in attn] == [16, None]
+    for a in attn:
+        a.layer_idx = "not read at run time"  # config_window would fail comparing it
+    assert [packing.layer_window(a, {}) for a in attn] == [16, None]
+    undo()
+    assert not any(hasattr(a, packing.WINDOW_ATTR) for a in attn)
+
+
 def _per_sequence_windowed(q, k, v, lengths, window, scale=None):
     """Each sequence on its own through SDPA with HF's sliding-window causal mask."""
     groups, outs, at = q.shape[1] // k.shape[1], [], 0
