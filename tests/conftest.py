@@ -26,6 +26,11 @@ logging.getLogger("sparselora_compile").setLevel(logging.WARNING)
 # 2-core machine, some 30 times a run). Full collections only after 1000 middle-generation
 # ones (a couple a run; peak RSS stays ~1.2 GB); the young generations as before.
 gc.set_threshold(700, 10, 1000)
+# For the same reason, no full collection at the first training step after each of the
+# suite's hundreds of compiles (test_collect_after_compile.py turns it on for its test).
+from sparselora_compile import collect_after_compile  # noqa: E402
+
+collect_after_compile.ENABLED = False
 
 
 @pytest.fixture(autouse=True)

@@ -10,6 +10,7 @@ from llama import ALL, batch, tiny_llama
 
 
 def test_one_collection_after_each_compile(monkeypatch):
+    monkeypatch.setattr(collect_after_compile, "ENABLED", True)  # conftest turns it off
     calls = []  # the wrapper's full collections (Dynamo's compile runs its own)
     monkeypatch.setattr(collect_after_compile, "gc",
                         types.SimpleNamespace(collect=lambda: calls.append(gc.collect())))
@@ -32,3 +33,7 @@ def test_one_collection_after_each_compile(monkeypatch):
     assert step(ids, labels) == 2  # a new static length compiles again
     assert step(ids, labels) == 3
     assert wrapped._collect.collections == 3
+    monkeypatch.setattr(collect_after_compile, "ENABLED", False)
+    ids, labels = batch(t=18)
+    step(ids, labels)
+    assert step(ids, labels) == 3  # off: Python's own thresholds only

@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 import sparselora_compile as slc
+from sparselora_compile import collect_after_compile
 
 from llama import ALL, batch, tiny_llama
 
@@ -134,6 +135,7 @@ def _scenario(name, rank):
 
 def _worker(rank, port, out):
     gc.set_threshold(700, 10, 1000)  # conftest.py's (why: there), which a spawned rank does not load
+    collect_after_compile.ENABLED = False  # conftest.py's too
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=WORLD)
     try:

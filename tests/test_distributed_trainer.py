@@ -37,7 +37,9 @@ def _worker(out):
     from transformers import Trainer, TrainingArguments
 
     import sparselora_compile as slc
+    from sparselora_compile import collect_after_compile
     from sparselora_compile.trainer import prepare
+    collect_after_compile.ENABLED = False  # as conftest.py, which a rank does not load
 
     from llama import ALL, tiny_llama
     from test_trainer import _rows
